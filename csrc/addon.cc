@@ -1,0 +1,445 @@
+// N-API binding: every call that computes runs in an AsyncWorker off the JS thread and
+// resolves a Promise. Native objects hold shared_ptrs, so dispose() on the JS side only
+// drops a reference and an in-flight call keeps what it uses alive.
+#include <napi.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "model.h"
+#include "threadpool.h"
+
+namespace retnet {
+namespace {
+
+// A Promise-returning async worker: `work` runs on a libuv thread, `done` turns the
+// result into a JS value on the main thread. JS values the work reads are pinned in `keep`.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, std::function<void()> work, std::function<Napi::Value(Napi::Env)> done)
+      : Napi::AsyncWorker(env, "retnet"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        work_(std::move(work)),
+        done_(std::move(done)) {}
+
+  void keep(Napi::Value v) { kept_.push_back(Napi::Persistent(v)); }
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      work_();
+    } catch (const std::bad_alloc&) {
+      SetError("out of memory");
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(done_(env));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    } catch (const std::exception& e) {
+      deferred_.Reject(Napi::Error::New(env, e.what()).Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::function<void()> work_;
+  std::function<Napi::Value(Napi::Env)> done_;
+  std::vector<Napi::Reference<Napi::Value>> kept_;
+};
+
+// A host float array handed to JS without a copy.
+Napi::Float32Array to_js(Napi::Env env, std::vector<float>&& data) {
+  auto* owned = new std::vector<float>(std::move(data));
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, owned->data(), owned->size() * sizeof(float),
+                                                [](Napi::Env, void*, std::vector<float>* v) { delete v; }, owned);
+  return Napi::Float32Array::New(env, owned->size(), ab, 0);
+}
+
+Mode parse_mode(const Napi::Value& v) {
+  const std::string m = v.As<Napi::String>().Utf8Value();
+  if (m == "parallel") return Mode::Parallel;
+  if (m == "chunkwise") return Mode::Chunkwise;
+  if (m == "recurrent") return Mode::Recurrent;
+  throw std::invalid_argument("mode must be 'parallel', 'chunkwise' or 'recurrent', got '" + m + "'");
+}
+
+int to_int(const Napi::Value& v, const char* what) {
+  if (!v.IsNumber()) throw std::invalid_argument(std::string(what) + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d == std::floor(d)) || d < 0 || d > 2147483647.0) throw std::invalid_argument(std::string(what) + " must be a non-negative integer");
+  return static_cast<int>(d);
+}
+
+Napi::Int32Array int32_arg(const Napi::Value& v, const char* what) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw std::invalid_argument(std::string(what) + " must be an Int32Array");
+  return v.As<Napi::Int32Array>();
+}
+
+Napi::Float32Array float32_arg(const Napi::Value& v, const char* what) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw std::invalid_argument(std::string(what) + " must be a Float32Array");
+  return v.As<Napi::Float32Array>();
+}
+
+ModelConfig parse_config(const Napi::Object& o) {
+  auto num = [&](const char* k) { return o.Get(k).As<Napi::Number>().DoubleValue(); };
+  auto flag = [&](const char* k) { return o.Get(k).As<Napi::Boolean>().Value(); };
+  ModelConfig c{};
+  c.V = static_cast<int>(num("vocab_size"));
+  c.D = static_cast<int>(num("decoder_embed_dim"));
+  c.Dv = static_cast<int>(num("decoder_value_embed_dim"));
+  c.H = static_cast<int>(num("decoder_retention_heads"));
+  c.F = static_cast<int>(num("decoder_ffn_embed_dim"));
+  c.L = static_cast<int>(num("decoder_layers"));
+  c.pre_norm = flag("decoder_normalize_before");
+  c.layernorm_embedding = flag("layernorm_embedding");
+  c.tied = flag("share_decoder_input_output_embed");
+  const std::string act = o.Get("activation_fn").As<Napi::String>().Utf8Value();
+  c.activation = act == "gelu" ? Activation::Gelu : act == "swish" ? Activation::Swish : Activation::Relu;
+  c.eps = static_cast<float>(num("layernorm_eps"));
+  c.embed_scale = flag("no_scale_embedding") ? 1.0f : static_cast<float>(std::sqrt(static_cast<double>(c.D)));
+  c.alpha = flag("deepnorm") ? static_cast<float>(std::pow(2.0 * c.L, 0.25)) : 1.0f;
+  if (c.V < 1 || c.D < 1 || c.H < 1 || c.Dv < 1 || c.F < 1 || c.L < 1 || c.D % c.H || c.Dv % c.H || c.dk() % 2)
+    throw std::invalid_argument("invalid model dimensions");
+  return c;
+}
+
+// Per-environment constructors so the addon works in several worker_threads at once.
+struct Constructors {
+  Napi::FunctionReference model, state;
+};
+
+// A decode state plus the model it belongs to; busy guards against two calls at once.
+struct StateHandle {
+  std::shared_ptr<const Model> model;
+  std::shared_ptr<DecodeState> state;
+  std::shared_ptr<std::atomic<bool>> busy = std::make_shared<std::atomic<bool>>(false);
+};
+
+class NativeState : public Napi::ObjectWrap<NativeState> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeState",
+                       {InstanceMethod("positions", &NativeState::Positions),
+                        InstanceMethod("clone", &NativeState::Clone),
+                        InstanceMethod("exportState", &NativeState::Export),
+                        InstanceMethod("importState", &NativeState::Import),
+                        InstanceMethod("dispose", &NativeState::Dispose)});
+  }
+  explicit NativeState(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeState>(info) {
+    handle_ = *info[0].As<Napi::External<StateHandle>>().Data();
+  }
+
+  static Napi::Object Wrap(Napi::Env env, const StateHandle& h) {
+    StateHandle copy = h;
+    return env.GetInstanceData<Constructors>()->state.New({Napi::External<StateHandle>::New(env, &copy)});
+  }
+
+  StateHandle& handle(Napi::Env env) {
+    if (!handle_.state) throw Napi::Error::New(env, "decode state was disposed");
+    return handle_;
+  }
+
+ private:
+  Napi::Value Positions(const Napi::CallbackInfo& info) {
+    StateHandle& h = handle(info.Env());
+    Napi::Array out = Napi::Array::New(info.Env(), h.state->position.size());
+    for (size_t i = 0; i < h.state->position.size(); i++) out[i] = static_cast<double>(h.state->position[i]);
+    return out;
+  }
+  Napi::Value Clone(const Napi::CallbackInfo& info) {
+    StateHandle& h = handle(info.Env());
+    if (*h.busy) throw Napi::Error::New(info.Env(), "decode state is busy with another call");
+    StateHandle c{h.model, std::make_shared<DecodeState>(*h.model, h.state->batch())};
+    c.state->copy_from(*h.state, h.model->ops());
+    return Wrap(info.Env(), c);
+  }
+  Napi::Value Export(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    StateHandle& h = handle(env);
+    if (*h.busy) throw Napi::Error::New(env, "decode state is busy with another call");
+    std::vector<float> kv(h.state->kv.size()), scale(h.state->scale.size());
+    h.model->ops()->download(kv.data(), h.state->kv.data(), kv.size());
+    h.model->ops()->download(scale.data(), h.state->scale.data(), scale.size());
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("kv", to_js(env, std::move(kv)));
+    out.Set("scale", to_js(env, std::move(scale)));
+    out.Set("positions", Positions(info));
+    return out;
+  }
+  Napi::Value Import(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    StateHandle& h = handle(env);
+    if (*h.busy) throw Napi::Error::New(env, "decode state is busy with another call");
+    try {
+      Napi::Float32Array kv = float32_arg(info[0], "kv");
+      Napi::Float32Array scale = float32_arg(info[1], "scale");
+      Napi::Array pos = info[2].As<Napi::Array>();
+      if (kv.ElementLength() != h.state->kv.size() || scale.ElementLength() != h.state->scale.size() ||
+          pos.Length() != h.state->position.size())
+        throw std::invalid_argument("state sizes do not match this model and batch");
+      for (size_t i = 0; i < kv.ElementLength(); i++)
+        if (!std::isfinite(kv[i])) throw std::invalid_argument("state holds a non-finite value");
+      for (size_t i = 0; i < scale.ElementLength(); i++)
+        if (!(scale[i] >= 0) || !std::isfinite(scale[i])) throw std::invalid_argument("state scale must be finite and >= 0");
+      for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = static_cast<int64_t>(to_int(pos.Get(i), "position"));
+      h.model->ops()->upload(h.state->kv.data(), kv.Data(), kv.ElementLength());
+      h.model->ops()->upload(h.state->scale.data(), scale.Data(), scale.ElementLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return env.Undefined();
+  }
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    handle_.state.reset();
+    handle_.model.reset();
+    return info.Env().Undefined();
+  }
+
+  StateHandle handle_;
+};
+
+class NativeModel : public Napi::ObjectWrap<NativeModel> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeModel",
+                       {InstanceMethod("forward", &NativeModel::Forward),
+                        InstanceMethod("createState", &NativeModel::CreateState),
+                        InstanceMethod("prefill", &NativeModel::Prefill),
+                        InstanceMethod("step", &NativeModel::Step),
+                        InstanceMethod("getParam", &NativeModel::GetParam),
+                        InstanceMethod("paramNames", &NativeModel::ParamNames),
+                        InstanceMethod("dispose", &NativeModel::Dispose)});
+  }
+  explicit NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
+    model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
+  }
+
+  // createModel(config, tensors: { name: Float32Array }) -> Promise<NativeModel>
+  static Napi::Value Create(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ModelConfig config;
+    std::vector<std::pair<std::string, Napi::Float32Array>> tensors;
+    try {
+      config = parse_config(info[0].As<Napi::Object>());
+      Napi::Object obj = info[1].As<Napi::Object>();
+      Napi::Array names = obj.GetPropertyNames();
+      for (uint32_t i = 0; i < names.Length(); i++) {
+        const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
+        tensors.emplace_back(name, float32_arg(obj.Get(name), name.c_str()));
+      }
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    struct Source {
+      std::string name;
+      const float* data;
+      size_t n;
+    };
+    std::vector<Source> sources;
+    for (auto& [name, arr] : tensors) sources.push_back({name, arr.Data(), arr.ElementLength()});
+    auto result = std::make_shared<std::shared_ptr<Model>>();
+    auto* worker = new PromiseWorker(
+        env,
+        [config, sources, result] {
+          auto model = std::make_shared<Model>(make_cpu_ops(), config);
+          for (const Source& s : sources) model->set_param(s.name, s.data, s.n);
+          *result = model;
+        },
+        [result](Napi::Env env) -> Napi::Value {
+          return env.GetInstanceData<Constructors>()->model.New(
+              {Napi::External<std::shared_ptr<Model>>::New(env, result.get())});
+        });
+    for (auto& [name, arr] : tensors) worker->keep(arr);
+    worker->Queue();
+    return worker->promise();
+  }
+
+ private:
+  std::shared_ptr<Model> model(Napi::Env env) {
+    if (!model_) throw Napi::Error::New(env, "model was disposed");
+    return model_;
+  }
+
+  // forward(tokens: Int32Array, B, T, mode, chunk) -> Promise<Float32Array [B,T,V]>
+  Napi::Value Forward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    Napi::Int32Array tokens;
+    int B, T, C;
+    Mode mode;
+    try {
+      tokens = int32_arg(info[0], "tokens");
+      B = to_int(info[1], "batch");
+      T = to_int(info[2], "length");
+      mode = parse_mode(info[3]);
+      C = to_int(info[4], "chunkSize");
+      if (B < 1 || T < 1 || C < 1) throw std::invalid_argument("batch, length and chunkSize must be >= 1");
+      if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
+      m->check_tokens(tokens.Data(), tokens.ElementLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto out = std::make_shared<std::vector<float>>();
+    const int32_t* tok = tokens.Data();
+    auto* worker = new PromiseWorker(
+        env,
+        [m, out, tok, B, T, C, mode] {
+          out->resize(static_cast<size_t>(B) * T * m->config().V);
+          m->forward(tok, B, T, mode, C, out->data());
+        },
+        [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
+    worker->keep(tokens);
+    worker->Queue();
+    return worker->promise();
+  }
+
+  Napi::Value CreateState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    int batch;
+    try {
+      batch = to_int(info[0], "batch");
+      if (batch < 1) throw std::invalid_argument("batch must be >= 1");
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return NativeState::Wrap(env, StateHandle{m, std::make_shared<DecodeState>(*m, batch)});
+  }
+
+  // Shared by prefill and step: claims the state, runs `work`, releases it, resolves logits.
+  Napi::Value RunOnState(Napi::Env env, const Napi::Value& state_arg, Napi::Int32Array tokens,
+                         std::function<void(const Model&, DecodeState&, float*)> work) {
+    auto m = model(env);
+    if (!state_arg.IsObject()) throw Napi::Error::New(env, "state must be a NativeState");
+    NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(state_arg.As<Napi::Object>());
+    StateHandle h = ns->handle(env);
+    if (h.model != m) throw Napi::Error::New(env, "state belongs to another model");
+    bool expected = false;
+    if (!h.busy->compare_exchange_strong(expected, true)) throw Napi::Error::New(env, "decode state is busy with another call");
+    auto out = std::make_shared<std::vector<float>>(static_cast<size_t>(h.state->batch()) * m->config().V);
+    auto* worker = new PromiseWorker(
+        env,
+        [h, out, work] {
+          struct Release {
+            std::atomic<bool>* b;
+            ~Release() { *b = false; }
+          } release{h.busy.get()};
+          work(*h.model, *h.state, out->data());
+        },
+        [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
+    worker->keep(tokens);
+    worker->keep(state_arg);
+    worker->Queue();
+    return worker->promise();
+  }
+
+  // prefill(state, tokens: Int32Array [B*T], T, mode, chunk) -> Promise<Float32Array [B,V]>
+  Napi::Value Prefill(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Int32Array tokens;
+    int T, C;
+    Mode mode;
+    try {
+      tokens = int32_arg(info[1], "tokens");
+      T = to_int(info[2], "length");
+      mode = parse_mode(info[3]);
+      C = to_int(info[4], "chunkSize");
+      if (T < 1 || C < 1) throw std::invalid_argument("length and chunkSize must be >= 1");
+      NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
+      const int B = ns->handle(env).state->batch();
+      if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
+      model(env)->check_tokens(tokens.Data(), tokens.ElementLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    const int32_t* tok = tokens.Data();
+    return RunOnState(env, info[0], tokens, [tok, T, mode, C](const Model& m, DecodeState& s, float* logits) {
+      m.prefill(s, tok, T, mode, C, logits);
+    });
+  }
+
+  // step(state, tokens: Int32Array [B]) -> Promise<Float32Array [B,V]>
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Int32Array tokens;
+    try {
+      tokens = int32_arg(info[1], "tokens");
+      NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
+      if (tokens.ElementLength() != static_cast<size_t>(ns->handle(env).state->batch()))
+        throw std::invalid_argument("step takes one token per batch row");
+      model(env)->check_tokens(tokens.Data(), tokens.ElementLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    const int32_t* tok = tokens.Data();
+    return RunOnState(env, info[0], tokens,
+                      [tok](const Model& m, DecodeState& s, float* logits) { m.step(s, tok, logits); });
+  }
+
+  Napi::Value GetParam(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    const std::string name = info[0].As<Napi::String>().Utf8Value();
+    const ParamInfo* p = m->find_param(name);
+    if (!p) throw Napi::Error::New(env, "unknown parameter " + name);
+    std::vector<float> data(p->size);
+    m->get_param(name, data.data(), data.size());
+    return to_js(env, std::move(data));
+  }
+
+  Napi::Value ParamNames(const Napi::CallbackInfo& info) {
+    auto m = model(info.Env());
+    Napi::Array out = Napi::Array::New(info.Env(), m->params().size());
+    for (size_t i = 0; i < m->params().size(); i++) out[i] = Napi::String::New(info.Env(), m->params()[i].name);
+    return out;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    model_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::shared_ptr<Model> model_;
+};
+
+Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("threads", num_threads());
+  o.Set("gemm", gemm_isa());
+  o.Set("cuda", false);
+  return o;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* ctors = new Constructors();
+  ctors->model = Napi::Persistent(NativeModel::Define(env));
+  ctors->state = Napi::Persistent(NativeState::Define(env));
+  env.SetInstanceData<Constructors>(ctors);
+  exports.Set("NativeModel", ctors->model.Value());
+  exports.Set("NativeState", ctors->state.Value());
+  exports.Set("createModel", Napi::Function::New(env, NativeModel::Create));
+  exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
+  return exports;
+}
+
+}  // namespace
+}  // namespace retnet
+
+static Napi::Object InitRetnet(Napi::Env env, Napi::Object exports) { return retnet::Init(env, exports); }
+NODE_API_MODULE(retnet, InitRetnet)

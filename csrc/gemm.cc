@@ -1,0 +1,286 @@
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RETNET_X86 1
+#endif
+
+namespace retnet {
+namespace {
+
+// Register tile and cache blocking. MR x NR is the AVX2 micro-tile (12 accumulators).
+constexpr int MR = 6;
+constexpr int NR = 16;
+constexpr int KC = 256;
+constexpr int MC = 72;
+constexpr int NC = 3072;
+
+using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate);
+
+// c[MR, NR] (=|+=) sum_k a[k*MR + i] * b[k*NR + j]
+void micro_generic(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate) {
+  float acc[MR][NR] = {};
+  for (int k = 0; k < kc; k++) {
+    for (int i = 0; i < MR; i++) {
+      const float ai = a[k * MR + i];
+      for (int j = 0; j < NR; j++) acc[i][j] += ai * b[k * NR + j];
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+// Dot products of a few rows of X against rows of W, both K-contiguous: the decode path,
+// which streams every weight row once per call whatever the batch.
+void dots_generic(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx, const float* W, ptrdiff_t ldw, float* C,
+                  ptrdiff_t ldc, bool accumulate) {
+  for (int j = n0; j < n1; j++) {
+    const float* w = W + j * ldw;
+    for (int i = 0; i < M; i++) {
+      const float* x = X + i * ldx;
+      float s = 0;
+      for (int k = 0; k < K; k++) s += x[k] * w[k];
+      float& out = C[i * ldc + j];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+#ifdef RETNET_X86
+__attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc,
+                                                    bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int k = 0; k < kc; k++) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * NR);
+    const __m256 b1 = _mm256_loadu_ps(b + k * NR + 8);
+    const float* ak = a + k * MR;
+    __m256 ai = _mm256_broadcast_ss(ak + 0);
+    c00 = _mm256_fmadd_ps(ai, b0, c00);
+    c01 = _mm256_fmadd_ps(ai, b1, c01);
+    ai = _mm256_broadcast_ss(ak + 1);
+    c10 = _mm256_fmadd_ps(ai, b0, c10);
+    c11 = _mm256_fmadd_ps(ai, b1, c11);
+    ai = _mm256_broadcast_ss(ak + 2);
+    c20 = _mm256_fmadd_ps(ai, b0, c20);
+    c21 = _mm256_fmadd_ps(ai, b1, c21);
+    ai = _mm256_broadcast_ss(ak + 3);
+    c30 = _mm256_fmadd_ps(ai, b0, c30);
+    c31 = _mm256_fmadd_ps(ai, b1, c31);
+    ai = _mm256_broadcast_ss(ak + 4);
+    c40 = _mm256_fmadd_ps(ai, b0, c40);
+    c41 = _mm256_fmadd_ps(ai, b1, c41);
+    ai = _mm256_broadcast_ss(ak + 5);
+    c50 = _mm256_fmadd_ps(ai, b0, c50);
+    c51 = _mm256_fmadd_ps(ai, b1, c51);
+  }
+  __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < MR; i++) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      rows[i][0] = _mm256_add_ps(rows[i][0], _mm256_loadu_ps(ci));
+      rows[i][1] = _mm256_add_ps(rows[i][1], _mm256_loadu_ps(ci + 8));
+    }
+    _mm256_storeu_ps(ci, rows[i][0]);
+    _mm256_storeu_ps(ci + 8, rows[i][1]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Four weight rows against two activation rows per pass: 8 accumulators, each weight
+// byte loaded once per pair of rows (the rows stay in L1 for the next pair).
+__attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
+                                                   const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
+                                                   bool accumulate) {
+  const int K8 = K & ~7;
+  int j = n0;
+  for (; j + 4 <= n1; j += 4) {
+    const float* w0 = W + (j + 0) * ldw;
+    const float* w1 = W + (j + 1) * ldw;
+    const float* w2 = W + (j + 2) * ldw;
+    const float* w3 = W + (j + 3) * ldw;
+    for (int i = 0; i < M; i += 2) {
+      const bool two = i + 1 < M;
+      const float* x0 = X + i * ldx;
+      const float* x1 = two ? x0 + ldx : x0;
+      __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a02 = _mm256_setzero_ps(), a03 = _mm256_setzero_ps();
+      __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
+      for (int k = 0; k < K8; k += 8) {
+        const __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
+        __m256 w = _mm256_loadu_ps(w0 + k);
+        a00 = _mm256_fmadd_ps(v0, w, a00);
+        a10 = _mm256_fmadd_ps(v1, w, a10);
+        w = _mm256_loadu_ps(w1 + k);
+        a01 = _mm256_fmadd_ps(v0, w, a01);
+        a11 = _mm256_fmadd_ps(v1, w, a11);
+        w = _mm256_loadu_ps(w2 + k);
+        a02 = _mm256_fmadd_ps(v0, w, a02);
+        a12 = _mm256_fmadd_ps(v1, w, a12);
+        w = _mm256_loadu_ps(w3 + k);
+        a03 = _mm256_fmadd_ps(v0, w, a03);
+        a13 = _mm256_fmadd_ps(v1, w, a13);
+      }
+      float s0[4] = {hsum256(a00), hsum256(a01), hsum256(a02), hsum256(a03)};
+      float s1[4] = {hsum256(a10), hsum256(a11), hsum256(a12), hsum256(a13)};
+      const float* ws[4] = {w0, w1, w2, w3};
+      for (int k = K8; k < K; k++)
+        for (int r = 0; r < 4; r++) {
+          s0[r] += x0[k] * ws[r][k];
+          s1[r] += x1[k] * ws[r][k];
+        }
+      for (int r = 0; r < 4; r++) {
+        float& o0 = C[i * ldc + j + r];
+        o0 = accumulate ? o0 + s0[r] : s0[r];
+        if (two) {
+          float& o1 = C[(i + 1) * ldc + j + r];
+          o1 = accumulate ? o1 + s1[r] : s1[r];
+        }
+      }
+    }
+  }
+  if (j < n1) dots_generic(M, j, n1, K, X, ldx, W, ldw, C, ldc, accumulate);
+}
+#endif
+
+struct Kernels {
+  MicroKernel micro;
+  decltype(&dots_generic) dots;
+  const char* name;
+};
+
+Kernels select_kernels() {
+#ifdef RETNET_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {micro_avx2, dots_avx2, "avx2-fma"};
+#endif
+  return {micro_generic, dots_generic, "generic"};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = select_kernels();
+  return k;
+}
+
+// Packs A[m0:m0+mc, k0:k0+kc] as MR-row panels, k-major inside a panel, zero-padded.
+void pack_a(const MatView& A, int m0, int mc, int k0, int kc, float* out) {
+  for (int ip = 0; ip < mc; ip += MR) {
+    const int rows = std::min(MR, mc - ip);
+    for (int k = 0; k < kc; k++) {
+      float* dst = out + ip * kc + k * MR;
+      const float* src = A.p + (k0 + k) * A.cs + (m0 + ip) * A.rs;
+      int i = 0;
+      for (; i < rows; i++) dst[i] = src[i * A.rs];
+      for (; i < MR; i++) dst[i] = 0.f;
+    }
+  }
+}
+
+// Packs B[k0:k0+kc, n0:n0+nc] as NR-column panels, k-major inside a panel, zero-padded.
+void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) {
+  const int cols = std::min(NR, nc);
+  if (B.cs == 1) {
+    for (int k = 0; k < kc; k++) {
+      const float* src = B.p + (k0 + k) * B.rs + n0;
+      float* dst = out + k * NR;
+      std::memcpy(dst, src, cols * sizeof(float));
+      for (int j = cols; j < NR; j++) dst[j] = 0.f;
+    }
+    return;
+  }
+  // Column-strided source (a transposed weight): walk each source row contiguously.
+  for (int j = 0; j < NR; j++) {
+    if (j >= cols) {
+      for (int k = 0; k < kc; k++) out[k * NR + j] = 0.f;
+      continue;
+    }
+    const float* src = B.p + (n0 + j) * B.cs + k0 * B.rs;
+    for (int k = 0; k < kc; k++) out[k * NR + j] = src[k * B.rs];
+  }
+}
+
+void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
+  const Kernels& kern = kernels();
+  const size_t blocks = (N + 63) / 64;
+  parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
+    const int n0 = static_cast<int>(b0 * 64), n1 = std::min(N, static_cast<int>(b1 * 64));
+    kern.dots(M, n0, n1, K, A.p, A.rs, B.p, B.cs, C, ldc, accumulate);
+  });
+}
+
+}  // namespace
+
+const char* gemm_isa() { return kernels().name; }
+
+void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
+  // Few rows against a K-contiguous weight: stream the weight once (decode steps).
+  if (M <= 4 && A.cs == 1 && B.rs == 1) {
+    gemm_dots(M, N, K, A, B, C, ldc, accumulate);
+    return;
+  }
+  const Kernels& kern = kernels();
+  std::vector<float> bpack(static_cast<size_t>(KC) * (std::min(N, NC) + NR));
+  const int mblocks = (M + MC - 1) / MC;
+  for (int n0 = 0; n0 < N; n0 += NC) {
+    const int nc = std::min(NC, N - n0);
+    const int npanels = (nc + NR - 1) / NR;
+    for (int k0 = 0; k0 < K; k0 += KC) {
+      const int kc = std::min(KC, K - k0);
+      const bool acc = accumulate || k0 > 0;
+      parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
+        for (size_t p = p0; p < p1; p++)
+          pack_b_panel(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
+                       bpack.data() + p * KC * NR);
+      });
+      // Split N too when there are few row blocks, so both cores work on short-M products.
+      const int nsplit = std::max(1, std::min(npanels, (num_threads() * 2 + mblocks - 1) / mblocks));
+      const int panels_per = (npanels + nsplit - 1) / nsplit;
+      parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
+        alignas(64) float apack[MC * KC];
+        alignas(64) float edge[MR * NR];
+        for (size_t t = t0; t < t1; t++) {
+          const int mb = static_cast<int>(t / nsplit), ns = static_cast<int>(t % nsplit);
+          const int m0 = mb * MC, mc = std::min(MC, M - m0);
+          const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
+          if (pbeg >= pend) continue;
+          pack_a(A, m0, mc, k0, kc, apack);
+          for (int p = pbeg; p < pend; p++) {
+            const int j0 = p * NR, cols = std::min(NR, nc - j0);
+            const float* bp = bpack.data() + static_cast<size_t>(p) * KC * NR;
+            for (int ip = 0; ip < mc; ip += MR) {
+              const int rows = std::min(MR, mc - ip);
+              float* ct = C + (m0 + ip) * ldc + n0 + j0;
+              if (rows == MR && cols == NR) {
+                kern.micro(kc, apack + ip * kc, bp, ct, ldc, acc);
+              } else {
+                kern.micro(kc, apack + ip * kc, bp, edge, NR, false);
+                for (int i = 0; i < rows; i++)
+                  for (int j = 0; j < cols; j++) ct[i * ldc + j] = acc ? ct[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
+              }
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace retnet

@@ -1,0 +1,31 @@
+// Single-precision matrix products with fp32 accumulation and runtime ISA dispatch.
+#pragma once
+#include <cstddef>
+
+namespace retnet {
+
+// A strided matrix view: element (r, c) is p[r * rs + c * cs].
+struct MatView {
+  const float* p;
+  ptrdiff_t rs;
+  ptrdiff_t cs;
+};
+
+inline MatView row_major(const float* p, ptrdiff_t ld) { return {p, ld, 1}; }
+// The transpose of a row-major [cols, ld] matrix, e.g. a torch Linear weight [out, in] seen as [in, out].
+inline MatView transposed(const float* p, ptrdiff_t ld) { return {p, 1, ld}; }
+
+// C[M, N] (row-major, leading dim ldc) = A[M, K] * B[K, N], or += when accumulate.
+// Uses the thread pool; must not be called from inside a parallel region for speed
+// (it still works there, single-threaded).
+void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate);
+
+// Y[M, N] (=|+=) X[M, K] * W[N, K]^T: a torch Linear without bias.
+inline void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate = false) {
+  gemm(M, N, K, row_major(X, K), transposed(W, K), Y, N, accumulate);
+}
+
+// Name of the kernel set chosen at run time ("avx2-fma" or "generic").
+const char* gemm_isa();
+
+}  // namespace retnet

@@ -1,0 +1,304 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace retnet {
+namespace {
+
+constexpr float kParallelClampMax = 5e4f;
+// Chunkwise prefill runs the prompt in segments of about this many tokens (a multiple
+// of the chunk size): chunk-aligned segments give the same result as one pass, and
+// activation memory stays bounded whatever the prompt length.
+constexpr int kPrefillSegment = 2048;
+
+size_t product(const std::vector<int>& shape) {
+  size_t n = 1;
+  for (int s : shape) n *= static_cast<size_t>(s);
+  return n;
+}
+
+}  // namespace
+
+// Activations for R = B*T rows, sized once per call (or once per decode state).
+struct Model::Workspace {
+  Workspace(Ops* ops, const ModelConfig& c, size_t rows)
+      : rows(rows),
+        x(ops, rows * c.D),
+        h(ops, rows * c.D),
+        q(ops, rows * c.D),
+        k(ops, rows * c.D),
+        v(ops, rows * c.Dv),
+        g(ops, rows * c.Dv),
+        o(ops, rows * c.Dv),
+        a(ops, rows * std::max(c.F, c.Dv)),
+        b(ops, rows * c.F) {}
+  size_t rows;
+  Buffer x, h, q, k, v, g, o, a, b;
+  Buffer last;    // gathered rows for logits
+  Buffer logits;  // device logits when the backend is not host memory
+};
+
+struct DecodeState::Scratch {
+  std::unique_ptr<Model::Workspace> ws;
+};
+
+DecodeState::DecodeState(const Model& model, int batch)
+    : position(batch, 0), batch_(batch), scratch_(std::make_shared<Scratch>()) {
+  const ModelConfig& c = model.config();
+  const size_t per_layer = static_cast<size_t>(batch) * c.H;
+  kv = Buffer(model.ops(), c.L * per_layer * c.dv() * c.dk());
+  scale = Buffer(model.ops(), c.L * per_layer);
+}
+
+StateView DecodeState::layer(const ModelConfig& c, int l) const {
+  const size_t per_layer = static_cast<size_t>(batch_) * c.H;
+  return {kv.data() + l * per_layer * c.dv() * c.dk(), scale.data() + l * per_layer};
+}
+
+void DecodeState::copy_from(const DecodeState& other, Ops* ops) {
+  if (other.batch_ != batch_ || other.kv.size() != kv.size()) throw std::invalid_argument("state shapes differ");
+  position = other.position;
+  ops->upload(kv.data(), other.kv.data(), kv.size());
+  ops->upload(scale.data(), other.scale.data(), scale.size());
+}
+
+Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::move(ops)), c_(config) {
+  const ModelConfig& c = c_;
+  auto add = [&](const std::string& name, std::vector<int> shape) {
+    const size_t offset = params_.empty() ? 0 : params_.back().offset + params_.back().size;
+    const size_t size = product(shape);
+    params_.push_back({name, std::move(shape), offset, size});
+  };
+  add("embed_tokens.weight", {c.V, c.D});
+  if (!c.tied) add("output_projection.weight", {c.V, c.D});
+  if (c.layernorm_embedding) add("layernorm_embedding.weight", {c.D});
+  for (int l = 0; l < c.L; l++) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add(p + "retention.q_proj.weight", {c.D, c.D});
+    add(p + "retention.k_proj.weight", {c.D, c.D});
+    add(p + "retention.v_proj.weight", {c.Dv, c.D});
+    add(p + "retention.g_proj.weight", {c.Dv, c.D});
+    add(p + "retention.out_proj.weight", {c.D, c.Dv});
+    add(p + "retention_layer_norm.weight", {c.D});
+    add(p + "ffn.fc1.weight", {c.F, c.D});
+    add(p + "ffn.fc2.weight", {c.D, c.F});
+    add(p + "ffn.gate.weight", {c.F, c.D});
+    add(p + "final_layer_norm.weight", {c.D});
+  }
+  if (c.pre_norm) add("layer_norm.weight", {c.D});
+  add("retnet_rel_pos.angle", {c.dk()});
+  add("retnet_rel_pos.decay", {c.H});
+  arena_ = Buffer(ops_.get(), params_.back().offset + params_.back().size);
+
+  auto at = [&](const std::string& name) -> const float* { return arena_.data() + find_param(name)->offset; };
+  embed_ = at("embed_tokens.weight");
+  output_ = c.tied ? embed_ : at("output_projection.weight");
+  if (c.layernorm_embedding) emb_ln_ = at("layernorm_embedding.weight");
+  if (c.pre_norm) final_ln_ = at("layer_norm.weight");
+  for (int l = 0; l < c.L; l++) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    layers_.push_back({at(p + "retention.q_proj.weight"), at(p + "retention.k_proj.weight"),
+                       at(p + "retention.v_proj.weight"), at(p + "retention.g_proj.weight"),
+                       at(p + "retention.out_proj.weight"), at(p + "retention_layer_norm.weight"),
+                       at(p + "ffn.fc1.weight"), at(p + "ffn.fc2.weight"), at(p + "ffn.gate.weight"),
+                       at(p + "final_layer_norm.weight")});
+  }
+  angle_ = at("retnet_rel_pos.angle");
+  decay_ = at("retnet_rel_pos.decay");
+}
+
+Model::~Model() = default;
+
+const ParamInfo* Model::find_param(const std::string& name) const {
+  for (const ParamInfo& p : params_)
+    if (p.name == name) return &p;
+  if (c_.tied && name == "output_projection.weight") return find_param("embed_tokens.weight");
+  return nullptr;
+}
+
+void Model::set_param(const std::string& name, const float* data, size_t n) {
+  const ParamInfo* p = find_param(name);
+  if (!p) throw std::invalid_argument("unknown parameter " + name);
+  if (p->size != n) {
+    throw std::invalid_argument("parameter " + name + " has " + std::to_string(p->size) + " values, got " +
+                                std::to_string(n));
+  }
+  ops_->upload(arena_.data() + p->offset, data, n);
+  if (name == "retnet_rel_pos.angle") angle_host_.assign(data, data + n);
+  if (name == "retnet_rel_pos.decay") decay_host_.assign(data, data + n);
+}
+
+void Model::get_param(const std::string& name, float* data, size_t n) const {
+  const ParamInfo* p = find_param(name);
+  if (!p) throw std::invalid_argument("unknown parameter " + name);
+  if (p->size != n) throw std::invalid_argument("parameter " + name + " size mismatch");
+  ops_->download(data, arena_.data() + p->offset, n);
+}
+
+void Model::check_tokens(const int32_t* tokens, size_t n) const {
+  for (size_t i = 0; i < n; i++) {
+    if (tokens[i] < 0 || tokens[i] >= c_.V) {
+      throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                  " is outside the vocabulary [0, " + std::to_string(c_.V) + ")");
+    }
+  }
+}
+
+// Embedding output in ws.x must be ready; runs every layer over the rows of d.
+void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
+                       const std::vector<StateView>* states, Mode mode, int C) const {
+  Ops& ops = *ops_;
+  const ModelConfig& c = c_;
+  const int R = d.B * d.T;
+  const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
+  for (int l = 0; l < c.L; l++) {
+    const Layer& w = layers_[l];
+    // Retention block.
+    const float* in = ws.x.data();
+    if (c.pre_norm) {
+      ops.rmsnorm(ws.x.data(), w.ret_ln, ws.h.data(), R, c.D, c.eps);
+      in = ws.h.data();
+    }
+    ops.linear(R, c.D, c.D, in, w.q, ws.q.data(), false);
+    ops.linear(R, c.D, c.D, in, w.k, ws.k.data(), false);
+    ops.linear(R, c.Dv, c.D, in, w.v, ws.v.data(), false);
+    ops.linear(R, c.Dv, c.D, in, w.g, ws.g.data(), false);
+    ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
+    const StateView* state = states ? &(*states)[l] : nullptr;
+    switch (mode) {
+      case Mode::Recurrent:
+        ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, *state);
+        break;
+      case Mode::Parallel:
+        ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, d.T, kParallelClampMax,
+                              state);
+        break;
+      case Mode::Chunkwise:
+        ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, C,
+                              std::numeric_limits<float>::infinity(), state);
+        break;
+    }
+    if (state && mode != Mode::Recurrent) ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
+    ops.groupnorm_gate(ws.o.data(), ws.g.data(), ws.a.data(), R, c.H, c.dv(), c.eps);
+    ops.linear(R, c.D, c.Dv, ws.a.data(), w.out, ws.h.data(), false);
+    ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
+    if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ret_ln, ws.x.data(), R, c.D, c.eps);
+    // GLU feed-forward block.
+    in = ws.x.data();
+    if (c.pre_norm) {
+      ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.h.data(), R, c.D, c.eps);
+      in = ws.h.data();
+    }
+    ops.linear(R, c.F, c.D, in, w.fc1, ws.a.data(), false);
+    ops.linear(R, c.F, c.D, in, w.gate, ws.b.data(), false);
+    ops.glu(ws.a.data(), ws.b.data(), ws.a.data(), static_cast<size_t>(R) * c.F, c.activation);
+    ops.linear(R, c.D, c.F, ws.a.data(), w.fc2, ws.h.data(), false);
+    ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
+    if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.x.data(), R, c.D, c.eps);
+  }
+}
+
+// Final norm and output projection of `rows` contiguous rows of x, into host logits.
+void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, float* logits_host) const {
+  Ops& ops = *ops_;
+  const float* in = x_rows;
+  if (c_.pre_norm) {
+    if (ws.last.size() < static_cast<size_t>(rows) * c_.D) ws.last = Buffer(ops_.get(), static_cast<size_t>(rows) * c_.D);
+    ops.rmsnorm(x_rows, final_ln_, ws.last.data(), rows, c_.D, c_.eps);
+    in = ws.last.data();
+  }
+  const size_t n = static_cast<size_t>(rows) * c_.V;
+  if (std::strcmp(ops.name(), "cpu") == 0) {
+    ops.linear(rows, c_.V, c_.D, in, output_, logits_host, false);
+    return;
+  }
+  if (ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
+  ops.linear(rows, c_.V, c_.D, in, output_, ws.logits.data(), false);
+  ops.download(logits_host, ws.logits.data(), n);
+}
+
+void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const {
+  check_tokens(tokens, static_cast<size_t>(B) * T);
+  if (mode == Mode::Recurrent) {
+    DecodeState state(*this, B);
+    std::vector<int32_t> column(B);
+    std::vector<float> row_logits(static_cast<size_t>(B) * c_.V);
+    for (int t = 0; t < T; t++) {
+      for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
+      step_rows(state, column.data(), B, row_logits.data());
+      for (int b = 0; b < B; b++)
+        std::memcpy(logits + (static_cast<size_t>(b) * T + t) * c_.V, row_logits.data() + static_cast<size_t>(b) * c_.V,
+                    c_.V * sizeof(float));
+    }
+    return;
+  }
+  const size_t R = static_cast<size_t>(B) * T;
+  Workspace ws(ops_.get(), c_, R);
+  ops_->embed(tokens, static_cast<int>(R), embed_, c_.D, c_.embed_scale, ws.x.data());
+  if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), static_cast<int>(R), c_.D, c_.eps);
+  const std::vector<int64_t> start(B, 0);
+  run_layers(ws, {B, T, c_.H, c_.dk(), c_.dv()}, start.data(), nullptr, mode, C);
+  logits_of_rows(ws, ws.x.data(), static_cast<int>(R), logits);
+}
+
+void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const {
+  const int B = state.batch();
+  check_tokens(tokens, static_cast<size_t>(B) * T);
+  if (mode == Mode::Recurrent) {
+    std::vector<int32_t> column(B);
+    for (int t = 0; t < T; t++) {
+      for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
+      step_rows(state, column.data(), B, logits);
+    }
+    return;
+  }
+  std::vector<StateView> views;
+  for (int l = 0; l < c_.L; l++) views.push_back(state.layer(c_, l));
+  const int segment = mode == Mode::Parallel ? T : std::max(C, kPrefillSegment / C * C);
+  const int first = std::min(segment, T);
+  Workspace ws(ops_.get(), c_, static_cast<size_t>(B) * first);
+  std::vector<int32_t> seg_tokens(static_cast<size_t>(B) * first);
+  for (int t0 = 0; t0 < T; t0 += segment) {
+    const int n = std::min(segment, T - t0);
+    for (int b = 0; b < B; b++)
+      std::memcpy(seg_tokens.data() + static_cast<size_t>(b) * n, tokens + static_cast<size_t>(b) * T + t0,
+                  n * sizeof(int32_t));
+    const int R = B * n;
+    ops_->embed(seg_tokens.data(), R, embed_, c_.D, c_.embed_scale, ws.x.data());
+    if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), R, c_.D, c_.eps);
+    run_layers(ws, {B, n, c_.H, c_.dk(), c_.dv()}, state.position.data(), &views, mode, C);
+    for (int b = 0; b < B; b++) state.position[b] += n;
+    if (t0 + n == T) {
+      // Gather each row's last position and project only those.
+      Buffer last_x(ops_.get(), static_cast<size_t>(B) * c_.D);
+      for (int b = 0; b < B; b++)
+        ops_->upload(last_x.data() + static_cast<size_t>(b) * c_.D,
+                     ws.x.data() + (static_cast<size_t>(b) * n + n - 1) * c_.D, c_.D);
+      logits_of_rows(ws, last_x.data(), B, logits);
+    }
+  }
+}
+
+void Model::step(DecodeState& state, const int32_t* tokens, float* logits) const {
+  check_tokens(tokens, state.batch());
+  step_rows(state, tokens, state.batch(), logits);
+}
+
+void Model::step_rows(DecodeState& state, const int32_t* tokens, int B, float* logits) const {
+  auto& scratch = state.scratch_->ws;
+  if (!scratch) scratch = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(B));
+  Workspace& ws = *scratch;
+  ops_->embed(tokens, B, embed_, c_.D, c_.embed_scale, ws.x.data());
+  if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), B, c_.D, c_.eps);
+  std::vector<StateView> views;
+  views.reserve(c_.L);
+  for (int l = 0; l < c_.L; l++) views.push_back(state.layer(c_, l));
+  run_layers(ws, {B, 1, c_.H, c_.dk(), c_.dv()}, state.position.data(), &views, Mode::Recurrent, 1);
+  for (int b = 0; b < B; b++) state.position[b] += 1;
+  logits_of_rows(ws, ws.x.data(), B, logits);
+}
+
+}  // namespace retnet

@@ -1,0 +1,102 @@
+// The RetNet decoder over the op interface: weights, full-sequence forward in the
+// three retention forms, prefill into a recurrent state, and batched decode steps.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace retnet {
+
+struct ModelConfig {
+  int V, D, Dv, H, F, L;
+  bool pre_norm;             // decoder_normalize_before
+  bool layernorm_embedding;
+  bool tied;                 // share_decoder_input_output_embed
+  Activation activation;
+  float eps;                 // layernorm_eps
+  float embed_scale;         // 1 or sqrt(D)
+  float alpha;               // residual multiplier, (2L)^(1/4) with deepnorm
+  int dk() const { return D / H; }
+  int dv() const { return Dv / H; }
+};
+
+enum class Mode { Parallel, Chunkwise, Recurrent };
+
+// One entry of the state_dict: where it lives in the parameter arena.
+struct ParamInfo {
+  std::string name;
+  std::vector<int> shape;
+  size_t offset;
+  size_t size;
+};
+
+class Model;
+
+// A recurrent decode state for B rows: O(1) in context length.
+class DecodeState {
+ public:
+  DecodeState(const Model& model, int batch);
+  int batch() const { return batch_; }
+  std::vector<int64_t> position;  // tokens consumed, per row
+  Buffer kv;                      // [L, B, H, dv, dk]
+  Buffer scale;                   // [L, B, H]
+  StateView layer(const ModelConfig& c, int l) const;
+  void copy_from(const DecodeState& other, Ops* ops);
+
+ private:
+  friend class Model;
+  int batch_;
+  struct Scratch;
+  std::shared_ptr<Scratch> scratch_;  // step workspace, allocated once per state
+};
+
+class Model {
+ public:
+  Model(std::unique_ptr<Ops> ops, const ModelConfig& config);
+  ~Model();
+
+  const ModelConfig& config() const { return c_; }
+  Ops* ops() const { return ops_.get(); }
+  const std::vector<ParamInfo>& params() const { return params_; }
+  const ParamInfo* find_param(const std::string& name) const;
+  // Copies host data into / out of a named parameter (sizes are checked).
+  void set_param(const std::string& name, const float* data, size_t n);
+  void get_param(const std::string& name, float* data, size_t n) const;
+  size_t parameter_floats() const { return arena_.size(); }
+
+  // logits [B, T, V] (host) for tokens [B, T] in the given form; C is the chunk size.
+  void forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const;
+  // Runs the prompt through the model from the state's positions, leaves the recurrent
+  // state after it, and writes the next-token logits [B, V] (host).
+  void prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const;
+  // One token per row: next-token logits [B, V] (host).
+  void step(DecodeState& state, const int32_t* tokens, float* logits) const;
+
+  // Throws std::invalid_argument naming the first token id outside [0, V).
+  void check_tokens(const int32_t* tokens, size_t n) const;
+
+  struct Workspace;  // activations of one call (defined in model.cc)
+
+ private:
+  struct Layer {
+    const float *q, *k, *v, *g, *out, *ret_ln, *fc1, *fc2, *gate, *ffn_ln;
+  };
+  void run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
+                  const std::vector<StateView>* states, Mode mode, int C) const;
+  void logits_of_rows(Workspace& ws, const float* x_rows, int rows, float* logits_host) const;
+  void step_rows(DecodeState& state, const int32_t* tokens, int B, float* logits) const;
+
+  std::unique_ptr<Ops> ops_;
+  ModelConfig c_;
+  std::vector<ParamInfo> params_;
+  Buffer arena_;
+  std::vector<Layer> layers_;
+  const float *embed_ = nullptr, *output_ = nullptr, *emb_ln_ = nullptr, *final_ln_ = nullptr;
+  const float *angle_ = nullptr, *decay_ = nullptr;
+  std::vector<float> angle_host_, decay_host_;
+};
+
+}  // namespace retnet

@@ -1,0 +1,101 @@
+// The op interface the model is written over. A backend (CPU here, CUDA in cuda/)
+// implements each op; pointers are the backend's own memory. Ops are whole fused
+// passes (a norm, a rotation, a retention core), never per-element calls.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace retnet {
+
+enum class Activation { Gelu, Swish, Relu };
+
+// Geometry of a batch of token rows laid out [B, T, H, d] (row = b*T + t).
+struct RetentionDims {
+  int B, T, H, dk, dv;
+};
+
+// A recurrent state in torchscale's layout: kv [B, H, dv, dk] holds S (already divided
+// by sqrt(scale)), scale [B, H] holds s. torchscale keeps one scale per head; we keep
+// one per row so rows at different positions can share a decode batch.
+struct StateView {
+  float* kv;
+  float* scale;
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual const char* name() const = 0;
+
+  // Backend memory (zero-filled) and transfers from/to host memory.
+  virtual float* alloc(size_t n) = 0;
+  virtual void release(float* p) = 0;
+  virtual void upload(float* dst, const float* src, size_t n) = 0;
+  virtual void download(float* dst, const float* src, size_t n) = 0;
+  virtual void fill(float* dst, float value, size_t n) = 0;
+
+  // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
+  virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;
+  // out[i, :] = E[tokens[i], :] * scale. tokens are host memory, already range-checked.
+  virtual void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) = 0;
+  // y = x / sqrt(mean(x^2) + eps) (* w when w is not null), per row of D. y may alias x.
+  virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int D, float eps) = 0;
+  // x = alpha * x + y.
+  virtual void residual(float* x, const float* y, size_t n, float alpha) = 0;
+  // k *= k_scale, then rotate q and k in interleaved pairs by fl32(pos * angle[2j]),
+  // pos = start[b] + t for row (b, t). start is host memory [B].
+  virtual void rotate_qk(float* q, float* k, const RetentionDims& d, const int64_t* start, const float* angle,
+                         float k_scale) = 0;
+  // Chunkwise retention core (spec §7) over chunks of C rows starting at each row's t = 0.
+  // The parallel form is this with C = T and inner_clamp_max = 5e4. When `state` is given,
+  // the cross-chunk state starts from it (a prompt continuing a session); it is only read.
+  virtual void retention_chunked(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                                 const float* decay, int C, float inner_clamp_max, const StateView* state) = 0;
+  // Advances `state` over the T rows just processed (spec §10.1 hand-off, closed form).
+  virtual void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,
+                                StateView state) = 0;
+  // One recurrent step (spec §6) for B rows (T = 1), updating state in place.
+  virtual void retention_step(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                              const float* decay, StateView state) = 0;
+  // z = swish(g) * groupnorm(o), per row and head over dv values.
+  virtual void groupnorm_gate(const float* o, const float* g, float* z, int rows, int H, int dv, float eps) = 0;
+  // z = act(a) * b.
+  virtual void glu(const float* a, const float* b, float* z, size_t n, Activation act) = 0;
+};
+
+// Backend memory owned RAII-style.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Ops* ops, size_t n) : ops_(ops), n_(n), p_(n ? ops->alloc(n) : nullptr) {}
+  Buffer(Buffer&& o) noexcept : ops_(o.ops_), n_(o.n_), p_(o.p_) { o.p_ = nullptr; o.n_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ops_ = o.ops_; n_ = o.n_; p_ = o.p_;
+      o.p_ = nullptr; o.n_ = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { reset(); }
+  void reset() {
+    if (p_) ops_->release(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  float* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  Ops* ops_ = nullptr;
+  size_t n_ = 0;
+  float* p_ = nullptr;
+};
+
+// The CPU backend (always built).
+std::unique_ptr<Ops> make_cpu_ops();
+
+}  // namespace retnet
