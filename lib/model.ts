@@ -1,0 +1,276 @@
+// The public model: loading, saving, full-sequence forward, decode sessions and generation.
+// Validation, files and tokenization live here; all arithmetic is in the native core.
+import { promises as fsp } from 'fs';
+import * as path from 'path';
+
+import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
+import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
+import { NativeModel, addon } from './native';
+import { TensorEntry, readSafetensorsFile, serializeSafetensors, writeFileAtomic } from './safetensors';
+import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
+import { ByteTokenizer, Tokenizer } from './tokenizer';
+import { TokenInput, toTokenBatch } from './tokens';
+import { checkWeights, initWeights } from './weights';
+
+export type ForwardMode = PrefillMode;
+
+export interface ForwardOptions {
+  /** Retention form. Default: 'chunkwise' if config.chunkwise_recurrent, else 'parallel' (as torchscale). */
+  mode?: ForwardMode;
+  /** Chunk size for 'chunkwise' (default: config.recurrent_chunk_size). */
+  chunkSize?: number;
+}
+
+export interface ModelOptions {
+  /** Only 'cpu' is available in this build. */
+  device?: 'cpu' | 'auto';
+  /** Tokenizer for string prompts (default: ByteTokenizer when the vocabulary has >= 256 ids). */
+  tokenizer?: Tokenizer;
+}
+
+export interface CreateOptions extends ModelOptions {
+  /** Seed of torchscale's initialisation (default 0). */
+  seed?: number;
+}
+
+export interface GenerateRequest extends GenerateOptions {
+  /** Prefill form for the prompt (default 'chunkwise'). */
+  prefillMode?: PrefillMode;
+}
+
+const CONFIG_FILE = 'config.json';
+const WEIGHTS_FILE = 'model.safetensors';
+
+function checkDevice(device: ModelOptions['device']): void {
+  if (device === undefined || device === 'cpu' || device === 'auto') return;
+  if (device === 'cuda') {
+    throw new Error("device 'cuda' is not available: this build of retnet was compiled without CUDA support");
+  }
+  throw new Error(`device must be 'cpu', 'cuda' or 'auto', got ${JSON.stringify(device)}`);
+}
+
+export class RetNet implements SessionOwner {
+  readonly config: RetNetConfig;
+  readonly tokenizer: Tokenizer | undefined;
+  private nativeModel: NativeModel | undefined;
+
+  private constructor(config: RetNetConfig, nativeModel: NativeModel, tokenizer: Tokenizer | undefined) {
+    this.config = config;
+    this.nativeModel = nativeModel;
+    this.tokenizer = tokenizer ?? (config.vocab_size >= 256 ? new ByteTokenizer({ vocabSize: config.vocab_size }) : undefined);
+  }
+
+  /**
+   * Loads a directory holding config.json + model.safetensors (torchscale names), or one
+   * .safetensors file whose __metadata__.config holds the config JSON.
+   */
+  static async load(location: string, options: ModelOptions = {}): Promise<RetNet> {
+    checkDevice(options.device);
+    let stat;
+    try {
+      stat = await fsp.stat(location);
+    } catch {
+      throw new Error(`RetNet.load: ${location} does not exist`);
+    }
+    let weightsPath = location;
+    let rawConfig: unknown;
+    if (stat.isDirectory()) {
+      weightsPath = path.join(location, WEIGHTS_FILE);
+      const configPath = path.join(location, CONFIG_FILE);
+      let text: string;
+      try {
+        text = await fsp.readFile(configPath, 'utf8');
+      } catch {
+        throw new Error(`RetNet.load: ${configPath} is missing`);
+      }
+      try {
+        rawConfig = JSON.parse(text);
+      } catch (e) {
+        throw new Error(`RetNet.load: ${configPath} is not valid JSON (${(e as Error).message})`);
+      }
+    }
+    const parsed = await readSafetensorsFile(weightsPath);
+    if (rawConfig === undefined) {
+      const text = parsed.metadata.config;
+      if (text === undefined) throw new Error(`RetNet.load: ${weightsPath} has no __metadata__.config and no config.json`);
+      try {
+        rawConfig = JSON.parse(text);
+      } catch (e) {
+        throw new Error(`RetNet.load: __metadata__.config of ${weightsPath} is not valid JSON (${(e as Error).message})`);
+      }
+    }
+    const config = resolveConfig(rawConfig);
+    const weights = checkWeights(config, parsed.tensors, weightsPath);
+    return RetNet.fromWeights(config, weights, options);
+  }
+
+  /** A fresh model with torchscale's initialisation. */
+  static async create(config: Partial<RetNetConfig> & { vocab_size: number }, options: CreateOptions = {}): Promise<RetNet> {
+    checkDevice(options.device);
+    const resolved = resolveConfig(config);
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed)) throw new Error(`seed must be a safe integer, got ${String(options.seed)}`);
+    return RetNet.fromWeights(resolved, initWeights(resolved, seed), options);
+  }
+
+  /**
+   * A model from in-memory weights keyed by torchscale state_dict names (flat Float32Arrays in
+   * the shapes of parameterShapes(config)); checked like a loaded file.
+   */
+  static async fromStateDict(
+    config: Partial<RetNetConfig> & { vocab_size: number },
+    weights: Map<string, Float32Array>,
+    options: ModelOptions = {},
+  ): Promise<RetNet> {
+    checkDevice(options.device);
+    const resolved = resolveConfig(config);
+    const shapes = new Map(parameterShapes(resolved));
+    const entries = new Map<string, TensorEntry>();
+    for (const [name, data] of weights) {
+      if (!(data instanceof Float32Array)) throw new Error(`fromStateDict: ${name} must be a Float32Array`);
+      const shape = shapes.get(name);
+      const matches = shape !== undefined && shape.reduce((a, b) => a * b, 1) === data.length;
+      entries.set(name, { dtype: 'F32', shape: matches ? shape : [data.length], data });
+    }
+    return RetNet.fromWeights(resolved, checkWeights(resolved, entries, 'state dict'), options);
+  }
+
+  private static async fromWeights(config: RetNetConfig, weights: Map<string, Float32Array>, options: ModelOptions): Promise<RetNet> {
+    const tensors: Record<string, Float32Array> = {};
+    for (const [name, data] of weights) {
+      // A tied output projection is the embedding itself in the native core.
+      if (name === 'output_projection.weight' && config.share_decoder_input_output_embed) continue;
+      tensors[name] = data;
+    }
+    const nativeModel = await addon().createModel(config, tensors);
+    return new RetNet(config, nativeModel, options.tokenizer);
+  }
+
+  /** Trainable parameters (a tied output projection counts once). */
+  get parameterCount(): number {
+    return countParameters(this.config);
+  }
+
+  get vocabSize(): number {
+    return this.config.vocab_size;
+  }
+
+  get defaultChunkSize(): number {
+    return this.config.recurrent_chunk_size;
+  }
+
+  /** @internal */
+  native(): NativeModel {
+    if (!this.nativeModel) throw new Error('model was disposed');
+    return this.nativeModel;
+  }
+
+  /** @internal */
+  stateLayout(): { layers: number; heads: number; keyDim: number; valueDim: number } {
+    const d = dims(this.config);
+    return { layers: d.L, heads: d.H, keyDim: d.dk, valueDim: d.dv };
+  }
+
+  /** Logits [B, T, V] for every position of `tokens`. */
+  async forward(tokens: TokenInput, options: ForwardOptions = {}): Promise<{ logits: Float32Array; shape: [number, number, number] }> {
+    const batch = toTokenBatch(tokens, this.config.vocab_size);
+    const { mode, chunkSize } = checkPrefillOptions(
+      { mode: options.mode ?? (this.config.chunkwise_recurrent ? 'chunkwise' : 'parallel'), chunkSize: options.chunkSize },
+      this.config.recurrent_chunk_size,
+    );
+    const [B, T] = batch.shape;
+    const logits = await this.native().forward(batch.data, B, T, mode, chunkSize);
+    return { logits, shape: [B, T, this.config.vocab_size] };
+  }
+
+  /** A decode session with its own recurrent state for `batch` rows. */
+  createSession(options: { batch?: number } = {}): Session {
+    const batch = options.batch ?? 1;
+    if (!Number.isInteger(batch) || batch < 1) throw new Error(`batch must be an integer >= 1, got ${String(options.batch)}`);
+    return new Session(this, this.native().createState(batch), batch);
+  }
+
+  /** A session from the Buffer of session.save() (same model shape). */
+  restoreSession(buffer: Uint8Array): Session {
+    if (!(buffer instanceof Uint8Array)) throw new Error('restoreSession expects a Buffer');
+    return restoreSessionState(this, buffer);
+  }
+
+  /** Streams generated tokens and their text. `prompt` is text (needs a tokenizer) or token ids. */
+  async *generate(prompt: string | number[], options: GenerateRequest = {}): AsyncGenerator<GenerateChunk> {
+    const tokenizer = this.requireTokenizer();
+    validateGenerateOptions(options);
+    const promptTokens = typeof prompt === 'string' ? tokenizer.encode(prompt) : prompt;
+    if (!Array.isArray(promptTokens) || promptTokens.length === 0) throw new Error('generate: the prompt is empty');
+    toTokenBatch([promptTokens], this.config.vocab_size);
+    const prefillMode = options.prefillMode ?? 'chunkwise';
+    const session = this.createSession();
+    const prefilled = {
+      batch: 1,
+      get position() {
+        return session.position;
+      },
+      prefill: (tokens: number[][]) => session.prefill(tokens, { mode: prefillMode }),
+      step: (ids: number[]) => session.step(ids),
+      dispose: () => session.dispose(),
+    };
+    try {
+      yield* generateFromSession(prefilled, promptTokens, tokenizer, options);
+    } finally {
+      session.dispose();
+    }
+  }
+
+  /** generate() collected into one string. */
+  async generateText(prompt: string | number[], options: GenerateRequest = {}): Promise<string> {
+    return collectText(this.generate(prompt, options));
+  }
+
+  /** Every state_dict tensor (torchscale names, both copies when tied). */
+  stateDict(): Map<string, Float32Array> {
+    const nativeModel = this.native();
+    const out = new Map<string, Float32Array>();
+    for (const [name] of parameterShapes(this.config)) {
+      const source = name === 'output_projection.weight' && this.config.share_decoder_input_output_embed ? 'embed_tokens.weight' : name;
+      out.set(name, nativeModel.getParam(source));
+    }
+    return out;
+  }
+
+  /**
+   * Writes safetensors with torchscale names and the config in __metadata__.config.
+   * A path ending in .safetensors is one file; anything else is a directory with
+   * config.json + model.safetensors. Each file is written atomically (temp + rename).
+   */
+  async save(location: string): Promise<void> {
+    const tensors = [...this.stateDict()].map(([name, data]) => ({
+      name,
+      shape: parameterShapes(this.config).find(([n]) => n === name)![1],
+      data,
+    }));
+    const configJson = JSON.stringify(this.config);
+    const file = serializeSafetensors(tensors, { format: 'pt', config: configJson });
+    if (location.endsWith('.safetensors')) {
+      await writeFileAtomic(location, file);
+      return;
+    }
+    await fsp.mkdir(location, { recursive: true });
+    await writeFileAtomic(path.join(location, WEIGHTS_FILE), file);
+    await writeFileAtomic(path.join(location, CONFIG_FILE), Buffer.from(JSON.stringify(this.config, null, 2) + '\n'));
+  }
+
+  /** Frees native memory now (sessions keep what they need until disposed). */
+  dispose(): void {
+    this.nativeModel?.dispose();
+    this.nativeModel = undefined;
+  }
+
+  private requireTokenizer(): Tokenizer {
+    if (!this.tokenizer) {
+      throw new Error(
+        `this model's vocabulary (${this.config.vocab_size}) is smaller than the byte tokenizer's 256 ids: pass a tokenizer`,
+      );
+    }
+    return this.tokenizer;
+  }
+}

@@ -1,0 +1,311 @@
+// Next-token sampling: repetition penalty, temperature, top-k, top-p, with a seeded PRNG.
+
+import { randomInt } from 'node:crypto';
+
+export interface SamplingOptions {
+  /** Softmax temperature, >= 0. 0 means greedy argmax (lowest id wins ties). Default 1. */
+  temperature?: number;
+  /** Keep only the k most likely ids; 0 turns it off. Default 0. */
+  topK?: number;
+  /** Nucleus sampling: keep the smallest set of most likely ids whose mass is >= topP, in (0, 1]. Default 1. */
+  topP?: number;
+  /** CTRL-style penalty (> 0) for ids already in the history; 1 turns it off. Default 1. */
+  repetitionPenalty?: number;
+  /** PRNG seed, a safe integer. Without one a random seed is drawn (see Sampler.seed). */
+  seed?: number;
+}
+
+function optionError(field: string, requirement: string, value: unknown): Error {
+  return new Error(`invalid sampling option: ${field} must be ${requirement}, got ${formatValue(value)}`);
+}
+
+/** Renders a user-supplied value for an error message. */
+export function formatValue(value: unknown): string {
+  return typeof value === 'number' ? String(value) : JSON.stringify(value) ?? String(value);
+}
+
+function isFiniteNumber(value: unknown): value is number {
+  return typeof value === 'number' && Number.isFinite(value);
+}
+
+/** Throws an Error naming the first invalid field. Absent fields take their defaults. */
+export function validateSamplingOptions(o: SamplingOptions): void {
+  const { temperature, topK, topP, repetitionPenalty, seed } = o;
+  if (temperature !== undefined && !(isFiniteNumber(temperature) && temperature >= 0)) {
+    throw optionError('temperature', 'a finite number >= 0', temperature);
+  }
+  if (topK !== undefined && !(Number.isSafeInteger(topK) && topK >= 0)) {
+    throw optionError('topK', 'an integer >= 0 (0 = off)', topK);
+  }
+  if (topP !== undefined && !(isFiniteNumber(topP) && topP > 0 && topP <= 1)) {
+    throw optionError('topP', 'a number in (0, 1]', topP);
+  }
+  if (repetitionPenalty !== undefined && !(isFiniteNumber(repetitionPenalty) && repetitionPenalty > 0)) {
+    throw optionError('repetitionPenalty', 'a finite number > 0', repetitionPenalty);
+  }
+  if (seed !== undefined && !Number.isSafeInteger(seed)) {
+    throw optionError('seed', 'a safe integer', seed);
+  }
+}
+
+// Hot loops avoid looking up globals per element: that is slow inside vm contexts (jest, sandboxes).
+const { exp } = Math;
+
+const TWO_POW_32 = 2 ** 32;
+// randomInt's range must be below 2^48.
+const RANDOM_SEED_BOUND = 2 ** 48 - 1;
+/** Weight floors (relative to the max weight, 1) tried before sorting every candidate for top-p. */
+const NUCLEUS_WEIGHT_FLOORS = [1e-4, 1e-8];
+
+/** murmur3's 32-bit finalizer: a bijection on uint32 that spreads every input bit. */
+function mix32(x: number): number {
+  x = Math.imul(x ^ (x >>> 16), 0x85ebca6b);
+  x = Math.imul(x ^ (x >>> 13), 0xc2b2ae35);
+  return (x ^ (x >>> 16)) >>> 0;
+}
+
+/** xoshiro128** (Blackman & Vigna): small, fast, and good enough for sampling. */
+class Xoshiro128 {
+  private s0: number;
+  private s1: number;
+  private s2: number;
+  private s3: number;
+
+  constructor(seed: number) {
+    // Each 32-bit half of the seed feeds two state words through a bijection, so distinct safe-integer
+    // seeds give distinct states; s0 and s1 cannot both be 0, so the state is never all-zero.
+    const high = Math.floor(seed / TWO_POW_32);
+    const low = seed - high * TWO_POW_32;
+    const golden = 0x9e3779b9;
+    this.s0 = mix32(low + golden);
+    this.s1 = mix32(low + 2 * golden);
+    this.s2 = mix32(high + 3 * golden);
+    this.s3 = mix32(high + 4 * golden);
+  }
+
+  nextUint32(): number {
+    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;
+    const t = this.s1 << 9;
+    this.s2 ^= this.s0;
+    this.s3 ^= this.s1;
+    this.s1 ^= this.s2;
+    this.s0 ^= this.s3;
+    this.s2 ^= t;
+    this.s3 = rotl(this.s3, 11);
+    return result;
+  }
+
+  /** Uniform in [0, 1) with 53 random bits. */
+  nextFloat(): number {
+    const high27 = this.nextUint32() >>> 5;
+    const low26 = this.nextUint32() >>> 6;
+    return (high27 * 2 ** 26 + low26) / 2 ** 53;
+  }
+}
+
+function rotl(x: number, k: number): number {
+  return (x << k) | (x >>> (32 - k));
+}
+
+/**
+ * Picks next tokens from logits. One Sampler holds one PRNG stream: the same options and seed
+ * with the same sequence of sample() calls give the same tokens.
+ */
+export class Sampler {
+  /** The seed in use (drawn from crypto when none was given), so a run can be reproduced. */
+  readonly seed: number;
+  private readonly temperature: number;
+  private readonly topK: number;
+  private readonly topP: number;
+  private readonly repetitionPenalty: number;
+  private readonly rng: Xoshiro128;
+  // Working buffers reused across calls (sized to the vocabulary).
+  private scores = new Float64Array(0);
+  private candidates = new Int32Array(0);
+  private weights = new Float64Array(0);
+  private sortedWeights = new Float64Array(0);
+
+  constructor(options: SamplingOptions = {}) {
+    validateSamplingOptions(options);
+    this.temperature = options.temperature ?? 1;
+    this.topK = options.topK ?? 0;
+    this.topP = options.topP ?? 1;
+    this.repetitionPenalty = options.repetitionPenalty ?? 1;
+    this.seed = options.seed ?? randomInt(RANDOM_SEED_BOUND);
+    this.rng = new Xoshiro128(this.seed);
+  }
+
+  /**
+   * Samples one id from `logits` (length = vocabulary size; the caller's array is not modified).
+   * `history` is the ids seen so far (prompt and generated); only the repetition penalty reads it.
+   * Order of operations: repetition penalty, temperature, top-k, top-p, then a draw. Logits of
+   * -Infinity are never picked unless every logit is -Infinity; NaN logits are an Error.
+   */
+  sample(logits: Float32Array, history: ArrayLike<number>): number {
+    const vocabSize = logits.length;
+    if (vocabSize === 0) throw new Error('Sampler.sample: logits are empty');
+    const scores = this.penalizedScores(logits, history);
+    if (this.temperature === 0) return argmax(scores);
+
+    const candidateCount = this.topK > 0 && this.topK < vocabSize ? this.selectTopK(scores) : this.selectAll(vocabSize);
+    const candidates = this.candidates;
+    const weights = this.weights;
+    let maxScore = -Infinity;
+    for (let j = 0; j < candidateCount; j++) if (scores[candidates[j]] > maxScore) maxScore = scores[candidates[j]];
+    // Unnormalised softmax in float64. Subtracting the max before dividing by the temperature keeps
+    // the exponent <= 0 even for tiny temperatures; equality with the max is tested first so that
+    // +/-Infinity logits give weight 1 instead of NaN.
+    let total = 0;
+    for (let j = 0; j < candidateCount; j++) {
+      const score = scores[candidates[j]];
+      const weight = score === maxScore ? 1 : exp((score - maxScore) / this.temperature);
+      weights[j] = weight;
+      total += weight;
+    }
+    if (this.topP < 1) return this.drawFromNucleus(candidateCount, total);
+    return this.draw(candidates, weights, candidateCount, total);
+  }
+
+  /** Copies logits to float64 and applies the repetition penalty once per distinct id in history. */
+  private penalizedScores(logits: Float32Array, history: ArrayLike<number>): Float64Array {
+    const vocabSize = logits.length;
+    if (this.scores.length !== vocabSize) {
+      this.scores = new Float64Array(vocabSize);
+      this.candidates = new Int32Array(vocabSize);
+      this.weights = new Float64Array(vocabSize);
+      this.sortedWeights = new Float64Array(vocabSize);
+    }
+    const scores = this.scores;
+    for (let i = 0; i < vocabSize; i++) {
+      const logit = logits[i];
+      // NaN is the only value unequal to itself (and the check avoids a global lookup per id).
+      if (logit !== logit) throw new Error(`Sampler.sample: logits[${i}] is NaN`);
+      scores[i] = logit;
+    }
+    const penalty = this.repetitionPenalty;
+    if (penalty !== 1) {
+      const penalized = new Set<number>();
+      for (let p = 0; p < history.length; p++) {
+        const id = history[p];
+        if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
+          throw new Error(`Sampler.sample: history[${p}] = ${String(id)} is not a token id in [0, ${vocabSize})`);
+        }
+        if (penalized.has(id)) continue;
+        penalized.add(id);
+        scores[id] = scores[id] > 0 ? scores[id] / penalty : scores[id] * penalty;
+      }
+    }
+    return scores;
+  }
+
+  private selectAll(vocabSize: number): number {
+    const candidates = this.candidates;
+    for (let i = 0; i < vocabSize; i++) candidates[i] = i;
+    return vocabSize;
+  }
+
+  /**
+   * Fills candidates[0..k), in id order, with the k highest-scoring ids (lower id wins ties) using a size-k
+   * min-heap: O(V log k) rather than sorting the whole vocabulary.
+   */
+  private selectTopK(scores: Float64Array): number {
+    const k = this.topK;
+    const heap = this.candidates;
+    // "Worse" = lower score, or equal score and higher id; the heap root is the worst kept id.
+    const worse = (a: number, b: number): boolean => scores[a] < scores[b] || (scores[a] === scores[b] && a < b);
+    const siftDown = (start: number): void => {
+      let parent = start;
+      for (;;) {
+        const left = 2 * parent + 1;
+        if (left >= k) return;
+        const right = left + 1;
+        const child = right < k && worse(heap[right], heap[left]) ? right : left;
+        if (!worse(heap[child], heap[parent])) return;
+        [heap[parent], heap[child]] = [heap[child], heap[parent]];
+        parent = child;
+      }
+    };
+    for (let i = 0; i < k; i++) heap[i] = i;
+    for (let i = (k >> 1) - 1; i >= 0; i--) siftDown(i);
+    for (let id = k; id < scores.length; id++) {
+      // A later id with an equal score is never better than the root, so ties keep the lower id.
+      if (worse(heap[0], id)) {
+        heap[0] = id;
+        siftDown(0);
+      }
+    }
+    // The nucleus step needs id order.
+    heap.subarray(0, k).sort();
+    return k;
+  }
+
+  /**
+   * Keeps the most likely candidates (lower id first among equal weights) until their mass reaches
+   * topP, at least one, then draws among them. Needs the candidates in id order.
+   */
+  private drawFromNucleus(candidateCount: number, total: number): number {
+    const candidates = this.candidates;
+    const weights = this.weights;
+    const targetMass = this.topP * total;
+    // The nucleus is the heaviest prefix, so when the weights at or above a floor already reach the
+    // target mass, only those need sorting. Real logits put most of the vocabulary far below the max
+    // (weight 1), which makes this much cheaper than sorting everything; 0 keeps every candidate.
+    let floor = 0;
+    for (const candidateFloor of NUCLEUS_WEIGHT_FLOORS) {
+      let massAbove = 0;
+      for (let j = 0; j < candidateCount; j++) if (weights[j] >= candidateFloor) massAbove += weights[j];
+      if (massAbove >= targetMass) {
+        floor = candidateFloor;
+        break;
+      }
+    }
+    let sortedCount = 0;
+    for (let j = 0; j < candidateCount; j++) if (weights[j] >= floor) this.sortedWeights[sortedCount++] = weights[j];
+    const sorted = this.sortedWeights.subarray(0, sortedCount).sort();
+    // Walk down from the heaviest until the mass is reached; `cutoff` is the lightest kept weight.
+    let i = sortedCount;
+    let mass = 0;
+    do {
+      i--;
+      mass += sorted[i];
+    } while (i > 0 && mass < targetMass);
+    const cutoff = sorted[i];
+    let cutoffTiesToKeep = 0;
+    for (let x = i; x < sortedCount && sorted[x] === cutoff; x++) cutoffTiesToKeep++;
+    // Compact the kept candidates in place, in id order, so ties at the cutoff keep the lowest ids.
+    let kept = 0;
+    let keptMass = 0;
+    for (let j = 0; j < candidateCount; j++) {
+      const weight = weights[j];
+      if (weight > cutoff || (weight === cutoff && cutoffTiesToKeep-- > 0)) {
+        candidates[kept] = candidates[j];
+        weights[kept] = weight;
+        keptMass += weight;
+        kept++;
+      }
+    }
+    return this.draw(candidates, weights, kept, keptMass);
+  }
+
+  /** Draws ids[j] with probability weights[j] / total over j < count. */
+  private draw(ids: Int32Array, weights: Float64Array, count: number, total: number): number {
+    const target = this.rng.nextFloat() * total;
+    let cumulative = 0;
+    let lastPositive = ids[0];
+    for (let j = 0; j < count; j++) {
+      if (weights[j] <= 0) continue;
+      cumulative += weights[j];
+      lastPositive = ids[j];
+      if (target < cumulative) return ids[j];
+    }
+    // Only reached when rounding makes target equal the summed mass.
+    return lastPositive;
+  }
+}
+
+/** Index of the largest score; the lowest index wins ties. */
+function argmax(scores: Float64Array): number {
+  let best = 0;
+  for (let i = 1; i < scores.length; i++) if (scores[i] > scores[best]) best = i;
+  return best;
+}

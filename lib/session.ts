@@ -1,0 +1,168 @@
+// A decode session: owns one recurrent state (fixed size, whatever the context length)
+// and serialises the calls made on it.
+import type { DecodeSession } from './generate';
+import type { NativeModel, NativeState } from './native';
+import { TokenInput, toTokenBatch } from './tokens';
+
+export type PrefillMode = 'parallel' | 'chunkwise' | 'recurrent';
+
+export interface PrefillOptions {
+  /** Form used for the prompt (default 'chunkwise': linear time and memory in its length). */
+  mode?: PrefillMode;
+  /** Chunk size for 'chunkwise' (default: the config's recurrent_chunk_size). */
+  chunkSize?: number;
+}
+
+/** What a session needs from its model; kept narrow so Session does not import RetNet. */
+export interface SessionOwner {
+  readonly vocabSize: number;
+  readonly defaultChunkSize: number;
+  native(): NativeModel;
+  stateLayout(): { layers: number; heads: number; keyDim: number; valueDim: number };
+}
+
+const STATE_MAGIC = 'RNSTATE1';
+
+export function checkPrefillOptions(options: PrefillOptions, defaultChunk: number): { mode: PrefillMode; chunkSize: number } {
+  const mode = options.mode ?? 'chunkwise';
+  if (mode !== 'parallel' && mode !== 'chunkwise' && mode !== 'recurrent') {
+    throw new Error(`mode must be 'parallel', 'chunkwise' or 'recurrent', got ${JSON.stringify(mode)}`);
+  }
+  const chunkSize = options.chunkSize ?? defaultChunk;
+  if (!Number.isInteger(chunkSize) || chunkSize < 1) {
+    throw new Error(`chunkSize must be an integer >= 1, got ${JSON.stringify(options.chunkSize)}`);
+  }
+  return { mode, chunkSize };
+}
+
+export class Session implements DecodeSession {
+  readonly batch: number;
+  private state: NativeState | undefined;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  /** @internal use model.createSession() or model.restoreSession(). */
+  constructor(
+    private readonly owner: SessionOwner,
+    state: NativeState,
+    batch: number,
+  ) {
+    this.state = state;
+    this.batch = batch;
+  }
+
+  /** Tokens consumed so far (the same for every row). */
+  get position(): number {
+    return this.live().positions()[0];
+  }
+
+  get disposed(): boolean {
+    return this.state === undefined;
+  }
+
+  /** Runs the prompt [batch, T] through the model; resolves the next-token logits [batch, V]. */
+  prefill(tokens: TokenInput, options: PrefillOptions = {}): Promise<{ logits: Float32Array }> {
+    const batch = toTokenBatch(tokens, this.owner.vocabSize);
+    if (batch.shape[0] !== this.batch) {
+      throw new Error(`prefill: tokens have batch ${batch.shape[0]} but the session has batch ${this.batch}`);
+    }
+    const { mode, chunkSize } = checkPrefillOptions(options, this.owner.defaultChunkSize);
+    return this.enqueue(async (state) => ({
+      logits: await this.owner.native().prefill(state, batch.data, batch.shape[1], mode, chunkSize),
+    }));
+  }
+
+  /** Consumes one token per row; resolves the next-token logits [batch, V]. */
+  step(tokenIds: number[]): Promise<{ logits: Float32Array }> {
+    if (!Array.isArray(tokenIds) || tokenIds.length !== this.batch) {
+      throw new Error(`step: expected ${this.batch} token id(s), one per batch row`);
+    }
+    const batch = toTokenBatch([tokenIds], this.owner.vocabSize);
+    return this.enqueue(async (state) => ({ logits: await this.owner.native().step(state, batch.data) }));
+  }
+
+  /** An independent copy of this session at the same position (waits for pending calls). */
+  async clone(): Promise<Session> {
+    return this.enqueue(async (state) => new Session(this.owner, state.clone(), this.batch));
+  }
+
+  /**
+   * Serialises the state (layout, positions, every layer's S and scale) into a Buffer that
+   * model.restoreSession() accepts, in this process or another. Waits for pending calls.
+   */
+  async save(): Promise<Buffer> {
+    return this.enqueue(async (state) => {
+      const { kv, scale, positions } = state.exportState();
+      const header = Buffer.from(JSON.stringify({ ...this.owner.stateLayout(), batch: this.batch, positions }), 'utf8');
+      const out = Buffer.alloc(8 + 4 + header.length + 4 + kv.byteLength + scale.byteLength);
+      let off = out.write(STATE_MAGIC, 0, 'latin1');
+      off = out.writeUInt32LE(header.length, off);
+      off += header.copy(out, off);
+      off = out.writeUInt32LE(0, off); // reserved
+      off += Buffer.from(kv.buffer, kv.byteOffset, kv.byteLength).copy(out, off);
+      Buffer.from(scale.buffer, scale.byteOffset, scale.byteLength).copy(out, off);
+      return out;
+    });
+  }
+
+  /** Frees the native state once pending calls finish. Further calls throw. */
+  dispose(): void {
+    const state = this.state;
+    if (!state) return;
+    this.state = undefined;
+    void this.queue.finally(() => state.dispose());
+  }
+
+  private live(): NativeState {
+    if (!this.state) throw new Error('session was disposed');
+    return this.state;
+  }
+
+  private enqueue<T>(work: (state: NativeState) => Promise<T>): Promise<T> {
+    const state = this.live();
+    const run = this.queue.then(() => work(state));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+}
+
+/** Parses a Buffer from session.save() and loads it into a fresh native state. */
+export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Session {
+  const buf = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+  if (buf.length < 16 || buf.toString('latin1', 0, 8) !== STATE_MAGIC) {
+    throw new Error('restoreSession: not a saved retnet session (bad magic)');
+  }
+  const headerLength = buf.readUInt32LE(8);
+  if (headerLength > buf.length - 16) throw new Error('restoreSession: truncated header');
+  let header: { layers: number; heads: number; keyDim: number; valueDim: number; batch: number; positions: number[] };
+  try {
+    header = JSON.parse(buf.toString('utf8', 12, 12 + headerLength));
+  } catch {
+    throw new Error('restoreSession: header is not valid JSON');
+  }
+  const layout = owner.stateLayout();
+  for (const key of ['layers', 'heads', 'keyDim', 'valueDim'] as const) {
+    if (header[key] !== layout[key]) {
+      throw new Error(`restoreSession: saved state has ${key}=${header[key]} but this model has ${layout[key]}`);
+    }
+  }
+  const batch = header.batch;
+  if (!Number.isInteger(batch) || batch < 1 || !Array.isArray(header.positions) || header.positions.length !== batch) {
+    throw new Error('restoreSession: bad batch or positions in header');
+  }
+  const kvCount = layout.layers * batch * layout.heads * layout.valueDim * layout.keyDim;
+  const scaleCount = layout.layers * batch * layout.heads;
+  const dataStart = 16 + headerLength;
+  if (buf.length !== dataStart + 4 * (kvCount + scaleCount)) {
+    throw new Error(`restoreSession: expected ${dataStart + 4 * (kvCount + scaleCount)} bytes, got ${buf.length}`);
+  }
+  const floats = new Float32Array(kvCount + scaleCount);
+  Buffer.from(floats.buffer).set(buf.subarray(dataStart));
+  const state = owner.native().createState(batch);
+  try {
+    state.importState(floats.subarray(0, kvCount), floats.subarray(kvCount), header.positions);
+  } catch (e) {
+    state.dispose();
+    throw new Error(`restoreSession: ${(e as Error).message}`);
+  }
+  return new Session(owner, state, batch);
+}

@@ -1,0 +1,165 @@
+// Checking loaded weights against a config, and torchscale's from-scratch initialisation (spec §2, §9).
+//
+// Tied models (share_decoder_input_output_embed): both functions return the *same*
+// Float32Array under `embed_tokens.weight` and `output_projection.weight`, because torchscale
+// ties them as one Parameter. Code that updates parameters must therefore treat the tied
+// output projection as an alias (countParameters skips it for the same reason).
+
+import { angleBuffer, BUFFER_NAMES, decayBuffer, dims, parameterShapes, RetNetConfig } from './config';
+import { Rng } from './random';
+import type { TensorEntry } from './safetensors';
+
+const EMBED = 'embed_tokens.weight';
+const OUTPUT = 'output_projection.weight';
+const ANGLE = 'retnet_rel_pos.angle';
+
+function fail(source: string, problem: string): never {
+  throw new Error(`${source}: ${problem}`);
+}
+
+function computedBuffer(config: RetNetConfig, name: string): Float32Array {
+  const { H, dk } = dims(config);
+  return name === ANGLE ? angleBuffer(dk) : decayBuffer(H);
+}
+
+/** Index of the first non-finite value, or -1. */
+function firstNonFinite(values: Float32Array): number {
+  // x - x is 0 for finite x and NaN for NaN/±Infinity; unlike Number.isFinite it stays fast
+  // in every realm (inside jest's sandbox Number.isFinite is ~100× slower).
+  for (let i = 0; i < values.length; i++) {
+    const x = values[i];
+    if (x - x !== 0) return i;
+  }
+  return -1;
+}
+
+/** Index of the first position where two equal-length arrays differ, or -1. */
+function firstDifference(a: Float32Array, b: Float32Array): number {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
+  return -1;
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+/** Lists at most a few names so an error about a wrong file stays readable. */
+function listNames(names: string[]): string {
+  const shown = names.slice(0, 8).map((n) => JSON.stringify(n));
+  return names.length > shown.length ? `${shown.join(', ')} and ${names.length - shown.length} more` : shown.join(', ');
+}
+
+/**
+ * Validates loaded tensors against the parameters `config` implies and returns them as a map
+ * name → values, in state_dict order, always including both buffers and the output projection.
+ * Absent buffers are computed; an absent output projection is allowed only when tied.
+ * Throws an Error naming `source` and the tensor for anything missing, extra, misshapen,
+ * non-finite, or (tied) an output projection that differs from the embedding.
+ */
+export function checkWeights(
+  config: RetNetConfig,
+  tensors: Map<string, TensorEntry>,
+  source: string,
+): Map<string, Float32Array> {
+  const expected = parameterShapes(config);
+  const tied = config.share_decoder_input_output_embed;
+  const expectedNames = new Set(expected.map(([name]) => name));
+  const unknown = [...tensors.keys()].filter((name) => !expectedNames.has(name));
+  if (unknown.length > 0) {
+    fail(source, `unexpected tensor(s) ${listNames(unknown)} for this config`);
+  }
+
+  const weights = new Map<string, Float32Array>();
+  for (const [name, shape] of expected) {
+    const entry = tensors.get(name);
+    if (entry === undefined) {
+      if ((BUFFER_NAMES as readonly string[]).includes(name)) weights.set(name, computedBuffer(config, name));
+      else if (name === OUTPUT && tied) weights.set(name, weights.get(EMBED) as Float32Array);
+      else fail(source, `missing tensor ${JSON.stringify(name)} (expected shape ${JSON.stringify(shape)})`);
+      continue;
+    }
+    if (!sameShape(entry.shape, shape)) {
+      fail(
+        source,
+        `tensor ${JSON.stringify(name)} has shape ${JSON.stringify(entry.shape)}, expected ${JSON.stringify(shape)}`,
+      );
+    }
+    const badIndex = firstNonFinite(entry.data);
+    if (badIndex >= 0) {
+      fail(source, `tensor ${JSON.stringify(name)} has a non-finite value (${entry.data[badIndex]}) at flat index ${badIndex}`);
+    }
+    if (name === OUTPUT && tied) {
+      const embed = weights.get(EMBED) as Float32Array;
+      const differsAt = firstDifference(entry.data, embed);
+      if (differsAt >= 0) {
+        fail(
+          source,
+          `tied model (share_decoder_input_output_embed) but ${JSON.stringify(OUTPUT)} differs from ` +
+            `${JSON.stringify(EMBED)} at flat index ${differsAt}`,
+        );
+      }
+      weights.set(name, embed);
+      continue;
+    }
+    weights.set(name, entry.data);
+  }
+  return weights;
+}
+
+function fillUniform(out: Float32Array, bound: number, rng: Rng): void {
+  for (let i = 0; i < out.length; i++) out[i] = (2 * rng.nextFloat() - 1) * bound;
+}
+
+function fillNormal(out: Float32Array, std: number, rng: Rng): void {
+  for (let i = 0; i < out.length; i++) out[i] = rng.nextNormal() * std;
+}
+
+/** PyTorch xavier_uniform_ bound for a [fan_out, fan_in] weight. */
+function xavierBound(shape: number[], gain: number): number {
+  const [fanOut, fanIn] = shape;
+  return gain * Math.sqrt(6 / (fanIn + fanOut));
+}
+
+/**
+ * torchscale's initialisation (spec §9), deterministic from `seed`. Tensors are drawn in
+ * state_dict order from one Rng stream.
+ *
+ * The embedding is N(0, D^-1/2) like fairseq's Embedding, but without a zeroed padding row:
+ * this runtime has no padding token (every id is a real token), so no row is special.
+ */
+export function initWeights(config: RetNetConfig, seed: number): Map<string, Float32Array> {
+  const { D, L } = dims(config);
+  const rng = new Rng(seed);
+  const deepnormDivisor = Math.pow(8 * L, 1 / 4);
+  const weights = new Map<string, Float32Array>();
+  for (const [name, shape] of parameterShapes(config)) {
+    if ((BUFFER_NAMES as readonly string[]).includes(name)) {
+      weights.set(name, computedBuffer(config, name));
+      continue;
+    }
+    if (name === OUTPUT && config.share_decoder_input_output_embed) {
+      weights.set(name, weights.get(EMBED) as Float32Array);
+      continue;
+    }
+    const values = new Float32Array(shape.reduce((a, b) => a * b, 1));
+    if (name === EMBED || name === OUTPUT) {
+      fillNormal(values, Math.pow(D, -0.5), rng);
+    } else if (/\.(q_proj|k_proj|v_proj|g_proj)\.weight$/.test(name)) {
+      fillUniform(values, xavierBound(shape, Math.pow(2, -2.5)), rng);
+    } else if (name.endsWith('.out_proj.weight')) {
+      fillUniform(values, xavierBound(shape, Math.pow(2, -1)), rng);
+    } else if (/\.ffn\.(fc1|gate|fc2)\.weight$/.test(name)) {
+      // nn.Linear's default kaiming_uniform_(a=√5) reduces to U(±1/√fan_in).
+      fillUniform(values, 1 / Math.sqrt(shape[1]), rng);
+    } else if (/(^|\.)(layer_norm|layernorm_embedding|retention_layer_norm|final_layer_norm)\.weight$/.test(name)) {
+      values.fill(1);
+    } else {
+      throw new Error(`initWeights: no initialisation rule for parameter ${JSON.stringify(name)}`);
+    }
+    if (config.deepnorm && /fc1|fc2|out_proj|v_proj/.test(name)) {
+      for (let i = 0; i < values.length; i++) values[i] /= deepnormDivisor;
+    }
+    weights.set(name, values);
+  }
+  return weights;
+}
