@@ -212,7 +212,7 @@ export class Sampler {
     const k = this.topK;
     const heap = this.candidates;
     // "Worse" = lower score, or equal score and higher id; the heap root is the worst kept id.
-    const worse = (a: number, b: number): boolean => scores[a] < scores[b] || (scores[a] === scores[b] && a < b);
+    const worse = (a: number, b: number): boolean => scores[a] < scores[b] || (scores[a] === scores[b] && a > b);
     const siftDown = (start: number): void => {
       let parent = start;
       for (;;) {

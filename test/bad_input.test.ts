@@ -1,0 +1,179 @@
+// Bad input at every public entry point is a thrown Error naming the problem.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+import { RetNet } from '../lib';
+import { parseSafetensors, serializeSafetensors } from '../lib/safetensors';
+import { FIXTURES_DIR } from './helpers/fixtures';
+
+const CONFIG = {
+  vocab_size: 50,
+  decoder_embed_dim: 16,
+  decoder_value_embed_dim: 16,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 24,
+  decoder_layers: 1,
+};
+
+let model: RetNet;
+let dir: string;
+beforeAll(async () => {
+  model = await RetNet.create(CONFIG, { seed: 1 });
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-bad-'));
+});
+afterAll(() => {
+  model.dispose();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('tokens', () => {
+  test.each([
+    [[[1, 2, 50]], /token id 50 at \[0\]\[2\] is outside the vocabulary \[0, 50\)/],
+    [[[1, -1]], /token id -1/],
+    [[[1, 2.5]], /must be an integer/],
+    [[[1, NaN]], /must be an integer/],
+    [[['a' as unknown as number]], /must be an integer/],
+    [[[1, 2], [3]], /ragged batch/],
+    [[[]], /must not be empty/],
+    [[], /batch is empty/],
+    [{ data: new Int32Array(5), shape: [2, 3] }, /needs 6/],
+    [{ data: new Int32Array([1, 99]), shape: [1, 2] }, /token id 99/],
+    [{ data: [1, 2], shape: [1, 2] }, /Int32Array/],
+  ])('forward(%j) throws', async (tokens, message) => {
+    await expect(model.forward(tokens as number[][])).rejects.toThrow(message);
+  });
+
+  test('sessions validate too', async () => {
+    const s = model.createSession({ batch: 2 });
+    expect(() => s.step([1])).toThrow(/expected 2 token id/);
+    expect(() => s.step([1, 77])).toThrow(/token id 77/);
+    expect(() => s.prefill([[1, 2]])).toThrow(/batch 1 but the session has batch 2/);
+    expect(() => s.prefill([[1], [2]], { mode: 'fast' as 'parallel' })).toThrow(/mode must be/);
+    expect(() => s.prefill([[1], [2]], { chunkSize: 0 })).toThrow(/chunkSize must be/);
+    s.dispose();
+    expect(() => s.step([1, 2])).toThrow(/disposed/);
+    expect(() => model.createSession({ batch: 0 })).toThrow(/batch must be/);
+  });
+
+  test('generation options and prompts', async () => {
+    await expect(model.generateText('hi')).rejects.toThrow(/smaller than the byte tokenizer/);
+    const bytes = await RetNet.create({ ...CONFIG, vocab_size: 256 });
+    await expect(bytes.generateText([], { maxTokens: 2 })).rejects.toThrow(/prompt is empty/);
+    await expect(bytes.generateText([1, 260], { maxTokens: 2 })).rejects.toThrow(/token id 260/);
+    await expect(bytes.generateText([1], { temperature: -1 })).rejects.toThrow(/temperature/);
+    await expect(bytes.generateText('a', { maxTokens: -1 })).rejects.toThrow(/maxTokens/);
+    bytes.dispose();
+  });
+});
+
+describe('configs', () => {
+  test.each([
+    [{ ...CONFIG, decoder_retention_heads: 3 }, /divisible by decoder_retention_heads/],
+    [{ ...CONFIG, decoder_embed_dim: 18, decoder_retention_heads: 2, decoder_value_embed_dim: 18 }, /must be even/],
+    [{ ...CONFIG, decoder_value_embed_dim: 15 }, /decoder_value_embed_dim \(15\) must be divisible/],
+    [{ ...CONFIG, vocab_size: 0 }, /vocab_size must be an integer/],
+    [{ ...CONFIG, activation_fn: 'tanh' }, /activation_fn/],
+    [{ ...CONFIG, layernorm_eps: -1 }, /layernorm_eps/],
+    [{ ...CONFIG, decoder_layers: 2.5 }, /decoder_layers/],
+    [{ decoder_layers: 1 }, /vocab_size is required/],
+  ])('create(%j) throws', async (config, message) => {
+    await expect(RetNet.create(config as typeof CONFIG)).rejects.toThrow(message);
+  });
+
+  test('cuda is a clear error in a build without it', async () => {
+    await expect(RetNet.create(CONFIG, { device: 'cuda' as 'cpu' })).rejects.toThrow(/without CUDA/);
+  });
+});
+
+describe('files', () => {
+  const source = path.join(FIXTURES_DIR, 'base_gelu_s64_c16', 'model.safetensors');
+  const original = fs.readFileSync(source);
+  const headerLength = Number(original.readBigUInt64LE(0));
+  const header = JSON.parse(original.toString('utf8', 8, 8 + headerLength));
+
+  function withHeader(edit: (h: Record<string, any>) => void): Buffer {
+    const h = JSON.parse(JSON.stringify(header));
+    edit(h);
+    let text = JSON.stringify(h);
+    while ((8 + text.length) % 8) text += ' ';
+    const prefix = Buffer.alloc(8);
+    prefix.writeBigUInt64LE(BigInt(text.length));
+    return Buffer.concat([prefix, Buffer.from(text), original.subarray(8 + headerLength)]);
+  }
+
+  async function loadBytes(bytes: Buffer): Promise<RetNet> {
+    const file = path.join(dir, `case-${Math.random().toString(36).slice(2)}.safetensors`);
+    fs.writeFileSync(file, bytes);
+    return RetNet.load(file);
+  }
+
+  test.each([
+    ['truncated', () => original.subarray(0, original.length - 100), /truncat|data section|bytes/i],
+    ['absurd header length', () => {
+      const b = Buffer.from(original);
+      b.writeBigUInt64LE(1n << 60n, 0);
+      return b;
+    }, /header/i],
+    ['bad JSON', () => {
+      const b = Buffer.from(original);
+      b.write('{{{{', 8);
+      return b;
+    }, /JSON/],
+    ['unsupported dtype', () => withHeader((h) => (h['embed_tokens.weight'].dtype = 'I8')), /dtype/],
+    ['shape that disagrees with the config', () =>
+      withHeader((h) => {
+        h['layer_norm.weight'].shape = [32, 2];
+      }), /layer_norm.weight/],
+    ['missing tensor', () => {
+      const { tensors } = parseSafetensors(original);
+      const kept = [...tensors].filter(([name]) => name !== 'layers.1.ffn.fc2.weight');
+      return serializeSafetensors(
+        kept.map(([name, t]) => ({ name, shape: t.shape, data: t.data })),
+        { config: JSON.stringify(JSON.parse(fs.readFileSync(path.join(FIXTURES_DIR, 'base_gelu_s64_c16', 'config.json'), 'utf8'))) },
+      );
+    }, /layers.1.ffn.fc2.weight/],
+    ['tiny file', () => Buffer.from([1, 2, 3]), /shorter than|too short|8 bytes/i],
+  ])('%s', async (_name, make, message) => {
+    await expect(loadBytes(make())).rejects.toThrow(message);
+  });
+
+  test('a directory without config.json, a missing path, bad config JSON', async () => {
+    const d = path.join(dir, 'noconfig');
+    fs.mkdirSync(d);
+    fs.copyFileSync(source, path.join(d, 'model.safetensors'));
+    await expect(RetNet.load(d)).rejects.toThrow(/config.json is missing/);
+    fs.writeFileSync(path.join(d, 'config.json'), '{"vocab_size": ');
+    await expect(RetNet.load(d)).rejects.toThrow(/not valid JSON/);
+    await expect(RetNet.load(path.join(dir, 'nope'))).rejects.toThrow(/does not exist/);
+  });
+
+  test('a failed save leaves the previous file intact', async () => {
+    const file = path.join(dir, 'keep.safetensors');
+    await model.save(file);
+    const before = fs.readFileSync(file);
+    const ro = path.join(dir, 'ro');
+    fs.mkdirSync(ro);
+    await model.save(path.join(ro, 'x.safetensors'));
+    fs.chmodSync(ro, 0o500);
+    const canWrite = (() => {
+      try {
+        fs.writeFileSync(path.join(ro, 'probe'), '');
+        return true; // running as root: permissions don't stop us, skip this half
+      } catch {
+        return false;
+      }
+    })();
+    if (!canWrite) await expect(model.save(path.join(ro, 'x.safetensors'))).rejects.toThrow();
+    fs.chmodSync(ro, 0o700);
+    expect(fs.readFileSync(file).equals(before)).toBe(true);
+    expect(fs.readdirSync(dir).filter((n) => n.includes('.tmp'))).toEqual([]);
+  });
+});
+
+test('a disposed model throws instead of crashing', async () => {
+  const m = await RetNet.create(CONFIG);
+  m.dispose();
+  await expect(m.forward([[1]])).rejects.toThrow(/disposed/);
+  expect(() => m.createSession()).toThrow(/disposed/);
+});

@@ -1,0 +1,205 @@
+// Sessions and generation on the native core: hand-off, save/restore, clone, seeds, abort.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { Worker } from 'worker_threads';
+
+import { RetNet } from '../lib';
+import { maxAbsDiff } from './helpers/fixtures';
+import { mulberry32 } from './reference/retnet_ref';
+
+const CONFIG = {
+  vocab_size: 256,
+  decoder_embed_dim: 32,
+  decoder_value_embed_dim: 48,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 64,
+  decoder_layers: 2,
+  recurrent_chunk_size: 8,
+};
+
+let model: RetNet;
+// With ε ~ 0 the three forms are the same function (spec §10), so hand-offs can be compared
+// exactly; with torchscale's init and ε = 1e-6 they legitimately differ.
+let exactModel: RetNet;
+beforeAll(async () => {
+  model = await RetNet.create(CONFIG, { seed: 7 });
+  exactModel = await RetNet.create({ ...CONFIG, layernorm_eps: 1e-30 }, { seed: 7 });
+});
+afterAll(() => {
+  model.dispose();
+  exactModel.dispose();
+});
+
+function randomTokens(seed: number, B: number, T: number): number[][] {
+  const rand = mulberry32(seed);
+  return Array.from({ length: B }, () => Array.from({ length: T }, () => Math.floor(rand() * 256)));
+}
+
+test.each(['parallel', 'chunkwise'] as const)('%s prefill + recurrent steps equal recurrent from the start', async (mode) => {
+  const tokens = randomTokens(1, 2, 30);
+  const { logits: all } = await exactModel.forward(tokens, { mode: 'recurrent' });
+  const session = exactModel.createSession({ batch: 2 });
+  await session.prefill(tokens.map((r) => r.slice(0, 20)), { mode, chunkSize: 6 });
+  for (let t = 20; t < 30; t++) {
+    const { logits } = await session.step(tokens.map((r) => r[t]));
+    for (let b = 0; b < 2; b++) {
+      const expected = all.subarray((b * 30 + t) * 256, (b * 30 + t + 1) * 256);
+      expect(maxAbsDiff(logits.subarray(b * 256, (b + 1) * 256), expected)).toBeLessThanOrEqual(1e-4);
+    }
+  }
+  expect(session.position).toBe(30);
+  session.dispose();
+});
+
+test('a prefill continuing a session equals one prefill of the whole prompt (chunk-aligned)', async () => {
+  const tokens = randomTokens(2, 1, 48);
+  const whole = model.createSession();
+  const { logits: a } = await whole.prefill(tokens, { mode: 'chunkwise', chunkSize: 8 });
+  const parts = model.createSession();
+  await parts.prefill([tokens[0].slice(0, 16)], { mode: 'chunkwise', chunkSize: 8 });
+  const { logits: b } = await parts.prefill([tokens[0].slice(16)], { mode: 'chunkwise', chunkSize: 8 });
+  expect(maxAbsDiff(a, b)).toBeLessThanOrEqual(1e-4);
+  whole.dispose();
+  parts.dispose();
+});
+
+test('a saved and restored session continues identically; clone is independent', async () => {
+  const tokens = randomTokens(3, 1, 12);
+  const session = model.createSession();
+  await session.prefill(tokens);
+  const saved = await session.save();
+  const clone = await session.clone();
+  const restored = model.restoreSession(saved);
+  expect(restored.position).toBe(12);
+  const next = [5, 17, 99];
+  for (const id of next) {
+    const [x, y, z] = await Promise.all([session.step([id]), restored.step([id]), clone.step([id])]);
+    expect(Array.from(y.logits)).toEqual(Array.from(x.logits));
+    expect(Array.from(z.logits)).toEqual(Array.from(x.logits));
+  }
+  // The clone moved on; the original restored buffer still restores the old position.
+  expect(model.restoreSession(saved).position).toBe(12);
+  for (const s of [session, restored, clone]) s.dispose();
+});
+
+test('restoreSession rejects corrupt or mismatched buffers', async () => {
+  const session = model.createSession();
+  await session.prefill([[1, 2, 3]]);
+  const saved = await session.save();
+  expect(() => model.restoreSession(saved.subarray(0, saved.length - 4))).toThrow(/expected \d+ bytes/);
+  expect(() => model.restoreSession(Buffer.from('garbage that is long enough'))).toThrow(/bad magic/);
+  const other = await RetNet.create({ ...CONFIG, decoder_layers: 1 });
+  expect(() => other.restoreSession(saved)).toThrow(/layers=2 but this model has 1/);
+  const bad = Buffer.from(saved);
+  bad.writeFloatLE(NaN, bad.length - 4);
+  expect(() => model.restoreSession(bad)).toThrow(/scale/);
+  other.dispose();
+  session.dispose();
+});
+
+test('session memory does not grow with context: saved size is independent of position', async () => {
+  const stateBytes = async (tokens: number): Promise<number> => {
+    const s = model.createSession();
+    await s.prefill(randomTokens(tokens, 1, tokens));
+    const saved = await s.save();
+    s.dispose();
+    return saved.length - saved.readUInt32LE(8);
+  };
+  expect(await stateBytes(10)).toBe(await stateBytes(600));
+});
+
+test('calls on one session are serialised in order', async () => {
+  const tokens = randomTokens(6, 1, 8);
+  const a = model.createSession();
+  const b = model.createSession();
+  const queued = [a.prefill(tokens), a.step([1]), a.step([2])];
+  const results = await Promise.all(queued);
+  await b.prefill(tokens);
+  await b.step([1]);
+  const { logits } = await b.step([2]);
+  expect(Array.from(results[2].logits)).toEqual(Array.from(logits));
+  a.dispose();
+  b.dispose();
+});
+
+test('generation with a fixed seed is reproducible; different seeds differ', async () => {
+  const opts = { maxTokens: 24, temperature: 1.0, topK: 50, topP: 0.95, seed: 42 };
+  const a = await model.generateText('Hello', opts);
+  const b = await model.generateText('Hello', opts);
+  const c = await model.generateText('Hello', { ...opts, seed: 43 });
+  expect(a).toBe(b);
+  expect(a).not.toBe(c);
+  const chunks = [];
+  for await (const chunk of model.generate('Hello', { maxTokens: 5, temperature: 0 })) chunks.push(chunk);
+  expect(chunks).toHaveLength(5);
+  for (const chunk of chunks) expect(Number.isInteger(chunk.token)).toBe(true);
+});
+
+test('AbortSignal stops generation', async () => {
+  const controller = new AbortController();
+  const seen: number[] = [];
+  await expect(
+    (async () => {
+      for await (const chunk of model.generate('Once', { maxTokens: 1000, signal: controller.signal, seed: 1 })) {
+        seen.push(chunk.token);
+        if (seen.length === 3) controller.abort();
+      }
+    })(),
+  ).rejects.toThrow(/abort/i);
+  expect(seen.length).toBe(3);
+  const pre = new AbortController();
+  pre.abort();
+  await expect(model.generateText('x', { signal: pre.signal })).rejects.toThrow(/abort/i);
+});
+
+test('save then load round-trips exactly (directory and single file)', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-save-'));
+  const tokens = randomTokens(8, 1, 10);
+  const { logits } = await model.forward(tokens);
+  for (const target of [path.join(dir, 'model-dir'), path.join(dir, 'single.safetensors')]) {
+    await model.save(target);
+    const loaded = await RetNet.load(target);
+    expect(loaded.config).toEqual(model.config);
+    expect(loaded.parameterCount).toBe(model.parameterCount);
+    expect(Array.from((await loaded.forward(tokens)).logits)).toEqual(Array.from(logits));
+    loaded.dispose();
+  }
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test('the event loop stays responsive while native work runs', async () => {
+  const big = randomTokens(9, 4, 256);
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 1);
+  await model.forward(big, { mode: 'recurrent' });
+  clearInterval(timer);
+  expect(ticks).toBeGreaterThan(2);
+});
+
+test('the addon works inside worker_threads', async () => {
+  const script = `
+    const { parentPort, workerData } = require('worker_threads');
+    const { RetNet } = require(workerData.lib);
+    RetNet.create(workerData.config, { seed: 7 })
+      .then((m) => m.forward([[1, 2, 3]]))
+      .then((r) => parentPort.postMessage(Array.from(r.logits.subarray(0, 4))))
+      .catch((e) => parentPort.postMessage(String(e)));`;
+  const lib = path.join(__dirname, '..', 'dist', 'lib', 'index.js');
+  if (!fs.existsSync(lib)) throw new Error('dist/ missing: run `npm run build:ts` (npm install does it)');
+  const results = await Promise.all(
+    [0, 1].map(
+      () =>
+        new Promise((resolve, reject) => {
+          const w = new Worker(script, { eval: true, workerData: { lib, config: CONFIG } });
+          w.once('message', (m) => {
+            resolve(m);
+            void w.terminate();
+          });
+          w.once('error', reject);
+        }),
+    ),
+  );
+  const { logits } = await model.forward([[1, 2, 3]]);
+  for (const r of results) expect(r).toEqual(Array.from(logits.subarray(0, 4)));
+});
