@@ -153,6 +153,39 @@ describe('Sampler', () => {
     }
   });
 
+  test('topP reaches into the long tail when the head alone is not enough mass', () => {
+    // One peak of weight 1 and 7999 ids of equal weight w = e^-10: the nucleus is the peak plus the
+    // lowest-id tail ids needed to reach the mass.
+    const logits = new Float32Array(8000);
+    const peak = 7000;
+    logits[peak] = 10;
+    const w = Math.exp(-Math.fround(10));
+    const topP = 0.9;
+    const total = 1 + 7999 * w;
+    const tailKept = Math.ceil((topP * total - 1) / w);
+    const sampler = new Sampler({ topP, seed: 12 });
+    let peakCount = 0;
+    let highestTailId = -1;
+    const draws = 500;
+    for (let i = 0; i < draws; i++) {
+      const id = sampler.sample(logits, []);
+      if (id === peak) peakCount++;
+      else highestTailId = Math.max(highestTailId, id);
+    }
+    expect(peakCount / draws).toBeCloseTo(1 / (1 + tailKept * w), 1);
+    expect(highestTailId).toBeLessThan(tailKept);
+    expect(highestTailId).toBeGreaterThan(tailKept * 0.95);
+  });
+
+  test('topP on ties keeps the lowest ids, also after topK', () => {
+    const observed = frequencies(new Sampler({ topK: 5, topP: 0.5, seed: 13 }), new Float32Array(10), 3000);
+    observed.forEach((p, i) => expect(Math.abs(p - (i < 3 ? 1 / 3 : 0))).toBeLessThan(0.03));
+    // Mass exactly equal to topP is enough.
+    const exact = frequencies(new Sampler({ topP: 0.5, seed: 14 }), new Float32Array(4), 2000);
+    expect(exact[2] + exact[3]).toBe(0);
+    expect(exact[0]).toBeCloseTo(0.5, 1);
+  });
+
   test('repetition penalty divides positive and multiplies negative logits of seen ids, once each', () => {
     const greedy = new Sampler({ temperature: 0, repetitionPenalty: 2 });
     expect(greedy.sample(Float32Array.of(2, 1.9, -1), [])).toBe(0);
@@ -179,6 +212,9 @@ describe('Sampler', () => {
     const sampler = new Sampler({ seed: 9, temperature: 1 });
     for (let i = 0; i < 50; i++) expect(sampler.sample(Float32Array.of(0, Infinity, 5), [])).toBe(1);
     for (let i = 0; i < 50; i++) expect(sampler.sample(Float32Array.of(-Infinity, 0, -Infinity), [])).toBe(1);
+    const infinityTie = frequencies(sampler, Float32Array.of(Infinity, 0, Infinity), 2000);
+    expect(infinityTie[0]).toBeCloseTo(0.5, 1);
+    expect(infinityTie[2]).toBeCloseTo(0.5, 1);
     // A tiny temperature must not overflow into a tie.
     for (let i = 0; i < 50; i++) expect(new Sampler({ temperature: 1e-300, seed: i }).sample(Float32Array.of(1, 2), [])).toBe(1);
   });
