@@ -2,12 +2,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RETNET_PAUSE() _mm_pause()
+#else
+#define RETNET_PAUSE() std::this_thread::yield()
+#endif
 
 namespace retnet {
 namespace {
@@ -21,6 +29,10 @@ int configured_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
+// Workers spin briefly for the next region before sleeping: a decode step runs dozens of
+// short regions back to back, and a futex wake per region would cost more than the work.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
 class Pool {
  public:
   explicit Pool(int threads) : threads_(threads) {
@@ -30,6 +42,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       shutdown_ = true;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -48,20 +61,27 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> region(region_mu_);
+    fn_ = &fn;
+    n_ = n;
+    piece_ = (n + pieces - 1) / pieces;
+    next_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      n_ = n;
-      piece_ = (n + pieces - 1) / pieces;
-      next_.store(0);
-      active_ = static_cast<int>(workers_.size());
-      error_ = nullptr;
-      generation_++;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    wake_.notify_all();
+    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     work();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
+    // Pause-spin for the stragglers, then yield: on an oversubscribed machine the worker we
+    // wait for may need this core.
+    for (int i = 0; active_.load(std::memory_order_acquire) != 0; i++) {
+      if (i < 2000) {
+        RETNET_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -69,12 +89,9 @@ class Pool {
  private:
   void work() {
     in_region_ = true;
-    struct Reset {
-      ~Reset() { in_region_ = false; }
-    } reset;
     for (;;) {
-      size_t begin = next_.fetch_add(piece_);
-      if (begin >= n_) return;
+      size_t begin = next_.fetch_add(piece_, std::memory_order_relaxed);
+      if (begin >= n_) break;
       size_t end = std::min(n_, begin + piece_);
       try {
         (*fn_)(begin, end);
@@ -83,20 +100,25 @@ class Pool {
         if (!error_) error_ = std::current_exception();
       }
     }
+    in_region_ = false;
   }
 
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-      {
+      const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+      while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
+        RETNET_PAUSE();
+      if (generation_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return shutdown_ || generation_ != seen; });
-        if (shutdown_) return;
-        seen = generation_;
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
       }
+      seen = generation_.load(std::memory_order_acquire);
+      if (shutdown_) return;
       work();
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--active_ == 0) done_.notify_one();
+      active_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -105,12 +127,13 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex region_mu_;
   std::mutex mu_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
   size_t n_ = 0, piece_ = 1;
   std::atomic<size_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> active_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<uint64_t> generation_{0};
   bool shutdown_ = false;
   std::exception_ptr error_;
 };
