@@ -5,6 +5,7 @@
       "sources": [
         "csrc/addon.cc",
         "csrc/model.cc",
+        "csrc/train.cc",
         "csrc/ops_cpu.cc",
         "csrc/gemm.cc",
         "csrc/threadpool.cc"

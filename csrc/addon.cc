@@ -16,6 +16,7 @@
 #include "gemm.h"
 #include "model.h"
 #include "threadpool.h"
+#include "train.h"
 
 namespace retnet {
 namespace {
@@ -114,9 +115,91 @@ ModelConfig parse_config(const Napi::Object& o) {
   c.eps = static_cast<float>(num("layernorm_eps"));
   c.embed_scale = flag("no_scale_embedding") ? 1.0f : static_cast<float>(std::sqrt(static_cast<double>(c.D)));
   c.alpha = flag("deepnorm") ? static_cast<float>(std::pow(2.0 * c.L, 0.25)) : 1.0f;
+  auto probability = [&](const char* k) {
+    const float p = o.Has(k) ? static_cast<float>(num(k)) : 0.0f;
+    if (!(p >= 0 && p < 1)) throw std::invalid_argument(std::string(k) + " must be in [0, 1)");
+    return p;
+  };
+  c.dropout = probability("dropout");
+  c.activation_dropout = probability("activation_dropout");
+  c.drop_path_rate = probability("drop_path_rate");
   if (c.V < 1 || c.D < 1 || c.H < 1 || c.Dv < 1 || c.F < 1 || c.L < 1 || c.D % c.H || c.Dv % c.H || c.dk() % 2)
     throw std::invalid_argument("invalid model dimensions");
   return c;
+}
+
+// Who uses a model's weights: n > 0 readers (forward, prefill, step, getParam) or one
+// writer (-1: lossAndGradients, trainStep, setParam, setOptimizerState, which change the
+// weights or the shared gradient arena). A conflicting call fails at once instead of waiting.
+class AccessGuard {
+ public:
+  void acquire_read() {
+    int cur = count_.load();
+    do {
+      if (cur < 0) throw std::runtime_error("model is busy with a training call");
+    } while (!count_.compare_exchange_weak(cur, cur + 1));
+  }
+  void release_read() { count_--; }
+  void acquire_write() {
+    int expected = 0;
+    if (!count_.compare_exchange_strong(expected, -1)) throw std::runtime_error("model is busy with another call");
+  }
+  void release_write() { count_ = 0; }
+
+ private:
+  std::atomic<int> count_{0};
+};
+
+// Releases a claim when the worker finishes, whether it succeeded or threw.
+struct ReadClaim {
+  std::shared_ptr<AccessGuard> guard;
+  ~ReadClaim() { guard->release_read(); }
+};
+struct WriteClaim {
+  std::shared_ptr<AccessGuard> guard;
+  ~WriteClaim() { guard->release_write(); }
+};
+
+Napi::Value get_or_null(const Napi::Object& o, const char* key) {
+  return o.Has(key) ? o.Get(key) : o.Env().Null();
+}
+
+// One training batch from JS values; `keep` pins the arrays while a worker reads them.
+TrainBatch parse_batch(const Napi::Value& tokens_v, const Napi::Value& batch_v, const Napi::Value& length_v,
+                       const Napi::Value& targets_v, const Napi::Value& mask_v, std::vector<Napi::Value>& keep) {
+  Napi::Int32Array tokens = int32_arg(tokens_v, "tokens");
+  TrainBatch b{tokens.Data(), to_int(batch_v, "batch"), to_int(length_v, "length"), nullptr, nullptr};
+  if (b.B < 1 || b.T < 1) throw std::invalid_argument("batch and length must be >= 1");
+  const size_t n = static_cast<size_t>(b.B) * b.T;
+  if (tokens.ElementLength() != n) throw std::invalid_argument("tokens length is not batch * length");
+  keep.push_back(tokens);
+  if (!targets_v.IsNull() && !targets_v.IsUndefined()) {
+    Napi::Int32Array targets = int32_arg(targets_v, "targets");
+    if (targets.ElementLength() != n) throw std::invalid_argument("targets length is not batch * length");
+    b.targets = targets.Data();
+    keep.push_back(targets);
+  }
+  if (!mask_v.IsNull() && !mask_v.IsUndefined()) {
+    Napi::Float32Array mask = float32_arg(mask_v, "mask");
+    if (mask.ElementLength() != n) throw std::invalid_argument("mask length is not batch * length");
+    b.mask = mask.Data();
+    keep.push_back(mask);
+  }
+  return b;
+}
+
+Mode parse_train_mode(const Napi::Value& v) {
+  const Mode mode = parse_mode(v);
+  if (mode == Mode::Recurrent) throw std::invalid_argument("training mode must be 'parallel' or 'chunkwise'");
+  return mode;
+}
+
+// The seed of the training-only random ops (dropout, drop path; spec §8.3).
+uint64_t parse_seed(const Napi::Value& v) {
+  if (!v.IsNumber()) throw std::invalid_argument("seed must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d == std::floor(d)) || d < 0 || d > 9007199254740991.0) throw std::invalid_argument("seed must be a non-negative safe integer");
+  return static_cast<uint64_t>(d);
 }
 
 // Per-environment constructors so the addon works in several worker_threads at once.
@@ -224,6 +307,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("step", &NativeModel::Step),
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
+                        InstanceMethod("setParam", &NativeModel::SetParam),
+                        InstanceMethod("lossAndGradients", &NativeModel::LossAndGradients),
+                        InstanceMethod("trainStep", &NativeModel::TrainStep),
+                        InstanceMethod("getOptimizerState", &NativeModel::GetOptimizerState),
+                        InstanceMethod("setOptimizerState", &NativeModel::SetOptimizerState),
                         InstanceMethod("dispose", &NativeModel::Dispose)});
   }
   explicit NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
@@ -297,9 +385,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     auto out = std::make_shared<std::vector<float>>();
     const int32_t* tok = tokens.Data();
+    auto guard = claim_read(env);
     auto* worker = new PromiseWorker(
         env,
-        [m, out, tok, B, T, C, mode] {
+        [m, out, tok, B, T, C, mode, guard] {
+          ReadClaim claim{guard};
           out->resize(static_cast<size_t>(B) * T * m->config().V);
           m->forward(tok, B, T, mode, C, out->data());
         },
@@ -332,10 +422,18 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     if (h.model != m) throw Napi::Error::New(env, "state belongs to another model");
     bool expected = false;
     if (!h.busy->compare_exchange_strong(expected, true)) throw Napi::Error::New(env, "decode state is busy with another call");
+    std::shared_ptr<AccessGuard> guard;
+    try {
+      guard = claim_read(env);
+    } catch (...) {
+      *h.busy = false;
+      throw;
+    }
     auto out = std::make_shared<std::vector<float>>(static_cast<size_t>(h.state->batch()) * m->config().V);
     auto* worker = new PromiseWorker(
         env,
-        [h, out, work] {
+        [h, out, work, guard] {
+          ReadClaim claim{guard};
           struct Release {
             std::atomic<bool>* b;
             ~Release() { *b = false; }
@@ -398,9 +496,211 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const std::string name = info[0].As<Napi::String>().Utf8Value();
     const ParamInfo* p = m->find_param(name);
     if (!p) throw Napi::Error::New(env, "unknown parameter " + name);
+    ReadClaim claim{claim_read(env)};
     std::vector<float> data(p->size);
     m->get_param(name, data.data(), data.size());
     return to_js(env, std::move(data));
+  }
+
+  // setParam(name, data: Float32Array): replaces one parameter (sizes checked).
+  Napi::Value SetParam(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    WriteClaim claim{claim_write(env)};
+    try {
+      if (!info[0].IsString()) throw std::invalid_argument("parameter name must be a string");
+      Napi::Float32Array data = float32_arg(info[1], "data");
+      for (size_t i = 0; i < data.ElementLength(); i++)
+        if (!std::isfinite(data[i])) throw std::invalid_argument("parameter data holds a non-finite value");
+      m->set_param(info[0].As<Napi::String>().Utf8Value(), data.Data(), data.ElementLength());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return env.Undefined();
+  }
+
+  // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed)
+  //   -> Promise<{ loss, grads: { name: Float32Array } }> (trainable parameters only; tied: embed_tokens.weight).
+  Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    std::vector<Napi::Value> keep;
+    TrainBatch batch;
+    Mode mode;
+    int C;
+    uint64_t seed;
+    try {
+      batch = parse_batch(info[0], info[1], info[2], info[5], info[6], keep);
+      mode = parse_train_mode(info[3]);
+      C = to_int(info[4], "chunkSize");
+      if (C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+      seed = parse_seed(info[7]);
+      trainer()->check_batch(batch);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto guard = claim_write(env);
+    auto trainer_ptr = trainer();
+    struct Result {
+      double loss = 0;
+      std::vector<std::pair<std::string, std::vector<float>>> grads;
+    };
+    auto result = std::make_shared<Result>();
+    auto* worker = new PromiseWorker(
+        env,
+        [m, trainer_ptr, guard, batch, mode, C, seed, result] {
+          WriteClaim claim{guard};
+          trainer_ptr->zero_gradients();
+          result->loss = trainer_ptr->accumulate_gradients(batch, mode, C, 1.0f, seed);
+          for (const ParamInfo& p : m->params()) {
+            if (is_buffer_param(p)) continue;
+            std::vector<float> g(p.size);
+            trainer_ptr->get_gradient(p, g.data());
+            result->grads.emplace_back(p.name, std::move(g));
+          }
+          trainer_ptr->zero_gradients();
+        },
+        [result](Napi::Env env) -> Napi::Value {
+          Napi::Object out = Napi::Object::New(env);
+          out.Set("loss", result->loss);
+          Napi::Object grads = Napi::Object::New(env);
+          for (auto& [name, g] : result->grads) grads.Set(name, to_js(env, std::move(g)));
+          out.Set("grads", grads);
+          return out;
+        });
+    for (const Napi::Value& v : keep) worker->keep(v);
+    worker->Queue();
+    return worker->promise();
+  }
+
+  // trainStep(micro: [{ tokens, batch, length, targets, mask }], opts) -> Promise<{ loss, gradNorm, tokens }>
+  Napi::Value TrainStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    std::vector<Napi::Value> keep;
+    std::vector<TrainBatch> micro;
+    Mode mode;
+    int C;
+    OptimizerOptions opt;
+    try {
+      if (!info[0].IsArray()) throw std::invalid_argument("micro-batches must be an array");
+      Napi::Array arr = info[0].As<Napi::Array>();
+      for (uint32_t i = 0; i < arr.Length(); i++) {
+        if (!arr.Get(i).IsObject()) throw std::invalid_argument("each micro-batch must be an object");
+        Napi::Object o = arr.Get(i).As<Napi::Object>();
+        micro.push_back(parse_batch(o.Get("tokens"), o.Get("batch"), o.Get("length"), get_or_null(o, "targets"),
+                                    get_or_null(o, "mask"), keep));
+      }
+      if (!info[1].IsObject()) throw std::invalid_argument("trainStep options must be an object");
+      Napi::Object o = info[1].As<Napi::Object>();
+      mode = parse_train_mode(o.Get("mode"));
+      C = to_int(o.Get("chunkSize"), "chunkSize");
+      if (C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+      auto num = [&](const char* key) {
+        Napi::Value v = o.Get(key);
+        if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
+          throw std::invalid_argument(std::string(key) + " must be a finite number");
+        return static_cast<float>(v.As<Napi::Number>().DoubleValue());
+      };
+      opt.lr = num("lr");
+      opt.beta1 = num("beta1");
+      opt.beta2 = num("beta2");
+      opt.eps = num("eps");
+      opt.weight_decay = num("weightDecay");
+      opt.clip_norm = num("clipNorm");
+      if (!(opt.beta1 >= 0 && opt.beta1 < 1 && opt.beta2 >= 0 && opt.beta2 < 1))
+        throw std::invalid_argument("beta1 and beta2 must be in [0, 1)");
+      if (opt.lr < 0 || opt.eps <= 0 || opt.weight_decay < 0 || opt.clip_norm < 0)
+        throw std::invalid_argument("lr, weightDecay and clipNorm must be >= 0 and eps > 0");
+      Napi::Value nd = get_or_null(o, "noDecay");
+      if (nd.IsArray()) {
+        Napi::Array names = nd.As<Napi::Array>();
+        for (uint32_t i = 0; i < names.Length(); i++) {
+          if (!names.Get(i).IsString()) throw std::invalid_argument("noDecay must hold parameter names");
+          opt.no_decay.push_back(names.Get(i).As<Napi::String>().Utf8Value());
+        }
+      } else if (!nd.IsNull() && !nd.IsUndefined()) {
+        throw std::invalid_argument("noDecay must be an array of parameter names");
+      }
+      opt.seed = parse_seed(o.Get("seed"));
+      for (const TrainBatch& b : micro) trainer()->check_batch(b);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto guard = claim_write(env);
+    auto trainer_ptr = trainer();
+    auto result = std::make_shared<StepResult>();
+    auto* worker = new PromiseWorker(
+        env,
+        [trainer_ptr, guard, micro, mode, C, opt, result] {
+          WriteClaim claim{guard};
+          *result = trainer_ptr->step(micro, mode, C, opt);
+        },
+        [result](Napi::Env env) -> Napi::Value {
+          Napi::Object out = Napi::Object::New(env);
+          out.Set("loss", result->loss);
+          out.Set("gradNorm", result->grad_norm);
+          out.Set("tokens", static_cast<double>(result->tokens));
+          return out;
+        });
+    for (const Napi::Value& v : keep) worker->keep(v);
+    worker->Queue();
+    return worker->promise();
+  }
+
+  // getOptimizerState() -> { step, m, v } (parameter arena layout)
+  Napi::Value GetOptimizerState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    WriteClaim claim{claim_write(env)};
+    std::vector<float> mv(m->parameter_floats()), vv(m->parameter_floats());
+    trainer()->get_optimizer_state(mv.data(), vv.data());
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("step", static_cast<double>(trainer()->optimizer_step()));
+    out.Set("m", to_js(env, std::move(mv)));
+    out.Set("v", to_js(env, std::move(vv)));
+    return out;
+  }
+
+  // setOptimizerState(step, m: Float32Array, v: Float32Array)
+  Napi::Value SetOptimizerState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    WriteClaim claim{claim_write(env)};
+    try {
+      const int step = to_int(info[0], "step");
+      Napi::Float32Array mv = float32_arg(info[1], "m");
+      Napi::Float32Array vv = float32_arg(info[2], "v");
+      if (mv.ElementLength() != m->parameter_floats() || vv.ElementLength() != m->parameter_floats())
+        throw std::invalid_argument("optimizer state must hold " + std::to_string(m->parameter_floats()) +
+                                    " values per moment");
+      trainer()->set_optimizer_state(step, mv.Data(), vv.Data());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return env.Undefined();
+  }
+
+  std::shared_ptr<AccessGuard> claim_read(Napi::Env env) {
+    try {
+      access_->acquire_read();
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return access_;
+  }
+  std::shared_ptr<AccessGuard> claim_write(Napi::Env env) {
+    try {
+      access_->acquire_write();
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return access_;
+  }
+  // Gradient and optimizer arenas, made on first use.
+  std::shared_ptr<Trainer> trainer() {
+    if (!trainer_) trainer_ = std::make_shared<Trainer>(model_);
+    return trainer_;
   }
 
   Napi::Value ParamNames(const Napi::CallbackInfo& info) {
@@ -411,11 +711,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    trainer_.reset();
     model_.reset();
     return info.Env().Undefined();
   }
 
   std::shared_ptr<Model> model_;
+  std::shared_ptr<Trainer> trainer_;
+  std::shared_ptr<AccessGuard> access_ = std::make_shared<AccessGuard>();
 };
 
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {

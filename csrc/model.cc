@@ -8,7 +8,6 @@
 namespace retnet {
 namespace {
 
-constexpr float kParallelClampMax = 5e4f;
 // Chunkwise prefill runs the prompt in segments of about this many tokens (a multiple
 // of the chunk size): chunk-aligned segments give the same result as one pass, and
 // activation memory stays bounded whatever the prompt length.

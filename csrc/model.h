@@ -19,6 +19,8 @@ struct ModelConfig {
   float eps;                 // layernorm_eps
   float embed_scale;         // 1 or sqrt(D)
   float alpha;               // residual multiplier, (2L)^(1/4) with deepnorm
+  // Training-only (spec §8.3); the forward never reads them.
+  float dropout, activation_dropout, drop_path_rate;
   int dk() const { return D / H; }
   int dv() const { return Dv / H; }
 };
@@ -34,6 +36,7 @@ struct ParamInfo {
 };
 
 class Model;
+class Trainer;
 
 // A recurrent decode state for B rows: O(1) in context length.
 class DecodeState {
@@ -81,6 +84,7 @@ class Model {
   struct Workspace;  // activations of one call (defined in model.cc)
 
  private:
+  friend class Trainer;  // the training forward/backward reads the layer weights and updates the arena
   struct Layer {
     const float *q, *k, *v, *g, *out, *ret_ln, *fc1, *fc2, *gate, *ffn_ln;
   };

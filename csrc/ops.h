@@ -10,6 +10,15 @@ namespace retnet {
 
 enum class Activation { Gelu, Swish, Relu };
 
+// Upper clamp of the parallel form's row normaliser c_n (spec §5).
+constexpr float kParallelClampMax = 5e4f;
+
+// One AdamW update (torch.optim.AdamW): bias1/bias2 are 1 - beta^step; grads are
+// multiplied by grad_scale first (global-norm clipping).
+struct AdamWStep {
+  float lr, beta1, beta2, eps, weight_decay, bias1, bias2, grad_scale;
+};
+
 // Geometry of a batch of token rows laid out [B, T, H, d] (row = b*T + t).
 struct RetentionDims {
   int B, T, H, dk, dv;
@@ -62,6 +71,49 @@ class Ops {
   virtual void groupnorm_gate(const float* o, const float* g, float* z, int rows, int H, int dv, float eps) = 0;
   // z = act(a) * b.
   virtual void glu(const float* a, const float* b, float* z, size_t n, Activation act) = 0;
+
+  // ---- Training: backward passes, loss and optimizer. Weight gradients always
+  // accumulate (+=); reductions over rows run in a fixed order so results do not
+  // depend on thread timing.
+
+  // dX (=|+=) dY W and dW += dY^T X for Y[M, N] = X[M, K] W[N, K]^T.
+  virtual void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX,
+                               float* dW, bool accumulate_dx) = 0;
+  // dE[tokens[i], :] += scale * dout[i, :].
+  virtual void embed_backward(const int32_t* tokens, int n, const float* dout, int D, float scale, float* dE) = 0;
+  // Backward of y = rmsnorm(x) * w: dx (=|+=) and dw +=. dx may alias dy.
+  virtual void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int rows, int D,
+                                float eps, bool accumulate_dx) = 0;
+  // Backward of rotate_qk, in place on the gradients (the rotation is orthogonal).
+  virtual void rotate_qk_backward(float* dq, float* dk, const RetentionDims& d, const int64_t* start,
+                                  const float* angle, float k_scale) = 0;
+  // Backward of retention_chunked from t = 0 (no initial state) with the normalisers
+  // detached: writes dq, dk, dv given do. q, k are the rotated inputs. Recomputes the
+  // per-chunk KV states (memory linear in T) instead of saving them in the forward.
+  virtual void retention_chunked_backward(const float* q, const float* k, const float* v, const float* d_o, float* dq,
+                                          float* dk, float* dv, const RetentionDims& d, const float* decay, int C,
+                                          float inner_clamp_max) = 0;
+  // Backward of groupnorm_gate: writes d_o and dg.
+  virtual void groupnorm_gate_backward(const float* o, const float* g, const float* dz, float* d_o, float* dg, int rows,
+                                       int H, int dv, float eps) = 0;
+  // Backward of glu: writes da and db.
+  virtual void glu_backward(const float* a, const float* b, const float* dz, float* da, float* db, size_t n,
+                            Activation act) = 0;
+  // Fused softmax cross-entropy, in place: logits [rows, V] become weight[r] * (softmax - onehot(target[r])),
+  // and row_loss[r] = logsumexp - logit[target]. Rows with weight 0 or target < 0 get zero gradient and
+  // loss 0. targets, weights and row_loss are host memory.
+  virtual void softmax_cross_entropy(float* logits, const int32_t* targets, const float* weights, int rows, int V,
+                                     float* row_loss) = 0;
+  // Dropout and drop path (spec §8.3) with a counter-based RNG: whether element i (or
+  // sample b) is kept depends only on (seed, i), so the backward regenerates the mask by
+  // calling the same op on the gradient. Kept values are scaled by 1/(1-p).
+  virtual void dropout(float* x, size_t n, float p, uint64_t seed) = 0;
+  // Keeps or zeroes whole samples: x is [samples, per_sample].
+  virtual void drop_path(float* x, int samples, size_t per_sample, float p, uint64_t seed) = 0;
+  // Σ x² in double, summed in a fixed order.
+  virtual double sum_squares(const float* x, size_t n) = 0;
+  // One AdamW update of p with moments m, v.
+  virtual void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) = 0;
 };
 
 // Backend memory owned RAII-style.

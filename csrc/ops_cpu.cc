@@ -57,6 +57,42 @@ float dot(const float* a, const float* b, int n) {
 float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
 float swish(float x) { return x / (1.0f + std::exp(-x)); }
 
+// splitmix64 finaliser: a counter-based uniform stream, independent of thread timing.
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+// Uniform in [0, 1) for counter i of stream `seed`.
+float uniform01(uint64_t seed, uint64_t i) {
+  return static_cast<float>(mix64(seed + 0x9e3779b97f4a7c15ULL * (i + 1)) >> 40) * (1.0f / 16777216.0f);
+}
+
+// κ = max over value columns of the key-summed |KV|, at least 1 (spec §7).
+float column_abs_max(const float* KV, int dk, int dv) {
+  std::vector<float> col(dv, 0.f);
+  for (int e = 0; e < dk; e++)
+    for (int j = 0; j < dv; j++) col[j] += std::fabs(KV[static_cast<size_t>(e) * dv + j]);
+  float m = 1.0f;
+  for (int j = 0; j < dv; j++) m = std::max(m, col[j]);
+  return m;
+}
+
+// One head's cross-chunk state update over a chunk of `rows` rows (kh, vh point at its
+// first row): KV [dk, dv] = KV * Γ + K^T (β ⊙ V). Returns the new κ.
+float absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ldv, int rows, int dk, int dv,
+                   const ChunkConstants& cc, float* KV, std::vector<float>& scratch) {
+  const size_t kv_size = static_cast<size_t>(dk) * dv;
+  scratch.resize(static_cast<size_t>(rows) * dv + kv_size);
+  float* bv = scratch.data();
+  float* kvc = bv + static_cast<size_t>(rows) * dv;
+  for (int j = 0; j < rows; j++)
+    for (int e = 0; e < dv; e++) bv[static_cast<size_t>(j) * dv + e] = vh[j * ldv + e] * cc.beta[j];
+  gemm(dk, dv, rows, MatView{kh, 1, ldq}, row_major(bv, dv), kvc, dv, false);
+  for (size_t e = 0; e < kv_size; e++) KV[e] = KV[e] * cc.cross_decay + kvc[e];
+  return column_abs_max(KV, dk, dv);
+}
+
 class CpuOps final : public Ops {
  public:
   const char* name() const override { return "cpu"; }
@@ -115,32 +151,7 @@ class CpuOps final : public Ops {
 
   void rotate_qk(float* q, float* k, const RetentionDims& d, const int64_t* start, const float* angle,
                  float k_scale) override {
-    const int width = d.H * d.dk;
-    parallel_for(static_cast<size_t>(d.B) * d.T, 16, [&](size_t r0, size_t r1) {
-      std::vector<float> cs(d.dk);  // cos, sin per pair
-      for (size_t r = r0; r < r1; r++) {
-        const int b = static_cast<int>(r / d.T), t = static_cast<int>(r % d.T);
-        const float pos = static_cast<float>(start[b] + t);
-        for (int j = 0; j < d.dk / 2; j++) {
-          const float phi = pos * angle[2 * j];
-          cs[2 * j] = std::cos(phi);
-          cs[2 * j + 1] = std::sin(phi);
-        }
-        float* qr = q + r * width;
-        float* kr = k + r * width;
-        for (int i = 0; i < width; i++) kr[i] *= k_scale;
-        for (int h = 0; h < d.H; h++) {
-          for (float* x : {qr + h * d.dk, kr + h * d.dk}) {
-            for (int j = 0; j < d.dk / 2; j++) {
-              const float c = cs[2 * j], s = cs[2 * j + 1];
-              const float x0 = x[2 * j], x1 = x[2 * j + 1];
-              x[2 * j] = x0 * c + (-x1) * s;
-              x[2 * j + 1] = x1 * c + x0 * s;
-            }
-          }
-        }
-      }
-    });
+    rotate_pairs(q, k, d, start, angle, k_scale, 1.0f);
   }
 
   void retention_chunked(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
@@ -240,19 +251,12 @@ class CpuOps final : public Ops {
       if (c + 1 == nchunks) break;
       // KV = KV * Γ + K_c^T (β ⊙ V_c); κ from the new KV.
       parallel_for(BH, 1, [&](size_t w0, size_t w1) {
-        std::vector<float> bv(static_cast<size_t>(rows) * dv), kvc(static_cast<size_t>(dk) * dv);
+        std::vector<float> scratch;
         for (size_t bh = w0; bh < w1; bh++) {
           const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
-          const ChunkConstants& cc = consts[h];
           const size_t row0 = static_cast<size_t>(b) * T + c0;
-          const float* kh = k + row0 * ldq + h * dk;
-          const float* vh = v + row0 * ldv + h * dv;
-          for (int j = 0; j < rows; j++)
-            for (int e = 0; e < dv; e++) bv[static_cast<size_t>(j) * dv + e] = vh[j * ldv + e] * cc.beta[j];
-          gemm(dk, dv, rows, MatView{kh, 1, ldq}, row_major(bv.data(), dv), kvc.data(), dv, false);
-          float* KV = kv.data() + bh * dk * dv;
-          for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) KV[e] = KV[e] * cc.cross_decay + kvc[e];
-          kappa[bh] = column_abs_max(KV, dk, dv);
+          kappa[bh] = absorb_chunk(k + row0 * ldq + h * dk, v + row0 * ldv + h * dv, ldq, ldv, rows, dk, dv, consts[h],
+                                   kv.data() + bh * dk * dv, scratch);
         }
       });
     }
@@ -349,15 +353,323 @@ class CpuOps final : public Ops {
     });
   }
 
- private:
-  // κ = max over value columns of the key-summed |KV|, at least 1 (spec §7).
-  static float column_abs_max(const float* KV, int dk, int dv) {
-    std::vector<float> col(dv, 0.f);
-    for (int e = 0; e < dk; e++)
-      for (int j = 0; j < dv; j++) col[j] += std::fabs(KV[static_cast<size_t>(e) * dv + j]);
-    float m = 1.0f;
-    for (int j = 0; j < dv; j++) m = std::max(m, col[j]);
-    return m;
+  // k *= k_scale and rotate q, k pairs by direction * φ (1: forward, -1: the transpose).
+  // sin(-φ) = -sin(φ) exactly, so the transpose uses the same fl32 phase as the forward.
+  static void rotate_pairs(float* q, float* k, const RetentionDims& d, const int64_t* start, const float* angle,
+                           float k_scale, float direction) {
+    const int width = d.H * d.dk;
+    parallel_for(static_cast<size_t>(d.B) * d.T, 16, [&](size_t r0, size_t r1) {
+      std::vector<float> cs(d.dk);  // cos, sin per pair
+      for (size_t r = r0; r < r1; r++) {
+        const int b = static_cast<int>(r / d.T), t = static_cast<int>(r % d.T);
+        const float pos = static_cast<float>(start[b] + t);
+        for (int j = 0; j < d.dk / 2; j++) {
+          const float phi = pos * angle[2 * j];
+          cs[2 * j] = std::cos(phi);
+          cs[2 * j + 1] = direction * std::sin(phi);
+        }
+        float* qr = q + r * width;
+        float* kr = k + r * width;
+        for (int i = 0; i < width; i++) kr[i] *= k_scale;
+        for (int h = 0; h < d.H; h++) {
+          for (float* x : {qr + h * d.dk, kr + h * d.dk}) {
+            for (int j = 0; j < d.dk / 2; j++) {
+              const float c = cs[2 * j], s = cs[2 * j + 1];
+              const float x0 = x[2 * j], x1 = x[2 * j + 1];
+              x[2 * j] = x0 * c + (-x1) * s;
+              x[2 * j + 1] = x1 * c + x0 * s;
+            }
+          }
+        }
+      }
+    });
+  }
+
+  // ---- Training ops.
+
+  void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX, float* dW,
+                       bool accumulate_dx) override {
+    gemm(M, K, N, row_major(dY, N), row_major(W, K), dX, K, accumulate_dx);
+    // dW[N, K] += dY^T X: gemm splits by output tile, so the sum over rows runs in a fixed order.
+    gemm(N, K, M, transposed(dY, N), row_major(X, K), dW, K, true);
+  }
+
+  void embed_backward(const int32_t* tokens, int n, const float* dout, int D, float scale, float* dE) override {
+    // Split over columns: rows sharing a token then add in row order.
+    constexpr size_t kCols = 32;
+    parallel_for((static_cast<size_t>(D) + kCols - 1) / kCols, 1, [&](size_t b0, size_t b1) {
+      const int j0 = static_cast<int>(b0 * kCols), j1 = std::min(D, static_cast<int>(b1 * kCols));
+      for (int i = 0; i < n; i++) {
+        float* row = dE + static_cast<size_t>(tokens[i]) * D;
+        const float* src = dout + static_cast<size_t>(i) * D;
+        for (int j = j0; j < j1; j++) row[j] += src[j] * scale;
+      }
+    });
+  }
+
+  void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int rows, int D,
+                        float eps, bool accumulate_dx) override {
+    std::vector<float> inv(rows);
+    parallel_for(rows, 64, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; r++) {
+        const float* xr = x + r * D;
+        double ss = 0;
+        for (int j = 0; j < D; j++) ss += static_cast<double>(xr[j]) * xr[j];
+        inv[r] = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
+      }
+    });
+    // dw[j] += Σ_r dy[r, j] n[r, j] before dx overwrites a dy it may alias; columns split
+    // across threads, rows summed in order.
+    parallel_for(D, 64, [&](size_t j0, size_t j1) {
+      for (int r = 0; r < rows; r++) {
+        const float* xr = x + static_cast<size_t>(r) * D;
+        const float* dyr = dy + static_cast<size_t>(r) * D;
+        for (size_t j = j0; j < j1; j++) dw[j] += dyr[j] * (xr[j] * inv[r]);
+      }
+    });
+    // dx = inv * (dn - n * mean(dn * n)) with dn = dy * w, n = x * inv.
+    parallel_for(rows, 16, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; r++) {
+        const float* xr = x + r * D;
+        const float* dyr = dy + r * D;
+        float* dxr = dx + r * D;
+        const float rinv = inv[r];
+        double dot = 0;
+        for (int j = 0; j < D; j++) dot += static_cast<double>(dyr[j] * w[j]) * (xr[j] * rinv);
+        const float mean = static_cast<float>(dot / D);
+        for (int j = 0; j < D; j++) {
+          const float g = rinv * (dyr[j] * w[j] - (xr[j] * rinv) * mean);
+          dxr[j] = accumulate_dx ? dxr[j] + g : g;
+        }
+      }
+    });
+  }
+
+  void rotate_qk_backward(float* dq, float* dk, const RetentionDims& d, const int64_t* start, const float* angle,
+                          float k_scale) override {
+    rotate_pairs(dq, dk, d, start, angle, k_scale, -1.0f);
+  }
+
+  void retention_chunked_backward(const float* q, const float* k, const float* v, const float* d_o, float* dq,
+                                  float* dk, float* dv, const RetentionDims& d, const float* decay, int C,
+                                  float inner_clamp_max) override {
+    const int B = d.B, T = d.T, H = d.H, dk_ = d.dk, dv_ = d.dv;
+    const ptrdiff_t ldq = static_cast<ptrdiff_t>(H) * dk_, ldv = static_cast<ptrdiff_t>(H) * dv_;
+    C = std::max(1, std::min(C, T));
+    std::vector<ChunkConstants> consts;
+    consts.reserve(H);
+    for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+    const int nchunks = (T + C - 1) / C;
+    const size_t kv_size = static_cast<size_t>(dk_) * dv_;
+    // Each (b, h) is independent and owns its head's columns of dq, dk, dv.
+    parallel_for(static_cast<size_t>(B) * H, 1, [&](size_t w0, size_t w1) {
+      std::vector<float> kv_in(nchunks * kv_size), kappa(nchunks), scratch;
+      std::vector<float> A(static_cast<size_t>(C) * C), dS(static_cast<size_t>(C) * C);
+      std::vector<float> dOs(static_cast<size_t>(C) * dv_), tmp(static_cast<size_t>(C) * dv_), G(kv_size),
+          dKV(kv_size), mu(C);
+      for (size_t bh = w0; bh < w1; bh++) {
+        const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
+        const ChunkConstants& cc = consts[h];
+        const size_t base = static_cast<size_t>(b) * T;
+        // Forward sweep: the state entering each chunk and its κ, as the forward made them.
+        std::fill(kv_in.begin(), kv_in.begin() + kv_size, 0.f);
+        kappa[0] = 1.f;
+        for (int c = 0; c + 1 < nchunks; c++) {
+          float* next = kv_in.data() + (c + 1) * kv_size;
+          std::copy(kv_in.begin() + c * kv_size, kv_in.begin() + (c + 1) * kv_size, next);
+          const size_t row0 = base + static_cast<size_t>(c) * C;
+          kappa[c + 1] = absorb_chunk(k + row0 * ldq + h * dk_, v + row0 * ldv + h * dv_, ldq, ldv, C, dk_, dv_, cc,
+                                      next, scratch);
+        }
+        // Reverse sweep; G = dLoss/dKV of the state leaving the chunk being processed.
+        std::fill(G.begin(), G.end(), 0.f);
+        for (int c = nchunks - 1; c >= 0; c--) {
+          const int c0 = c * C, rows = std::min(C, T - c0);
+          const size_t row0 = base + c0;
+          const float* qh = q + row0 * ldq + h * dk_;
+          const float* kh = k + row0 * ldq + h * dk_;
+          const float* vh = v + row0 * ldv + h * dv_;
+          const float* doh = d_o + row0 * ldv + h * dv_;
+          float* dqh = dq + row0 * ldq + h * dk_;
+          float* dkh = dk + row0 * ldq + h * dk_;
+          float* dvh = dv + row0 * ldv + h * dv_;
+          const bool use_cross = c > 0;
+          const float* KV = kv_in.data() + c * kv_size;
+          // A = (Q K^T) ⊙ M̃ (causal), and the detached row scale 1/μ_i.
+          gemm(rows, rows, dk_, row_major(qh, ldq), transposed(kh, ldq), A.data(), rows, false);
+          for (int i = 0; i < rows; i++) {
+            float* arow = A.data() + static_cast<size_t>(i) * rows;
+            float abs_sum = 0;
+            for (int j = 0; j <= i; j++) {
+              arow[j] *= cc.pow[i - j] / cc.sigma[i];
+              abs_sum += std::fabs(arow[j]);
+            }
+            for (int j = i + 1; j < rows; j++) arow[j] = 0.f;
+            const float iota = std::min(std::max(abs_sum, 1.0f), inner_clamp_max);
+            mu[i] = use_cross ? std::max(iota, kappa[c]) : iota;
+          }
+          // o_i = (Σ_j A_ij v_j + α_i q_i^T KV) / μ_i, so dO' = dO / μ carries both terms.
+          for (int i = 0; i < rows; i++)
+            for (int e = 0; e < dv_; e++) dOs[static_cast<size_t>(i) * dv_ + e] = doh[i * ldv + e] / mu[i];
+          // dV = A^T dO';  dS = (dO' V^T) ⊙ M̃;  dQ = dS K;  dK = dS^T Q.
+          gemm(rows, dv_, rows, transposed(A.data(), rows), row_major(dOs.data(), dv_), dvh, ldv, false);
+          gemm(rows, rows, dv_, row_major(dOs.data(), dv_), transposed(vh, ldv), dS.data(), rows, false);
+          for (int i = 0; i < rows; i++) {
+            float* srow = dS.data() + static_cast<size_t>(i) * rows;
+            for (int j = 0; j <= i; j++) srow[j] *= cc.pow[i - j] / cc.sigma[i];
+            for (int j = i + 1; j < rows; j++) srow[j] = 0.f;
+          }
+          gemm(rows, dk_, rows, row_major(dS.data(), rows), row_major(kh, ldq), dqh, ldq, false);
+          gemm(rows, dk_, rows, transposed(dS.data(), rows), row_major(qh, ldq), dkh, ldq, false);
+          if (c + 1 < nchunks) {
+            // The state update KV' = KV Γ + Σ_j k_j ⊗ β_j v_j: dk_j += β_j G v_j, dv_j += β_j G^T k_j.
+            for (int j = 0; j < rows; j++)
+              for (int e = 0; e < dv_; e++) tmp[static_cast<size_t>(j) * dv_ + e] = vh[j * ldv + e] * cc.beta[j];
+            gemm(rows, dk_, dv_, row_major(tmp.data(), dv_), transposed(G.data(), dv_), dkh, ldq, true);
+            gemm(rows, dv_, dk_, row_major(kh, ldq), row_major(G.data(), dv_), tmp.data(), dv_, false);
+            for (int j = 0; j < rows; j++)
+              for (int e = 0; e < dv_; e++) dvh[j * ldv + e] += tmp[static_cast<size_t>(j) * dv_ + e] * cc.beta[j];
+          }
+          if (use_cross) {
+            // Cross term α_i q_i^T KV / μ_i: dq_i += α_i KV dO'_i, dKV += Σ_i α_i q_i ⊗ dO'_i.
+            for (int i = 0; i < rows; i++)
+              for (int e = 0; e < dv_; e++) tmp[static_cast<size_t>(i) * dv_ + e] = dOs[static_cast<size_t>(i) * dv_ + e] * cc.alpha[i];
+            gemm(rows, dk_, dv_, row_major(tmp.data(), dv_), transposed(KV, dv_), dqh, ldq, true);
+            gemm(dk_, dv_, rows, transposed(qh, ldq), row_major(tmp.data(), dv_), dKV.data(), dv_, false);
+            for (size_t e = 0; e < kv_size; e++) G[e] = G[e] * cc.cross_decay + dKV[e];
+          }
+        }
+      }
+    });
+  }
+
+  void groupnorm_gate_backward(const float* o, const float* g, const float* dz, float* d_o, float* dg, int rows, int H,
+                               int dv, float eps) override {
+    const size_t width = static_cast<size_t>(H) * dv;
+    parallel_for(rows, 8, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; r++) {
+        for (int h = 0; h < H; h++) {
+          const size_t off = r * width + static_cast<size_t>(h) * dv;
+          double ss = 0;
+          for (int j = 0; j < dv; j++) ss += static_cast<double>(o[off + j]) * o[off + j];
+          const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dv) + eps);
+          // z = swish(g) n with n = o * inv: dg = dz n swish'(g); dn = dz swish(g).
+          double dot = 0;
+          for (int j = 0; j < dv; j++) {
+            const float x = g[off + j], sig = 1.0f / (1.0f + std::exp(-x));
+            const float n = o[off + j] * inv;
+            dg[off + j] = dz[off + j] * n * (sig * (1.0f + x * (1.0f - sig)));
+            dot += static_cast<double>(dz[off + j] * x * sig) * n;
+          }
+          const float mean = static_cast<float>(dot / dv);
+          for (int j = 0; j < dv; j++) {
+            const float x = g[off + j], sig = 1.0f / (1.0f + std::exp(-x));
+            d_o[off + j] = inv * (dz[off + j] * x * sig - (o[off + j] * inv) * mean);
+          }
+        }
+      }
+    });
+  }
+
+  void glu_backward(const float* a, const float* b, const float* dz, float* da, float* db, size_t n,
+                    Activation act) override {
+    parallel_for(n, 1 << 12, [&](size_t i0, size_t i1) {
+      for (size_t i = i0; i < i1; i++) {
+        const float x = a[i];
+        float f, df;
+        switch (act) {
+          case Activation::Gelu: {
+            const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678118654752440f));
+            f = x * cdf;
+            df = cdf + x * 0.39894228040143267794f * std::exp(-0.5f * x * x);
+            break;
+          }
+          case Activation::Swish: {
+            const float sig = 1.0f / (1.0f + std::exp(-x));
+            f = x * sig;
+            df = sig * (1.0f + x * (1.0f - sig));
+            break;
+          }
+          default:
+            f = std::max(x, 0.0f);
+            df = x > 0 ? 1.0f : 0.0f;
+            break;
+        }
+        da[i] = dz[i] * b[i] * df;
+        db[i] = dz[i] * f;
+      }
+    });
+  }
+
+  void softmax_cross_entropy(float* logits, const int32_t* targets, const float* weights, int rows, int V,
+                             float* row_loss) override {
+    parallel_for(rows, 4, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; r++) {
+        float* x = logits + r * V;
+        const float w = weights[r];
+        const int target = targets[r];
+        if (target < 0 || w == 0.0f) {
+          std::fill(x, x + V, 0.0f);
+          row_loss[r] = 0.0f;
+          continue;
+        }
+        float mx = x[0];
+        for (int j = 1; j < V; j++) mx = std::max(mx, x[j]);
+        double sum = 0;
+        for (int j = 0; j < V; j++) sum += std::exp(static_cast<double>(x[j] - mx));
+        const double lse = mx + std::log(sum);
+        row_loss[r] = static_cast<float>(lse - x[target]);
+        for (int j = 0; j < V; j++) x[j] = w * static_cast<float>(std::exp(x[j] - lse));
+        x[target] -= w;
+      }
+    });
+  }
+
+  void dropout(float* x, size_t n, float p, uint64_t seed) override {
+    const float keep_scale = 1.0f / (1.0f - p);
+    parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) {
+      for (size_t i = i0; i < i1; i++) x[i] = uniform01(seed, i) < p ? 0.0f : x[i] * keep_scale;
+    });
+  }
+
+  void drop_path(float* x, int samples, size_t per_sample, float p, uint64_t seed) override {
+    const float keep_scale = 1.0f / (1.0f - p);
+    for (int b = 0; b < samples; b++) {
+      const float factor = uniform01(seed, b) < p ? 0.0f : keep_scale;
+      float* xs = x + static_cast<size_t>(b) * per_sample;
+      parallel_for(per_sample, 1 << 14, [&](size_t i0, size_t i1) {
+        for (size_t i = i0; i < i1; i++) xs[i] *= factor;
+      });
+    }
+  }
+
+  double sum_squares(const float* x, size_t n) override {
+    constexpr size_t kBlock = 1 << 16;
+    const size_t blocks = (n + kBlock - 1) / kBlock;
+    std::vector<double> partial(blocks, 0.0);
+    parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
+      for (size_t blk = b0; blk < b1; blk++) {
+        double s = 0;
+        for (size_t i = blk * kBlock, end = std::min(n, i + kBlock); i < end; i++) s += static_cast<double>(x[i]) * x[i];
+        partial[blk] = s;
+      }
+    });
+    double total = 0;
+    for (double s : partial) total += s;
+    return total;
+  }
+
+  void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) override {
+    const float decay = 1.0f - s.lr * s.weight_decay;
+    const float step = s.lr / s.bias1, root_bias2 = std::sqrt(s.bias2);
+    parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) {
+      for (size_t i = i0; i < i1; i++) {
+        const float gi = g[i] * s.grad_scale;
+        m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+        v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
+        p[i] = p[i] * decay - step * m[i] / (std::sqrt(v[i]) / root_bias2 + s.eps);
+      }
+    });
   }
 };
 

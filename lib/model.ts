@@ -21,6 +21,19 @@ export interface ForwardOptions {
   chunkSize?: number;
 }
 
+export interface LossOptions {
+  /** Retention form: 'parallel' or 'chunkwise'. Default as forward(). */
+  mode?: 'parallel' | 'chunkwise';
+  /** Chunk size for 'chunkwise' (default: config.recurrent_chunk_size). */
+  chunkSize?: number;
+  /** Target id per position [B*T] (-1 = ignore). Default: the next token (the last position has none). */
+  targets?: Int32Array;
+  /** Weight per position [B*T] (finite, >= 0; 0 = ignore). loss = Σ mask·CE / Σ mask over positions with a target. */
+  mask?: Float32Array;
+  /** Seed of dropout / drop path when the config's rates are > 0 (default 0). */
+  seed?: number;
+}
+
 export interface ModelOptions {
   /** Only 'cpu' is available in this build. */
   device?: 'cpu' | 'auto';
@@ -181,6 +194,40 @@ export class RetNet implements SessionOwner {
     const [B, T] = batch.shape;
     const logits = await this.native().forward(batch.data, B, T, mode, chunkSize);
     return { logits, shape: [B, T, this.config.vocab_size] };
+  }
+
+  /**
+   * Mean cross-entropy over the batch and its gradient for every trainable parameter, keyed by
+   * torchscale names (a tied model reports the summed gradient under embed_tokens.weight only).
+   */
+  async lossAndGradients(tokens: TokenInput, options: LossOptions = {}): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
+    const batch = toTokenBatch(tokens, this.config.vocab_size);
+    const mode = options.mode ?? (this.config.chunkwise_recurrent ? 'chunkwise' : 'parallel');
+    if (mode !== 'parallel' && mode !== 'chunkwise') {
+      throw new Error(`lossAndGradients: mode must be 'parallel' or 'chunkwise', got ${JSON.stringify(mode)}`);
+    }
+    const { chunkSize } = checkPrefillOptions({ mode, chunkSize: options.chunkSize }, this.config.recurrent_chunk_size);
+    const [B, T] = batch.shape;
+    const n = B * T;
+    const { targets, mask } = options;
+    if (targets !== undefined) {
+      if (!(targets instanceof Int32Array)) throw new Error('lossAndGradients: targets must be an Int32Array');
+      if (targets.length !== n) throw new Error(`lossAndGradients: targets has ${targets.length} entries, expected batch*length = ${n}`);
+      const bad = targets.findIndex((t) => t < -1 || t >= this.config.vocab_size);
+      if (bad >= 0) {
+        throw new Error(`lossAndGradients: targets[${bad}] = ${targets[bad]} is outside [-1, ${this.config.vocab_size})`);
+      }
+    }
+    if (mask !== undefined) {
+      if (!(mask instanceof Float32Array)) throw new Error('lossAndGradients: mask must be a Float32Array');
+      if (mask.length !== n) throw new Error(`lossAndGradients: mask has ${mask.length} entries, expected batch*length = ${n}`);
+      const bad = mask.findIndex((w) => !(Number.isFinite(w) && w >= 0));
+      if (bad >= 0) throw new Error(`lossAndGradients: mask[${bad}] = ${mask[bad]} must be finite and >= 0`);
+    }
+    const seed = options.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new Error(`lossAndGradients: seed must be a non-negative safe integer, got ${String(options.seed)}`);
+    const result = await this.native().lossAndGradients(batch.data, B, T, mode, chunkSize, targets ?? null, mask ?? null, seed);
+    return { loss: result.loss, grads: new Map(Object.entries(result.grads)) };
   }
 
   /** A decode session with its own recurrent state for `batch` rows. */

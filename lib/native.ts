@@ -12,6 +12,33 @@ export interface NativeState {
   dispose(): void;
 }
 
+export type TrainMode = 'parallel' | 'chunkwise';
+
+/** One micro-batch of trainStep: tokens [batch*length]; targets (-1 = ignore) and mask [batch*length] or null. */
+export interface NativeMicroBatch {
+  tokens: Int32Array;
+  batch: number;
+  length: number;
+  targets: Int32Array | null;
+  mask: Float32Array | null;
+}
+
+export interface NativeTrainOptions {
+  mode: TrainMode;
+  chunkSize: number;
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** Global gradient-norm clip; 0 = off. */
+  clipNorm: number;
+  /** Parameter names without weight decay. */
+  noDecay: string[];
+  /** Seed of dropout / drop path (config rates > 0); micro-batch k draws from its own stream. */
+  seed: number;
+}
+
 export interface NativeModel {
   forward(tokens: Int32Array, batch: number, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   createState(batch: number): NativeState;
@@ -19,6 +46,28 @@ export interface NativeModel {
   step(state: NativeState, tokens: Int32Array): Promise<Float32Array>;
   getParam(name: string): Float32Array;
   paramNames(): string[];
+  /** Replaces one parameter (sizes and finiteness checked). */
+  setParam(name: string, data: Float32Array): void;
+  /** Mean next-token (or `targets`) cross-entropy and its gradient per trainable parameter (tied: embed_tokens.weight only). */
+  lossAndGradients(
+    tokens: Int32Array,
+    batch: number,
+    length: number,
+    mode: TrainMode,
+    chunkSize: number,
+    targets: Int32Array | null,
+    mask: Float32Array | null,
+    seed: number,
+  ): Promise<{ loss: number; grads: Record<string, Float32Array> }>;
+  /**
+   * One optimizer step in one native call: forward+backward of each micro-batch (equal weights), global-norm
+   * clipping (gradNorm is the norm before clipping), AdamW, zeroed gradients. loss is the mean of the
+   * micro-batch losses; tokens is Σ batch*length. Fails at once while another call uses the model.
+   */
+  trainStep(micro: NativeMicroBatch[], opts: NativeTrainOptions): Promise<{ loss: number; gradNorm: number; tokens: number }>;
+  /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count. */
+  getOptimizerState(): { step: number; m: Float32Array; v: Float32Array };
+  setOptimizerState(step: number, m: Float32Array, v: Float32Array): void;
   dispose(): void;
 }
 

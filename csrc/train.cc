@@ -1,0 +1,317 @@
+#include "train.h"
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace retnet {
+namespace {
+
+struct RetentionForm {
+  int C;
+  float clamp_max;
+};
+
+RetentionForm retention_form(Mode mode, int T, int C) {
+  if (mode == Mode::Parallel) return {T, kParallelClampMax};
+  if (mode == Mode::Chunkwise) {
+    if (C < 1) throw std::invalid_argument("chunk size must be >= 1");
+    return {C, std::numeric_limits<float>::infinity()};
+  }
+  throw std::invalid_argument("training runs in the parallel or chunkwise form, not recurrent");
+}
+
+}  // namespace
+
+// What the backward reads, for R = B*T rows. Each residual block computes
+// sum = α·x_in + branch(in) with in = rmsnorm(x_in) (pre-norm) or x_in (post-norm), and
+// out = sum (pre-norm) or rmsnorm(sum) (post-norm).
+struct Trainer::Activations {
+  struct Block {
+    Buffer normed_in;  // pre-norm: the branch input
+    Buffer sum;        // post-norm: the norm's input
+  };
+  struct Layer {
+    Block ret, ffn;
+    Buffer q, k, v, g, o, z;  // retention: rotated q, k; core output o; gated z
+    Buffer a, b, u;           // GLU: fc1 out, gate out, act(a)*b
+  };
+  Buffer embedded;             // embedding before layernorm_embedding
+  std::vector<Buffer> stream;  // residual stream: [0] block inputs of layer 0, then each block's output
+  std::vector<Layer> layers;
+  Buffer final_normed;         // pre-norm: final norm output
+  Buffer logits;               // becomes dlogits in place
+};
+
+Trainer::Trainer(std::shared_ptr<Model> model)
+    : model_(std::move(model)),
+      grads_(model_->ops(), model_->parameter_floats()),
+      m_(model_->ops(), model_->parameter_floats()),
+      v_(model_->ops(), model_->parameter_floats()) {}
+
+void Trainer::zero_gradients() { model_->ops()->fill(grads_.data(), 0.0f, grads_.size()); }
+
+void Trainer::get_gradient(const ParamInfo& p, float* out) const {
+  model_->ops()->download(out, grads_.data() + p.offset, p.size);
+}
+
+void Trainer::check_batch(const TrainBatch& batch) const {
+  if (batch.B < 1 || batch.T < 1) throw std::invalid_argument("batch and length must be >= 1");
+  const size_t n = static_cast<size_t>(batch.B) * batch.T;
+  model_->check_tokens(batch.tokens, n);
+  const int V = model_->config().V;
+  for (size_t i = 0; batch.targets && i < n; i++) {
+    if (batch.targets[i] < -1 || batch.targets[i] >= V) {
+      throw std::invalid_argument("target " + std::to_string(batch.targets[i]) + " at index " + std::to_string(i) +
+                                  " is outside [-1, " + std::to_string(V) + ")");
+    }
+  }
+  for (size_t i = 0; batch.mask && i < n; i++) {
+    if (!(batch.mask[i] >= 0) || !std::isfinite(batch.mask[i]))
+      throw std::invalid_argument("mask value at index " + std::to_string(i) + " must be finite and >= 0");
+  }
+}
+
+double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, float loss_scale, uint64_t seed) {
+  check_batch(batch);
+  const Model& m = *model_;
+  const ModelConfig& c = m.config();
+  Ops& ops = *m.ops();
+  const int B = batch.B, T = batch.T, R = B * T;
+  const size_t RD = static_cast<size_t>(R) * c.D;
+  const RetentionForm form = retention_form(mode, T, C);
+  const RetentionDims d{B, T, c.H, c.dk(), c.dv()};
+  const std::vector<int64_t> start(B, 0);
+  const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
+  float* arena = m.arena_.data();
+  auto grad_of = [&](const float* weight) { return grads_.data() + (weight - arena); };
+  // Training-only random ops (spec §8.3). Each site has its own stream; the backward
+  // applies the same op to the gradient, which regenerates the same mask.
+  auto stream = [&](uint64_t site) { return seed * 0x9e3779b97f4a7c15ULL + site * 0xd1b54a32d192ed03ULL; };
+  auto drop_path_rate = [&](int l) { return c.L > 1 ? c.drop_path_rate * static_cast<float>(l) / (c.L - 1) : 0.0f; };
+  // Dropout then drop path on a branch output [R, D] (both are diagonal scalings).
+  auto drop_branch = [&](float* y, int l, uint64_t site) {
+    if (c.dropout > 0) ops.dropout(y, RD, c.dropout, stream(site));
+    if (drop_path_rate(l) > 0) ops.drop_path(y, B, static_cast<size_t>(T) * c.D, drop_path_rate(l), stream(site + 1));
+  };
+  const bool branch_dropped = c.dropout > 0 || c.drop_path_rate > 0;
+  // Sites: 0 embedding; per layer l, 1 + 5l + {0, 1: retention branch, 2: activation, 3, 4: FFN branch}.
+  auto site = [](int l, int k) { return static_cast<uint64_t>(1 + 5 * l + k); };
+
+  // Targets and per-row loss weights: loss = Σ mask·CE / Σ mask over rows with a target.
+  std::vector<int32_t> targets(R);
+  std::vector<float> weights(R), row_loss(R);
+  double total_mask = 0;
+  for (int r = 0; r < R; r++) {
+    const int t = r % T;
+    targets[r] = batch.targets ? batch.targets[r] : (t + 1 < T ? batch.tokens[r + 1] : -1);
+    weights[r] = targets[r] >= 0 ? (batch.mask ? batch.mask[r] : 1.0f) : 0.0f;
+    total_mask += weights[r];
+  }
+  if (!(total_mask > 0)) throw std::invalid_argument("no position has a target with a nonzero mask weight");
+  for (int r = 0; r < R; r++) weights[r] = static_cast<float>(weights[r] / total_mask * loss_scale);
+
+  // ---- Forward, keeping activations.
+  Activations acts;
+  Buffer scratch(m.ops(), RD);
+  acts.stream.reserve(2 * c.L + 1);
+  for (int i = 0; i < 2 * c.L + 1; i++) acts.stream.emplace_back(m.ops(), RD);
+  if (m.emb_ln_) {
+    acts.embedded = Buffer(m.ops(), RD);
+    ops.embed(batch.tokens, R, m.embed_, c.D, c.embed_scale, acts.embedded.data());
+    ops.rmsnorm(acts.embedded.data(), m.emb_ln_, acts.stream[0].data(), R, c.D, c.eps);
+  } else {
+    ops.embed(batch.tokens, R, m.embed_, c.D, c.embed_scale, acts.stream[0].data());
+  }
+  if (c.dropout > 0) ops.dropout(acts.stream[0].data(), RD, c.dropout, stream(0));
+  // Runs one residual block; `branch(in, y)` writes the branch output y [R, D].
+  auto block_forward = [&](Activations::Block& blk, const float* x_in, const float* norm_w, float* out, int l,
+                           uint64_t branch_site, const auto& branch) {
+    const float* in = x_in;
+    if (c.pre_norm) {
+      blk.normed_in = Buffer(m.ops(), RD);
+      ops.rmsnorm(x_in, norm_w, blk.normed_in.data(), R, c.D, c.eps);
+      in = blk.normed_in.data();
+    }
+    float* sum = out;
+    if (!c.pre_norm) {
+      blk.sum = Buffer(m.ops(), RD);
+      sum = blk.sum.data();
+    }
+    branch(in, scratch.data());
+    drop_branch(scratch.data(), l, branch_site);
+    ops.upload(sum, x_in, RD);
+    ops.residual(sum, scratch.data(), RD, c.alpha);
+    if (!c.pre_norm) ops.rmsnorm(sum, norm_w, out, R, c.D, c.eps);
+  };
+  acts.layers.resize(c.L);
+  for (int l = 0; l < c.L; l++) {
+    const Model::Layer& w = m.layers_[l];
+    Activations::Layer& a = acts.layers[l];
+    const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
+    for (Buffer* buf : {&a.q, &a.k}) *buf = Buffer(m.ops(), RD);
+    for (Buffer* buf : {&a.v, &a.g, &a.o, &a.z}) *buf = Buffer(m.ops(), RDv);
+    for (Buffer* buf : {&a.a, &a.b, &a.u}) *buf = Buffer(m.ops(), RF);
+    block_forward(a.ret, acts.stream[2 * l].data(), w.ret_ln, acts.stream[2 * l + 1].data(), l, site(l, 0),
+                  [&](const float* in, float* y) {
+                    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
+                    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false);
+                    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false);
+                    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false);
+                    ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
+                    ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C,
+                                          form.clamp_max, nullptr);
+                    ops.groupnorm_gate(a.o.data(), a.g.data(), a.z.data(), R, c.H, c.dv(), c.eps);
+                    ops.linear(R, c.D, c.Dv, a.z.data(), w.out, y, false);
+                  });
+    block_forward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, acts.stream[2 * l + 2].data(), l, site(l, 3),
+                  [&](const float* in, float* y) {
+                    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false);
+                    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false);
+                    ops.glu(a.a.data(), a.b.data(), a.u.data(), RF, c.activation);
+                    if (c.activation_dropout > 0) ops.dropout(a.u.data(), RF, c.activation_dropout, stream(site(l, 2)));
+                    ops.linear(R, c.D, c.F, a.u.data(), w.fc2, y, false);
+                  });
+  }
+  const float* x_last = acts.stream[2 * c.L].data();
+  const float* head_in = x_last;
+  if (c.pre_norm) {
+    acts.final_normed = Buffer(m.ops(), RD);
+    ops.rmsnorm(x_last, m.final_ln_, acts.final_normed.data(), R, c.D, c.eps);
+    head_in = acts.final_normed.data();
+  }
+  acts.logits = Buffer(m.ops(), static_cast<size_t>(R) * c.V);
+  ops.linear(R, c.V, c.D, head_in, m.output_, acts.logits.data(), false);
+
+  // ---- Loss; logits become dlogits in place.
+  ops.softmax_cross_entropy(acts.logits.data(), targets.data(), weights.data(), R, c.V, row_loss.data());
+  double loss = 0;
+  for (int r = 0; r < R; r++)
+    if (targets[r] >= 0) loss += static_cast<double>(row_loss[r]) * (batch.mask ? batch.mask[r] : 1.0f);
+  loss /= total_mask;
+
+  // ---- Backward. dx is the gradient of the residual stream at the current point.
+  Buffer dx(m.ops(), RD), dh(m.ops(), RD), dq(m.ops(), RD), dk(m.ops(), RD);
+  const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
+  Buffer dz(m.ops(), RDv), d_o(m.ops(), RDv), dv(m.ops(), RDv), dg(m.ops(), RDv);
+  Buffer du(m.ops(), RF), da(m.ops(), RF), db(m.ops(), RF);
+  Buffer dy_branch(m.ops(), branch_dropped ? RD : 0);
+  ops.linear_backward(R, c.V, c.D, head_in, m.output_, acts.logits.data(), dx.data(), grad_of(m.output_), false);
+  if (c.pre_norm) ops.rmsnorm_backward(x_last, m.final_ln_, dx.data(), dx.data(), grad_of(m.final_ln_), R, c.D, c.eps, false);
+  // Backward of one residual block given d(out) in dx; leaves d(x_in) in dx.
+  // `branch(in, dy, d_in)` turns d(branch output) dy into d(branch input) in d_in.
+  auto block_backward = [&](const Activations::Block& blk, const float* x_in, const float* norm_w, int l,
+                            uint64_t branch_site, const auto& branch) {
+    if (!c.pre_norm) ops.rmsnorm_backward(blk.sum.data(), norm_w, dx.data(), dx.data(), grad_of(norm_w), R, c.D, c.eps, false);
+    const float* dy = dx.data();
+    if (branch_dropped) {
+      ops.upload(dy_branch.data(), dx.data(), RD);
+      drop_branch(dy_branch.data(), l, branch_site);
+      dy = dy_branch.data();
+    }
+    branch(c.pre_norm ? blk.normed_in.data() : x_in, dy, dh.data());
+    if (c.pre_norm) ops.rmsnorm_backward(x_in, norm_w, dh.data(), dh.data(), grad_of(norm_w), R, c.D, c.eps, false);
+    ops.residual(dx.data(), dh.data(), RD, c.alpha);
+  };
+  for (int l = c.L - 1; l >= 0; l--) {
+    const Model::Layer& w = m.layers_[l];
+    const Activations::Layer& a = acts.layers[l];
+    block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
+                   [&](const float* in, const float* dy, float* d_in) {
+      ops.linear_backward(R, c.D, c.F, a.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false);
+      if (c.activation_dropout > 0) ops.dropout(du.data(), RF, c.activation_dropout, stream(site(l, 2)));
+      ops.glu_backward(a.a.data(), a.b.data(), du.data(), da.data(), db.data(), RF, c.activation);
+      ops.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false);
+      ops.linear_backward(R, c.F, c.D, in, w.gate, db.data(), d_in, grad_of(w.gate), true);
+    });
+    block_backward(a.ret, acts.stream[2 * l].data(), w.ret_ln, l, site(l, 0),
+                   [&](const float* in, const float* dy, float* d_in) {
+      ops.linear_backward(R, c.D, c.Dv, a.z.data(), w.out, dy, dz.data(), grad_of(w.out), false);
+      ops.groupnorm_gate_backward(a.o.data(), a.g.data(), dz.data(), d_o.data(), dg.data(), R, c.H, c.dv(), c.eps);
+      ops.retention_chunked_backward(a.q.data(), a.k.data(), a.v.data(), d_o.data(), dq.data(), dk.data(), dv.data(),
+                                     d, m.decay_, form.C, form.clamp_max);
+      ops.rotate_qk_backward(dq.data(), dk.data(), d, start.data(), m.angle_, k_scale);
+      ops.linear_backward(R, c.D, c.D, in, w.q, dq.data(), d_in, grad_of(w.q), false);
+      ops.linear_backward(R, c.D, c.D, in, w.k, dk.data(), d_in, grad_of(w.k), true);
+      ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true);
+      ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true);
+    });
+  }
+  if (c.dropout > 0) ops.dropout(dx.data(), RD, c.dropout, stream(0));
+  if (m.emb_ln_)
+    ops.rmsnorm_backward(acts.embedded.data(), m.emb_ln_, dx.data(), dx.data(), grad_of(m.emb_ln_), R, c.D, c.eps, false);
+  ops.embed_backward(batch.tokens, R, dx.data(), c.D, c.embed_scale, grad_of(m.embed_));
+  return loss;
+}
+
+StepResult Trainer::step(const std::vector<TrainBatch>& micro, Mode mode, int C, const OptimizerOptions& opt) {
+  if (micro.empty()) throw std::invalid_argument("trainStep needs at least one micro-batch");
+  for (const TrainBatch& b : micro) check_batch(b);
+  std::vector<size_t> no_decay_offsets;
+  for (const std::string& name : opt.no_decay) {
+    const ParamInfo* p = model_->find_param(name);
+    if (!p) throw std::invalid_argument("noDecay names an unknown parameter " + name);
+    no_decay_offsets.push_back(p->offset);
+  }
+  Ops& ops = *model_->ops();
+  StepResult result{0, 0, 0};
+  try {
+    for (size_t k = 0; k < micro.size(); k++) {
+      const TrainBatch& b = micro[k];
+      // Each micro-batch draws its own dropout masks.
+      const uint64_t micro_seed = opt.seed + k * 0x632be59bd9b4e019ULL;
+      result.loss += accumulate_gradients(b, mode, C, 1.0f / static_cast<float>(micro.size()), micro_seed);
+      result.tokens += static_cast<int64_t>(b.B) * b.T;
+    }
+  } catch (...) {
+    zero_gradients();
+    throw;
+  }
+  result.loss /= static_cast<double>(micro.size());
+  result.grad_norm = std::sqrt(ops.sum_squares(grads_.data(), grads_.size()));
+  if (!std::isfinite(result.grad_norm)) {
+    zero_gradients();
+    throw std::runtime_error("gradient norm is not finite; parameters left unchanged");
+  }
+  // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+  float grad_scale = 1.0f;
+  if (opt.clip_norm > 0) grad_scale = static_cast<float>(std::min(1.0, opt.clip_norm / (result.grad_norm + 1e-6)));
+  step_++;
+  AdamWStep s{opt.lr,
+              opt.beta1,
+              opt.beta2,
+              opt.eps,
+              opt.weight_decay,
+              static_cast<float>(1.0 - std::pow(static_cast<double>(opt.beta1), static_cast<double>(step_))),
+              static_cast<float>(1.0 - std::pow(static_cast<double>(opt.beta2), static_cast<double>(step_))),
+              grad_scale};
+  float* arena = model_->arena_.data();
+  for (const ParamInfo& p : model_->params()) {
+    if (is_buffer_param(p)) continue;
+    AdamWStep ps = s;
+    for (size_t off : no_decay_offsets)
+      if (off == p.offset) ps.weight_decay = 0;
+    ops.adamw(arena + p.offset, grads_.data() + p.offset, m_.data() + p.offset, v_.data() + p.offset, p.size, ps);
+  }
+  zero_gradients();
+  return result;
+}
+
+void Trainer::get_optimizer_state(float* m, float* v) const {
+  model_->ops()->download(m, m_.data(), m_.size());
+  model_->ops()->download(v, v_.data(), v_.size());
+}
+
+void Trainer::set_optimizer_state(int64_t step, const float* m, const float* v) {
+  if (step < 0) throw std::invalid_argument("optimizer step must be >= 0");
+  for (size_t i = 0; i < m_.size(); i++) {
+    if (!std::isfinite(m[i]) || !std::isfinite(v[i]) || v[i] < 0)
+      throw std::invalid_argument("optimizer state holds a non-finite value or a negative second moment at index " +
+                                  std::to_string(i));
+  }
+  model_->ops()->upload(m_.data(), m, m_.size());
+  model_->ops()->upload(v_.data(), v, v_.size());
+  step_ = step;
+}
+
+}  // namespace retnet

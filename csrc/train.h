@@ -1,0 +1,72 @@
+// Training over a Model (llm.c style): a forward that keeps the activations the
+// backward needs, a hand-written backward through every op (spec §8.2: the retention
+// normalisers c_n, ι, κ are constants), next-token cross-entropy, and AdamW with
+// global-norm clipping. Gradients and optimizer moments share the parameter arena's
+// layout (Model::params() offsets); a tied output projection's gradient lands in
+// embed_tokens.weight.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model.h"
+
+namespace retnet {
+
+// One batch of token rows [B, T]. targets [B*T] (-1 = ignore) default to the next token;
+// mask [B*T] weights each position (default 1). Both are host memory and may be null.
+struct TrainBatch {
+  const int32_t* tokens;
+  int B, T;
+  const int32_t* targets;
+  const float* mask;
+};
+
+// The rotation angles and decays are buffers: no gradient, no update.
+inline bool is_buffer_param(const ParamInfo& p) { return p.name.rfind("retnet_rel_pos.", 0) == 0; }
+
+struct OptimizerOptions {
+  float lr, beta1, beta2, eps, weight_decay;
+  float clip_norm;                     // 0 = no clipping
+  std::vector<std::string> no_decay;   // parameter names without weight decay
+  uint64_t seed;                       // dropout / drop path stream of this step
+};
+
+struct StepResult {
+  double loss;       // mean over micro-batches of each one's mean loss
+  double grad_norm;  // global L2 norm before clipping
+  int64_t tokens;    // tokens processed (Σ B*T)
+};
+
+class Trainer {
+ public:
+  explicit Trainer(std::shared_ptr<Model> model);
+
+  // Adds d(loss_scale * loss)/dθ to the gradients and returns the batch's mean loss.
+  // `seed` drives dropout and drop path (unused when the config's rates are 0).
+  double accumulate_gradients(const TrainBatch& batch, Mode mode, int C, float loss_scale, uint64_t seed);
+  void zero_gradients();
+  // Host copy of one parameter's gradient (tied: output_projection.weight is embed_tokens.weight).
+  void get_gradient(const ParamInfo& p, float* out) const;
+
+  // Forward+backward of each micro-batch (equal weights), clipping, one AdamW update, zeroed gradients.
+  StepResult step(const std::vector<TrainBatch>& micro, Mode mode, int C, const OptimizerOptions& opt);
+
+  int64_t optimizer_step() const { return step_; }
+  void get_optimizer_state(float* m, float* v) const;
+  // Sizes are parameter_floats() each; throws std::invalid_argument on non-finite values or a negative v.
+  void set_optimizer_state(int64_t step, const float* m, const float* v);
+
+  // Throws std::invalid_argument for token ids, targets or mask values out of range.
+  void check_batch(const TrainBatch& batch) const;
+
+ private:
+  struct Activations;
+
+  std::shared_ptr<Model> model_;
+  Buffer grads_, m_, v_;
+  int64_t step_ = 0;
+};
+
+}  // namespace retnet
