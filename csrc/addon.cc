@@ -305,6 +305,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("createState", &NativeModel::CreateState),
                         InstanceMethod("prefill", &NativeModel::Prefill),
                         InstanceMethod("step", &NativeModel::Step),
+                        InstanceMethod("stepBatch", &NativeModel::StepBatch),
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
@@ -470,6 +471,74 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return RunOnState(env, info[0], tokens, [tok, T, mode, C](const Model& m, DecodeState& s, float* logits) {
       m.prefill(s, tok, T, mode, C, logits);
     });
+  }
+
+  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches]) -> Promise<Float32Array [rows, V]>:
+  // one decode step for several sessions at once (continuous batching).
+  Napi::Value StepBatch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    Napi::Int32Array tokens;
+    std::vector<StateHandle> handles;
+    try {
+      if (!info[0].IsArray()) throw std::invalid_argument("states must be an array of NativeState");
+      Napi::Array arr = info[0].As<Napi::Array>();
+      if (arr.Length() == 0) throw std::invalid_argument("stepBatch needs at least one state");
+      tokens = int32_arg(info[1], "tokens");
+      size_t rows = 0;
+      for (uint32_t i = 0; i < arr.Length(); i++) {
+        Napi::Value v = arr.Get(i);
+        if (!v.IsObject()) throw std::invalid_argument("states[" + std::to_string(i) + "] is not a NativeState");
+        StateHandle h = Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>())->handle(env);
+        if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
+        for (const StateHandle& other : handles)
+          if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
+        rows += h.state->batch();
+        handles.push_back(h);
+      }
+      if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
+      m->check_tokens(tokens.Data(), tokens.ElementLength());
+    } catch (const Napi::Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    // Claim every state, or none.
+    for (size_t i = 0; i < handles.size(); i++) {
+      bool expected = false;
+      if (!handles[i].busy->compare_exchange_strong(expected, true)) {
+        for (size_t j = 0; j < i; j++) *handles[j].busy = false;
+        throw Napi::Error::New(env, "decode state " + std::to_string(i) + " is busy with another call");
+      }
+    }
+    std::shared_ptr<AccessGuard> guard;
+    try {
+      guard = claim_read(env);
+    } catch (...) {
+      for (const StateHandle& h : handles) *h.busy = false;
+      throw;
+    }
+    auto out = std::make_shared<std::vector<float>>(tokens.ElementLength() * m->config().V);
+    const int32_t* tok = tokens.Data();
+    auto* worker = new PromiseWorker(
+        env,
+        [m, handles, out, tok, guard] {
+          ReadClaim claim{guard};
+          struct Release {
+            const std::vector<StateHandle>& hs;
+            ~Release() {
+              for (const StateHandle& h : hs) *h.busy = false;
+            }
+          } release{handles};
+          std::vector<DecodeState*> states;
+          for (const StateHandle& h : handles) states.push_back(h.state.get());
+          m->step_batch(states, tok, out->data());
+        },
+        [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
+    worker->keep(tokens);
+    worker->keep(info[0]);
+    worker->Queue();
+    return worker->promise();
   }
 
   // step(state, tokens: Int32Array [B]) -> Promise<Float32Array [B,V]>

@@ -224,6 +224,11 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
 
 const char* gemm_isa() { return kernels().name; }
 
+void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) {
+  if (M <= 0 || N <= 0) return;
+  gemm_dots(M, N, K, row_major(X, K), transposed(W, K), Y, N, false);
+}
+
 void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {

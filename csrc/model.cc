@@ -36,6 +36,9 @@ struct Model::Workspace {
         b(ops, rows * c.F) {}
   size_t rows;
   Buffer x, h, q, k, v, g, o, a, b;
+  // Recurrent steps: per (layer, row) state views and per-row positions, reused every step.
+  std::vector<StateView> row_views;
+  std::vector<int64_t> positions;
   Buffer last;    // gathered rows for logits
   Buffer logits;  // device logits when the backend is not host memory
 };
@@ -153,6 +156,14 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   const ModelConfig& c = c_;
   const int R = d.B * d.T;
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
+  // Decode steps use batch-invariant products: a row's numbers don't depend on its batch.
+  auto project = [&](int M, int N, int K, const float* X, const float* W, float* Y) {
+    if (mode == Mode::Recurrent) {
+      ops.linear_rowwise(M, N, K, X, W, Y);
+    } else {
+      ops.linear(M, N, K, X, W, Y, false);
+    }
+  };
   for (int l = 0; l < c.L; l++) {
     const Layer& w = layers_[l];
     // Retention block.
@@ -161,15 +172,16 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       ops.rmsnorm(ws.x.data(), w.ret_ln, ws.h.data(), R, c.D, c.eps);
       in = ws.h.data();
     }
-    ops.linear(R, c.D, c.D, in, w.q, ws.q.data(), false);
-    ops.linear(R, c.D, c.D, in, w.k, ws.k.data(), false);
-    ops.linear(R, c.Dv, c.D, in, w.v, ws.v.data(), false);
-    ops.linear(R, c.Dv, c.D, in, w.g, ws.g.data(), false);
+    project(R, c.D, c.D, in, w.q, ws.q.data());
+    project(R, c.D, c.D, in, w.k, ws.k.data());
+    project(R, c.Dv, c.D, in, w.v, ws.v.data());
+    project(R, c.Dv, c.D, in, w.g, ws.g.data());
     ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
-    const StateView* state = states ? &(*states)[l] : nullptr;
+    // Recurrent: states holds L*B per-row views (layer-major); otherwise one view per layer.
+    const StateView* state = states ? &(*states)[mode == Mode::Recurrent ? static_cast<size_t>(l) * d.B : l] : nullptr;
     switch (mode) {
       case Mode::Recurrent:
-        ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, *state);
+        ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, state);
         break;
       case Mode::Parallel:
         ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, d.T, kParallelClampMax,
@@ -182,7 +194,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
     }
     if (state && mode != Mode::Recurrent) ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
     ops.groupnorm_gate(ws.o.data(), ws.g.data(), ws.a.data(), R, c.H, c.dv(), c.eps);
-    ops.linear(R, c.D, c.Dv, ws.a.data(), w.out, ws.h.data(), false);
+    project(R, c.D, c.Dv, ws.a.data(), w.out, ws.h.data());
     ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ret_ln, ws.x.data(), R, c.D, c.eps);
     // GLU feed-forward block.
@@ -191,17 +203,17 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.h.data(), R, c.D, c.eps);
       in = ws.h.data();
     }
-    ops.linear(R, c.F, c.D, in, w.fc1, ws.a.data(), false);
-    ops.linear(R, c.F, c.D, in, w.gate, ws.b.data(), false);
+    project(R, c.F, c.D, in, w.fc1, ws.a.data());
+    project(R, c.F, c.D, in, w.gate, ws.b.data());
     ops.glu(ws.a.data(), ws.b.data(), ws.a.data(), static_cast<size_t>(R) * c.F, c.activation);
-    ops.linear(R, c.D, c.F, ws.a.data(), w.fc2, ws.h.data(), false);
+    project(R, c.D, c.F, ws.a.data(), w.fc2, ws.h.data());
     ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.x.data(), R, c.D, c.eps);
   }
 }
 
 // Final norm and output projection of `rows` contiguous rows of x, into host logits.
-void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, float* logits_host) const {
+void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const {
   Ops& ops = *ops_;
   const float* in = x_rows;
   if (c_.pre_norm) {
@@ -210,13 +222,16 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, float* 
     in = ws.last.data();
   }
   const size_t n = static_cast<size_t>(rows) * c_.V;
-  if (std::strcmp(ops.name(), "cpu") == 0) {
-    ops.linear(rows, c_.V, c_.D, in, output_, logits_host, false);
-    return;
+  // The CPU backend writes straight into the caller's buffer.
+  const bool host = std::strcmp(ops.name(), "cpu") == 0;
+  if (!host && ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
+  float* out = host ? logits_host : ws.logits.data();
+  if (rowwise) {
+    ops.linear_rowwise(rows, c_.V, c_.D, in, output_, out);
+  } else {
+    ops.linear(rows, c_.V, c_.D, in, output_, out, false);
   }
-  if (ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
-  ops.linear(rows, c_.V, c_.D, in, output_, ws.logits.data(), false);
-  ops.download(logits_host, ws.logits.data(), n);
+  if (!host) ops.download(logits_host, out, n);
 }
 
 void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const {
@@ -227,7 +242,7 @@ void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float
     std::vector<float> row_logits(static_cast<size_t>(B) * c_.V);
     for (int t = 0; t < T; t++) {
       for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
-      step_rows(state, column.data(), B, row_logits.data());
+      step(state, column.data(), row_logits.data());
       for (int b = 0; b < B; b++)
         std::memcpy(logits + (static_cast<size_t>(b) * T + t) * c_.V, row_logits.data() + static_cast<size_t>(b) * c_.V,
                     c_.V * sizeof(float));
@@ -240,7 +255,7 @@ void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float
   if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), static_cast<int>(R), c_.D, c_.eps);
   const std::vector<int64_t> start(B, 0);
   run_layers(ws, {B, T, c_.H, c_.dk(), c_.dv()}, start.data(), nullptr, mode, C);
-  logits_of_rows(ws, ws.x.data(), static_cast<int>(R), logits);
+  logits_of_rows(ws, ws.x.data(), static_cast<int>(R), false, logits);
 }
 
 void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const {
@@ -250,7 +265,7 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
     std::vector<int32_t> column(B);
     for (int t = 0; t < T; t++) {
       for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
-      step_rows(state, column.data(), B, logits);
+      step(state, column.data(), logits);
     }
     return;
   }
@@ -276,28 +291,49 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
       for (int b = 0; b < B; b++)
         ops_->upload(last_x.data() + static_cast<size_t>(b) * c_.D,
                      ws.x.data() + (static_cast<size_t>(b) * n + n - 1) * c_.D, c_.D);
-      logits_of_rows(ws, last_x.data(), B, logits);
+      logits_of_rows(ws, last_x.data(), B, true, logits);
     }
   }
 }
 
 void Model::step(DecodeState& state, const int32_t* tokens, float* logits) const {
   check_tokens(tokens, state.batch());
-  step_rows(state, tokens, state.batch(), logits);
+  auto& scratch = state.scratch_->ws;
+  if (!scratch) scratch = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(state.batch()));
+  step_rows({&state}, *scratch, tokens, state.batch(), logits);
 }
 
-void Model::step_rows(DecodeState& state, const int32_t* tokens, int B, float* logits) const {
-  auto& scratch = state.scratch_->ws;
-  if (!scratch) scratch = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(B));
-  Workspace& ws = *scratch;
-  ops_->embed(tokens, B, embed_, c_.D, c_.embed_scale, ws.x.data());
-  if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), B, c_.D, c_.eps);
-  std::vector<StateView> views;
-  views.reserve(c_.L);
-  for (int l = 0; l < c_.L; l++) views.push_back(state.layer(c_, l));
-  run_layers(ws, {B, 1, c_.H, c_.dk(), c_.dv()}, state.position.data(), &views, Mode::Recurrent, 1);
-  for (int b = 0; b < B; b++) state.position[b] += 1;
-  logits_of_rows(ws, ws.x.data(), B, logits);
+void Model::step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const {
+  int rows = 0;
+  for (const DecodeState* s : states) rows += s->batch();
+  check_tokens(tokens, rows);
+  std::lock_guard<std::mutex> lock(batch_mu_);
+  if (!batch_ws_ || batch_ws_->rows < static_cast<size_t>(rows))
+    batch_ws_ = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(rows));
+  step_rows(states, *batch_ws_, tokens, rows, logits);
+}
+
+void Model::step_rows(const std::vector<DecodeState*>& states, Workspace& ws, const int32_t* tokens, int rows,
+                      float* logits) const {
+  ops_->embed(tokens, rows, embed_, c_.D, c_.embed_scale, ws.x.data());
+  if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), rows, c_.D, c_.eps);
+  const size_t per_row = static_cast<size_t>(c_.H) * c_.dv() * c_.dk();
+  ws.row_views.resize(static_cast<size_t>(c_.L) * rows);
+  ws.positions.resize(rows);
+  int r = 0;
+  for (DecodeState* s : states) {
+    for (int b = 0; b < s->batch(); b++, r++) {
+      ws.positions[r] = s->position[b];
+      for (int l = 0; l < c_.L; l++) {
+        const StateView layer = s->layer(c_, l);
+        ws.row_views[static_cast<size_t>(l) * rows + r] = {layer.kv + b * per_row, layer.scale + b * c_.H};
+      }
+    }
+  }
+  run_layers(ws, {rows, 1, c_.H, c_.dk(), c_.dv()}, ws.positions.data(), &ws.row_views, Mode::Recurrent, 1);
+  for (DecodeState* s : states)
+    for (int64_t& p : s->position) p += 1;
+  logits_of_rows(ws, ws.x.data(), rows, true, logits);
 }
 
 }  // namespace retnet

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,9 @@ class Model {
   void prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const;
   // One token per row: next-token logits [B, V] (host).
   void step(DecodeState& state, const int32_t* tokens, float* logits) const;
+  // One decode step for several states at once (continuous batching): rows are the states'
+  // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
+  void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
   // Throws std::invalid_argument naming the first token id outside [0, V).
   void check_tokens(const int32_t* tokens, size_t n) const;
@@ -90,8 +94,9 @@ class Model {
   };
   void run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
                   const std::vector<StateView>* states, Mode mode, int C) const;
-  void logits_of_rows(Workspace& ws, const float* x_rows, int rows, float* logits_host) const;
-  void step_rows(DecodeState& state, const int32_t* tokens, int B, float* logits) const;
+  void logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const;
+  void step_rows(const std::vector<DecodeState*>& states, Workspace& ws, const int32_t* tokens, int rows,
+                 float* logits) const;
 
   std::unique_ptr<Ops> ops_;
   ModelConfig c_;
@@ -101,6 +106,9 @@ class Model {
   const float *embed_ = nullptr, *output_ = nullptr, *emb_ln_ = nullptr, *final_ln_ = nullptr;
   const float *angle_ = nullptr, *decay_ = nullptr;
   std::vector<float> angle_host_, decay_host_;
+  // Workspace of step_batch, grown to the largest batch seen.
+  mutable std::mutex batch_mu_;
+  mutable std::unique_ptr<Workspace> batch_ws_;
 };
 
 }  // namespace retnet

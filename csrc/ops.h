@@ -46,6 +46,9 @@ class Ops {
 
   // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
   virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;
+  // Y[M, N] = X[M, K] W[N, K]^T with every row's result independent of M (batch-invariant),
+  // for decode steps: a sequence decodes to the same tokens alone or in a batch.
+  virtual void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) = 0;
   // out[i, :] = E[tokens[i], :] * scale. tokens are host memory, already range-checked.
   virtual void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) = 0;
   // y = x / sqrt(mean(x^2) + eps) (* w when w is not null), per row of D. y may alias x.
@@ -64,9 +67,11 @@ class Ops {
   // Advances `state` over the T rows just processed (spec §10.1 hand-off, closed form).
   virtual void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,
                                 StateView state) = 0;
-  // One recurrent step (spec §6) for B rows (T = 1), updating state in place.
+  // One recurrent step (spec §6) for B rows (T = 1), updating state in place. rows[b] views
+  // row b's state for this layer ([H, dv, dk] and [H]): rows may belong to different
+  // sessions, so one step serves a whole decode batch.
   virtual void retention_step(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
-                              const float* decay, StateView state) = 0;
+                              const float* decay, const StateView* rows) = 0;
   // z = swish(g) * groupnorm(o), per row and head over dv values.
   virtual void groupnorm_gate(const float* o, const float* g, float* z, int rows, int H, int dv, float eps) = 0;
   // z = act(a) * b.

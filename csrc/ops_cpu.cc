@@ -111,6 +111,9 @@ class CpuOps final : public Ops {
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     retnet::linear(M, N, K, X, W, Y, accumulate);
   }
+  void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) override {
+    retnet::linear_rowwise(M, N, K, X, W, Y);
+  }
 
   void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) override {
     parallel_for(n, 16, [&](size_t i0, size_t i1) {
@@ -296,13 +299,13 @@ class CpuOps final : public Ops {
   }
 
   void retention_step(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
-                      const float* decay, StateView state) override {
+                      const float* decay, const StateView* rows) override {
     const int H = d.H, dk = d.dk, dv = d.dv;
     parallel_for(static_cast<size_t>(d.B) * H, 1, [&](size_t w0, size_t w1) {
       for (size_t bh = w0; bh < w1; bh++) {
         const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
         const float gamma = std::exp(decay[h]);
-        float& s = state.scale[bh];
+        float& s = rows[b].scale[h];
         const float s_new = s * gamma + 1.0f;
         const float root_new = std::sqrt(s_new);
         const float keep = std::sqrt(s) * gamma / root_new;
@@ -310,7 +313,7 @@ class CpuOps final : public Ops {
         const float* kh = k + static_cast<size_t>(b) * H * dk + h * dk;
         const float* vh = v + static_cast<size_t>(b) * H * dv + h * dv;
         float* oh = o + static_cast<size_t>(b) * H * dv + h * dv;
-        float* S = state.kv + bh * dv * dk;
+        float* S = rows[b].kv + static_cast<size_t>(h) * dv * dk;
         for (int j = 0; j < dv; j++) {
           float* Sj = S + static_cast<size_t>(j) * dk;
           const float vj = vh[j];

@@ -44,6 +44,8 @@ export interface NativeModel {
   createState(batch: number): NativeState;
   prefill(state: NativeState, tokens: Int32Array, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   step(state: NativeState, tokens: Int32Array): Promise<Float32Array>;
+  /** One decode step for several states (rows in order); logits [sum of batches, V]. */
+  stepBatch(states: NativeState[], tokens: Int32Array): Promise<Float32Array>;
   getParam(name: string): Float32Array;
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */

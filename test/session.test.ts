@@ -203,3 +203,27 @@ test('the addon works inside worker_threads', async () => {
   const { logits } = await model.forward([[1, 2, 3]]);
   for (const r of results) expect(r).toEqual(Array.from(logits.subarray(0, 4)));
 });
+
+test('one batched step over several sessions equals stepping each alone', async () => {
+  const native = exactModel.native();
+  // 7 rows in all: more than the small-batch GEMV path would take, so this also checks that
+  // decode products don't change with the batch.
+  const prompts = [randomTokens(20, 1, 5), randomTokens(21, 1, 17), randomTokens(22, 2, 9), randomTokens(23, 3, 2)];
+  const alone = prompts.map((p) => native.createState(p.length));
+  const together = prompts.map((p) => native.createState(p.length));
+  for (let i = 0; i < prompts.length; i++) {
+    const flat = Int32Array.from(prompts[i].flat());
+    await native.prefill(alone[i], flat, prompts[i][0].length, 'chunkwise', 4);
+    await native.prefill(together[i], flat, prompts[i][0].length, 'chunkwise', 4);
+  }
+  for (let step = 0; step < 3; step++) {
+    const ids = [[3 + step], [40 + step], [7, 200 - step], [1, 2, 3 + step]];
+    const separate = await Promise.all(alone.map((s, i) => native.step(s, Int32Array.from(ids[i]))));
+    const batched = await native.stepBatch(together, Int32Array.from(ids.flat()));
+    expect(Array.from(batched)).toEqual(separate.flatMap((l) => Array.from(l)));
+  }
+  expect(together.map((s) => s.positions())).toEqual(alone.map((s) => s.positions()));
+  expect(() => native.stepBatch([together[0], together[0]], Int32Array.from([1, 2]))).toThrow(/appears twice/);
+  expect(() => native.stepBatch(together, Int32Array.from([1]))).toThrow(/one token per row/);
+  for (const s of [...alone, ...together]) s.dispose();
+});
