@@ -8,7 +8,8 @@
         "csrc/train.cc",
         "csrc/ops_cpu.cc",
         "csrc/gemm.cc",
-        "csrc/threadpool.cc"
+        "csrc/threadpool.cc",
+        "csrc/bench.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

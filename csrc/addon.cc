@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench.h"
 #include "gemm.h"
 #include "model.h"
 #include "threadpool.h"
@@ -790,6 +791,42 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   std::shared_ptr<AccessGuard> access_ = std::make_shared<AccessGuard>();
 };
 
+// benchKernel(name, params) -> Promise<number>: 'fma_peak' {reps} -> GFLOP/s; 'bandwidth' {megabytes, reps} -> GB/s;
+// 'linear' {M, N, K, reps} -> seconds; 'retention' {B, T, H, dk, dv, chunk, parallel, reps} -> seconds.
+Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::function<double()> run;
+  try {
+    const std::string name = info[0].As<Napi::String>().Utf8Value();
+    Napi::Object p = info[1].As<Napi::Object>();
+    auto get = [&](const char* key) { return to_int(p.Get(key), key); };
+    const int reps = std::max(1, get("reps"));
+    if (name == "fma_peak") {
+      run = [reps] { return measure_fma_peak(reps); };
+    } else if (name == "bandwidth") {
+      const size_t bytes = static_cast<size_t>(get("megabytes")) << 20;
+      run = [bytes, reps] { return measure_read_bandwidth(bytes, reps); };
+    } else if (name == "linear") {
+      const int M = get("M"), N = get("N"), K = get("K");
+      run = [M, N, K, reps] { return time_linear(M, N, K, reps); };
+    } else if (name == "retention") {
+      const int B = get("B"), T = get("T"), H = get("H"), dk = get("dk"), dv = get("dv"), chunk = get("chunk");
+      const bool parallel = p.Get("parallel").ToBoolean();
+      run = [=] { return time_retention(B, T, H, dk, dv, chunk, parallel, reps); };
+    } else {
+      throw std::invalid_argument("unknown kernel " + name);
+    }
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+  auto result = std::make_shared<double>(0);
+  auto* worker = new PromiseWorker(
+      env, [run, result] { *result = run(); },
+      [result](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *result); });
+  worker->Queue();
+  return worker->promise();
+}
+
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("threads", num_threads());
@@ -807,6 +844,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeState", ctors->state.Value());
   exports.Set("createModel", Napi::Function::New(env, NativeModel::Create));
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
+  exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
   return exports;
 }
 

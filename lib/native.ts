@@ -76,6 +76,13 @@ export interface NativeModel {
 export interface NativeAddon {
   createModel(config: object, tensors: Record<string, Float32Array>): Promise<NativeModel>;
   buildInfo(): { threads: number; gemm: string; cuda: boolean };
+  benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
+  benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
+  benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;
+  benchKernel(
+    name: 'retention',
+    params: { B: number; T: number; H: number; dk: number; dv: number; chunk: number; parallel: boolean; reps: number },
+  ): Promise<number>;
 }
 
 let cached: NativeAddon | undefined;

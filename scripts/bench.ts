@@ -1,17 +1,21 @@
-// `npm run bench` / `retnet bench`: decode throughput of the native core on random-weight
-// presets or a checkpoint. Prints a table and, with --json FILE, writes every figure.
+// `npm run bench` / `retnet bench [decode|train|kernels|all]`: throughput and memory of the
+// native core on random-weight presets, with the machine's limits measured in the same run.
+// Each decode/train configuration runs in its own child process so its peak RSS is its own.
+import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 
 import { RetNet } from '../lib';
+import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
+import { addon } from '../lib/native';
 
-const PRESETS: Record<string, Record<string, unknown> & { vocab_size: number }> = {
+export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
   tiny: { vocab_size: 256, decoder_embed_dim: 64, decoder_value_embed_dim: 128, decoder_retention_heads: 2, decoder_ffn_embed_dim: 128, decoder_layers: 2, activation_fn: 'swish' },
   base: { vocab_size: 32000, decoder_embed_dim: 512, decoder_value_embed_dim: 864, decoder_retention_heads: 2, decoder_ffn_embed_dim: 864, decoder_layers: 6, activation_fn: 'swish', no_scale_embedding: false },
   medium: { vocab_size: 32000, decoder_embed_dim: 1024, decoder_value_embed_dim: 1728, decoder_retention_heads: 4, decoder_ffn_embed_dim: 1728, decoder_layers: 16, activation_fn: 'swish', no_scale_embedding: false },
 };
 
-interface DecodeFigure {
+export interface DecodeFigure {
   preset: string;
   weights: 'f32';
   batch: number;
@@ -19,113 +23,330 @@ interface DecodeFigure {
   prefillTokensPerSecond: number;
   tokensPerSecond: number;
   msPerToken: number;
+  stepBytes: number;
+  rooflineFraction: number;
   peakRssBytes: number;
 }
 
-interface Args {
+export interface TrainFigure {
   preset: string;
-  model?: string;
+  mode: 'parallel' | 'chunkwise';
+  precision: 'fp32';
+  batch: number;
+  seqLen: number;
+  chunkSize: number;
+  tokensPerSecond: number;
+  peakRssBytes: number;
+}
+
+export interface KernelFigure {
+  kernel: string;
+  shape: string;
+  gflops: number;
+  fractionOfPeak: number;
+}
+
+interface Options {
+  what: 'decode' | 'train' | 'kernels' | 'all';
+  presets: string[];
   batches: number[];
   contexts: number[];
+  trainShapes: Array<[number, number]>;
   steps: number;
   chunkSize: number;
   json?: string;
+  plot?: string;
 }
 
-function parseArgs(argv: string[]): Args {
-  const args: Args = { preset: 'base', batches: [1, 4], contexts: [512, 2048], steps: 64, chunkSize: 64 };
-  const list = (v: string, flag: string): number[] => {
-    const out = v.split(',').map(Number);
-    if (out.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`${flag} takes comma-separated positive integers`);
-    return out;
+const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--batch 1,4,16,64]
+  [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--steps 64] [--chunk-size 128]
+  [--json FILE] [--plot FILE.svg]`;
+
+function positiveList(value: string, flag: string): number[] {
+  const out = value.split(',').map(Number);
+  if (out.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`${flag} takes comma-separated positive integers`);
+  return out;
+}
+
+export function parseBenchArgs(argv: string[]): Options {
+  const o: Options = {
+    what: 'all',
+    presets: ['base'],
+    batches: [1, 4, 16, 64],
+    contexts: [512, 2048, 8192, 16384],
+    trainShapes: [
+      [4, 512],
+      [1, 2048],
+      [1, 8192],
+    ],
+    steps: 64,
+    chunkSize: 128,
   };
   for (let i = 0; i < argv.length; i++) {
-    const flag = argv[i];
-    const value = argv[i + 1];
-    if (value === undefined && flag !== 'decode') throw new Error(`${flag} needs a value`);
-    switch (flag) {
-      case 'decode':
-        continue;
+    const arg = argv[i];
+    if (arg === 'decode' || arg === 'train' || arg === 'kernels' || arg === 'all') {
+      o.what = arg;
+      continue;
+    }
+    const value = argv[++i];
+    if (value === undefined) throw new Error(`${arg} needs a value\n${USAGE}`);
+    switch (arg) {
       case '--preset':
-        if (!(value in PRESETS)) throw new Error(`--preset must be one of ${Object.keys(PRESETS).join(', ')}`);
-        args.preset = value;
-        break;
-      case '--model':
-        args.model = value;
+        o.presets = value.split(',');
+        for (const p of o.presets) if (!(p in PRESETS)) throw new Error(`--preset: unknown preset ${p} (${Object.keys(PRESETS).join(', ')})`);
         break;
       case '--batch':
-        args.batches = list(value, flag);
+        o.batches = positiveList(value, arg);
         break;
       case '--context':
-        args.contexts = list(value, flag);
+        o.contexts = positiveList(value, arg);
+        break;
+      case '--train-shapes':
+        o.trainShapes = value.split(',').map((s) => {
+          const [b, t] = s.split('x').map(Number);
+          if (!Number.isInteger(b) || !Number.isInteger(t) || b < 1 || t < 2) throw new Error(`--train-shapes: bad shape ${s} (BxT)`);
+          return [b, t] as [number, number];
+        });
         break;
       case '--steps':
-        args.steps = list(value, flag)[0];
+        o.steps = positiveList(value, arg)[0];
         break;
       case '--chunk-size':
-        args.chunkSize = list(value, flag)[0];
+        o.chunkSize = positiveList(value, arg)[0];
         break;
       case '--json':
-        args.json = value;
+        o.json = value;
+        break;
+      case '--plot':
+        o.plot = value;
         break;
       default:
-        throw new Error(`unknown flag ${flag} (flags: --preset, --model, --batch, --context, --steps, --chunk-size, --json)`);
+        throw new Error(`unknown argument ${arg}\n${USAGE}`);
     }
-    i++;
   }
-  return args;
+  return o;
 }
 
 function seconds(start: bigint): number {
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
-export async function benchDecode(args: Args): Promise<DecodeFigure[]> {
-  const name = args.model ?? args.preset;
-  const model = args.model ? await RetNet.load(args.model) : await RetNet.create(PRESETS[args.preset], { seed: 1 });
+/** Bytes one decode step must read: every layer's weights, the output projection, one embedding row per sequence, and the state (read and written). */
+export function decodeStepBytes(config: RetNetConfig, batch: number): number {
+  const d = dims(config);
+  let weights = 0;
+  for (const [name, shape] of parameterShapes(config)) {
+    if (name === 'embed_tokens.weight' || name.startsWith('retnet_rel_pos')) continue;
+    weights += shape.reduce((a, b) => a * b, 1);
+  }
+  const stateFloats = d.L * d.H * d.dv * d.dk;
+  return 4 * (weights + batch * d.D + 2 * batch * stateFloats);
+}
+
+/** One decode configuration, in this process (a child of the bench). */
+async function runDecode(preset: string, batch: number, context: number, steps: number, chunkSize: number, bandwidth: number): Promise<DecodeFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1 });
   const V = model.config.vocab_size;
-  const figures: DecodeFigure[] = [];
-  for (const batch of args.batches) {
-    for (const context of args.contexts) {
-      const session = model.createSession({ batch });
-      const prompt = Array.from({ length: batch }, (_, b) => Array.from({ length: context }, (_, t) => (t * 7 + b) % V));
-      let start = process.hrtime.bigint();
-      await session.prefill(prompt, { mode: 'chunkwise', chunkSize: args.chunkSize });
-      const prefillSeconds = seconds(start);
-      const ids = Array.from({ length: batch }, (_, b) => (b * 13) % V);
-      for (let i = 0; i < 4; i++) await session.step(ids); // warm-up
-      start = process.hrtime.bigint();
-      for (let i = 0; i < args.steps; i++) await session.step(ids);
-      const stepSeconds = seconds(start) / args.steps;
-      session.dispose();
-      figures.push({
-        preset: name,
-        weights: 'f32',
-        batch,
-        context,
-        prefillTokensPerSecond: (batch * context) / prefillSeconds,
-        tokensPerSecond: batch / stepSeconds,
-        msPerToken: stepSeconds * 1000,
-        peakRssBytes: process.resourceUsage().maxRSS * 1024,
-      });
-      const f = figures[figures.length - 1];
-      console.log(
-        `${name.padEnd(8)} batch ${String(batch).padStart(3)}  context ${String(context).padStart(6)}  ` +
-          `prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(7)} tok/s  decode ${f.msPerToken.toFixed(2).padStart(7)} ms/step ` +
-          `${f.tokensPerSecond.toFixed(1).padStart(8)} tok/s  peak RSS ${(f.peakRssBytes / 2 ** 20).toFixed(0)} MiB`,
-      );
+  const session = model.createSession({ batch });
+  const prompt = Array.from({ length: batch }, (_, b) => Array.from({ length: context }, (_, t) => (t * 7 + b * 31) % V));
+  let start = process.hrtime.bigint();
+  await session.prefill(prompt, { mode: 'chunkwise', chunkSize });
+  const prefillSeconds = seconds(start);
+  const ids = Array.from({ length: batch }, (_, b) => (b * 13 + 1) % V);
+  for (let i = 0; i < 4; i++) await session.step(ids);
+  start = process.hrtime.bigint();
+  for (let i = 0; i < steps; i++) await session.step(ids);
+  const stepSeconds = seconds(start) / steps;
+  const stepBytes = decodeStepBytes(model.config, batch);
+  session.dispose();
+  model.dispose();
+  return {
+    preset,
+    weights: 'f32',
+    batch,
+    context,
+    prefillTokensPerSecond: (batch * context) / prefillSeconds,
+    tokensPerSecond: batch / stepSeconds,
+    msPerToken: stepSeconds * 1000,
+    stepBytes,
+    rooflineFraction: stepBytes / (bandwidth * 1e9) / stepSeconds,
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+  };
+}
+
+/** One training configuration: forward + backward + AdamW per step, in this process. */
+async function runTrain(preset: string, mode: 'parallel' | 'chunkwise', batch: number, seqLen: number, chunkSize: number): Promise<TrainFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1 });
+  const V = model.config.vocab_size;
+  const tokens = Int32Array.from({ length: batch * seqLen }, (_, i) => (i * 7919) % V);
+  const native = model.native();
+  const opts = { mode, chunkSize, lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clipNorm: 1, noDecay: [], seed: 1 };
+  const micro = [{ tokens, batch, length: seqLen, targets: null, mask: null }];
+  await native.trainStep(micro, opts); // warm-up: allocations, page faults
+  const reps = seqLen * batch >= 8192 ? 1 : 2;
+  const start = process.hrtime.bigint();
+  for (let i = 0; i < reps; i++) await native.trainStep(micro, opts);
+  const perStep = seconds(start) / reps;
+  model.dispose();
+  return { preset, mode, precision: 'fp32', batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
+}
+
+/** Runs one configuration in a fresh node process and parses its JSON line. */
+function inChild<T>(args: string[]): T {
+  const out = execFileSync(process.execPath, [__filename, '--child', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
+  return JSON.parse(out.trim().split('\n').pop()!) as T;
+}
+
+async function kernels(presets: string[], peak: number): Promise<KernelFigure[]> {
+  const native = addon();
+  const figures: KernelFigure[] = [];
+  for (const preset of presets) {
+    const c = resolveConfig(PRESETS[preset]);
+    const d = dims(c);
+    for (const M of [512, 2048]) {
+      for (const [N, K, what] of [
+        [d.D, d.D, 'q/k'],
+        [d.Dv, d.D, 'v/g'],
+        [d.D, d.Dv, 'out'],
+        [d.F, d.D, 'fc1/gate'],
+        [d.D, d.F, 'fc2'],
+        [d.V, d.D, 'logits'],
+      ] as Array<[number, number, string]>) {
+        const s = await native.benchKernel('linear', { M, N, K, reps: 3 });
+        const gflops = (2 * M * N * K) / s / 1e9;
+        figures.push({ kernel: `linear ${what}`, shape: `${preset} M=${M} N=${N} K=${K}`, gflops, fractionOfPeak: gflops / peak });
+      }
+    }
+    for (const [T, parallel] of [
+      [2048, true],
+      [2048, false],
+      [8192, false],
+    ] as Array<[number, boolean]>) {
+      const chunk = parallel ? T : 128;
+      const s = await native.benchKernel('retention', { B: 1, T, H: d.H, dk: d.dk, dv: d.dv, chunk, parallel, reps: 2 });
+      // Useful multiply-adds: causal scores and their product with v inside each chunk, plus the cross-chunk terms.
+      const inner = (T * (chunk + 1)) / 2;
+      const cross = parallel ? 0 : 2 * T * d.dk * d.dv;
+      const flops = d.H * (2 * inner * (d.dk + d.dv) + cross);
+      const gflops = flops / s / 1e9;
+      figures.push({ kernel: `retention ${parallel ? 'parallel' : 'chunkwise'}`, shape: `${preset} T=${T} H=${d.H} dk=${d.dk} dv=${d.dv} C=${chunk}`, gflops, fractionOfPeak: gflops / peak });
     }
   }
-  model.dispose();
   return figures;
 }
 
+const mib = (bytes: number): string => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
+
+async function plot(file: string, decode: DecodeFigure[], train: TrainFigure[]): Promise<void> {
+  // vega and vega-lite are ES modules; keep a real dynamic import through the CommonJS build.
+  const load = new Function('m', 'return import(m)') as (m: string) => Promise<any>;
+  let vega: any;
+  let vl: any;
+  try {
+    [vega, vl] = await Promise.all([load('vega'), load('vega-lite')]);
+  } catch {
+    throw new Error('--plot needs the packages vega and vega-lite (npm install vega vega-lite)');
+  }
+  const series = (f: DecodeFigure) => `${f.preset} b${f.batch}`;
+  const decodeRows = decode.map((f) => ({ ...f, series: series(f), peakRssMiB: f.peakRssBytes / 2 ** 20 }));
+  const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} b${f.batch}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
+  const line = (title: string, values: object[], x: string, xTitle: string, y: string, yTitle: string) => ({
+    title,
+    width: 320,
+    height: 200,
+    data: { values },
+    mark: { type: 'line', point: true },
+    encoding: {
+      x: { field: x, type: 'quantitative', title: xTitle, scale: { type: 'log', base: 2 } },
+      y: { field: y, type: 'quantitative', title: yTitle },
+      color: { field: 'series', type: 'nominal', title: null },
+    },
+  });
+  const spec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
+    resolve: { scale: { color: 'independent' } },
+    vconcat: [
+      {
+        hconcat: [
+          line('Decode: ms per step vs context', decodeRows, 'context', 'context (tokens)', 'msPerToken', 'ms / step'),
+          line('Decode: peak RSS vs context', decodeRows, 'context', 'context (tokens)', 'peakRssMiB', 'MiB'),
+        ],
+      },
+      {
+        hconcat: [
+          line('Training: tokens/s vs sequence length', trainRows, 'seqLen', 'sequence length', 'tokensPerSecond', 'tokens / s'),
+          line('Training: peak RSS vs sequence length', trainRows, 'seqLen', 'sequence length', 'peakRssMiB', 'MiB'),
+        ],
+      },
+    ],
+  };
+  const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: 'none' });
+  fs.writeFileSync(file, await view.toSVG());
+}
+
 export async function main(argv: string[]): Promise<void> {
-  const args = parseArgs(argv);
+  if (argv[0] === '--child') {
+    const [, kind, ...rest] = argv;
+    const result =
+      kind === 'decode'
+        ? await runDecode(rest[0], Number(rest[1]), Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
+        : await runTrain(rest[0], rest[1] as 'parallel' | 'chunkwise', Number(rest[2]), Number(rest[3]), Number(rest[4]));
+    process.stdout.write(JSON.stringify(result) + '\n');
+    return;
+  }
+  const o = parseBenchArgs(argv);
   const info = buildInfo();
-  console.log(`retnet decode bench: ${info.threads} threads, gemm kernels ${info.gemm}`);
-  const decode = await benchDecode(args);
-  if (args.json) fs.writeFileSync(args.json, JSON.stringify({ build: info, decode }, null, 2) + '\n');
+  const native = addon();
+  const bandwidth = await native.benchKernel('bandwidth', { megabytes: 1024, reps: 5 });
+  const peak = await native.benchKernel('fma_peak', { reps: 3 });
+  console.log(`retnet bench: ${info.threads} threads, gemm ${info.gemm}; measured DRAM read ${bandwidth.toFixed(1)} GB/s, FMA peak ${peak.toFixed(0)} GFLOP/s`);
+  const decode: DecodeFigure[] = [];
+  const train: TrainFigure[] = [];
+  let kernelFigures: KernelFigure[] = [];
+  if (o.what === 'decode' || o.what === 'all') {
+    console.log('\ndecode (prefill chunkwise, then recurrent steps; random weights, fp32)');
+    for (const preset of o.presets) {
+      for (const batch of o.batches) {
+        for (const context of o.contexts) {
+          const f = inChild<DecodeFigure>(['decode', preset, String(batch), String(context), String(o.steps), String(o.chunkSize), String(bandwidth)]);
+          decode.push(f);
+          console.log(
+            `${preset.padEnd(7)} b=${String(batch).padStart(2)} ctx=${String(context).padStart(5)}  prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(6)} tok/s` +
+              `  decode ${f.msPerToken.toFixed(2).padStart(7)} ms/step ${f.tokensPerSecond.toFixed(1).padStart(7)} tok/s` +
+              `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step  peak RSS ${mib(f.peakRssBytes)}`,
+          );
+        }
+      }
+    }
+  }
+  if (o.what === 'train' || o.what === 'all') {
+    console.log('\ntrain (forward + backward + AdamW, one step, fp32)');
+    for (const preset of o.presets) {
+      for (const [batch, seqLen] of o.trainShapes) {
+        for (const mode of ['parallel', 'chunkwise'] as const) {
+          const f = inChild<TrainFigure>(['train', preset, mode, String(batch), String(seqLen), String(o.chunkSize)]);
+          train.push(f);
+          console.log(`${preset.padEnd(7)} ${mode.padEnd(9)} ${batch}x${seqLen}`.padEnd(30) + `${f.tokensPerSecond.toFixed(0).padStart(7)} tok/s  peak RSS ${mib(f.peakRssBytes)}`);
+        }
+      }
+    }
+  }
+  if (o.what === 'kernels' || o.what === 'all') {
+    console.log('\nkernels');
+    kernelFigures = await kernels(o.presets, peak);
+    for (const k of kernelFigures) {
+      console.log(`${k.kernel.padEnd(22)} ${k.shape.padEnd(44)} ${k.gflops.toFixed(1).padStart(7)} GFLOP/s  ${(100 * k.fractionOfPeak).toFixed(0).padStart(3)}% of peak`);
+    }
+  }
+  if (o.json) {
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, train, kernels: kernelFigures };
+    fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
+    console.log(`\nwrote ${o.json}`);
+  }
+  if (o.plot) {
+    await plot(o.plot, decode, train);
+    console.log(`wrote ${o.plot}`);
+  }
 }
 
 if (require.main === module) {

@@ -1,0 +1,154 @@
+#include "bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#include "gemm.h"
+#include "ops.h"
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RETNET_X86 1
+#endif
+
+namespace retnet {
+namespace {
+
+template <typename F>
+double best_seconds(int reps, F&& f) {
+  double best = 1e30;
+  for (int r = 0; r < std::max(1, reps); r++) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Four independent accumulators per thread keep several loads in flight.
+#ifdef RETNET_X86
+__attribute__((target("avx2"))) float sum_avx2(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = 0;
+  for (float l : lanes) s += l;
+  for (; i < n; i++) s += p[i];
+  return s;
+}
+
+// 12 independent FMA chains of 8 lanes: enough to cover FMA latency on two pipes.
+__attribute__((target("avx2,fma"))) float fma_chains_avx2(long iters) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++)
+    for (int i = 0; i < 12; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  __m256 s = acc[0];
+  for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, acc[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  return lanes[0];
+}
+#endif
+
+float sum_generic(const float* p, size_t n) {
+  float acc[16] = {};
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] += p[i + l];
+  float s = 0;
+  for (float a : acc) s += a;
+  for (; i < n; i++) s += p[i];
+  return s;
+}
+
+float stream_sum(const float* p, size_t n) {
+#ifdef RETNET_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return sum_avx2(p, n);
+#endif
+  return sum_generic(p, n);
+}
+
+void fill_random(std::vector<float>& v, uint32_t seed) {
+  for (float& x : v) {
+    seed = seed * 1664525u + 1013904223u;
+    x = static_cast<float>(seed >> 8) / 16777216.0f - 0.5f;
+  }
+}
+
+}  // namespace
+
+double measure_read_bandwidth(size_t bytes, int reps) {
+  auto ops = make_cpu_ops();
+  const size_t n = bytes / sizeof(float) / 64 * 64;
+  Buffer buf(ops.get(), n);
+  ops->fill(buf.data(), 1.0f, n);
+  const size_t blocks = 256;
+  const size_t per = n / blocks;
+  std::vector<float> sink(blocks);
+  const double s = best_seconds(reps, [&] {
+    parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
+      for (size_t b = b0; b < b1; b++) sink[b] = stream_sum(buf.data() + b * per, per);
+    });
+  });
+  volatile float keep = sink[0];
+  (void)keep;
+  return static_cast<double>(per * blocks * sizeof(float)) / s / 1e9;
+}
+
+double measure_fma_peak(int reps) {
+#ifdef RETNET_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    const long iters = 20'000'000;
+    const int threads = num_threads();
+    std::vector<float> sink(threads);
+    const double s = best_seconds(reps, [&] {
+      parallel_for(threads, 1, [&](size_t t0, size_t t1) {
+        for (size_t t = t0; t < t1; t++) sink[t] = fma_chains_avx2(iters);
+      });
+    });
+    volatile float keep = sink[0];
+    (void)keep;
+    return 2.0 * 8 * 12 * iters * threads / s / 1e9;
+  }
+#endif
+  return 0;
+}
+
+double time_linear(int M, int N, int K, int reps) {
+  std::vector<float> X(static_cast<size_t>(M) * K), W(static_cast<size_t>(N) * K), Y(static_cast<size_t>(M) * N);
+  fill_random(X, 1);
+  fill_random(W, 2);
+  linear(M, N, K, X.data(), W.data(), Y.data());
+  return best_seconds(reps, [&] { linear(M, N, K, X.data(), W.data(), Y.data()); });
+}
+
+double time_retention(int B, int T, int H, int dk, int dv, int chunk, bool parallel, int reps) {
+  auto ops = make_cpu_ops();
+  const size_t rows = static_cast<size_t>(B) * T;
+  std::vector<float> q(rows * H * dk), k(rows * H * dk), v(rows * H * dv), o(rows * H * dv), decay(H);
+  fill_random(q, 3);
+  fill_random(k, 4);
+  fill_random(v, 5);
+  for (int h = 0; h < H; h++) decay[h] = std::log(1.0f - std::pow(2.0f, -5.0f - h));
+  const RetentionDims d{B, T, H, dk, dv};
+  const int C = parallel ? T : chunk;
+  const float clamp = parallel ? kParallelClampMax : INFINITY;
+  auto run = [&] { ops->retention_chunked(q.data(), k.data(), v.data(), o.data(), d, decay.data(), C, clamp, nullptr); };
+  run();
+  return best_seconds(reps, run);
+}
+
+}  // namespace retnet

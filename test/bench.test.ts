@@ -1,0 +1,37 @@
+// Smoke run of the benchmark CLI on a tiny preset: it runs, and its JSON has the promised fields.
+import { execFileSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+import { decodeStepBytes, parseBenchArgs } from '../scripts/bench';
+import { resolveConfig } from '../lib/config';
+
+test('bench decode+train on the tiny preset writes the JSON report', () => {
+  const script = path.join(__dirname, '..', 'dist', 'scripts', 'bench.js');
+  const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-bench-')), 'bench.json');
+  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--steps', '2', '--chunk-size', '8', '--json', out], {
+    stdio: 'ignore',
+  });
+  const report = JSON.parse(fs.readFileSync(out, 'utf8'));
+  expect(report.memoryBandwidthGBps).toBeGreaterThan(0);
+  expect(report.decode).toHaveLength(2);
+  for (const f of report.decode) {
+    for (const key of ['preset', 'weights', 'batch', 'context', 'prefillTokensPerSecond', 'tokensPerSecond', 'msPerToken', 'rooflineFraction', 'peakRssBytes']) {
+      expect(f).toHaveProperty(key);
+    }
+    expect(f.tokensPerSecond).toBeGreaterThan(0);
+  }
+  expect(report.train.map((f: { mode: string }) => f.mode)).toEqual(['parallel', 'chunkwise']);
+  for (const f of report.train) expect(f.tokensPerSecond).toBeGreaterThan(0);
+  expect(report.kernels.length).toBeGreaterThan(0);
+});
+
+test('decode step bytes count weights once and state per row', () => {
+  const c = resolveConfig({ vocab_size: 10, decoder_embed_dim: 4, decoder_value_embed_dim: 4, decoder_retention_heads: 2, decoder_ffn_embed_dim: 4, decoder_layers: 1 });
+  // layer: 2*16 + 3*16 + 3*16 + 2*4 = 136; output 40; final norm 4; state 2 heads * 2 * 2 = 8 per row (read + write).
+  expect(decodeStepBytes(c, 1)).toBe(4 * (136 + 40 + 4 + 4 + 2 * 8));
+  expect(decodeStepBytes(c, 3) - decodeStepBytes(c, 1)).toBe(4 * 2 * (4 + 2 * 8));
+  expect(() => parseBenchArgs(['--batch', '0'])).toThrow(/positive integers/);
+  expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
+});
