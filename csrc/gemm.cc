@@ -224,9 +224,21 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
 
 const char* gemm_isa() { return kernels().name; }
 
-void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) {
-  if (M <= 0 || N <= 0) return;
-  gemm_dots(M, N, K, row_major(X, K), transposed(W, K), Y, N, false);
+void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) {
+  if (M <= 0) return;
+  constexpr int kBlock = 64;
+  // Blocks of output rows across the whole group, so one region covers every product.
+  std::vector<std::pair<int, int>> blocks;  // (product, first row)
+  for (int i = 0; i < count; i++)
+    for (int n0 = 0; n0 < outs[i].N; n0 += kBlock) blocks.emplace_back(i, n0);
+  const Kernels& kern = kernels();
+  parallel_for(blocks.size(), 1, [&](size_t b0, size_t b1) {
+    for (size_t b = b0; b < b1; b++) {
+      const LinearOut& o = outs[blocks[b].first];
+      const int n0 = blocks[b].second;
+      kern.dots(M, n0, std::min(o.N, n0 + kBlock), K, X, K, o.W, K, o.Y, o.N, false);
+    }
+  });
 }
 
 void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {

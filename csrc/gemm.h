@@ -25,10 +25,17 @@ inline void linear(int M, int N, int K, const float* X, const float* W, float* Y
   gemm(M, N, K, row_major(X, K), transposed(W, K), Y, N, accumulate);
 }
 
-// Y[M, N] = X[M, K] * W[N, K]^T where each output row is summed in an order that does not
-// depend on M: decode steps use it so a sequence gets the same numbers alone or batched.
-// Streams W once per call.
-void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y);
+// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T.
+struct LinearOut {
+  const float* W;
+  int N;
+  float* Y;
+};
+
+// Every product of the group, in one parallel pass that streams each W once. Each output
+// row is summed in an order that does not depend on M: decode steps use it so a sequence
+// gets the same numbers alone or batched.
+void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count);
 
 // Name of the kernel set chosen at run time ("avx2-fma" or "generic").
 const char* gemm_isa();

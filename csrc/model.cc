@@ -63,8 +63,8 @@ StateView DecodeState::layer(const ModelConfig& c, int l) const {
 void DecodeState::copy_from(const DecodeState& other, Ops* ops) {
   if (other.batch_ != batch_ || other.kv.size() != kv.size()) throw std::invalid_argument("state shapes differ");
   position = other.position;
-  ops->upload(kv.data(), other.kv.data(), kv.size());
-  ops->upload(scale.data(), other.scale.data(), scale.size());
+  ops->copy(kv.data(), other.kv.data(), kv.size());
+  ops->copy(scale.data(), other.scale.data(), scale.size());
 }
 
 Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::move(ops)), c_(config) {
@@ -156,12 +156,13 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   const ModelConfig& c = c_;
   const int R = d.B * d.T;
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
-  // Decode steps use batch-invariant products: a row's numbers don't depend on its batch.
-  auto project = [&](int M, int N, int K, const float* X, const float* W, float* Y) {
+  // Decode steps use batch-invariant products (a row's numbers don't depend on its batch),
+  // grouped so that products sharing an input run in one pass.
+  auto project = [&](int M, int K, const float* X, std::initializer_list<LinearOut> outs) {
     if (mode == Mode::Recurrent) {
-      ops.linear_rowwise(M, N, K, X, W, Y);
+      ops.linear_rowwise(M, K, X, outs.begin(), static_cast<int>(outs.size()));
     } else {
-      ops.linear(M, N, K, X, W, Y, false);
+      for (const LinearOut& o : outs) ops.linear(M, o.N, K, X, o.W, o.Y, false);
     }
   };
   for (int l = 0; l < c.L; l++) {
@@ -172,10 +173,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       ops.rmsnorm(ws.x.data(), w.ret_ln, ws.h.data(), R, c.D, c.eps);
       in = ws.h.data();
     }
-    project(R, c.D, c.D, in, w.q, ws.q.data());
-    project(R, c.D, c.D, in, w.k, ws.k.data());
-    project(R, c.Dv, c.D, in, w.v, ws.v.data());
-    project(R, c.Dv, c.D, in, w.g, ws.g.data());
+    project(R, c.D, in, {{w.q, c.D, ws.q.data()}, {w.k, c.D, ws.k.data()}, {w.v, c.Dv, ws.v.data()}, {w.g, c.Dv, ws.g.data()}});
     ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
     // Recurrent: states holds L*B per-row views (layer-major); otherwise one view per layer.
     const StateView* state = states ? &(*states)[mode == Mode::Recurrent ? static_cast<size_t>(l) * d.B : l] : nullptr;
@@ -194,7 +192,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
     }
     if (state && mode != Mode::Recurrent) ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
     ops.groupnorm_gate(ws.o.data(), ws.g.data(), ws.a.data(), R, c.H, c.dv(), c.eps);
-    project(R, c.D, c.Dv, ws.a.data(), w.out, ws.h.data());
+    project(R, c.Dv, ws.a.data(), {{w.out, c.D, ws.h.data()}});
     ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ret_ln, ws.x.data(), R, c.D, c.eps);
     // GLU feed-forward block.
@@ -203,10 +201,9 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.h.data(), R, c.D, c.eps);
       in = ws.h.data();
     }
-    project(R, c.F, c.D, in, w.fc1, ws.a.data());
-    project(R, c.F, c.D, in, w.gate, ws.b.data());
+    project(R, c.D, in, {{w.fc1, c.F, ws.a.data()}, {w.gate, c.F, ws.b.data()}});
     ops.glu(ws.a.data(), ws.b.data(), ws.a.data(), static_cast<size_t>(R) * c.F, c.activation);
-    project(R, c.D, c.F, ws.a.data(), w.fc2, ws.h.data());
+    project(R, c.F, ws.a.data(), {{w.fc2, c.D, ws.h.data()}});
     ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(ws.x.data(), w.ffn_ln, ws.x.data(), R, c.D, c.eps);
   }
@@ -227,7 +224,8 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   if (!host && ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
   float* out = host ? logits_host : ws.logits.data();
   if (rowwise) {
-    ops.linear_rowwise(rows, c_.V, c_.D, in, output_, out);
+    const LinearOut projection{output_, c_.V, out};
+    ops.linear_rowwise(rows, c_.D, in, &projection, 1);
   } else {
     ops.linear(rows, c_.V, c_.D, in, output_, out, false);
   }
@@ -289,8 +287,8 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
       // Gather each row's last position and project only those.
       Buffer last_x(ops_.get(), static_cast<size_t>(B) * c_.D);
       for (int b = 0; b < B; b++)
-        ops_->upload(last_x.data() + static_cast<size_t>(b) * c_.D,
-                     ws.x.data() + (static_cast<size_t>(b) * n + n - 1) * c_.D, c_.D);
+        ops_->copy(last_x.data() + static_cast<size_t>(b) * c_.D,
+                   ws.x.data() + (static_cast<size_t>(b) * n + n - 1) * c_.D, c_.D);
       logits_of_rows(ws, last_x.data(), B, true, logits);
     }
   }

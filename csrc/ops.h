@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <memory>
 
+#include "gemm.h"
+
 namespace retnet {
 
 enum class Activation { Gelu, Swish, Relu };
@@ -42,13 +44,16 @@ class Ops {
   virtual void release(float* p) = 0;
   virtual void upload(float* dst, const float* src, size_t n) = 0;
   virtual void download(float* dst, const float* src, size_t n) = 0;
+  // Backend memory to backend memory (non-overlapping).
+  virtual void copy(float* dst, const float* src, size_t n) = 0;
   virtual void fill(float* dst, float value, size_t n) = 0;
 
   // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
   virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;
-  // Y[M, N] = X[M, K] W[N, K]^T with every row's result independent of M (batch-invariant),
-  // for decode steps: a sequence decodes to the same tokens alone or in a batch.
-  virtual void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) = 0;
+  // Y_i[M, N_i] = X[M, K] W_i[N_i, K]^T for each product of the group (one pass over all
+  // weights), with every row's result independent of M (batch-invariant), for decode steps:
+  // a sequence decodes to the same tokens alone or in a batch.
+  virtual void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) = 0;
   // out[i, :] = E[tokens[i], :] * scale. tokens are host memory, already range-checked.
   virtual void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) = 0;
   // y = x / sqrt(mean(x^2) + eps) (* w when w is not null), per row of D. y may alias x.

@@ -9,6 +9,7 @@
 #include <new>
 #include <vector>
 
+#include "counter_rng.h"
 #include "gemm.h"
 #include "ops.h"
 #include "threadpool.h"
@@ -57,17 +58,6 @@ float dot(const float* a, const float* b, int n) {
 float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
 float swish(float x) { return x / (1.0f + std::exp(-x)); }
 
-// splitmix64 finaliser: a counter-based uniform stream, independent of thread timing.
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-// Uniform in [0, 1) for counter i of stream `seed`.
-float uniform01(uint64_t seed, uint64_t i) {
-  return static_cast<float>(mix64(seed + 0x9e3779b97f4a7c15ULL * (i + 1)) >> 40) * (1.0f / 16777216.0f);
-}
-
 // κ = max over value columns of the key-summed |KV|, at least 1 (spec §7).
 float column_abs_max(const float* KV, int dk, int dv) {
   std::vector<float> col(dv, 0.f);
@@ -106,13 +96,14 @@ class CpuOps final : public Ops {
   void release(float* p) override { std::free(p); }
   void upload(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void download(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
+  void copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void fill(float* dst, float value, size_t n) override { std::fill(dst, dst + n, value); }
 
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     retnet::linear(M, N, K, X, W, Y, accumulate);
   }
-  void linear_rowwise(int M, int N, int K, const float* X, const float* W, float* Y) override {
-    retnet::linear_rowwise(M, N, K, X, W, Y);
+  void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
+    retnet::linear_rowwise(M, K, X, outs, count);
   }
 
   void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) override {
