@@ -1,5 +1,6 @@
 // Token batch validation: every entry point that takes tokens goes through here, so a
 // bad id, a ragged batch or an empty sequence is an Error naming the problem.
+import { isTypedArray } from './typed';
 
 /** A batch of token ids in row-major [B, T] order. */
 export interface TokenBatch {
@@ -41,7 +42,7 @@ export function toTokenBatch(tokens: TokenInput, vocabSize: number): TokenBatch 
     }
     return { data, shape: [B, T] };
   }
-  if (tokens === null || typeof tokens !== 'object' || !(tokens.data instanceof Int32Array) || !Array.isArray(tokens.shape)) {
+  if (tokens === null || typeof tokens !== 'object' || !isTypedArray(tokens.data, 'Int32Array') || !Array.isArray(tokens.shape)) {
     throw new Error('tokens must be number[][] or { data: Int32Array, shape: [B, T] }');
   }
   const [B, T] = tokens.shape;
