@@ -5,11 +5,14 @@ import * as path from 'path';
 
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
-import { NativeModel, addon } from './native';
+import { NativeDevice, NativeModel, addon } from './native';
 import { TensorEntry, readSafetensorsFile, serializeSafetensors, writeFileAtomic } from './safetensors';
 import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
+// serving: the batcher behind generate()
+import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
+import { isTypedArray } from './typed';
 import { checkWeights, initWeights } from './weights';
 
 export type ForwardMode = PrefillMode;
@@ -35,8 +38,11 @@ export interface LossOptions {
 }
 
 export interface ModelOptions {
-  /** Only 'cpu' is available in this build. */
-  device?: 'cpu' | 'auto';
+  /**
+   * Backend: 'cpu' (default), 'cuda' (device 0; fails when the build has no CUDA or no device is
+   * usable) or 'auto' (CUDA when usable, else the CPU with a one-time console notice).
+   */
+  device?: 'cpu' | 'cuda' | 'auto';
   /** Tokenizer for string prompts (default: ByteTokenizer when the vocabulary has >= 256 ids). */
   tokenizer?: Tokenizer;
 }
@@ -46,7 +52,7 @@ export interface CreateOptions extends ModelOptions {
   seed?: number;
 }
 
-export interface GenerateRequest extends GenerateOptions {
+export interface GenerateRequest extends GenerateOptions, BatchingOptions {
   /** Prefill form for the prompt (default 'chunkwise'). */
   prefillMode?: PrefillMode;
 }
@@ -55,11 +61,23 @@ const CONFIG_FILE = 'config.json';
 const WEIGHTS_FILE = 'model.safetensors';
 
 function checkDevice(device: ModelOptions['device']): void {
-  if (device === undefined || device === 'cpu' || device === 'auto') return;
-  if (device === 'cuda') {
-    throw new Error("device 'cuda' is not available: this build of retnet was compiled without CUDA support");
-  }
+  if (device === undefined || device === 'cpu' || device === 'cuda' || device === 'auto') return;
   throw new Error(`device must be 'cpu', 'cuda' or 'auto', got ${JSON.stringify(device)}`);
+}
+
+let autoDeviceNoticeShown = false;
+
+/** The backend for a device option; 'auto' falls back to the CPU with a notice (once per process). */
+function resolveDevice(device: ModelOptions['device']): NativeDevice {
+  if (device === 'cuda') return 'cuda';
+  if (device !== 'auto') return 'cpu';
+  const info = addon().buildInfo();
+  if (info.cuda && info.cudaDevices > 0) return 'cuda';
+  if (!autoDeviceNoticeShown) {
+    autoDeviceNoticeShown = true;
+    console.warn(`retnet: device 'auto' runs on the CPU (${info.cuda ? 'no CUDA device found' : 'built without CUDA'})`);
+  }
+  return 'cpu';
 }
 
 export class RetNet implements SessionOwner {
@@ -140,7 +158,7 @@ export class RetNet implements SessionOwner {
     const shapes = new Map(parameterShapes(resolved));
     const entries = new Map<string, TensorEntry>();
     for (const [name, data] of weights) {
-      if (!(data instanceof Float32Array)) throw new Error(`fromStateDict: ${name} must be a Float32Array`);
+      if (!isTypedArray(data, 'Float32Array')) throw new Error(`fromStateDict: ${name} must be a Float32Array`);
       const shape = shapes.get(name);
       const matches = shape !== undefined && shape.reduce((a, b) => a * b, 1) === data.length;
       entries.set(name, { dtype: 'F32', shape: matches ? shape : [data.length], data });
@@ -155,7 +173,7 @@ export class RetNet implements SessionOwner {
       if (name === 'output_projection.weight' && config.share_decoder_input_output_embed) continue;
       tensors[name] = data;
     }
-    const nativeModel = await addon().createModel(config, tensors);
+    const nativeModel = await addon().createModel(config, tensors, resolveDevice(options.device));
     return new RetNet(config, nativeModel, options.tokenizer);
   }
 
@@ -211,7 +229,7 @@ export class RetNet implements SessionOwner {
     const n = B * T;
     const { targets, mask } = options;
     if (targets !== undefined) {
-      if (!(targets instanceof Int32Array)) throw new Error('lossAndGradients: targets must be an Int32Array');
+      if (!isTypedArray(targets, 'Int32Array')) throw new Error('lossAndGradients: targets must be an Int32Array');
       if (targets.length !== n) throw new Error(`lossAndGradients: targets has ${targets.length} entries, expected batch*length = ${n}`);
       const bad = targets.findIndex((t) => t < -1 || t >= this.config.vocab_size);
       if (bad >= 0) {
@@ -219,7 +237,7 @@ export class RetNet implements SessionOwner {
       }
     }
     if (mask !== undefined) {
-      if (!(mask instanceof Float32Array)) throw new Error('lossAndGradients: mask must be a Float32Array');
+      if (!isTypedArray(mask, 'Float32Array')) throw new Error('lossAndGradients: mask must be a Float32Array');
       if (mask.length !== n) throw new Error(`lossAndGradients: mask has ${mask.length} entries, expected batch*length = ${n}`);
       const bad = mask.findIndex((w) => !(Number.isFinite(w) && w >= 0));
       if (bad >= 0) throw new Error(`lossAndGradients: mask[${bad}] = ${mask[bad]} must be finite and >= 0`);
@@ -239,7 +257,7 @@ export class RetNet implements SessionOwner {
 
   /** A session from the Buffer of session.save() (same model shape). */
   restoreSession(buffer: Uint8Array): Session {
-    if (!(buffer instanceof Uint8Array)) throw new Error('restoreSession expects a Buffer');
+    if (!isTypedArray(buffer, 'Uint8Array')) throw new Error('restoreSession expects a Buffer');
     return restoreSessionState(this, buffer);
   }
 
@@ -250,6 +268,12 @@ export class RetNet implements SessionOwner {
     const promptTokens = typeof prompt === 'string' ? tokenizer.encode(prompt) : prompt;
     if (!Array.isArray(promptTokens) || promptTokens.length === 0) throw new Error('generate: the prompt is empty');
     toTokenBatch([promptTokens], this.config.vocab_size);
+    // ---- serving: concurrent calls share batched decode steps (lib/scheduler.ts) ----
+    if (options.batching !== false) {
+      yield* this.scheduler().generate(promptTokens, tokenizer, options);
+      return;
+    }
+    // ---- end serving ----
     const prefillMode = options.prefillMode ?? 'chunkwise';
     const session = this.createSession();
     const prefilled = {
@@ -267,6 +291,17 @@ export class RetNet implements SessionOwner {
       session.dispose();
     }
   }
+
+  // ---- serving (lib/scheduler.ts) ----
+  private batchScheduler: Scheduler | undefined;
+
+  /** The scheduler that batches concurrent generate() calls; `options` (re)configure its limits. */
+  scheduler(options?: SchedulerOptions): Scheduler {
+    this.batchScheduler ??= new Scheduler(this);
+    if (options) this.batchScheduler.configure(options);
+    return this.batchScheduler;
+  }
+  // ---- end serving ----
 
   /** generate() collected into one string. */
   async generateText(prompt: string | number[], options: GenerateRequest = {}): Promise<string> {
@@ -308,6 +343,7 @@ export class RetNet implements SessionOwner {
 
   /** Frees native memory now (sessions keep what they need until disposed). */
   dispose(): void {
+    this.batchScheduler?.dispose(); // serving
     this.nativeModel?.dispose();
     this.nativeModel = undefined;
   }

@@ -1,0 +1,452 @@
+// Continuous batching for one model: concurrent generate() calls share one batched decode step
+// per token. A request joins the batch at the first step after its prompt is prefilled and leaves
+// when it finishes or is aborted; prompts are prefilled in pieces between decode steps, so a long
+// prompt delays the running sequences by at most one piece per step. Each request keeps its own
+// sampler, seed, stop sequences and AbortSignal: sampling runs in generateFromSession, and only
+// the model calls go through the scheduler.
+import { DecodeSession, GenerateChunk, GenerateOptions, generateFromSession } from './generate';
+import type { NativeState } from './native';
+import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
+import { PrefillMode, Session, SessionOwner, checkPrefillOptions } from './session';
+import type { Tokenizer } from './tokenizer';
+
+export interface SchedulerOptions {
+  /** Most sequences prefilling or decoding at once; later requests wait in the queue. Default 64. */
+  maxConcurrent?: number;
+  /** Most requests waiting for a slot; beyond it generate() fails with a SchedulerFullError. Default 256. */
+  maxQueue?: number;
+  /** Prompt tokens prefilled between two decode steps (pieces end at multiples of it). Default 256. */
+  prefillChunkTokens?: number;
+  /** Prefix states kept (LRU); 0 turns the prefix cache off. Default 16. */
+  prefixCacheEntries?: number;
+  /**
+   * Prompt-prefix lengths, in multiples of this many tokens, at which a prefix seen in an earlier
+   * prompt is cached automatically (e.g. a shared system prompt); 0 turns that off. Default 64.
+   */
+  autoPrefixTokens?: number;
+}
+
+export interface BatchingOptions {
+  /** false runs the request on its own session outside the scheduler. Default true. */
+  batching?: boolean;
+  /**
+   * Keep the state after the first N prompt tokens (e.g. a system prompt) in the prefix cache;
+   * later requests giving the same N and the same first N tokens start from it.
+   */
+  cachePrefixTokens?: number;
+}
+
+export interface ScheduledGenerateOptions extends GenerateOptions, BatchingOptions {
+  /** Prefill form for the prompt pieces (default 'chunkwise'). */
+  prefillMode?: PrefillMode;
+}
+
+export interface SchedulerStats {
+  /** Sequences holding a slot (prefilling or decoding). */
+  active: number;
+  /** Requests waiting for a slot. */
+  queued: number;
+  decodeSteps: number;
+  /** Tokens decoded, summed over steps (decodedTokens / decodeSteps is the mean batch size). */
+  decodedTokens: number;
+  /** Prompt tokens run through prefill (not counting those taken from the prefix cache). */
+  prefillTokens: number;
+  /** Requests that started from a cached prefix, and the prompt tokens that saved. */
+  prefixHits: number;
+  prefixTokensReused: number;
+  prefixCache: PrefixCacheStats;
+}
+
+/** Thrown by generate() when every slot is busy and the queue is full; retry later. */
+export class SchedulerFullError extends Error {
+  override readonly name = 'SchedulerFullError';
+}
+
+const DEFAULTS = {
+  maxConcurrent: 64,
+  maxQueue: 256,
+  prefillChunkTokens: 256,
+  prefixCacheEntries: 16,
+  autoPrefixTokens: 64,
+};
+/** Prefix keys remembered for automatic caching (a key is ~60 bytes). */
+const SEEN_PREFIX_LIMIT = 4096;
+
+type Phase = 'idle' | 'queued' | 'prefill' | 'ready' | 'running';
+
+function abortError(signal: AbortSignal): Error {
+  const error = new Error('generation aborted', { cause: signal.reason });
+  error.name = 'AbortError';
+  return error;
+}
+
+function checkCount(value: number, field: keyof SchedulerOptions, min: number): number {
+  if (!Number.isSafeInteger(value) || value < min) {
+    throw new Error(`invalid scheduler option: ${field} must be an integer >= ${min}, got ${String(value)}`);
+  }
+  return value;
+}
+
+/** One request as the DecodeSession that generateFromSession drives; the scheduler makes its model calls. */
+class Sequence implements DecodeSession {
+  readonly batch = 1;
+  position = 0;
+  phase: Phase = 'idle';
+  released = false;
+  /** Holds a concurrency slot. */
+  admitted = false;
+  session: Session | undefined;
+  state: NativeState | undefined;
+  /** Prompt tokens consumed so far (from the prefix cache or prefill). */
+  prefilled = 0;
+  /** Prompt length after which the state goes into the prefix cache (0: none), and its key. */
+  snapshotAt = 0;
+  snapshotKey = '';
+  /** The token the next decode step consumes. */
+  nextToken = 0;
+  private resolveWait: ((result: { logits: Float32Array }) => void) | undefined;
+  private rejectWait: ((error: Error) => void) | undefined;
+
+  constructor(
+    private readonly scheduler: Scheduler,
+    readonly prompt: Int32Array,
+    readonly options: ScheduledGenerateOptions,
+  ) {}
+
+  // The prompt is the one given at construction; its pieces are prefilled as views of it.
+  prefill(): Promise<{ logits: Float32Array }> {
+    const result = this.wait();
+    this.scheduler.admit(this);
+    return result;
+  }
+
+  step(tokenIds: number[]): Promise<{ logits: Float32Array }> {
+    const result = this.wait();
+    this.scheduler.enqueueStep(this, tokenIds[0]);
+    return result;
+  }
+
+  dispose(): void {
+    this.scheduler.release(this);
+  }
+
+  settle(logits: Float32Array): void {
+    const resolve = this.resolveWait;
+    this.resolveWait = this.rejectWait = undefined;
+    this.phase = 'idle';
+    resolve?.({ logits });
+  }
+
+  fail(error: Error): void {
+    const reject = this.rejectWait;
+    this.resolveWait = this.rejectWait = undefined;
+    this.phase = 'idle';
+    reject?.(error);
+  }
+
+  private wait(): Promise<{ logits: Float32Array }> {
+    return new Promise((resolve, reject) => {
+      this.resolveWait = resolve;
+      this.rejectWait = reject;
+    });
+  }
+}
+
+export class Scheduler {
+  private maxConcurrent = DEFAULTS.maxConcurrent;
+  private maxQueue = DEFAULTS.maxQueue;
+  private prefillChunkTokens = DEFAULTS.prefillChunkTokens;
+  private autoPrefixTokens = DEFAULTS.autoPrefixTokens;
+  private readonly prefixCache = new PrefixCache<NativeState>({ maxEntries: DEFAULTS.prefixCacheEntries });
+  /** Prefix keys of earlier prompts, oldest first: a prefix seen again is worth caching. */
+  private readonly seenPrefixes = new Set<string>();
+
+  private active = 0;
+  private readonly queue: Sequence[] = [];
+  private readonly prefilling: Sequence[] = [];
+  // Sequences waiting for the next decode step; swapped with `stepping` while a step runs.
+  private ready: Sequence[] = [];
+  private stepping: Sequence[] = [];
+  private stepTokens = new Int32Array(0);
+  private looping = false;
+  private disposed = false;
+
+  private decodeSteps = 0;
+  private decodedTokens = 0;
+  private prefillTokens = 0;
+  private prefixHits = 0;
+  private prefixTokensReused = 0;
+
+  constructor(
+    private readonly owner: SessionOwner,
+    options: SchedulerOptions = {},
+  ) {
+    this.configure(options);
+  }
+
+  /** Changes the limits; absent fields keep their current values. Running requests are unaffected. */
+  configure(options: SchedulerOptions): void {
+    const maxConcurrent = checkCount(options.maxConcurrent ?? this.maxConcurrent, 'maxConcurrent', 1);
+    const maxQueue = checkCount(options.maxQueue ?? this.maxQueue, 'maxQueue', 0);
+    const prefillChunkTokens = checkCount(options.prefillChunkTokens ?? this.prefillChunkTokens, 'prefillChunkTokens', 1);
+    const prefixCacheEntries = checkCount(options.prefixCacheEntries ?? this.prefixCache.maxEntries, 'prefixCacheEntries', 0);
+    const autoPrefixTokens = checkCount(options.autoPrefixTokens ?? this.autoPrefixTokens, 'autoPrefixTokens', 0);
+    this.maxConcurrent = maxConcurrent;
+    this.maxQueue = maxQueue;
+    this.prefillChunkTokens = prefillChunkTokens;
+    this.prefixCache.maxEntries = prefixCacheEntries;
+    this.autoPrefixTokens = autoPrefixTokens;
+    this.admitWaiting();
+  }
+
+  stats(): SchedulerStats {
+    return {
+      active: this.active,
+      queued: this.queue.length,
+      decodeSteps: this.decodeSteps,
+      decodedTokens: this.decodedTokens,
+      prefillTokens: this.prefillTokens,
+      prefixHits: this.prefixHits,
+      prefixTokensReused: this.prefixTokensReused,
+      prefixCache: this.prefixCache.stats(),
+    };
+  }
+
+  /**
+   * Streams the continuation of `promptTokens` like generateFromSession, with this request's model
+   * calls batched with the other running requests. Fails with a SchedulerFullError when every slot
+   * is busy and the queue is full.
+   */
+  async *generate(promptTokens: number[], tokenizer: Tokenizer, options: ScheduledGenerateOptions = {}): AsyncGenerator<GenerateChunk> {
+    if (this.disposed) throw new Error('the scheduler was disposed');
+    checkPrefillOptions({ mode: options.prefillMode }, this.owner.defaultChunkSize);
+    const { cachePrefixTokens } = options;
+    if (cachePrefixTokens !== undefined && !(Number.isSafeInteger(cachePrefixTokens) && cachePrefixTokens >= 1 && cachePrefixTokens <= promptTokens.length)) {
+      throw new Error(
+        `invalid generate option: cachePrefixTokens must be an integer in [1, ${promptTokens.length}] (the prompt length), got ${String(cachePrefixTokens)}`,
+      );
+    }
+    const sequence = new Sequence(this, Int32Array.from(promptTokens), options);
+    const { signal } = options;
+    const onAbort = (): void => this.cancelWaiting(sequence, abortError(signal!));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      yield* generateFromSession(sequence, promptTokens, tokenizer, options);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      this.release(sequence);
+    }
+  }
+
+  /** Fails every waiting request, frees the cached prefixes and refuses new requests. */
+  dispose(): void {
+    this.disposed = true;
+    const error = new Error('the scheduler was disposed');
+    for (const sequence of [...this.queue, ...this.prefilling, ...this.ready]) this.cancelWaiting(sequence, error);
+    this.prefixCache.clear();
+  }
+
+  /** @internal A sequence's prompt is ready to prefill: take a slot, or queue for one. */
+  admit(sequence: Sequence): void {
+    if (this.disposed) {
+      sequence.fail(new Error('the scheduler was disposed'));
+    } else if (this.active < this.maxConcurrent) {
+      this.active++;
+      sequence.admitted = true;
+      sequence.phase = 'prefill';
+      this.prefilling.push(sequence);
+      this.wake();
+    } else if (this.queue.length < this.maxQueue) {
+      sequence.phase = 'queued';
+      this.queue.push(sequence);
+    } else {
+      sequence.fail(
+        new SchedulerFullError(
+          `too many requests: ${this.active} sequences running (maxConcurrent ${this.maxConcurrent}) and ${this.queue.length} waiting (maxQueue ${this.maxQueue})`,
+        ),
+      );
+    }
+  }
+
+  /** @internal */
+  enqueueStep(sequence: Sequence, token: number): void {
+    sequence.nextToken = token;
+    sequence.phase = 'ready';
+    this.ready.push(sequence);
+    this.wake();
+  }
+
+  /** @internal Frees the sequence's state and slot, whatever it was doing. */
+  release(sequence: Sequence): void {
+    if (sequence.released) return;
+    sequence.released = true;
+    this.removeFromLists(sequence);
+    sequence.session?.dispose();
+    sequence.session = sequence.state = undefined;
+    if (sequence.admitted) {
+      sequence.admitted = false;
+      this.active--;
+      this.admitWaiting();
+    }
+  }
+
+  /** Ends a request that is waiting for its turn (not one whose model call is running). */
+  private cancelWaiting(sequence: Sequence, error: Error): void {
+    if (sequence.phase === 'running' || sequence.phase === 'idle') return;
+    this.removeFromLists(sequence);
+    sequence.fail(error);
+  }
+
+  private removeFromLists(sequence: Sequence): void {
+    for (const list of [this.queue, this.prefilling, this.ready]) {
+      const at = list.indexOf(sequence);
+      if (at !== -1) list.splice(at, 1);
+    }
+  }
+
+  private admitWaiting(): void {
+    while (this.active < this.maxConcurrent && this.queue.length > 0) this.admit(this.queue.shift()!);
+  }
+
+  private wake(): void {
+    if (this.looping) return;
+    this.looping = true;
+    setImmediate(() => void this.loop());
+  }
+
+  // One decode step for every sequence waiting for one, then up to prefillChunkTokens of prompt,
+  // repeated while there is work. A macrotask turn between rounds lets the consumers of the last
+  // step's tokens ask for the next one, so they all join the same step.
+  private async loop(): Promise<void> {
+    try {
+      while (this.ready.length > 0 || this.prefilling.length > 0) {
+        if (this.ready.length > 0) await this.decodeStep();
+        let budget = this.prefillChunkTokens;
+        while (budget > 0 && this.prefilling.length > 0) budget -= await this.prefillPiece(this.prefilling[0]);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    } finally {
+      this.looping = false;
+    }
+  }
+
+  private async decodeStep(): Promise<void> {
+    const batch = this.ready;
+    this.ready = this.stepping;
+    this.stepping = batch;
+    const count = batch.length;
+    if (this.stepTokens.length < count) this.stepTokens = new Int32Array(count);
+    const states = new Array<NativeState>(count);
+    for (let i = 0; i < count; i++) {
+      const sequence = batch[i];
+      sequence.phase = 'running';
+      states[i] = sequence.state!;
+      this.stepTokens[i] = sequence.nextToken;
+    }
+    try {
+      const logits = await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count));
+      const vocabSize = this.owner.vocabSize;
+      this.decodeSteps++;
+      this.decodedTokens += count;
+      for (let i = 0; i < count; i++) {
+        batch[i].position++;
+        batch[i].settle(logits.subarray(i * vocabSize, (i + 1) * vocabSize));
+      }
+    } catch (e) {
+      for (const sequence of batch) sequence.fail(e as Error);
+    } finally {
+      batch.length = 0;
+    }
+  }
+
+  /**
+   * Prefills the next piece of `sequence`'s prompt; resolves how many tokens that took. Pieces end
+   * at multiples of prefillChunkTokens (and where the prefix cache takes a snapshot), so a prompt
+   * is cut the same way however many other requests are running.
+   */
+  private async prefillPiece(sequence: Sequence): Promise<number> {
+    const prompt = sequence.prompt;
+    let start = 0;
+    let end = 0;
+    let logits: Float32Array;
+    try {
+      if (!sequence.session) this.startFromPrefixCache(sequence);
+      start = sequence.prefilled;
+      end = Math.min(prompt.length, (Math.floor(start / this.prefillChunkTokens) + 1) * this.prefillChunkTokens);
+      if (sequence.snapshotAt > start && sequence.snapshotAt < end) end = sequence.snapshotAt;
+      sequence.phase = 'running';
+      ({ logits } = await sequence.session!.prefill(
+        { data: prompt.subarray(start, end), shape: [1, end - start] },
+        { mode: sequence.options.prefillMode ?? 'chunkwise' },
+      ));
+    } catch (e) {
+      this.removeFromLists(sequence);
+      sequence.fail(e as Error);
+      return Math.max(1, end - start);
+    }
+    this.prefillTokens += end - start;
+    sequence.prefilled = end;
+    sequence.position = end;
+    if (sequence.released) return end - start;
+    if (end === sequence.snapshotAt && !this.disposed) this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
+    if (end === prompt.length) {
+      this.prefilling.splice(this.prefilling.indexOf(sequence), 1);
+      sequence.settle(logits);
+    } else {
+      sequence.phase = 'prefill';
+      // An abort during the piece found it running; stop before the next one.
+      const { signal } = sequence.options;
+      if (signal?.aborted) this.cancelWaiting(sequence, abortError(signal));
+    }
+    return end - start;
+  }
+
+  /**
+   * Gives `sequence` its state: a copy of the longest cached prefix of its prompt (leaving at least
+   * one token to prefill, whose logits start sampling) or a fresh one, and picks the prefix length
+   * whose state its prefill should cache.
+   */
+  private startFromPrefixCache(sequence: Sequence): void {
+    const prompt = sequence.prompt;
+    const explicit = sequence.options.cachePrefixTokens;
+    const cacheOn = this.prefixCache.maxEntries > 0;
+    const autoLengths: number[] = [];
+    if (cacheOn && this.autoPrefixTokens > 0) {
+      for (let length = this.autoPrefixTokens; length <= prompt.length; length += this.autoPrefixTokens) autoLengths.push(length);
+    }
+    const lengths = explicit !== undefined && cacheOn ? [...new Set([...autoLengths, explicit])].sort((a, b) => a - b) : autoLengths;
+    const keys = prefixKeys(prompt, lengths);
+
+    let state: NativeState | undefined;
+    for (let i = lengths.length - 1; i >= 0 && state === undefined; i--) {
+      if (lengths[i] >= prompt.length || !this.prefixCache.has(keys[i])) continue;
+      state = this.prefixCache.fork(keys[i]);
+      sequence.prefilled = sequence.position = lengths[i];
+      this.prefixHits++;
+      this.prefixTokensReused += lengths[i];
+    }
+    state ??= this.owner.native().createState(1);
+    sequence.state = state;
+    sequence.session = new Session(this.owner, state, 1);
+
+    for (let i = lengths.length - 1; i >= 0; i--) {
+      const length = lengths[i];
+      if (length <= sequence.prefilled) break;
+      const wanted = length === explicit || this.seenPrefixes.has(keys[i]);
+      if (wanted && !this.prefixCache.has(keys[i])) {
+        sequence.snapshotAt = length;
+        sequence.snapshotKey = keys[i];
+        break;
+      }
+    }
+    for (let i = 0; i < lengths.length; i++) {
+      if (lengths[i] === explicit && lengths[i] % this.autoPrefixTokens !== 0) continue;
+      this.seenPrefixes.delete(keys[i]);
+      this.seenPrefixes.add(keys[i]);
+    }
+    for (const key of this.seenPrefixes) {
+      if (this.seenPrefixes.size <= SEEN_PREFIX_LIMIT) break;
+      this.seenPrefixes.delete(key);
+    }
+  }
+}

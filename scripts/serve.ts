@@ -1,0 +1,88 @@
+// `retnet serve`: an OpenAI-compatible completions server for a saved model (lib/server.ts),
+// on 127.0.0.1 unless --host says otherwise.
+import { parseArgs } from 'util';
+
+import { RetNet } from '../lib/model';
+import { createServer } from '../lib/server';
+
+const USAGE = `usage: retnet serve --model DIR [options]
+
+  --model DIR             a model directory (config.json + model.safetensors) or a .safetensors file
+  --host HOST             address to bind (default 127.0.0.1)
+  --port N                port (default 8000; 0 picks a free one)
+  --model-id NAME         id reported by the API (default: the model path)
+  --max-tokens-limit N    largest max_tokens a request may ask for (default 4096)
+  --max-concurrent N      sequences decoded together (default 64)
+  --max-queue N           requests waiting for a slot before 503s (default 256)
+  --prefix-cache N        cached prompt-prefix states, 0 = off (default 16)
+  -h, --help              show this help
+
+  POST /v1/completions, GET /v1/models, GET /health`;
+
+function integerFlag(text: string | undefined, flag: string): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (text.trim() === '' || !Number.isSafeInteger(value)) throw new Error(`--${flag} must be an integer, got ${text}`);
+  return value;
+}
+
+export async function serve(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      model: { type: 'string' },
+      host: { type: 'string' },
+      port: { type: 'string' },
+      'model-id': { type: 'string' },
+      'max-tokens-limit': { type: 'string' },
+      'max-concurrent': { type: 'string' },
+      'max-queue': { type: 'string' },
+      'prefix-cache': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(USAGE + '\n');
+    return;
+  }
+  if (values.model === undefined) throw new Error(`--model is required\n${USAGE}`);
+  const model = await RetNet.load(values.model);
+  const server = createServer(model, {
+    modelId: values['model-id'] ?? values.model,
+    maxTokensLimit: integerFlag(values['max-tokens-limit'], 'max-tokens-limit'),
+    scheduler: {
+      maxConcurrent: integerFlag(values['max-concurrent'], 'max-concurrent'),
+      maxQueue: integerFlag(values['max-queue'], 'max-queue'),
+      prefixCacheEntries: integerFlag(values['prefix-cache'], 'prefix-cache'),
+    },
+  });
+  const host = values.host ?? '127.0.0.1';
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(integerFlag(values.port, 'port') ?? 8000, host, resolve);
+  });
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : values.port;
+  process.stdout.write(`serving ${values.model} (${model.parameterCount} parameters) on http://${host}:${port}\n`);
+  await new Promise<void>((resolve) => {
+    const shutdown = (): void => {
+      process.off('SIGINT', shutdown);
+      process.off('SIGTERM', shutdown);
+      server.close(() => resolve());
+      // Open streams are cut: their generations abort and free their states.
+      server.closeAllConnections();
+    };
+    process.on('SIGINT', shutdown);
+    process.on('SIGTERM', shutdown);
+  });
+  model.dispose();
+}
+
+if (require.main === module) {
+  serve(process.argv.slice(2)).catch((e: Error) => {
+    process.stderr.write(`error: ${e.message}\n`);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,153 @@
+// The batcher behind model.generate(): batched decoding matches each request alone, aborts free
+// their slot and state, and the concurrency and queue caps fail cleanly.
+import { RetNet, SchedulerFullError } from '../lib';
+import type { GenerateRequest } from '../lib';
+import { mulberry32 } from './reference/retnet_ref';
+
+const CONFIG = {
+  vocab_size: 256,
+  decoder_embed_dim: 32,
+  decoder_value_embed_dim: 64,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 64,
+  decoder_layers: 2,
+  recurrent_chunk_size: 8,
+};
+
+function randomPrompt(seed: number, length: number): number[] {
+  const rand = mulberry32(seed);
+  return Array.from({ length }, () => Math.floor(rand() * 256));
+}
+
+async function tokensOf(model: RetNet, prompt: number[], options: GenerateRequest): Promise<number[]> {
+  const tokens: number[] = [];
+  for await (const chunk of model.generate(prompt, options)) tokens.push(chunk.token);
+  return tokens;
+}
+
+/** Resolves after the event loop has run pending immediates (the scheduler's turns). */
+function settle(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, 20));
+}
+
+let model: RetNet;
+beforeEach(async () => {
+  model = await RetNet.create(CONFIG, { seed: 3 });
+  // Small pieces so the longer prompts are prefilled in several pieces between decode steps.
+  model.scheduler({ prefillChunkTokens: 16 });
+});
+afterEach(() => model.dispose());
+
+const REQUESTS = [
+  { length: 5, maxTokens: 12 },
+  { length: 40, maxTokens: 20 },
+  { length: 1, maxTokens: 7 },
+  { length: 70, maxTokens: 16 },
+  { length: 23, maxTokens: 25 },
+  { length: 9, maxTokens: 3 },
+];
+
+test.each([
+  ['greedy', { temperature: 0 }],
+  ['sampled', { temperature: 0.9, topK: 40, topP: 0.95, repetitionPenalty: 1.1 }],
+])('batched decoding gives each request the tokens it gets alone (%s)', async (_name, sampling) => {
+  const requests = REQUESTS.map((r, i) => ({
+    prompt: randomPrompt(100 + i, r.length),
+    options: { ...sampling, maxTokens: r.maxTokens, seed: 1000 + i },
+  }));
+  const alone: number[][] = [];
+  for (const r of requests) alone.push(await tokensOf(model, r.prompt, { ...r.options, batching: false }));
+  const before = model.scheduler().stats();
+  const batched = await Promise.all(requests.map((r) => tokensOf(model, r.prompt, r.options)));
+  expect(batched).toEqual(alone);
+  const after = model.scheduler().stats();
+  const steps = after.decodeSteps - before.decodeSteps;
+  const decoded = after.decodedTokens - before.decodedTokens;
+  // Every token but each request's first comes from a decode step; steps were shared.
+  expect(decoded).toBe(REQUESTS.reduce((sum, r) => sum + r.maxTokens - 1, 0));
+  expect(steps).toBeLessThan(decoded / 2);
+  expect(after.active).toBe(0);
+});
+
+test('stop sequences and requests that join later keep their own results', async () => {
+  const prompt = randomPrompt(7, 12);
+  const options = { temperature: 0.8, seed: 5, maxTokens: 30 };
+  const full = await tokensOf(model, prompt, { ...options, batching: false });
+  const long = tokensOf(model, randomPrompt(8, 30), { temperature: 0, maxTokens: 40 });
+  await settle();
+  // Joins while the other request is decoding.
+  expect(await tokensOf(model, prompt, options)).toEqual(full);
+  await long;
+  const text = model.tokenizer!.decode(full);
+  const stop = text.slice(10, 12);
+  const cut = text.slice(0, text.indexOf(stop));
+  expect(await model.generateText(prompt, { ...options, stop })).toBe(cut);
+});
+
+test('aborting a running request frees its slot and state at once; the others finish', async () => {
+  const controller = new AbortController();
+  const seen: number[] = [];
+  const aborted = (async () => {
+    for await (const chunk of model.generate(randomPrompt(1, 10), { maxTokens: 1000, signal: controller.signal, seed: 1 })) {
+      seen.push(chunk.token);
+      if (seen.length === 3) controller.abort();
+    }
+  })();
+  const others = [2, 3].map((seed) => model.generateText(randomPrompt(seed, 10), { maxTokens: 40, seed }));
+  await expect(aborted).rejects.toMatchObject({ name: 'AbortError' });
+  expect(seen).toHaveLength(3);
+  expect(model.scheduler().stats().active).toBe(2);
+  await Promise.all(others);
+  expect(model.scheduler().stats().active).toBe(0);
+});
+
+test('a request aborted while it waits in the queue leaves it without running', async () => {
+  model.scheduler({ maxConcurrent: 1 });
+  const running = model.generate(randomPrompt(1, 4), { maxTokens: 50 });
+  await running.next();
+  const controller = new AbortController();
+  const waiting = model.generateText(randomPrompt(2, 4), { signal: controller.signal });
+  await settle();
+  expect(model.scheduler().stats()).toMatchObject({ active: 1, queued: 1 });
+  const prefilled = model.scheduler().stats().prefillTokens;
+  controller.abort();
+  await expect(waiting).rejects.toMatchObject({ name: 'AbortError' });
+  expect(model.scheduler().stats()).toMatchObject({ active: 1, queued: 0, prefillTokens: prefilled });
+  await running.return(undefined);
+  expect(model.scheduler().stats().active).toBe(0);
+});
+
+test('beyond maxConcurrent requests queue; beyond maxQueue they fail with SchedulerFullError', async () => {
+  model.scheduler({ maxConcurrent: 1, maxQueue: 1 });
+  const first = model.generate(randomPrompt(1, 4), { maxTokens: 20, seed: 1 });
+  await first.next();
+  const queued = model.generateText(randomPrompt(2, 4), { maxTokens: 5, seed: 2 });
+  await settle();
+  const rejected = model.generateText(randomPrompt(3, 4), { maxTokens: 5 });
+  await expect(rejected).rejects.toThrow(SchedulerFullError);
+  await expect(rejected).rejects.toThrow(/maxConcurrent 1.*maxQueue 1/);
+  expect(model.scheduler().stats()).toMatchObject({ active: 1, queued: 1 });
+  // Finishing the running request admits the queued one.
+  for await (const _chunk of first);
+  expect(await queued).toBe(await model.generateText(randomPrompt(2, 4), { maxTokens: 5, seed: 2, batching: false }));
+  expect(model.scheduler().stats()).toMatchObject({ active: 0, queued: 0 });
+});
+
+test('invalid scheduler options and cachePrefixTokens are errors naming the field', async () => {
+  expect(() => model.scheduler({ maxConcurrent: 0 })).toThrow(/maxConcurrent must be an integer >= 1/);
+  expect(() => model.scheduler({ maxQueue: -1 })).toThrow(/maxQueue/);
+  expect(() => model.scheduler({ prefillChunkTokens: 1.5 })).toThrow(/prefillChunkTokens/);
+  await expect(model.generateText([1, 2, 3], { cachePrefixTokens: 4 })).rejects.toThrow(/cachePrefixTokens must be an integer in \[1, 3\]/);
+});
+
+test('disposing the model fails waiting requests and refuses new ones', async () => {
+  model.scheduler({ maxConcurrent: 1 });
+  const running = model.generate(randomPrompt(1, 4), { maxTokens: 50 });
+  await running.next();
+  const waiting = model.generateText(randomPrompt(2, 4));
+  await settle();
+  model.dispose();
+  await expect(waiting).rejects.toThrow(/disposed/);
+  await expect(running.next()).rejects.toThrow(/disposed/);
+  await expect(model.generateText([1, 2])).rejects.toThrow(/disposed/);
+});

@@ -1,0 +1,186 @@
+// The OpenAI-compatible server on 127.0.0.1: completions (JSON and SSE), models, health, clean 4xx
+// errors that leave the server serving, and client disconnects aborting their generation.
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+import { RetNet, createServer } from '../lib';
+
+const CONFIG = {
+  vocab_size: 256,
+  decoder_embed_dim: 32,
+  decoder_value_embed_dim: 64,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 64,
+  decoder_layers: 2,
+  recurrent_chunk_size: 8,
+};
+
+interface Reply {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: string;
+}
+
+let model: RetNet;
+let server: http.Server;
+let port: number;
+
+beforeAll(async () => {
+  model = await RetNet.create(CONFIG, { seed: 5 });
+  server = createServer(model, { modelId: 'tiny', maxTokensLimit: 4096, maxBodyBytes: 4096 });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  port = (server.address() as AddressInfo).port;
+});
+afterAll(async () => {
+  server.closeAllConnections();
+  await new Promise((resolve) => server.close(resolve));
+  model.dispose();
+});
+
+function request(method: string, path: string, body?: string | Buffer): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+const complete = (body: unknown): Promise<Reply> => request('POST', '/v1/completions', JSON.stringify(body));
+
+function events(body: string): unknown[] {
+  expect(body.endsWith('data: [DONE]\n\n')).toBe(true);
+  return body
+    .split('\n\n')
+    .filter((e) => e.startsWith('data: ') && e !== 'data: [DONE]')
+    .map((e) => JSON.parse(e.slice('data: '.length)));
+}
+
+test('non-stream completion returns the OpenAI completion object', async () => {
+  const options = { prompt: 'Hello', max_tokens: 12, temperature: 0.8, top_k: 20, top_p: 0.9, seed: 3 };
+  const reply = await complete(options);
+  expect(reply.status).toBe(200);
+  const json = JSON.parse(reply.body);
+  expect(json).toMatchObject({ object: 'text_completion', model: 'tiny', usage: { prompt_tokens: 5, completion_tokens: 12, total_tokens: 17 } });
+  expect(json.id).toMatch(/^cmpl-/);
+  expect(Number.isInteger(json.created)).toBe(true);
+  expect(json.choices).toEqual([
+    { index: 0, logprobs: null, finish_reason: 'length', text: await model.generateText('Hello', { maxTokens: 12, temperature: 0.8, topK: 20, topP: 0.9, seed: 3 }) },
+  ]);
+});
+
+test('stream completion sends completion chunks, a finish reason and [DONE]', async () => {
+  const reply = await complete({ prompt: 'Hello', max_tokens: 10, temperature: 0, stream: true, stream_options: { include_usage: true } });
+  expect(reply.status).toBe(200);
+  expect(reply.headers['content-type']).toBe('text/event-stream');
+  const chunks = events(reply.body) as { object: string; choices: { text: string; finish_reason: string | null }[]; usage?: unknown }[];
+  expect(chunks.every((c) => c.object === 'text_completion')).toBe(true);
+  const texts = chunks.flatMap((c) => c.choices.map((choice) => choice.text)).join('');
+  expect(texts).toBe(await model.generateText('Hello', { maxTokens: 10, temperature: 0 }));
+  const withReason = chunks.filter((c) => c.choices[0]?.finish_reason);
+  expect(withReason.map((c) => c.choices[0].finish_reason)).toEqual(['length']);
+  expect(chunks[chunks.length - 1]).toMatchObject({ choices: [], usage: { prompt_tokens: 5, completion_tokens: 10, total_tokens: 15 } });
+});
+
+test('a stop sequence ends the completion with finish_reason stop', async () => {
+  const full = await model.generateText('Hello', { maxTokens: 30, temperature: 0 });
+  const stop = full.slice(5, 7);
+  const json = JSON.parse((await complete({ prompt: 'Hello', max_tokens: 30, temperature: 0, stop: [stop] })).body);
+  expect(json.choices[0]).toMatchObject({ text: full.slice(0, full.indexOf(stop)), finish_reason: 'stop' });
+});
+
+test('GET /v1/models and /health', async () => {
+  const models = JSON.parse((await request('GET', '/v1/models')).body);
+  expect(models.data[0]).toMatchObject({ id: 'tiny', object: 'model', parameterCount: model.parameterCount });
+  expect(models.data[0].config).toMatchObject({ decoder_embed_dim: 32, decoder_layers: 2, vocab_size: 256 });
+  const health = await request('GET', '/health');
+  expect(health.status).toBe(200);
+  expect(JSON.parse(health.body)).toMatchObject({ status: 'ok', scheduler: { active: 0 } });
+});
+
+test.each([
+  ['bad JSON', '{"prompt": "x",', 400, null, /not valid JSON/],
+  ['a non-object body', '[1, 2]', 400, null, /JSON object/],
+  ['a missing prompt', '{"max_tokens": 3}', 400, 'prompt', /prompt must be a non-empty string/],
+  ['a numeric prompt', '{"prompt": 5}', 400, 'prompt', /prompt/],
+  ['a string max_tokens', '{"prompt": "x", "max_tokens": "3"}', 400, 'max_tokens', /max_tokens must be an integer/],
+  ['a huge max_tokens', '{"prompt": "x", "max_tokens": 100000}', 400, 'max_tokens', /at most 4096/],
+  ['a negative temperature', '{"prompt": "x", "temperature": -1}', 400, 'temperature', /temperature/],
+  ['a top_p of 0', '{"prompt": "x", "top_p": 0}', 400, 'top_p', /top_p/],
+  ['a fractional top_k', '{"prompt": "x", "top_k": 1.5}', 400, 'top_k', /top_k/],
+  ['a non-string stop', '{"prompt": "x", "stop": [1]}', 400, 'stop', /stop/],
+  ['a string seed', '{"prompt": "x", "seed": "1"}', 400, 'seed', /seed/],
+  ['a string stream flag', '{"prompt": "x", "stream": "yes"}', 400, 'stream', /stream/],
+  ['n of 2', '{"prompt": "x", "n": 2}', 400, 'n', /n must be 1/],
+  ['invalid UTF-8', Buffer.from([0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d]), 400, null, /UTF-8/],
+  ['a body over the limit', JSON.stringify({ prompt: 'x'.repeat(5000) }), 413, null, /exceeds 4096 bytes/],
+])('%s is a 4xx naming the problem, and the server keeps serving', async (_name, body, status, param, message) => {
+  const reply = await request('POST', '/v1/completions', body);
+  expect(reply.status).toBe(status);
+  const { error } = JSON.parse(reply.body);
+  expect(error.param).toBe(param);
+  expect(error.type).toBe('invalid_request_error');
+  expect(error.message).toMatch(message);
+  expect((await complete({ prompt: 'ok', max_tokens: 2 })).status).toBe(200);
+});
+
+test('unknown routes are 404 and wrong methods 405', async () => {
+  expect((await request('GET', '/v2/nothing')).status).toBe(404);
+  const reply = await request('GET', '/v1/completions');
+  expect(reply.status).toBe(405);
+  expect(reply.headers.allow).toBe('POST');
+  expect((await request('POST', '/health')).status).toBe(405);
+});
+
+test.each([true, false])('a client that disconnects mid-generation (stream %s) aborts it and frees its state', async (stream) => {
+  const scheduler = model.scheduler();
+  const before = scheduler.stats().decodedTokens;
+  const req = http.request({ host: '127.0.0.1', port, method: 'POST', path: '/v1/completions', agent: false });
+  req.on('error', () => undefined);
+  req.end(JSON.stringify({ prompt: 'Hello', max_tokens: 4096, stream, temperature: 1 }));
+  const waitFor = async (condition: () => boolean): Promise<void> => {
+    for (let i = 0; i < 500 && !condition(); i++) await new Promise((r) => setTimeout(r, 2));
+  };
+  // Disconnect once the generation is running.
+  await waitFor(() => scheduler.stats().decodedTokens > before);
+  expect(scheduler.stats().active).toBe(1);
+  req.destroy();
+  await waitFor(() => scheduler.stats().active === 0);
+  expect(scheduler.stats().active).toBe(0);
+  expect(scheduler.stats().decodedTokens - before).toBeLessThan(4095);
+  expect((await complete({ prompt: 'ok', max_tokens: 2 })).status).toBe(200);
+});
+
+test('beyond the concurrency and queue caps a request gets a 503, and the server recovers', async () => {
+  const small = await RetNet.create(CONFIG, { seed: 6 });
+  const busy = createServer(small, { scheduler: { maxConcurrent: 1, maxQueue: 0 } });
+  await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+  const busyPort = (busy.address() as AddressInfo).port;
+  const post = (body: unknown): Promise<Reply> =>
+    new Promise((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port: busyPort, method: 'POST', path: '/v1/completions', agent: false }, (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c.toString()));
+        res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body: text }));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify(body));
+    });
+  const holder = http.request({ host: '127.0.0.1', port: busyPort, method: 'POST', path: '/v1/completions', agent: false });
+  const started = new Promise<http.IncomingMessage>((resolve) => holder.on('response', (res) => res.once('data', () => resolve(res))));
+  holder.on('error', () => undefined);
+  holder.end(JSON.stringify({ prompt: 'Hold', max_tokens: 1000, stream: true }));
+  await started;
+  const rejected = await post({ prompt: 'x', max_tokens: 2 });
+  expect(rejected.status).toBe(503);
+  expect(JSON.parse(rejected.body).error).toMatchObject({ type: 'server_overloaded', message: expect.stringMatching(/maxConcurrent 1/) });
+  holder.destroy();
+  for (let i = 0; i < 100 && small.scheduler().stats().active > 0; i++) await new Promise((r) => setTimeout(r, 10));
+  expect((await post({ prompt: 'x', max_tokens: 2 })).status).toBe(200);
+  busy.closeAllConnections();
+  await new Promise((resolve) => busy.close(resolve));
+  small.dispose();
+});
