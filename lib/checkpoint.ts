@@ -1,0 +1,154 @@
+// Training checkpoints: one directory holding
+//   config.json + model.safetensors   the model, as RetNet.save writes it (RetNet.load reads it)
+//   optimizer.safetensors             AdamW moments m and v (flat, native order) and the step count
+//   trainer.json                      step, trainer options, dataset position, loss history
+//
+// A checkpoint replaces the previous one as a whole: it is written into `<dir>.tmp`, then the old
+// directory moves to `<dir>.old`, the new one moves into place and the old one is deleted. A
+// crash at any point leaves either the old or the new checkpoint complete, and
+// recoverCheckpoint() (run by every save and load) puts it back at `<dir>`.
+
+import { promises as fsp } from 'fs';
+import * as path from 'path';
+
+import type { Dataset, DatasetState } from './dataset';
+import { RetNet } from './model';
+import { readSafetensorsFile, serializeSafetensors, writeFileAtomic } from './safetensors';
+import type { ResolvedTrainerOptions, Trainer, TrainingHistory } from './trainer';
+
+export const OPTIMIZER_FILE = 'optimizer.safetensors';
+/** Written last: its presence marks a complete checkpoint. */
+export const TRAINER_FILE = 'trainer.json';
+
+const FORMAT = 'retnet-training-checkpoint';
+const FORMAT_VERSION = 1;
+
+export interface TrainerCheckpointState {
+  format: typeof FORMAT;
+  version: number;
+  step: number;
+  options: ResolvedTrainerOptions;
+  dataset: DatasetState | undefined;
+  history: TrainingHistory;
+}
+
+export interface LoadedCheckpoint {
+  model: RetNet;
+  state: TrainerCheckpointState;
+  optimizer: { step: number; m: Float32Array; v: Float32Array };
+}
+
+function siblings(dir: string): { temp: string; old: string } {
+  const resolved = path.resolve(dir);
+  return { temp: `${resolved}.tmp`, old: `${resolved}.old` };
+}
+
+async function exists(location: string): Promise<boolean> {
+  return fsp.stat(location).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** Makes renames inside `dir` durable (directories cannot be fsynced on every platform). */
+async function syncDirectory(dir: string): Promise<void> {
+  let handle;
+  try {
+    handle = await fsp.open(dir, 'r');
+    await handle.sync();
+  } catch {
+    // Best effort: without directory fsync a power loss may lose the rename, never the data.
+  } finally {
+    await handle?.close();
+  }
+}
+
+/**
+ * Restores `<dir>` after an interrupted save: a complete `<dir>.tmp` wins (it is the newer
+ * checkpoint), then `<dir>.old`; leftovers next to a present `<dir>` are removed.
+ */
+export async function recoverCheckpoint(dir: string): Promise<void> {
+  const target = path.resolve(dir);
+  const { temp, old } = siblings(dir);
+  if (!(await exists(target))) {
+    if (await exists(path.join(temp, TRAINER_FILE))) await fsp.rename(temp, target);
+    else if (await exists(old)) await fsp.rename(old, target);
+  }
+  await fsp.rm(temp, { recursive: true, force: true });
+  await fsp.rm(old, { recursive: true, force: true });
+  await syncDirectory(path.dirname(target));
+}
+
+/**
+ * Writes a checkpoint of `model`, the trainer's optimizer and history, and the dataset position
+ * to `dir`, replacing any previous checkpoint there only once the new one is complete.
+ */
+export async function saveCheckpoint(dir: string, parts: { model: RetNet; trainer: Trainer; dataset?: Dataset }): Promise<void> {
+  const { model, trainer, dataset } = parts;
+  if (trainer.model !== model) throw new Error('saveCheckpoint: the trainer belongs to a different model');
+  // The trainer stays locked throughout, so no step can land between the weights and the moments.
+  await trainer.exclusive('saveCheckpoint', async () => {
+    const optimizer = trainer.optimizerState();
+    const state: TrainerCheckpointState = {
+      format: FORMAT,
+      version: FORMAT_VERSION,
+      step: trainer.stepCount,
+      options: trainer.options,
+      dataset: dataset?.getState(),
+      history: trainer.trainingHistory,
+    };
+    const optimizerFile = serializeSafetensors(
+      [
+        { name: 'm', shape: [optimizer.m.length], data: optimizer.m },
+        { name: 'v', shape: [optimizer.v.length], data: optimizer.v },
+      ],
+      { format: FORMAT, step: String(optimizer.step) },
+    );
+    const trainerFile = Buffer.from(JSON.stringify(state, null, 1) + '\n');
+
+    const target = path.resolve(dir);
+    const { temp, old } = siblings(dir);
+    await fsp.mkdir(path.dirname(target), { recursive: true });
+    await recoverCheckpoint(dir);
+    try {
+      await fsp.mkdir(temp);
+      await model.save(temp);
+      await writeFileAtomic(path.join(temp, OPTIMIZER_FILE), optimizerFile);
+      await writeFileAtomic(path.join(temp, TRAINER_FILE), trainerFile);
+      await syncDirectory(temp);
+    } catch (e) {
+      await fsp.rm(temp, { recursive: true, force: true }).catch(() => undefined);
+      throw e;
+    }
+    if (await exists(target)) await fsp.rename(target, old);
+    await fsp.rename(temp, target);
+    await syncDirectory(path.dirname(target));
+    await fsp.rm(old, { recursive: true, force: true });
+  });
+}
+
+/** Reads a checkpoint directory (recovering an interrupted save first). */
+export async function loadCheckpoint(dir: string): Promise<LoadedCheckpoint> {
+  await recoverCheckpoint(dir);
+  const target = path.resolve(dir);
+  const trainerPath = path.join(target, TRAINER_FILE);
+  let state: TrainerCheckpointState;
+  try {
+    state = JSON.parse(await fsp.readFile(trainerPath, 'utf8')) as TrainerCheckpointState;
+  } catch (e) {
+    throw new Error(`loadCheckpoint: cannot read ${trainerPath} (${(e as Error).message})`);
+  }
+  if (state?.format !== FORMAT || state.version !== FORMAT_VERSION) {
+    throw new Error(`loadCheckpoint: ${trainerPath} is not a version ${FORMAT_VERSION} ${FORMAT}`);
+  }
+  const optimizerPath = path.join(target, OPTIMIZER_FILE);
+  const parsed = await readSafetensorsFile(optimizerPath);
+  const m = parsed.tensors.get('m')?.data;
+  const v = parsed.tensors.get('v')?.data;
+  const step = Number(parsed.metadata.step);
+  if (!m || !v || m.length !== v.length || !Number.isSafeInteger(step) || step !== state.step) {
+    throw new Error(`loadCheckpoint: ${optimizerPath} needs tensors m and v of equal length and step ${state.step}`);
+  }
+  const model = await RetNet.load(target);
+  return { model, state, optimizer: { step, m, v } };
+}

@@ -1,0 +1,155 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+import { OPTIMIZER_FILE, TRAINER_FILE, loadCheckpoint, recoverCheckpoint, saveCheckpoint } from '../lib/checkpoint';
+import { Dataset } from '../lib/dataset';
+import { RetNet } from '../lib/model';
+import { Trainer, TrainerOptions } from '../lib/trainer';
+
+const TINY = {
+  vocab_size: 256,
+  decoder_embed_dim: 32,
+  decoder_value_embed_dim: 32,
+  decoder_retention_heads: 1,
+  decoder_ffn_embed_dim: 64,
+  decoder_layers: 1,
+};
+const TEXT = 'pack my box with five dozen liquor jugs. '.repeat(20);
+const OPTIONS: TrainerOptions = { lr: 5e-3, totalSteps: 10, seed: 4 };
+
+let workDir: string;
+beforeEach(() => {
+  workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-ckpt-'));
+});
+afterEach(() => {
+  jest.restoreAllMocks();
+  fs.rmSync(workDir, { recursive: true, force: true });
+});
+
+function data(): Dataset {
+  return Dataset.fromText(TEXT, { seqLen: 16, validationFraction: 0, seed: 2 });
+}
+
+/** A trainer after `steps` steps on the tiny data. */
+async function trained(steps: number): Promise<{ model: RetNet; trainer: Trainer; dataset: Dataset }> {
+  const model = await RetNet.create(TINY, { seed: 3 });
+  const trainer = new Trainer(model, OPTIONS);
+  const dataset = data();
+  for (let i = 0; i < steps; i++) await trainer.step(dataset.nextBatch(4));
+  return { model, trainer, dataset };
+}
+
+/** Losses of `steps` further steps after resuming from `dir`. */
+async function lossesAfterResume(dir: string, steps: number): Promise<number[]> {
+  const { model, trainer, datasetState } = await Trainer.resume(dir);
+  const dataset = data();
+  dataset.setState(datasetState!);
+  const losses: number[] = [];
+  for (let i = 0; i < steps; i++) losses.push((await trainer.step(dataset.nextBatch(4))).loss);
+  model.dispose();
+  return losses;
+}
+
+test('a checkpoint directory holds the model (loadable by RetNet.load), the optimizer and the trainer state', async () => {
+  const { model, trainer, dataset } = await trained(3);
+  const dir = path.join(workDir, 'ckpt');
+  const batch = dataset.nextBatch(4);
+  const saving = saveCheckpoint(dir, { model, trainer, dataset });
+  await expect(trainer.step(batch)).rejects.toThrow(/checkpoint is still running/);
+  await saving;
+  expect(fs.readdirSync(dir).sort()).toEqual(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE]);
+  expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
+
+  const loaded = await RetNet.load(dir);
+  const probe = [[1, 2, 3, 4, 5]];
+  expect((await loaded.forward(probe)).logits).toEqual((await model.forward(probe)).logits);
+  loaded.dispose();
+
+  const checkpoint = await loadCheckpoint(dir);
+  expect(checkpoint.state).toMatchObject({ step: 3, dataset: dataset.getState(), options: trainer.options });
+  expect(checkpoint.optimizer.step).toBe(3);
+  const live = trainer.optimizerState();
+  // Arrays made by the addon come from another realm than jest's, so compare the values.
+  expect(Array.from(checkpoint.optimizer.m)).toEqual(Array.from(live.m));
+  expect(Array.from(checkpoint.optimizer.v)).toEqual(Array.from(live.v));
+  checkpoint.model.dispose();
+  model.dispose();
+});
+
+test('a save that fails half-way leaves the previous checkpoint loadable and resumable', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(2);
+  await saveCheckpoint(dir, run);
+  const expected = await lossesAfterResume(dir, 3);
+  for (let i = 0; i < 2; i++) await run.trainer.step(run.dataset.nextBatch(4));
+
+  // Fail the write of the optimizer file: the model files of the new checkpoint are already in the temp dir.
+  const realOpen = fs.promises.open;
+  const open = jest.spyOn(fs.promises, 'open').mockImplementation((file, ...rest) => {
+    if (String(file).includes(OPTIMIZER_FILE)) return Promise.reject(new Error('injected disk failure'));
+    return realOpen(file, ...rest);
+  });
+  await expect(saveCheckpoint(dir, run)).rejects.toThrow('injected disk failure');
+  expect(open).toHaveBeenCalled();
+  open.mockRestore();
+
+  expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
+  const loaded = await RetNet.load(dir);
+  loaded.dispose();
+  const previous = await loadCheckpoint(dir);
+  expect(previous.state.step).toBe(2);
+  previous.model.dispose();
+  expect(await lossesAfterResume(dir, 3)).toEqual(expected);
+  run.model.dispose();
+});
+
+test('recovery after a crash: a partial temp dir is dropped, the old checkpoint comes back', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(2);
+  await saveCheckpoint(dir, run);
+  const expected = await lossesAfterResume(dir, 2);
+
+  // The state a crash between the two renames leaves: the old checkpoint moved aside, an incomplete new one.
+  fs.renameSync(dir, `${dir}.old`);
+  fs.mkdirSync(`${dir}.tmp`);
+  fs.copyFileSync(path.join(`${dir}.old`, 'config.json'), path.join(`${dir}.tmp`, 'config.json'));
+  fs.writeFileSync(path.join(`${dir}.tmp`, 'model.safetensors'), Buffer.alloc(100));
+
+  expect(await lossesAfterResume(dir, 2)).toEqual(expected);
+  expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
+  run.model.dispose();
+});
+
+test('recovery after a crash: a complete temp dir (the newer checkpoint) is promoted', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(1);
+  await saveCheckpoint(dir, run);
+  await run.trainer.step(run.dataset.nextBatch(4));
+  await saveCheckpoint(path.join(workDir, 'newer'), run);
+  const expected = await lossesAfterResume(path.join(workDir, 'newer'), 2);
+
+  // Crash after the old checkpoint moved aside and the new one was complete, before it moved in.
+  fs.renameSync(dir, `${dir}.old`);
+  fs.renameSync(path.join(workDir, 'newer'), `${dir}.tmp`);
+  await recoverCheckpoint(dir);
+  expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
+  const promoted = await loadCheckpoint(dir);
+  expect(promoted.state.step).toBe(2);
+  promoted.model.dispose();
+  expect(await lossesAfterResume(dir, 2)).toEqual(expected);
+  run.model.dispose();
+});
+
+test('clear errors for a missing or foreign checkpoint', async () => {
+  await expect(loadCheckpoint(path.join(workDir, 'none'))).rejects.toThrow(/cannot read .*trainer\.json/);
+  const dir = path.join(workDir, 'foreign');
+  fs.mkdirSync(dir);
+  fs.writeFileSync(path.join(dir, TRAINER_FILE), '{"format":"other"}');
+  await expect(loadCheckpoint(dir)).rejects.toThrow(/is not a version 1 retnet-training-checkpoint/);
+  const { model, trainer } = await trained(0);
+  const other = await RetNet.create(TINY);
+  await expect(saveCheckpoint(dir, { model: other, trainer })).rejects.toThrow(/different model/);
+  other.dispose();
+  model.dispose();
+});
