@@ -185,7 +185,8 @@ class CpuOps final : public Ops {
       const int tiles = (rows + TILE - 1) / TILE;
       parallel_for(BH * tiles, 1, [&](size_t w0, size_t w1) {
         std::vector<float> scores(static_cast<size_t>(TILE) * rows), inner(static_cast<size_t>(TILE) * dv),
-            kvn(use_cross ? static_cast<size_t>(dk) * dv : 0), qa(dk);
+            kvn(use_cross ? static_cast<size_t>(dk) * dv : 0), qa(use_cross ? static_cast<size_t>(TILE) * dk : 0),
+            cross(use_cross ? static_cast<size_t>(TILE) * dv : 0);
         size_t kvn_for = static_cast<size_t>(-1);
         for (size_t w = w0; w < w1; w++) {
           const size_t bh = w / tiles;
@@ -220,6 +221,15 @@ class CpuOps final : public Ops {
             for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) kvn[e] = KV[e] / kap;
             kvn_for = bh;
           }
+          if (use_cross) {
+            // cross = (α ⊙ q) KV/κ for the whole tile in one product.
+            for (int i = i0; i < i1; i++) {
+              const float* qi = qh + i * ldq;
+              float* qai = qa.data() + static_cast<size_t>(i - i0) * dk;
+              for (int e = 0; e < dk; e++) qai[e] = qi[e] * cc.alpha[i];
+            }
+            gemm(i1 - i0, dv, dk, row_major(qa.data(), dk), row_major(kvn.data(), dv), cross.data(), dv, false);
+          }
           for (int i = i0; i < i1; i++) {
             float* orow = o + (row0 + i) * ldv + h * dv;
             const float* in = inner.data() + static_cast<size_t>(i - i0) * dv;
@@ -227,18 +237,11 @@ class CpuOps final : public Ops {
               std::memcpy(orow, in, dv * sizeof(float));
               continue;
             }
-            const float* qi = qh + i * ldq;
-            for (int e = 0; e < dk; e++) qa[e] = qi[e] * cc.alpha[i];
+            const float* cr = cross.data() + static_cast<size_t>(i - i0) * dv;
             const float io = iota[i - i0], kap = kappa[bh];
             const float mu = std::max(io, kap);
             const float align_inner = mu / io, align_cross = mu / kap;
-            for (int j = 0; j < dv; j++) orow[j] = 0.f;
-            for (int e = 0; e < dk; e++) {
-              const float a = qa[e];
-              const float* kvrow = kvn.data() + static_cast<size_t>(e) * dv;
-              for (int j = 0; j < dv; j++) orow[j] += a * kvrow[j];
-            }
-            for (int j = 0; j < dv; j++) orow[j] = in[j] / align_inner + orow[j] / align_cross;
+            for (int j = 0; j < dv; j++) orow[j] = in[j] / align_inner + cr[j] / align_cross;
           }
         }
       });
