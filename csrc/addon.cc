@@ -15,6 +15,9 @@
 
 #include "bench.h"
 #include "gemm.h"
+#ifdef RETNET_WITH_CUDA
+#include "ops_cuda.h"
+#endif
 #include "model.h"
 #include "threadpool.h"
 #include "train.h"
@@ -203,6 +206,17 @@ uint64_t parse_seed(const Napi::Value& v) {
   return static_cast<uint64_t>(d);
 }
 
+// The backend for createModel's `device` argument: "cpu" or "cuda" (device 0).
+std::unique_ptr<Ops> make_ops(const std::string& device) {
+  if (device == "cpu") return make_cpu_ops();
+  if (device != "cuda") throw std::invalid_argument("device must be 'cpu' or 'cuda', got '" + device + "'");
+#ifdef RETNET_WITH_CUDA
+  return make_cuda_ops(0);
+#else
+  throw std::runtime_error("retnet was built without CUDA");
+#endif
+}
+
 // Per-environment constructors so the addon works in several worker_threads at once.
 struct Constructors {
   Napi::FunctionReference model, state;
@@ -320,13 +334,18 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
   }
 
-  // createModel(config, tensors: { name: Float32Array }) -> Promise<NativeModel>
+  // createModel(config, tensors: { name: Float32Array }, device = 'cpu') -> Promise<NativeModel>
   static Napi::Value Create(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     ModelConfig config;
     std::vector<std::pair<std::string, Napi::Float32Array>> tensors;
+    std::string device = "cpu";
     try {
       config = parse_config(info[0].As<Napi::Object>());
+      if (info.Length() > 2 && !info[2].IsUndefined()) {
+        if (!info[2].IsString()) throw std::invalid_argument("device must be a string");
+        device = info[2].As<Napi::String>().Utf8Value();
+      }
       Napi::Object obj = info[1].As<Napi::Object>();
       Napi::Array names = obj.GetPropertyNames();
       for (uint32_t i = 0; i < names.Length(); i++) {
@@ -346,8 +365,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto result = std::make_shared<std::shared_ptr<Model>>();
     auto* worker = new PromiseWorker(
         env,
-        [config, sources, result] {
-          auto model = std::make_shared<Model>(make_cpu_ops(), config);
+        [config, sources, result, device] {
+          auto model = std::make_shared<Model>(make_ops(device), config);
           for (const Source& s : sources) model->set_param(s.name, s.data, s.n);
           *result = model;
         },
@@ -831,7 +850,13 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("threads", num_threads());
   o.Set("gemm", gemm_isa());
+#ifdef RETNET_WITH_CUDA
+  o.Set("cuda", true);
+  o.Set("cudaDevices", cuda_device_count(nullptr));
+#else
   o.Set("cuda", false);
+  o.Set("cudaDevices", 0);
+#endif
   return o;
 }
 

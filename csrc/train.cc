@@ -140,7 +140,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
     }
     branch(in, scratch.data());
     drop_branch(scratch.data(), l, branch_site);
-    ops.upload(sum, x_in, RD);
+    ops.copy(sum, x_in, RD);
     ops.residual(sum, scratch.data(), RD, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(sum, norm_w, out, R, c.D, c.eps);
   };
@@ -205,7 +205,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
     if (!c.pre_norm) ops.rmsnorm_backward(blk.sum.data(), norm_w, dx.data(), dx.data(), grad_of(norm_w), R, c.D, c.eps, false);
     const float* dy = dx.data();
     if (branch_dropped) {
-      ops.upload(dy_branch.data(), dx.data(), RD);
+      ops.copy(dy_branch.data(), dx.data(), RD);
       drop_branch(dy_branch.data(), l, branch_site);
       dy = dy_branch.data();
     }

@@ -1,6 +1,6 @@
-import { addon } from './native';
+import { NativeBuildInfo, addon } from './native';
 
 /** How the native core was built and runs: thread count, GEMM kernel set, CUDA. */
-export function buildInfo(): { threads: number; gemm: string; cuda: boolean } {
+export function buildInfo(): NativeBuildInfo {
   return addon().buildInfo();
 }

@@ -4,6 +4,17 @@ import * as path from 'path';
 
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
 
+/** The backend a native model runs on. */
+export type NativeDevice = 'cpu' | 'cuda';
+
+/** How the addon was built: threads, CPU GEMM kernel set, whether CUDA was compiled in and how many devices it sees. */
+export interface NativeBuildInfo {
+  threads: number;
+  gemm: string;
+  cuda: boolean;
+  cudaDevices: number;
+}
+
 export interface NativeState {
   positions(): number[];
   clone(): NativeState;
@@ -74,8 +85,9 @@ export interface NativeModel {
 }
 
 export interface NativeAddon {
-  createModel(config: object, tensors: Record<string, Float32Array>): Promise<NativeModel>;
-  buildInfo(): { threads: number; gemm: string; cuda: boolean };
+  /** Rejects with "retnet was built without CUDA" or "no CUDA device: <reason>" when 'cuda' cannot be used. */
+  createModel(config: object, tensors: Record<string, Float32Array>, device?: NativeDevice): Promise<NativeModel>;
+  buildInfo(): NativeBuildInfo;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;

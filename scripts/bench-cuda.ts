@@ -1,0 +1,104 @@
+// `npm run bench:cuda`: tokens/s of forward, prefill, decode and training on the CUDA backend,
+// for a randomly initialised model. Best of a few timed runs after one warm-up.
+//   node dist/scripts/bench-cuda.js [--device cpu] [--small]
+import { buildInfo } from '../lib/info';
+import { RetNet } from '../lib/model';
+import { NativeModel } from '../lib/native';
+
+interface Measurement {
+  name: string;
+  shape: string;
+  seconds: number;
+  tokens: number;
+}
+
+async function best(reps: number, run: () => Promise<unknown>): Promise<number> {
+  await run();
+  let fastest = Infinity;
+  for (let i = 0; i < reps; i++) {
+    const t0 = process.hrtime.bigint();
+    await run();
+    fastest = Math.min(fastest, Number(process.hrtime.bigint() - t0) / 1e9);
+  }
+  return fastest;
+}
+
+function randomTokens(n: number, V: number, seed: number): Int32Array {
+  const out = new Int32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = s % V;
+  }
+  return out;
+}
+
+async function measure(model: NativeModel, V: number, small: boolean): Promise<Measurement[]> {
+  const B = small ? 2 : 4;
+  const T = small ? 256 : 1024;
+  const C = 128;
+  const tokens = randomTokens(B * T, V, 1);
+  const out: Measurement[] = [];
+  for (const mode of ['parallel', 'chunkwise'] as const) {
+    const seconds = await best(3, () => model.forward(tokens, B, T, mode, C));
+    out.push({ name: `forward ${mode}`, shape: `B${B} T${T}${mode === 'chunkwise' ? ` C${C}` : ''}`, seconds, tokens: B * T });
+  }
+  const promptLength = small ? 512 : 2048;
+  const prompt = randomTokens(promptLength, V, 2);
+  const prefillSeconds = await best(2, async () => {
+    const state = model.createState(1);
+    await model.prefill(state, prompt, promptLength, 'chunkwise', C);
+    state.dispose();
+  });
+  out.push({ name: 'prefill chunkwise', shape: `B1 T${promptLength} C${C}`, seconds: prefillSeconds, tokens: promptLength });
+  const steps = 32;
+  for (const batch of [1, 16]) {
+    const state = model.createState(batch);
+    await model.prefill(state, randomTokens(batch * 64, V, 3), 64, 'chunkwise', C);
+    const seconds = await best(2, async () => {
+      for (let i = 0; i < steps; i++) await model.step(state, randomTokens(batch, V, 4 + i));
+    });
+    state.dispose();
+    out.push({ name: 'decode', shape: `batch ${batch}, ${steps} steps`, seconds, tokens: batch * steps });
+  }
+  const trainB = small ? 2 : 4;
+  const trainT = small ? 128 : 512;
+  const micro = [{ tokens: randomTokens(trainB * trainT, V, 5), batch: trainB, length: trainT, targets: null, mask: null }];
+  const options = {
+    mode: 'chunkwise' as const, chunkSize: C, lr: 1e-4, beta1: 0.9, beta2: 0.98, eps: 1e-8, weightDecay: 0.01,
+    clipNorm: 1.0, noDecay: [], seed: 0,
+  };
+  const trainSeconds = await best(3, () => model.trainStep(micro, options));
+  out.push({ name: 'trainStep chunkwise', shape: `B${trainB} T${trainT} C${C}`, seconds: trainSeconds, tokens: trainB * trainT });
+  return out;
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const device = args.includes('--device') ? (args[args.indexOf('--device') + 1] as 'cpu' | 'cuda') : 'cuda';
+  const small = args.includes('--small');
+  const info = buildInfo();
+  if (device === 'cuda' && !(info.cuda && info.cudaDevices > 0)) {
+    console.log(`bench-cuda: skipped (${info.cuda ? 'no CUDA device' : 'retnet was built without CUDA'})`);
+    return;
+  }
+  const config = small
+    ? { vocab_size: 4096, decoder_embed_dim: 256, decoder_value_embed_dim: 512, decoder_retention_heads: 2, decoder_ffn_embed_dim: 512, decoder_layers: 2 }
+    : { vocab_size: 8192, decoder_embed_dim: 1024, decoder_value_embed_dim: 2048, decoder_retention_heads: 4, decoder_ffn_embed_dim: 2048, decoder_layers: 8 };
+  const model = await RetNet.create(config, { device });
+  console.log(`bench-cuda: device ${device}, ${(model.parameterCount / 1e6).toFixed(1)}M parameters, ${JSON.stringify(config)}`);
+  try {
+    const rows = await measure(model.native(), config.vocab_size, small);
+    const lines = rows.map((r) => [r.name, r.shape, (r.seconds * 1e3).toFixed(2), Math.round(r.tokens / r.seconds).toString()]);
+    const header = ['what', 'shape', 'ms', 'tokens/s'];
+    const widths = header.map((h, c) => Math.max(h.length, ...lines.map((l) => l[c].length)));
+    for (const line of [header, ...lines]) console.log(line.map((cell, c) => cell.padEnd(widths[c])).join('  '));
+  } finally {
+    model.dispose();
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exitCode = 1;
+});

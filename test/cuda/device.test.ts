@@ -1,0 +1,43 @@
+// Device selection: 'cuda' fails clearly when it cannot run, 'auto' falls back to the CPU.
+import { buildInfo } from '../../lib/info';
+import { RetNet } from '../../lib/model';
+
+const config = {
+  vocab_size: 32,
+  decoder_embed_dim: 16,
+  decoder_value_embed_dim: 16,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 16,
+  decoder_layers: 1,
+};
+const info = buildInfo();
+const usable = info.cuda && info.cudaDevices > 0;
+
+test('buildInfo reports whether CUDA was compiled in and how many devices it sees', () => {
+  expect(typeof info.cuda).toBe('boolean');
+  expect(Number.isInteger(info.cudaDevices) && info.cudaDevices >= 0).toBe(true);
+  if (!info.cuda) expect(info.cudaDevices).toBe(0);
+});
+
+(usable ? test.skip : test)("device 'cuda' without a usable device rejects with the reason", async () => {
+  const expected = info.cuda ? /^no CUDA device: .+/ : /^retnet was built without CUDA$/;
+  await expect(RetNet.create(config, { device: 'cuda' })).rejects.toThrow(expected);
+});
+
+(usable ? test.skip : test)("device 'auto' without a usable device runs on the CPU with one notice", async () => {
+  const warn = jest.spyOn(console, 'warn').mockImplementation(() => undefined);
+  try {
+    const models = [await RetNet.create(config, { device: 'auto' }), await RetNet.create(config, { device: 'auto' })];
+    const { logits } = await models[0].forward([[1, 2, 3]]);
+    expect(logits.length).toBe(3 * config.vocab_size);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(String(warn.mock.calls[0][0])).toMatch(/CPU/);
+    models.forEach((m) => m.dispose());
+  } finally {
+    warn.mockRestore();
+  }
+});
+
+test('an unknown device is rejected', async () => {
+  await expect(RetNet.create(config, { device: 'tpu' as never })).rejects.toThrow(/device must be 'cpu', 'cuda' or 'auto'/);
+});
