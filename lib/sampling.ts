@@ -2,6 +2,8 @@
 
 import { randomInt } from 'node:crypto';
 
+import { Rng } from './random';
+
 export interface SamplingOptions {
   /** Softmax temperature, >= 0. 0 means greedy argmax (lowest id wins ties). Default 1. */
   temperature?: number;
@@ -51,61 +53,10 @@ export function validateSamplingOptions(o: SamplingOptions): void {
 // Hot loops avoid looking up globals per element: that is slow inside vm contexts (jest, sandboxes).
 const { exp } = Math;
 
-const TWO_POW_32 = 2 ** 32;
 // randomInt's range must be below 2^48.
 const RANDOM_SEED_BOUND = 2 ** 48 - 1;
 /** Weight floors (relative to the max weight, 1) tried before sorting every candidate for top-p. */
 const NUCLEUS_WEIGHT_FLOORS = [1e-4, 1e-8];
-
-/** murmur3's 32-bit finalizer: a bijection on uint32 that spreads every input bit. */
-function mix32(x: number): number {
-  x = Math.imul(x ^ (x >>> 16), 0x85ebca6b);
-  x = Math.imul(x ^ (x >>> 13), 0xc2b2ae35);
-  return (x ^ (x >>> 16)) >>> 0;
-}
-
-/** xoshiro128** (Blackman & Vigna): small, fast, and good enough for sampling. */
-class Xoshiro128 {
-  private s0: number;
-  private s1: number;
-  private s2: number;
-  private s3: number;
-
-  constructor(seed: number) {
-    // Each 32-bit half of the seed feeds two state words through a bijection, so distinct safe-integer
-    // seeds give distinct states; s0 and s1 cannot both be 0, so the state is never all-zero.
-    const high = Math.floor(seed / TWO_POW_32);
-    const low = seed - high * TWO_POW_32;
-    const golden = 0x9e3779b9;
-    this.s0 = mix32(low + golden);
-    this.s1 = mix32(low + 2 * golden);
-    this.s2 = mix32(high + 3 * golden);
-    this.s3 = mix32(high + 4 * golden);
-  }
-
-  nextUint32(): number {
-    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;
-    const t = this.s1 << 9;
-    this.s2 ^= this.s0;
-    this.s3 ^= this.s1;
-    this.s1 ^= this.s2;
-    this.s0 ^= this.s3;
-    this.s2 ^= t;
-    this.s3 = rotl(this.s3, 11);
-    return result;
-  }
-
-  /** Uniform in [0, 1) with 53 random bits. */
-  nextFloat(): number {
-    const high27 = this.nextUint32() >>> 5;
-    const low26 = this.nextUint32() >>> 6;
-    return (high27 * 2 ** 26 + low26) / 2 ** 53;
-  }
-}
-
-function rotl(x: number, k: number): number {
-  return (x << k) | (x >>> (32 - k));
-}
 
 /**
  * Picks next tokens from logits. One Sampler holds one PRNG stream: the same options and seed
@@ -118,7 +69,7 @@ export class Sampler {
   private readonly topK: number;
   private readonly topP: number;
   private readonly repetitionPenalty: number;
-  private readonly rng: Xoshiro128;
+  private readonly rng: Rng;
   // Working buffers reused across calls (sized to the vocabulary).
   private scores = new Float64Array(0);
   private candidates = new Int32Array(0);
@@ -132,7 +83,7 @@ export class Sampler {
     this.topP = options.topP ?? 1;
     this.repetitionPenalty = options.repetitionPenalty ?? 1;
     this.seed = options.seed ?? randomInt(RANDOM_SEED_BOUND);
-    this.rng = new Xoshiro128(this.seed);
+    this.rng = new Rng(this.seed);
   }
 
   /**
