@@ -7,6 +7,7 @@ import { parseArgs } from 'util';
 
 import { RetNet } from '../lib/model';
 import { main as bench } from './bench';
+import { numberFlag } from './flags';
 import { serve } from './serve';
 import { train } from './train';
 
@@ -29,13 +30,6 @@ const GENERATE_USAGE = `usage: retnet generate --model DIR [options]
   --top-p X            nucleus mass in (0, 1] (default 1)
   --seed N             sampling seed (default: random)
   -h, --help           show this help`;
-
-function numberFlag(text: string | undefined, flag: string): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (text.trim() === '' || !Number.isFinite(value)) throw new Error(`--${flag} must be a number, got ${text}`);
-  return value;
-}
 
 async function generate(argv: string[]): Promise<void> {
   const { values } = parseArgs({

@@ -8,6 +8,7 @@ import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
 import { RetNet } from '../lib/model';
+import { integerFlag, numberFlag } from './flags';
 import { createServer } from '../lib/server';
 
 const USAGE = `usage: node dist/scripts/load.js [options]
@@ -38,20 +39,6 @@ interface PhaseResult {
   latencyP50Ms: number;
   latencyP99Ms: number;
   eventLoopDelayP99Ms: number;
-}
-
-function positiveInteger(text: string | undefined, flag: string, fallback: number, min = 1): number {
-  if (text === undefined) return fallback;
-  const value = Number(text);
-  if (!Number.isSafeInteger(value) || value < min) throw new Error(`--${flag} must be an integer >= ${min}, got ${text}`);
-  return value;
-}
-
-function positiveNumber(text: string | undefined, flag: string, fallback: number): number {
-  if (text === undefined) return fallback;
-  const value = Number(text);
-  if (!(value > 0)) throw new Error(`--${flag} must be a number > 0, got ${text}`);
-  return value;
 }
 
 /** Nearest-rank percentile of ascending `sorted`. */
@@ -144,24 +131,25 @@ async function main(argv: string[]): Promise<void> {
     process.stdout.write(USAGE + '\n');
     return;
   }
-  const levels = (values.levels ?? '1,8,32,64').split(',').map((level) => positiveInteger(level, 'levels', 1));
-  const requests = positiveInteger(values.requests, 'requests', 64);
-  const maxTokens = positiveInteger(values['max-tokens'], 'max-tokens', 64);
-  const seconds = positiveNumber(values.seconds, 'seconds', 60);
-  const soakRequests = positiveInteger(values.soak, 'soak', 5000, 0);
-  const soakConcurrency = positiveInteger(values['soak-concurrency'], 'soak-concurrency', 32);
-  const soakSeconds = positiveNumber(values['soak-seconds'], 'soak-seconds', 600);
+  const levels = (values.levels ?? '1,8,32,64').split(',').map((level) => integerFlag(level, 'levels', 1) ?? 1);
+  const requests = integerFlag(values.requests, 'requests', 1) ?? 64;
+  const maxTokens = integerFlag(values['max-tokens'], 'max-tokens', 1) ?? 64;
+  const seconds = numberFlag(values.seconds, 'seconds', 0) ?? 60;
+  const soakRequests = integerFlag(values.soak, 'soak', 0) ?? 5000;
+  const soakConcurrency = integerFlag(values['soak-concurrency'], 'soak-concurrency', 1) ?? 32;
+  const soakSeconds = numberFlag(values['soak-seconds'], 'soak-seconds', 0) ?? 600;
+  const dim = integerFlag(values.dim, 'dim', 2) ?? 256;
 
   const model =
     values.model !== undefined
       ? await RetNet.load(values.model)
       : await RetNet.create({
           vocab_size: 256,
-          decoder_embed_dim: positiveInteger(values.dim, 'dim', 256),
-          decoder_value_embed_dim: 2 * positiveInteger(values.dim, 'dim', 256),
-          decoder_ffn_embed_dim: 2 * positiveInteger(values.dim, 'dim', 256),
+          decoder_embed_dim: dim,
+          decoder_value_embed_dim: 2 * dim,
+          decoder_ffn_embed_dim: 2 * dim,
           decoder_retention_heads: 4,
-          decoder_layers: positiveInteger(values.layers, 'layers', 4),
+          decoder_layers: integerFlag(values.layers, 'layers', 1) ?? 4,
         });
   const maxStreams = Math.max(soakConcurrency, ...levels);
   const server = createServer(model, { maxTokensLimit: maxTokens, scheduler: { maxConcurrent: maxStreams, maxQueue: maxStreams } });

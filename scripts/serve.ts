@@ -3,6 +3,7 @@
 import { parseArgs } from 'util';
 
 import { RetNet } from '../lib/model';
+import { integerFlag } from './flags';
 import { createServer } from '../lib/server';
 
 const USAGE = `usage: retnet serve --model DIR [options]
@@ -18,13 +19,6 @@ const USAGE = `usage: retnet serve --model DIR [options]
   -h, --help              show this help
 
   POST /v1/completions, GET /v1/models, GET /health`;
-
-function integerFlag(text: string | undefined, flag: string): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (text.trim() === '' || !Number.isSafeInteger(value)) throw new Error(`--${flag} must be an integer, got ${text}`);
-  return value;
-}
 
 export async function serve(argv: string[]): Promise<void> {
   const { values } = parseArgs({

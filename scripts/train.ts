@@ -9,6 +9,7 @@ import { parseArgs } from 'util';
 import { Dataset, loadBrownCorpus } from '../lib/dataset';
 import { RetNet } from '../lib/model';
 import { ProgressLine, formatDuration } from '../lib/progress';
+import { integerFlag, numberFlag } from './flags';
 import { Trainer, TrainMode } from '../lib/trainer';
 
 // Defaults sized (by measurement on a 2-core CPU) so the whole run takes about ten minutes.
@@ -80,15 +81,9 @@ function parseFlags(argv: string[]) {
       help: { type: 'boolean', short: 'h' },
     },
   });
-  const integer = (flag: string, fallback: number, min: number): number => {
-    const text = values[flag as keyof typeof values] as string | undefined;
-    if (text === undefined) return fallback;
-    const value = Number(text);
-    if (!Number.isSafeInteger(value) || value < min) throw new Error(`--${flag} must be an integer >= ${min}, got ${text}`);
-    return value;
-  };
-  const lr = values.lr === undefined ? DEFAULTS.lr : Number(values.lr);
-  if (!(lr > 0 && Number.isFinite(lr))) throw new Error(`--lr must be a number > 0, got ${values.lr}`);
+  const integer = (flag: keyof typeof values, fallback: number, min: number): number =>
+    integerFlag(values[flag] as string | undefined, flag, min) ?? fallback;
+  const lr = numberFlag(values.lr, 'lr', 0) ?? DEFAULTS.lr;
   const mode = (values.mode ?? DEFAULTS.mode) as TrainMode;
   if (mode !== 'parallel' && mode !== 'chunkwise') throw new Error(`--mode must be parallel or chunkwise, got ${values.mode}`);
   return {
