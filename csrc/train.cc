@@ -41,13 +41,26 @@ struct Trainer::Activations {
   std::vector<Layer> layers;
   Buffer final_normed;         // pre-norm: final norm output
   Buffer logits;               // becomes dlogits in place
+  // Backward scratch: gradients of the residual stream and of one layer's intermediates.
+  Buffer scratch, dx, dh, dq, dk, dz, d_o, dv, dg, du, da, db, dy_branch;
 };
+
+namespace {
+// Activation buffers are kept across steps and resized only when the batch shape changes:
+// reallocating hundreds of MB per step costs page faults and zeroing. Every buffer is fully
+// written before it is read, so stale contents don't matter.
+void fit(Buffer& buffer, Ops* ops, size_t n) {
+  if (buffer.size() != n) buffer = Buffer(ops, n);
+}
+}  // namespace
 
 Trainer::Trainer(std::shared_ptr<Model> model)
     : model_(std::move(model)),
       grads_(model_->ops(), model_->parameter_floats()),
       m_(model_->ops(), model_->parameter_floats()),
       v_(model_->ops(), model_->parameter_floats()) {}
+
+Trainer::~Trainer() = default;
 
 void Trainer::zero_gradients() { model_->ops()->fill(grads_.data(), 0.0f, grads_.size()); }
 
@@ -112,12 +125,14 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   for (int r = 0; r < R; r++) weights[r] = static_cast<float>(weights[r] / total_mask * loss_scale);
 
   // ---- Forward, keeping activations.
-  Activations acts;
-  Buffer scratch(m.ops(), RD);
-  acts.stream.reserve(2 * c.L + 1);
-  for (int i = 0; i < 2 * c.L + 1; i++) acts.stream.emplace_back(m.ops(), RD);
+  if (!acts_) acts_ = std::make_unique<Activations>();
+  Activations& acts = *acts_;
+  fit(acts.scratch, m.ops(), RD);
+  float* const scratch = acts.scratch.data();
+  acts.stream.resize(2 * c.L + 1);
+  for (Buffer& b : acts.stream) fit(b, m.ops(), RD);
   if (m.emb_ln_) {
-    acts.embedded = Buffer(m.ops(), RD);
+    fit(acts.embedded, m.ops(), RD);
     ops.embed(batch.tokens, R, m.embed_, c.D, c.embed_scale, acts.embedded.data());
     ops.rmsnorm(acts.embedded.data(), m.emb_ln_, acts.stream[0].data(), R, c.D, c.eps);
   } else {
@@ -129,19 +144,19 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
                            uint64_t branch_site, const auto& branch) {
     const float* in = x_in;
     if (c.pre_norm) {
-      blk.normed_in = Buffer(m.ops(), RD);
+      fit(blk.normed_in, m.ops(), RD);
       ops.rmsnorm(x_in, norm_w, blk.normed_in.data(), R, c.D, c.eps);
       in = blk.normed_in.data();
     }
     float* sum = out;
     if (!c.pre_norm) {
-      blk.sum = Buffer(m.ops(), RD);
+      fit(blk.sum, m.ops(), RD);
       sum = blk.sum.data();
     }
-    branch(in, scratch.data());
-    drop_branch(scratch.data(), l, branch_site);
+    branch(in, scratch);
+    drop_branch(scratch, l, branch_site);
     ops.copy(sum, x_in, RD);
-    ops.residual(sum, scratch.data(), RD, c.alpha);
+    ops.residual(sum, scratch, RD, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(sum, norm_w, out, R, c.D, c.eps);
   };
   acts.layers.resize(c.L);
@@ -149,9 +164,9 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
     const Model::Layer& w = m.layers_[l];
     Activations::Layer& a = acts.layers[l];
     const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
-    for (Buffer* buf : {&a.q, &a.k}) *buf = Buffer(m.ops(), RD);
-    for (Buffer* buf : {&a.v, &a.g, &a.o, &a.z}) *buf = Buffer(m.ops(), RDv);
-    for (Buffer* buf : {&a.a, &a.b, &a.u}) *buf = Buffer(m.ops(), RF);
+    for (Buffer* buf : {&a.q, &a.k}) fit(*buf, m.ops(), RD);
+    for (Buffer* buf : {&a.v, &a.g, &a.o, &a.z}) fit(*buf, m.ops(), RDv);
+    for (Buffer* buf : {&a.a, &a.b, &a.u}) fit(*buf, m.ops(), RF);
     block_forward(a.ret, acts.stream[2 * l].data(), w.ret_ln, acts.stream[2 * l + 1].data(), l, site(l, 0),
                   [&](const float* in, float* y) {
                     ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
@@ -176,11 +191,11 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   const float* x_last = acts.stream[2 * c.L].data();
   const float* head_in = x_last;
   if (c.pre_norm) {
-    acts.final_normed = Buffer(m.ops(), RD);
+    fit(acts.final_normed, m.ops(), RD);
     ops.rmsnorm(x_last, m.final_ln_, acts.final_normed.data(), R, c.D, c.eps);
     head_in = acts.final_normed.data();
   }
-  acts.logits = Buffer(m.ops(), static_cast<size_t>(R) * c.V);
+  fit(acts.logits, m.ops(), static_cast<size_t>(R) * c.V);
   ops.linear(R, c.V, c.D, head_in, m.output_, acts.logits.data(), false);
 
   // ---- Loss; logits become dlogits in place.
@@ -191,11 +206,13 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   loss /= total_mask;
 
   // ---- Backward. dx is the gradient of the residual stream at the current point.
-  Buffer dx(m.ops(), RD), dh(m.ops(), RD), dq(m.ops(), RD), dk(m.ops(), RD);
   const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
-  Buffer dz(m.ops(), RDv), d_o(m.ops(), RDv), dv(m.ops(), RDv), dg(m.ops(), RDv);
-  Buffer du(m.ops(), RF), da(m.ops(), RF), db(m.ops(), RF);
-  Buffer dy_branch(m.ops(), branch_dropped ? RD : 0);
+  for (Buffer* buf : {&acts.dx, &acts.dh, &acts.dq, &acts.dk}) fit(*buf, m.ops(), RD);
+  for (Buffer* buf : {&acts.dz, &acts.d_o, &acts.dv, &acts.dg}) fit(*buf, m.ops(), RDv);
+  for (Buffer* buf : {&acts.du, &acts.da, &acts.db}) fit(*buf, m.ops(), RF);
+  fit(acts.dy_branch, m.ops(), branch_dropped ? RD : 0);
+  Buffer &dx = acts.dx, &dh = acts.dh, &dq = acts.dq, &dk = acts.dk, &dz = acts.dz, &d_o = acts.d_o, &dv = acts.dv,
+         &dg = acts.dg, &du = acts.du, &da = acts.da, &db = acts.db, &dy_branch = acts.dy_branch;
   ops.linear_backward(R, c.V, c.D, head_in, m.output_, acts.logits.data(), dx.data(), grad_of(m.output_), false);
   if (c.pre_norm) ops.rmsnorm_backward(x_last, m.final_ln_, dx.data(), dx.data(), grad_of(m.final_ln_), R, c.D, c.eps, false);
   // Backward of one residual block given d(out) in dx; leaves d(x_in) in dx.

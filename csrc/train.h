@@ -42,6 +42,7 @@ struct StepResult {
 class Trainer {
  public:
   explicit Trainer(std::shared_ptr<Model> model);
+  ~Trainer();
 
   // Adds d(loss_scale * loss)/dθ to the gradients and returns the batch's mean loss.
   // `seed` drives dropout and drop path (unused when the config's rates are 0).
@@ -66,6 +67,7 @@ class Trainer {
 
   std::shared_ptr<Model> model_;
   Buffer grads_, m_, v_;
+  std::unique_ptr<Activations> acts_;  // reused across steps of the same shape
   int64_t step_ = 0;
 };
 

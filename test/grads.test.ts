@@ -323,3 +323,20 @@ describe('trainStep and optimizer state', () => {
     model.dispose();
   });
 });
+
+test('repeated gradient calls on one model reuse their buffers without changing results', async () => {
+  const f = loadFixture('swish_tied_embscale_s200_c23');
+  const model = await RetNet.fromStateDict(f.config, f.weights);
+  const short = f.tokens.map((row) => row.slice(0, 50));
+  const first = await model.lossAndGradients(f.tokens, { mode: 'chunkwise', chunkSize: 23 });
+  await model.lossAndGradients(short, { mode: 'parallel' }); // another shape in between
+  const again = await model.lossAndGradients(f.tokens, { mode: 'chunkwise', chunkSize: 23 });
+  const twice = await model.lossAndGradients(f.tokens, { mode: 'chunkwise', chunkSize: 23 });
+  expect(again.loss).toBe(first.loss);
+  expect(twice.loss).toBe(first.loss);
+  for (const [name, g] of first.grads) {
+    expect(maxAbsDiff(again.grads.get(name)!, g)).toBe(0);
+    expect(maxAbsDiff(twice.grads.get(name)!, g)).toBe(0);
+  }
+  model.dispose();
+});
