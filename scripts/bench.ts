@@ -10,6 +10,8 @@ import { buildInfo } from '../lib/info';
 import { addon } from '../lib/native';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
+  // The byte-level model `npm start` trains.
+  brown: { vocab_size: 256, decoder_embed_dim: 256, decoder_value_embed_dim: 512, decoder_retention_heads: 2, decoder_ffn_embed_dim: 512, decoder_layers: 4 },
   tiny: { vocab_size: 256, decoder_embed_dim: 64, decoder_value_embed_dim: 128, decoder_retention_heads: 2, decoder_ffn_embed_dim: 128, decoder_layers: 2, activation_fn: 'swish' },
   base: { vocab_size: 32000, decoder_embed_dim: 512, decoder_value_embed_dim: 864, decoder_retention_heads: 2, decoder_ffn_embed_dim: 864, decoder_layers: 6, activation_fn: 'swish', no_scale_embedding: false },
   medium: { vocab_size: 32000, decoder_embed_dim: 1024, decoder_value_embed_dim: 1728, decoder_retention_heads: 4, decoder_ffn_embed_dim: 1728, decoder_layers: 16, activation_fn: 'swish', no_scale_embedding: false },
