@@ -100,58 +100,44 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Four weight rows against two activation rows per pass: 8 accumulators, each weight
-// byte loaded once per pair of rows (the rows stay in L1 for the next pair).
+// Rows of W one after another (a single sequential stream the prefetcher follows), each
+// dotted with ROWS activation rows that stay in L1. A row's sum has the same order for
+// any ROWS, which keeps decode results independent of the batch.
+template <int ROWS>
+__attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int K, const float* X, ptrdiff_t ldx, const float* w,
+                                                              float* out, ptrdiff_t ldc, bool accumulate) {
+  __m256 a0[ROWS], a1[ROWS];
+  for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int r = 0; r < ROWS; r++) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * ldx + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * ldx + k + 8), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; r++) {
+    float sum = hsum256(_mm256_add_ps(a0[r], a1[r]));
+    for (int t = k; t < K; t++) sum += X[r * ldx + t] * w[t];
+    float& o = out[r * ldc];
+    o = accumulate ? o + sum : sum;
+  }
+}
+
 __attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
                                                    const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
                                                    bool accumulate) {
-  const int K8 = K & ~7;
-  int j = n0;
-  for (; j + 4 <= n1; j += 4) {
-    const float* w0 = W + (j + 0) * ldw;
-    const float* w1 = W + (j + 1) * ldw;
-    const float* w2 = W + (j + 2) * ldw;
-    const float* w3 = W + (j + 3) * ldw;
-    for (int i = 0; i < M; i += 2) {
-      const bool two = i + 1 < M;
-      const float* x0 = X + i * ldx;
-      const float* x1 = two ? x0 + ldx : x0;
-      __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a02 = _mm256_setzero_ps(), a03 = _mm256_setzero_ps();
-      __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps(), a12 = _mm256_setzero_ps(), a13 = _mm256_setzero_ps();
-      for (int k = 0; k < K8; k += 8) {
-        const __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
-        __m256 w = _mm256_loadu_ps(w0 + k);
-        a00 = _mm256_fmadd_ps(v0, w, a00);
-        a10 = _mm256_fmadd_ps(v1, w, a10);
-        w = _mm256_loadu_ps(w1 + k);
-        a01 = _mm256_fmadd_ps(v0, w, a01);
-        a11 = _mm256_fmadd_ps(v1, w, a11);
-        w = _mm256_loadu_ps(w2 + k);
-        a02 = _mm256_fmadd_ps(v0, w, a02);
-        a12 = _mm256_fmadd_ps(v1, w, a12);
-        w = _mm256_loadu_ps(w3 + k);
-        a03 = _mm256_fmadd_ps(v0, w, a03);
-        a13 = _mm256_fmadd_ps(v1, w, a13);
-      }
-      float s0[4] = {hsum256(a00), hsum256(a01), hsum256(a02), hsum256(a03)};
-      float s1[4] = {hsum256(a10), hsum256(a11), hsum256(a12), hsum256(a13)};
-      const float* ws[4] = {w0, w1, w2, w3};
-      for (int k = K8; k < K; k++)
-        for (int r = 0; r < 4; r++) {
-          s0[r] += x0[k] * ws[r][k];
-          s1[r] += x1[k] * ws[r][k];
-        }
-      for (int r = 0; r < 4; r++) {
-        float& o0 = C[i * ldc + j + r];
-        o0 = accumulate ? o0 + s0[r] : s0[r];
-        if (two) {
-          float& o1 = C[(i + 1) * ldc + j + r];
-          o1 = accumulate ? o1 + s1[r] : s1[r];
-        }
-      }
+  for (int j = n0; j < n1; j++) {
+    const float* w = W + j * ldw;
+    int i = 0;
+    for (; i + 4 <= M; i += 4) dots_rows_avx2<4>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate);
+    switch (M - i) {
+      case 3: dots_rows_avx2<3>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
+      case 2: dots_rows_avx2<2>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
+      case 1: dots_rows_avx2<1>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
+      default: break;
     }
   }
-  if (j < n1) dots_generic(M, j, n1, K, X, ldx, W, ldw, C, ldc, accumulate);
 }
 #endif
 
