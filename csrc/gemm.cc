@@ -186,14 +186,15 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
     }
     return;
   }
-  // Column-strided source (a transposed weight): walk each source row contiguously.
-  for (int j = 0; j < NR; j++) {
-    if (j >= cols) {
-      for (int k = 0; k < kc; k++) out[k * NR + j] = 0.f;
-      continue;
-    }
-    const float* src = B.p + (n0 + j) * B.cs + k0 * B.rs;
-    for (int k = 0; k < kc; k++) out[k * NR + j] = src[k * B.rs];
+  // Column-strided source (a transposed weight): write the panel in order while reading the
+  // NR source rows side by side, each of them sequentially.
+  const float* src[NR];
+  for (int j = 0; j < cols; j++) src[j] = B.p + (n0 + j) * B.cs + k0 * B.rs;
+  for (int k = 0; k < kc; k++) {
+    float* dst = out + k * NR;
+    int j = 0;
+    for (; j < cols; j++) dst[j] = src[j][k * B.rs];
+    for (; j < NR; j++) dst[j] = 0.f;
   }
 }
 
