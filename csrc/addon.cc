@@ -324,6 +324,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
+                        InstanceMethod("setDecodeWeights", &NativeModel::SetDecodeWeights),
                         InstanceMethod("lossAndGradients", &NativeModel::LossAndGradients),
                         InstanceMethod("trainStep", &NativeModel::TrainStep),
                         InstanceMethod("getOptimizerState", &NativeModel::GetOptimizerState),
@@ -592,6 +593,43 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   // setParam(name, data: Float32Array): replaces one parameter (sizes checked).
+  // Weight updates would leave the compact decode copies stale.
+  static void require_fp32_decode(const Model& m, const char* what) {
+    if (m.decode_format() != WeightFormat::F32)
+      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one decodes from bf16/int8 copies");
+  }
+
+  // setDecodeWeights('f32' | 'bf16' | 'int8') -> Promise<void>: builds the compact decode copies.
+  Napi::Value SetDecodeWeights(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    WeightFormat format;
+    try {
+      const std::string name = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+      if (name == "f32") {
+        format = WeightFormat::F32;
+      } else if (name == "bf16") {
+        format = WeightFormat::BF16;
+      } else if (name == "int8") {
+        format = WeightFormat::Int8;
+      } else {
+        throw std::invalid_argument("weights must be 'f32', 'bf16' or 'int8', got '" + name + "'");
+      }
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto guard = claim_write(env);
+    auto* worker = new PromiseWorker(
+        env,
+        [m, guard, format] {
+          WriteClaim claim{guard};
+          m->set_decode_format(format);
+        },
+        [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+    worker->Queue();
+    return worker->promise();
+  }
+
   Napi::Value SetParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
@@ -601,6 +639,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       Napi::Float32Array data = float32_arg(info[1], "data");
       for (size_t i = 0; i < data.ElementLength(); i++)
         if (!std::isfinite(data[i])) throw std::invalid_argument("parameter data holds a non-finite value");
+      require_fp32_decode(*m, "setParam");
       m->set_param(info[0].As<Napi::String>().Utf8Value(), data.Data(), data.ElementLength());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -713,6 +752,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       }
       opt.seed = parse_seed(o.Get("seed"));
       for (const TrainBatch& b : micro) trainer()->check_batch(b);
+      require_fp32_decode(*m, "trainStep");
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "quant.h"
 #include "threadpool.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -223,7 +224,11 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
     for (size_t b = b0; b < b1; b++) {
       const LinearOut& o = outs[blocks[b].first];
       const int n0 = blocks[b].second;
-      kern.dots(M, n0, std::min(o.N, n0 + kBlock), K, X, K, o.W, K, o.Y, o.N, false);
+      if (o.compact) {
+        quantized_dots(*o.compact, M, n0, std::min(o.N, n0 + kBlock), X, o.Y, o.N);
+      } else {
+        kern.dots(M, n0, std::min(o.N, n0 + kBlock), K, X, K, o.W, K, o.Y, o.N, false);
+      }
     }
   });
 }

@@ -25,11 +25,15 @@ inline void linear(int M, int N, int K, const float* X, const float* W, float* Y
   gemm(M, N, K, row_major(X, K), transposed(W, K), Y, N, accumulate);
 }
 
-// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T.
+struct QuantizedMatrix;
+
+// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T. When
+// `compact` is set, decode reads that bf16/int8 copy of W instead of W itself.
 struct LinearOut {
   const float* W;
   int N;
   float* Y;
+  const QuantizedMatrix* compact = nullptr;
 };
 
 // Every product of the group, in one parallel pass that streams each W once. Each output

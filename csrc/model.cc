@@ -140,6 +140,30 @@ void Model::get_param(const std::string& name, float* data, size_t n) const {
   ops_->download(data, arena_.data() + p->offset, n);
 }
 
+void Model::set_decode_format(WeightFormat format) {
+  compact_.clear();
+  decode_format_ = format;
+  if (format == WeightFormat::F32) return;
+  const ModelConfig& c = c_;
+  std::vector<float> host;
+  auto add = [&](const float* W, int N, int K) {
+    host.resize(static_cast<size_t>(N) * K);
+    ops_->download(host.data(), W, host.size());
+    compact_.emplace(W, quantize(host.data(), N, K, format));
+  };
+  for (const Layer& w : layers_) {
+    add(w.q, c.D, c.D);
+    add(w.k, c.D, c.D);
+    add(w.v, c.Dv, c.D);
+    add(w.g, c.Dv, c.D);
+    add(w.out, c.D, c.Dv);
+    add(w.fc1, c.F, c.D);
+    add(w.gate, c.F, c.D);
+    add(w.fc2, c.D, c.F);
+  }
+  add(output_, c.V, c.D);
+}
+
 void Model::check_tokens(const int32_t* tokens, size_t n) const {
   for (size_t i = 0; i < n; i++) {
     if (tokens[i] < 0 || tokens[i] >= c_.V) {
@@ -160,7 +184,14 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   // grouped so that products sharing an input run in one pass.
   auto project = [&](int M, int K, const float* X, std::initializer_list<LinearOut> outs) {
     if (mode == Mode::Recurrent) {
-      ops.linear_rowwise(M, K, X, outs.begin(), static_cast<int>(outs.size()));
+      LinearOut group[4];
+      int n = 0;
+      for (LinearOut o : outs) {
+        const auto compact = compact_.find(o.W);
+        if (compact != compact_.end()) o.compact = &compact->second;
+        group[n++] = o;
+      }
+      ops.linear_rowwise(M, K, X, group, n);
     } else {
       for (const LinearOut& o : outs) ops.linear(M, o.N, K, X, o.W, o.Y, false);
     }
@@ -224,7 +255,8 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   if (!host && ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
   float* out = host ? logits_host : ws.logits.data();
   if (rowwise) {
-    const LinearOut projection{output_, c_.V, out};
+    const auto compact = compact_.find(output_);
+    const LinearOut projection{output_, c_.V, out, compact == compact_.end() ? nullptr : &compact->second};
     ops.linear_rowwise(rows, c_.D, in, &projection, 1);
   } else {
     ops.linear(rows, c_.V, c_.D, in, output_, out, false);

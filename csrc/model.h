@@ -4,10 +4,12 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
 #include "ops.h"
+#include "quant.h"
 
 namespace retnet {
 
@@ -82,6 +84,11 @@ class Model {
   // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
   void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
+  // Decode steps read compact copies of the projection weights in this format (F32: none).
+  // The fp32 weights stay the master copy for prefill, forward and training.
+  void set_decode_format(WeightFormat format);
+  WeightFormat decode_format() const { return decode_format_; }
+
   // Throws std::invalid_argument naming the first token id outside [0, V).
   void check_tokens(const int32_t* tokens, size_t n) const;
 
@@ -106,6 +113,8 @@ class Model {
   const float *embed_ = nullptr, *output_ = nullptr, *emb_ln_ = nullptr, *final_ln_ = nullptr;
   const float *angle_ = nullptr, *decay_ = nullptr;
   std::vector<float> angle_host_, decay_host_;
+  WeightFormat decode_format_ = WeightFormat::F32;
+  std::unordered_map<const float*, QuantizedMatrix> compact_;  // by fp32 weight
   // Workspace of step_batch, grown to the largest batch seen.
   mutable std::mutex batch_mu_;
   mutable std::unique_ptr<Workspace> batch_ws_;

@@ -3,6 +3,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
+export type WeightFormat = 'f32' | 'bf16' | 'int8';
 
 /** The backend a native model runs on. */
 export type NativeDevice = 'cpu' | 'cuda';
@@ -55,6 +56,8 @@ export interface NativeModel {
   createState(batch: number): NativeState;
   prefill(state: NativeState, tokens: Int32Array, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   step(state: NativeState, tokens: Int32Array): Promise<Float32Array>;
+  /** Decode steps read bf16 / int8 copies of the projection weights ('f32': the weights themselves). */
+  setDecodeWeights(format: WeightFormat): Promise<void>;
   /** One decode step for several states (rows in order); logits [sum of batches, V]. */
   stepBatch(states: NativeState[], tokens: Int32Array): Promise<Float32Array>;
   getParam(name: string): Float32Array;

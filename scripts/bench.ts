@@ -7,7 +7,7 @@ import * as fs from 'fs';
 import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
-import { addon } from '../lib/native';
+import { addon, type WeightFormat } from '../lib/native';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
   // The byte-level model `npm start` trains.
@@ -19,7 +19,7 @@ export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: numbe
 
 export interface DecodeFigure {
   preset: string;
-  weights: 'f32';
+  weights: WeightFormat;
   batch: number;
   context: number;
   prefillTokensPerSecond: number;
@@ -51,6 +51,7 @@ export interface KernelFigure {
 interface Options {
   what: 'decode' | 'train' | 'kernels' | 'all';
   presets: string[];
+  weights: WeightFormat[];
   batches: number[];
   contexts: number[];
   trainShapes: Array<[number, number]>;
@@ -60,7 +61,7 @@ interface Options {
   plot?: string;
 }
 
-const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--batch 1,4,16,64]
+const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,bf16,int8] [--batch 1,4,16,64]
   [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--steps 64] [--chunk-size 128]
   [--json FILE] [--plot FILE.svg]`;
 
@@ -74,6 +75,7 @@ export function parseBenchArgs(argv: string[]): Options {
   const o: Options = {
     what: 'all',
     presets: ['base'],
+    weights: ['f32'],
     batches: [1, 4, 16, 64],
     contexts: [512, 2048, 8192, 16384],
     trainShapes: [
@@ -96,6 +98,10 @@ export function parseBenchArgs(argv: string[]): Options {
       case '--preset':
         o.presets = value.split(',');
         for (const p of o.presets) if (!(p in PRESETS)) throw new Error(`--preset: unknown preset ${p} (${Object.keys(PRESETS).join(', ')})`);
+        break;
+      case '--weights':
+        o.weights = value.split(',') as WeightFormat[];
+        for (const w of o.weights) if (!['f32', 'bf16', 'int8'].includes(w)) throw new Error(`--weights: unknown format ${w} (f32, bf16, int8)`);
         break;
       case '--batch':
         o.batches = positiveList(value, arg);
@@ -133,21 +139,33 @@ function seconds(start: bigint): number {
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
-/** Bytes one decode step must read: every layer's weights, the output projection, one embedding row per sequence, and the state (read and written). */
-export function decodeStepBytes(config: RetNetConfig, batch: number): number {
+/**
+ * Bytes one decode step must read: every layer's weights and the output projection (in the
+ * decode format), one fp32 embedding row per sequence, and the state (read and written).
+ */
+export function decodeStepBytes(config: RetNetConfig, batch: number, weights: WeightFormat = 'f32'): number {
   const d = dims(config);
-  let weights = 0;
+  let weightCount = 0;
   for (const [name, shape] of parameterShapes(config)) {
     if (name === 'embed_tokens.weight' || name.startsWith('retnet_rel_pos')) continue;
-    weights += shape.reduce((a, b) => a * b, 1);
+    weightCount += shape.reduce((a, b) => a * b, 1);
   }
   const stateFloats = d.L * d.H * d.dv * d.dk;
-  return 4 * (weights + batch * d.D + 2 * batch * stateFloats);
+  const bytesPerWeight = weights === 'f32' ? 4 : weights === 'bf16' ? 2 : 1;
+  return bytesPerWeight * weightCount + 4 * (batch * d.D + 2 * batch * stateFloats);
 }
 
 /** One decode configuration, in this process (a child of the bench). */
-async function runDecode(preset: string, batch: number, context: number, steps: number, chunkSize: number, bandwidth: number): Promise<DecodeFigure> {
-  const model = await RetNet.create(PRESETS[preset], { seed: 1 });
+async function runDecode(
+  preset: string,
+  weights: WeightFormat,
+  batch: number,
+  context: number,
+  steps: number,
+  chunkSize: number,
+  bandwidth: number,
+): Promise<DecodeFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
   const V = model.config.vocab_size;
   const session = model.createSession({ batch });
   const prompt = Array.from({ length: batch }, (_, b) => Array.from({ length: context }, (_, t) => (t * 7 + b * 31) % V));
@@ -159,12 +177,12 @@ async function runDecode(preset: string, batch: number, context: number, steps: 
   start = process.hrtime.bigint();
   for (let i = 0; i < steps; i++) await session.step(ids);
   const stepSeconds = seconds(start) / steps;
-  const stepBytes = decodeStepBytes(model.config, batch);
+  const stepBytes = decodeStepBytes(model.config, batch, weights);
   session.dispose();
   model.dispose();
   return {
     preset,
-    weights: 'f32',
+    weights,
     batch,
     context,
     prefillTokensPerSecond: (batch * context) / prefillSeconds,
@@ -249,7 +267,7 @@ async function plot(file: string, decode: DecodeFigure[], train: TrainFigure[]):
   } catch {
     throw new Error('--plot needs the packages vega and vega-lite (npm install vega vega-lite)');
   }
-  const series = (f: DecodeFigure) => `${f.preset} b${f.batch}`;
+  const series = (f: DecodeFigure) => `${f.preset} ${f.weights} b${f.batch}`;
   const decodeRows = decode.map((f) => ({ ...f, series: series(f), peakRssMiB: f.peakRssBytes / 2 ** 20 }));
   const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} b${f.batch}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
   const line = (title: string, values: object[], x: string, xTitle: string, y: string, yTitle: string) => ({
@@ -291,7 +309,7 @@ export async function main(argv: string[]): Promise<void> {
     const [, kind, ...rest] = argv;
     const result =
       kind === 'decode'
-        ? await runDecode(rest[0], Number(rest[1]), Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
+        ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]), Number(rest[6]))
         : await runTrain(rest[0], rest[1] as 'parallel' | 'chunkwise', Number(rest[2]), Number(rest[3]), Number(rest[4]));
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
@@ -306,17 +324,19 @@ export async function main(argv: string[]): Promise<void> {
   const train: TrainFigure[] = [];
   let kernelFigures: KernelFigure[] = [];
   if (o.what === 'decode' || o.what === 'all') {
-    console.log('\ndecode (prefill chunkwise, then recurrent steps; random weights, fp32)');
+    console.log('\ndecode (prefill chunkwise, then recurrent steps; random weights)');
     for (const preset of o.presets) {
-      for (const batch of o.batches) {
-        for (const context of o.contexts) {
-          const f = inChild<DecodeFigure>(['decode', preset, String(batch), String(context), String(o.steps), String(o.chunkSize), String(bandwidth)]);
-          decode.push(f);
-          console.log(
-            `${preset.padEnd(7)} b=${String(batch).padStart(2)} ctx=${String(context).padStart(5)}  prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(6)} tok/s` +
-              `  decode ${f.msPerToken.toFixed(2).padStart(7)} ms/step ${f.tokensPerSecond.toFixed(1).padStart(7)} tok/s` +
-              `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step  peak RSS ${mib(f.peakRssBytes)}`,
-          );
+      for (const weights of o.weights) {
+        for (const batch of o.batches) {
+          for (const context of o.contexts) {
+            const f = inChild<DecodeFigure>(['decode', preset, weights, String(batch), String(context), String(o.steps), String(o.chunkSize), String(bandwidth)]);
+            decode.push(f);
+            console.log(
+              `${preset.padEnd(7)} ${weights.padEnd(4)} b=${String(batch).padStart(2)} ctx=${String(context).padStart(5)}  prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(6)} tok/s` +
+                `  decode ${f.msPerToken.toFixed(2).padStart(7)} ms/step ${f.tokensPerSecond.toFixed(1).padStart(7)} tok/s` +
+                `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step  peak RSS ${mib(f.peakRssBytes)}`,
+            );
+          }
         }
       }
     }

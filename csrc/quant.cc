@@ -1,0 +1,158 @@
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RETNET_X86 1
+#endif
+
+namespace retnet {
+namespace {
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The scalar weight of row j, column k, before the row scale.
+float weight_at(const QuantizedMatrix& q, size_t index) {
+  return q.format == WeightFormat::BF16 ? from_bf16(q.bf16[index]) : static_cast<float>(q.int8[index]);
+}
+
+void dots_generic(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
+  const int K = q.K;
+  for (int j = n0; j < n1; j++) {
+    const size_t row = static_cast<size_t>(j) * K;
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
+    for (int i = 0; i < M; i++) {
+      float s = 0;
+      for (int k = 0; k < K; k++) s += X[static_cast<size_t>(i) * K + k] * weight_at(q, row + k);
+      Y[i * ldy + j] = s * scale;
+    }
+  }
+}
+
+#ifdef RETNET_X86
+// 16 consecutive weights of a row as two fp32 vectors.
+struct LoadBf16 {
+  const uint16_t* w;
+  static LoadBf16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16.data() + offset}; }
+  __attribute__((target("avx2,fma"))) void operator()(int k, __m256& w0, __m256& w1) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+  }
+};
+
+struct LoadInt8 {
+  const int8_t* w;
+  static LoadInt8 row(const QuantizedMatrix& q, size_t offset) { return {q.int8.data() + offset}; }
+  __attribute__((target("avx2,fma"))) void operator()(int k, __m256& w0, __m256& w1) const {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+  }
+};
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One weight row against ROWS activation rows (the same structure as the fp32 decode GEMV).
+template <int ROWS, typename Load>
+__attribute__((target("avx2,fma"))) inline void row_dots(const QuantizedMatrix& q, const Load& load, size_t row, int K,
+                                                         const float* X, float scale, float* out, ptrdiff_t ldy) {
+  __m256 a0[ROWS], a1[ROWS];
+  for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0, w1;
+    load(k, w0, w1);
+    for (int r = 0; r < ROWS; r++) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * K + k), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * K + k + 8), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; r++) {
+    float s = hsum(_mm256_add_ps(a0[r], a1[r]));
+    for (int t = k; t < K; t++) s += X[r * K + t] * weight_at(q, row + t);
+    out[r * ldy] = s * scale;
+  }
+}
+
+template <typename Load>
+__attribute__((target("avx2,fma"))) void dots_avx2(const QuantizedMatrix& q, int M, int n0, int n1, const float* X,
+                                                   float* Y, ptrdiff_t ldy) {
+  const int K = q.K;
+  for (int j = n0; j < n1; j++) {
+    const size_t row = static_cast<size_t>(j) * K;
+    const Load load = Load::row(q, row);
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
+    int i = 0;
+    for (; i + 4 <= M; i += 4) row_dots<4>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy);
+    switch (M - i) {
+      case 3: row_dots<3>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
+      case 2: row_dots<2>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
+      case 1: row_dots<1>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
+  QuantizedMatrix q;
+  q.format = format;
+  q.N = N;
+  q.K = K;
+  const size_t n = static_cast<size_t>(N) * K;
+  if (format == WeightFormat::BF16) {
+    q.bf16.resize(n);
+    for (size_t i = 0; i < n; i++) q.bf16[i] = to_bf16(W[i]);
+  } else if (format == WeightFormat::Int8) {
+    q.int8.resize(n);
+    q.scales.resize(N);
+    for (int j = 0; j < N; j++) {
+      const float* row = W + static_cast<size_t>(j) * K;
+      float max_abs = 0;
+      for (int k = 0; k < K; k++) max_abs = std::max(max_abs, std::fabs(row[k]));
+      const float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
+      q.scales[j] = scale;
+      for (int k = 0; k < K; k++) {
+        const float v = std::nearbyint(row[k] / scale);
+        q.int8[static_cast<size_t>(j) * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+      }
+    }
+  }
+  return q;
+}
+
+void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
+#ifdef RETNET_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) {
+    if (q.format == WeightFormat::BF16) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
+    return dots_avx2<LoadInt8>(q, M, n0, n1, X, Y, ldy);
+  }
+#endif
+  dots_generic(q, M, n0, n1, X, Y, ldy);
+}
+
+}  // namespace retnet

@@ -1,0 +1,73 @@
+// Compact decode weights (bf16, int8): close to fp32, still batch-invariant, never trained.
+import { RetNet } from '../lib';
+import { maxAbs, maxAbsDiff } from './helpers/fixtures';
+import { mulberry32, randomWeights } from './reference/retnet_ref';
+import { resolveConfig } from '../lib/config';
+
+const config = resolveConfig({
+  vocab_size: 300,
+  decoder_embed_dim: 64,
+  decoder_value_embed_dim: 96,
+  decoder_retention_heads: 2,
+  decoder_ffn_embed_dim: 80,
+  decoder_layers: 2,
+  activation_fn: 'swish',
+});
+const weights = randomWeights(config, 3);
+const rand = mulberry32(9);
+const prompt = Array.from({ length: 20 }, () => Math.floor(rand() * 300));
+const next = Array.from({ length: 6 }, () => Math.floor(rand() * 300));
+
+async function decodeLogits(model: RetNet): Promise<Float32Array[]> {
+  const session = model.createSession();
+  await session.prefill([prompt]);
+  const out: Float32Array[] = [];
+  for (const id of next) out.push((await session.step([id])).logits);
+  session.dispose();
+  return out;
+}
+
+test.each([
+  ['bf16', 2e-2],
+  ['int8', 6e-2],
+] as const)('%s decode logits stay close to fp32 and differ from it', async (format, tolerance) => {
+  const f32 = await RetNet.fromStateDict(config, weights);
+  const compact = await RetNet.fromStateDict(config, weights, { weights: format });
+  expect(compact.weights).toBe(format);
+  const a = await decodeLogits(f32);
+  const b = await decodeLogits(compact);
+  for (let i = 0; i < a.length; i++) {
+    const rel = maxAbsDiff(a[i], b[i]) / maxAbs(a[i]);
+    expect(rel).toBeLessThan(tolerance);
+    expect(rel).toBeGreaterThan(0); // the compact copy is really what the step reads
+  }
+  // Full-sequence forward keeps the fp32 weights.
+  const fa = await f32.forward([prompt]);
+  const fb = await compact.forward([prompt]);
+  expect(maxAbsDiff(fa.logits, fb.logits)).toBe(0);
+  f32.dispose();
+  compact.dispose();
+});
+
+test('int8 decode is batch-invariant too', async () => {
+  const model = await RetNet.fromStateDict(config, weights, { weights: 'int8' });
+  const native = model.native();
+  const states = [0, 1, 2, 3, 4].map(() => native.createState(1));
+  const alone = native.createState(1);
+  for (const s of [...states, alone]) await native.prefill(s, Int32Array.from(prompt), prompt.length, 'chunkwise', 8);
+  const batched = await native.stepBatch(states, Int32Array.from([7, 7, 7, 7, 7]));
+  const single = await native.step(alone, Int32Array.from([7]));
+  expect(Array.from(batched.subarray(0, 300))).toEqual(Array.from(single));
+  for (const s of [...states, alone]) s.dispose();
+  model.dispose();
+});
+
+test('a model with compact decode weights cannot be trained; bad formats are errors', async () => {
+  const model = await RetNet.fromStateDict(config, weights, { weights: 'bf16' });
+  const opts = { mode: 'parallel' as const, chunkSize: 8, lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0, clipNorm: 0, noDecay: [], seed: 0 };
+  expect(() => model.native().trainStep([{ tokens: Int32Array.from(prompt), batch: 1, length: prompt.length, targets: null, mask: null }], opts)).toThrow(
+    /fp32 weights/,
+  );
+  await expect(RetNet.fromStateDict(config, weights, { weights: 'fp8' as 'int8' })).rejects.toThrow(/weights must be/);
+  model.dispose();
+});
