@@ -101,44 +101,55 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows of W one after another (a single sequential stream the prefetcher follows), each
-// dotted with ROWS activation rows that stay in L1. A row's sum has the same order for
-// any ROWS, which keeps decode results independent of the batch.
-template <int ROWS>
-__attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int K, const float* X, ptrdiff_t ldx, const float* w,
-                                                              float* out, ptrdiff_t ldc, bool accumulate) {
-  __m256 a0[ROWS], a1[ROWS];
-  for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+// A block of WR weight rows against XR activation rows: one 8-lane accumulator per output,
+// summed over K in order, then a horizontal sum and the scalar tail. Every output gets that
+// same order whatever WR and XR are, so decode results don't depend on the batch.
+template <int WR, int XR>
+__attribute__((target("avx2,fma"))) inline void dots_block_avx2(int K, const float* X, ptrdiff_t ldx, const float* W,
+                                                               ptrdiff_t ldw, float* C, ptrdiff_t ldc, bool accumulate) {
+  __m256 acc[WR][XR];
+  for (int w = 0; w < WR; w++)
+    for (int x = 0; x < XR; x++) acc[w][x] = _mm256_setzero_ps();
   int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-    for (int r = 0; r < ROWS; r++) {
-      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * ldx + k), w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(X + r * ldx + k + 8), w1, a1[r]);
+  for (; k + 8 <= K; k += 8) {
+    __m256 xs[XR];
+    for (int x = 0; x < XR; x++) xs[x] = _mm256_loadu_ps(X + x * ldx + k);
+    for (int w = 0; w < WR; w++) {
+      const __m256 wv = _mm256_loadu_ps(W + w * ldw + k);
+      for (int x = 0; x < XR; x++) acc[w][x] = _mm256_fmadd_ps(xs[x], wv, acc[w][x]);
     }
   }
-  for (int r = 0; r < ROWS; r++) {
-    float sum = hsum256(_mm256_add_ps(a0[r], a1[r]));
-    for (int t = k; t < K; t++) sum += X[r * ldx + t] * w[t];
-    float& o = out[r * ldc];
-    o = accumulate ? o + sum : sum;
+  for (int w = 0; w < WR; w++) {
+    for (int x = 0; x < XR; x++) {
+      float sum = hsum256(acc[w][x]);
+      for (int t = k; t < K; t++) sum += X[x * ldx + t] * W[w * ldw + t];
+      float& o = C[x * ldc + w];
+      o = accumulate ? o + sum : sum;
+    }
   }
 }
 
+template <int WR>
+__attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int M, int K, const float* X, ptrdiff_t ldx,
+                                                              const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
+                                                              bool accumulate) {
+  int i = 0;
+  for (; i + 3 <= M; i += 3) dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
+  if (M - i == 2) dots_block_avx2<WR, 2>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
+  if (M - i == 1) dots_block_avx2<WR, 1>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
+}
+
+// Few activation rows: one weight row at a time, a single sequential stream the prefetcher
+// follows (decode is bound by reading the weights). More rows: four weight rows at a time,
+// so each activation load feeds four multiply-adds (the step becomes compute-bound).
 __attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
                                                    const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
                                                    bool accumulate) {
-  for (int j = n0; j < n1; j++) {
-    const float* w = W + j * ldw;
-    int i = 0;
-    for (; i + 4 <= M; i += 4) dots_rows_avx2<4>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate);
-    switch (M - i) {
-      case 3: dots_rows_avx2<3>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
-      case 2: dots_rows_avx2<2>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
-      case 1: dots_rows_avx2<1>(K, X + i * ldx, ldx, w, C + i * ldc + j, ldc, accumulate); break;
-      default: break;
-    }
+  int j = n0;
+  if (M > 3) {
+    for (; j + 4 <= n1; j += 4) dots_rows_avx2<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
   }
+  for (; j < n1; j++) dots_rows_avx2<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
 }
 #endif
 

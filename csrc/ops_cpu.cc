@@ -45,7 +45,7 @@ struct ChunkConstants {
   }
 };
 
-float dot(const float* a, const float* b, int n) {
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int i = 0;
   for (; i + 8 <= n; i += 8)
@@ -53,6 +53,19 @@ float dot(const float* a, const float* b, int n) {
   float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; i < n; i++) s += a[i] * b[i];
   return s;
+}
+
+// One head's recurrent update and read-out (spec §6): S = S·keep + (v ⊗ k)/sqrt(s'),
+// o = S q. Cloned for AVX2 (x86-64-v3) with a run-time pick: the state is the biggest
+// memory stream of a batched decode step.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void recurrent_head_update(
+    float* S, const float* q, const float* k, const float* v, float* o, int dk, int dv, float keep, float root_new) {
+  for (int j = 0; j < dv; j++) {
+    float* Sj = S + static_cast<size_t>(j) * dk;
+    const float vj = v[j];
+    for (int i = 0; i < dk; i++) Sj[i] = Sj[i] * keep + (k[i] * vj) / root_new;
+    o[j] = dot(q, Sj, dk);
+  }
 }
 
 float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
@@ -307,13 +320,7 @@ class CpuOps final : public Ops {
         const float* kh = k + static_cast<size_t>(b) * H * dk + h * dk;
         const float* vh = v + static_cast<size_t>(b) * H * dv + h * dv;
         float* oh = o + static_cast<size_t>(b) * H * dv + h * dv;
-        float* S = rows[b].kv + static_cast<size_t>(h) * dv * dk;
-        for (int j = 0; j < dv; j++) {
-          float* Sj = S + static_cast<size_t>(j) * dk;
-          const float vj = vh[j];
-          for (int i = 0; i < dk; i++) Sj[i] = Sj[i] * keep + (kh[i] * vj) / root_new;
-          oh[j] = dot(qh, Sj, dk);
-        }
+        recurrent_head_update(rows[b].kv + static_cast<size_t>(h) * dv * dk, qh, kh, vh, oh, dk, dv, keep, root_new);
         s = s_new;
       }
     });
