@@ -98,9 +98,11 @@ export interface FitProgress {
   etaSeconds: number;
 }
 
+const DEFAULT_FIT_BATCH = 8;
+
 export interface FitOptions {
-  /** Rows per step (split into gradAccumulation micro-batches), an integer >= 1. */
-  batchSize: number;
+  /** Rows per step (split into gradAccumulation micro-batches), an integer >= 1. Default 8. */
+  batchSize?: number;
   /** Train until the trainer has taken this many steps in total. Default: totalSteps. */
   steps?: number;
   /** Evaluate on the validation batches every this many steps (0: only at the end). Default 0. */
@@ -495,7 +497,7 @@ function checkFitOptions(options: FitOptions, totalSteps: number): Required<Omit
   if (options === null || typeof options !== 'object') throw new Error('fit: options must be an object');
   const fail = (name: string, requirement: string, value: unknown) =>
     new Error(`invalid fit option: ${name} must be ${requirement}, got ${JSON.stringify(value) ?? String(value)}`);
-  const { batchSize, steps = totalSteps, evalEvery = 0, evalBatches = Infinity, checkpointEvery = 0 } = options;
+  const { batchSize = DEFAULT_FIT_BATCH, steps = totalSteps, evalEvery = 0, evalBatches = Infinity, checkpointEvery = 0 } = options;
   if (!Number.isSafeInteger(batchSize) || batchSize < 1) throw fail('batchSize', 'an integer >= 1', batchSize);
   if (!Number.isSafeInteger(steps) || steps < 0) throw fail('steps', 'an integer >= 0', steps);
   if (!Number.isSafeInteger(evalEvery) || evalEvery < 0) throw fail('evalEvery', 'an integer >= 0', evalEvery);
