@@ -1,29 +1,7 @@
 // The batcher behind model.generate(): batched decoding matches each request alone, aborts free
 // their slot and state, and the concurrency and queue caps fail cleanly.
 import { RetNet, SchedulerFullError } from '../lib';
-import type { GenerateRequest } from '../lib';
-import { mulberry32 } from './reference/retnet_ref';
-
-const CONFIG = {
-  vocab_size: 256,
-  decoder_embed_dim: 32,
-  decoder_value_embed_dim: 64,
-  decoder_retention_heads: 2,
-  decoder_ffn_embed_dim: 64,
-  decoder_layers: 2,
-  recurrent_chunk_size: 8,
-};
-
-function randomPrompt(seed: number, length: number): number[] {
-  const rand = mulberry32(seed);
-  return Array.from({ length }, () => Math.floor(rand() * 256));
-}
-
-async function tokensOf(model: RetNet, prompt: number[], options: GenerateRequest): Promise<number[]> {
-  const tokens: number[] = [];
-  for await (const chunk of model.generate(prompt, options)) tokens.push(chunk.token);
-  return tokens;
-}
+import { BYTE_MODEL_CONFIG as CONFIG, randomPrompt, tokensOf } from './helpers/byte_model';
 
 /** Resolves after the event loop has run pending immediates (the scheduler's turns). */
 function settle(): Promise<void> {

@@ -4,16 +4,7 @@ import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 import { RetNet, createServer } from '../lib';
-
-const CONFIG = {
-  vocab_size: 256,
-  decoder_embed_dim: 32,
-  decoder_value_embed_dim: 64,
-  decoder_retention_heads: 2,
-  decoder_ffn_embed_dim: 64,
-  decoder_layers: 2,
-  recurrent_chunk_size: 8,
-};
+import { BYTE_MODEL_CONFIG as CONFIG } from './helpers/byte_model';
 
 interface Reply {
   status: number;
