@@ -45,6 +45,13 @@ struct ChunkConstants {
   }
 };
 
+// 1 / sqrt(mean(x²) + eps), the scale of an RMSNorm row (sum of squares in double).
+float inverse_rms(const float* x, int n, float eps) {
+  double ss = 0;
+  for (int j = 0; j < n; j++) ss += static_cast<double>(x[j]) * x[j];
+  return 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+}
+
 inline __attribute__((always_inline)) float dot(const float* a, const float* b, int n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int i = 0;
@@ -134,9 +141,7 @@ class CpuOps final : public Ops {
       for (size_t r = r0; r < r1; r++) {
         const float* xr = x + r * D;
         float* yr = y + r * D;
-        double ss = 0;
-        for (int j = 0; j < D; j++) ss += static_cast<double>(xr[j]) * xr[j];
-        const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
+        const float inv = inverse_rms(xr, D, eps);
         if (w) {
           for (int j = 0; j < D; j++) yr[j] = (xr[j] * inv) * w[j];
         } else {
@@ -332,9 +337,7 @@ class CpuOps final : public Ops {
       for (size_t r = r0; r < r1; r++) {
         for (int h = 0; h < H; h++) {
           const size_t off = r * width + static_cast<size_t>(h) * dv;
-          double ss = 0;
-          for (int j = 0; j < dv; j++) ss += static_cast<double>(o[off + j]) * o[off + j];
-          const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dv) + eps);
+          const float inv = inverse_rms(o + off, dv, eps);
           for (int j = 0; j < dv; j++) z[off + j] = swish(g[off + j]) * (o[off + j] * inv);
         }
       }
@@ -417,9 +420,7 @@ class CpuOps final : public Ops {
     parallel_for(rows, 64, [&](size_t r0, size_t r1) {
       for (size_t r = r0; r < r1; r++) {
         const float* xr = x + r * D;
-        double ss = 0;
-        for (int j = 0; j < D; j++) ss += static_cast<double>(xr[j]) * xr[j];
-        inv[r] = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
+        inv[r] = inverse_rms(xr, D, eps);
       }
     });
     // dw[j] += Σ_r dy[r, j] n[r, j] before dx overwrites a dy it may alias; columns split
@@ -554,9 +555,7 @@ class CpuOps final : public Ops {
       for (size_t r = r0; r < r1; r++) {
         for (int h = 0; h < H; h++) {
           const size_t off = r * width + static_cast<size_t>(h) * dv;
-          double ss = 0;
-          for (int j = 0; j < dv; j++) ss += static_cast<double>(o[off + j]) * o[off + j];
-          const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dv) + eps);
+          const float inv = inverse_rms(o + off, dv, eps);
           // z = swish(g) n with n = o * inv: dg = dz n swish'(g); dn = dz swish(g).
           double dot = 0;
           for (int j = 0; j < dv; j++) {
