@@ -8,9 +8,9 @@
 namespace retnet {
 namespace {
 
-// Chunkwise prefill runs the prompt in segments of about this many tokens (a multiple
-// of the chunk size): chunk-aligned segments give the same result as one pass, and
-// activation memory stays bounded whatever the prompt length.
+// Chunkwise prefill runs the prompt in segments of about this many tokens (a multiple of
+// the chunk size): each segment continues the recurrent state of the previous one, so the
+// result is the same as one pass, and activation memory stays bounded whatever the length.
 constexpr int kPrefillSegment = 2048;
 
 size_t product(const std::vector<int>& shape) {
@@ -208,20 +208,18 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
     ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
     // Recurrent: states holds L*B per-row views (layer-major); otherwise one view per layer.
     const StateView* state = states ? &(*states)[mode == Mode::Recurrent ? static_cast<size_t>(l) * d.B : l] : nullptr;
-    switch (mode) {
-      case Mode::Recurrent:
-        ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, state);
-        break;
-      case Mode::Parallel:
-        ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, d.T, kParallelClampMax,
-                              state);
-        break;
-      case Mode::Chunkwise:
-        ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, C,
-                              std::numeric_limits<float>::infinity(), state);
-        break;
+    const int chunk = mode == Mode::Parallel ? d.T : C;
+    if (mode == Mode::Recurrent) {
+      ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, state);
+    } else if (state) {
+      // A prefill: the chunk algorithm computing the recurrent form, then the state hand-off.
+      ops.retention_chunked_recurrent(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, *state);
+      ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
+    } else {
+      // A full-sequence forward: the torchscale form's own scalars (spec §5, §7).
+      const float clamp = mode == Mode::Parallel ? kParallelClampMax : std::numeric_limits<float>::infinity();
+      ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, clamp, nullptr);
     }
-    if (state && mode != Mode::Recurrent) ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
     ops.groupnorm_gate(ws.o.data(), ws.g.data(), ws.a.data(), R, c.H, c.dv(), c.eps);
     project(R, c.Dv, ws.a.data(), {{w.out, c.D, ws.h.data()}});
     ops.residual(ws.x.data(), ws.h.data(), static_cast<size_t>(R) * c.D, c.alpha);
@@ -291,7 +289,7 @@ void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float
 void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const {
   const int B = state.batch();
   check_tokens(tokens, static_cast<size_t>(B) * T);
-  if (mode == Mode::Recurrent) {
+  if (mode == Mode::Recurrent || !ops_->has_chunked_recurrent()) {
     std::vector<int32_t> column(B);
     for (int t = 0; t < T; t++) {
       for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];

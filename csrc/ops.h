@@ -69,6 +69,13 @@ class Ops {
   // the cross-chunk state starts from it (a prompt continuing a session); it is only read.
   virtual void retention_chunked(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
                                  const float* decay, int C, float inner_clamp_max, const StateView* state) = 0;
+  // The recurrent form's outputs (spec §6: o_n = S_n q_n, the running scale continued from
+  // `state`) computed chunk by chunk, so a prefill hands decoding exactly the activations,
+  // state and logits that token-by-token decoding reaches. Backends without such a kernel
+  // say so with has_chunked_recurrent() and the model prefills them token by token.
+  virtual bool has_chunked_recurrent() const { return false; }
+  virtual void retention_chunked_recurrent(const float* q, const float* k, const float* v, float* o,
+                                           const RetentionDims& d, const float* decay, int C, const StateView& state) {}
   // Advances `state` over the T rows just processed (spec §10.1 hand-off, closed form).
   virtual void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,
                                 StateView state) = 0;

@@ -103,6 +103,144 @@ float absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ld
   return column_abs_max(KV, dk, dv);
 }
 
+// The chunk algorithm (spec §7). `recurrent` swaps the chunkwise form's scalars for the
+// recurrent form's (spec §6, §10): o_n = u_n / sqrt(s_n), with s_n continuing the state's
+// running scale s ← s·γ + 1 in fp32, and no ι or κ.
+void chunked_retention(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                       const float* decay, int C, float inner_clamp_max, const StateView* state, bool recurrent) {
+  const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
+  const ptrdiff_t ldq = static_cast<ptrdiff_t>(H) * dk, ldv = static_cast<ptrdiff_t>(H) * dv;
+  C = std::max(1, std::min(C, T));
+  std::vector<ChunkConstants> consts;
+  consts.reserve(H);
+  for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+
+  // Cross-chunk state per (b, h): KV [dk, dv] un-normalised, kappa its abs-sum scale.
+  const size_t BH = static_cast<size_t>(B) * H;
+  std::vector<float> kv(BH * dk * dv, 0.f), kappa(BH, 1.f);
+  bool have_state = false;
+  if (state) {
+    // KV = U^T / S_C with U = S * sqrt(s): the state as if the previous tokens ended a chunk.
+    for (size_t bh = 0; bh < BH; bh++) {
+      const int h = static_cast<int>(bh % H);
+      const float s = state->scale[bh];
+      if (s <= 0) continue;
+      const float mult = std::sqrt(s) / consts[h].total;
+      const float* S = state->kv + bh * dv * dk;
+      float* KV = kv.data() + bh * dk * dv;
+      for (int j = 0; j < dv; j++)
+        for (int i = 0; i < dk; i++) KV[i * dv + j] = S[j * dk + i] * mult;
+      kappa[bh] = column_abs_max(KV, dk, dv);
+      have_state = true;
+    }
+  }
+
+  // Recurrent form: sqrt of each row's running scale, per (b, h).
+  std::vector<float> root_scale(recurrent ? BH * T : 0);
+  for (size_t bh = 0; recurrent && bh < BH; bh++) {
+    const float gamma = std::exp(decay[bh % H]);
+    float s = state->scale[bh];
+    for (int t = 0; t < T; t++) {
+      s = s * gamma + 1.0f;
+      root_scale[bh * T + t] = std::sqrt(s);
+    }
+  }
+
+  constexpr int TILE = 64;
+  const int nchunks = (T + C - 1) / C;
+  for (int c = 0; c < nchunks; c++) {
+    const int c0 = c * C, rows = std::min(C, T - c0);
+    const bool use_cross = c > 0 || have_state;
+    const int tiles = (rows + TILE - 1) / TILE;
+    parallel_for(BH * tiles, 1, [&](size_t w0, size_t w1) {
+      std::vector<float> scores(static_cast<size_t>(TILE) * rows), inner(static_cast<size_t>(TILE) * dv),
+          kvn(use_cross ? static_cast<size_t>(dk) * dv : 0), qa(use_cross ? static_cast<size_t>(TILE) * dk : 0),
+          cross(use_cross ? static_cast<size_t>(TILE) * dv : 0);
+      size_t kvn_for = static_cast<size_t>(-1);
+      for (size_t w = w0; w < w1; w++) {
+        const size_t bh = w / tiles;
+        const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
+        const int i0 = static_cast<int>(w % tiles) * TILE, i1 = std::min(rows, i0 + TILE);
+        const ChunkConstants& cc = consts[h];
+        const size_t row0 = static_cast<size_t>(b) * T + c0;
+        const float* qh = q + row0 * ldq + h * dk;
+        const float* kh = k + row0 * ldq + h * dk;
+        const float* vh = v + row0 * ldv + h * dv;
+        // scores[i, j] = q_i . k_j for the tile's rows against columns 0..i1-1.
+        const int ncol = i1;
+        gemm(i1 - i0, ncol, dk, row_major(qh + i0 * ldq, ldq), transposed(kh, ldq), scores.data(), ncol, false);
+        std::vector<float> iota(i1 - i0);
+        for (int i = i0; i < i1; i++) {
+          float* srow = scores.data() + static_cast<size_t>(i - i0) * ncol;
+          for (int j = i + 1; j < ncol; j++) srow[j] = 0.f;
+          if (recurrent) {  // plain decay weights; the row is scaled at the end
+            for (int j = 0; j <= i; j++) srow[j] *= cc.pow[i - j];
+            continue;
+          }
+          float abs_sum = 0;
+          for (int j = 0; j <= i; j++) {
+            const float mask = cc.pow[i - j] / cc.sigma[i];
+            srow[j] *= mask;
+            abs_sum += std::fabs(srow[j]);
+          }
+          const float io = std::min(std::max(abs_sum, 1.0f), inner_clamp_max);
+          for (int j = 0; j <= i; j++) srow[j] /= io;
+          iota[i - i0] = io;
+        }
+        gemm(i1 - i0, dv, ncol, row_major(scores.data(), ncol), row_major(vh, ldv), inner.data(), dv, false);
+        if (use_cross && kvn_for != bh) {
+          // Chunkwise: KV/κ. Recurrent: KV itself (its S_C goes into the query factor).
+          const float* KV = kv.data() + bh * dk * dv;
+          const float kap = recurrent ? 1.0f : kappa[bh];
+          for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) kvn[e] = KV[e] / kap;
+          kvn_for = bh;
+        }
+        if (use_cross) {
+          // cross = (α ⊙ q) KV/κ for the whole tile in one product; recurrent: γ^(i+1) S_C q · KV,
+          // the un-normalised state decayed to row i.
+          for (int i = i0; i < i1; i++) {
+            const float* qi = qh + i * ldq;
+            float* qai = qa.data() + static_cast<size_t>(i - i0) * dk;
+            const float factor = recurrent ? cc.pow[i + 1] * cc.total : cc.alpha[i];
+            for (int e = 0; e < dk; e++) qai[e] = qi[e] * factor;
+          }
+          gemm(i1 - i0, dv, dk, row_major(qa.data(), dk), row_major(kvn.data(), dv), cross.data(), dv, false);
+        }
+        for (int i = i0; i < i1; i++) {
+          float* orow = o + (row0 + i) * ldv + h * dv;
+          const float* in = inner.data() + static_cast<size_t>(i - i0) * dv;
+          if (recurrent) {
+            const float root = root_scale[bh * T + c0 + i];
+            const float* cr = cross.data() + static_cast<size_t>(i - i0) * dv;
+            for (int j = 0; j < dv; j++) orow[j] = (use_cross ? in[j] + cr[j] : in[j]) / root;
+            continue;
+          }
+          if (!use_cross) {
+            std::memcpy(orow, in, dv * sizeof(float));
+            continue;
+          }
+          const float* cr = cross.data() + static_cast<size_t>(i - i0) * dv;
+          const float io = iota[i - i0], kap = kappa[bh];
+          const float mu = std::max(io, kap);
+          const float align_inner = mu / io, align_cross = mu / kap;
+          for (int j = 0; j < dv; j++) orow[j] = in[j] / align_inner + cr[j] / align_cross;
+        }
+      }
+    });
+    if (c + 1 == nchunks) break;
+    // KV = KV * Γ + K_c^T (β ⊙ V_c); κ from the new KV.
+    parallel_for(BH, 1, [&](size_t w0, size_t w1) {
+      std::vector<float> scratch;
+      for (size_t bh = w0; bh < w1; bh++) {
+        const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
+        const size_t row0 = static_cast<size_t>(b) * T + c0;
+        kappa[bh] = absorb_chunk(k + row0 * ldq + h * dk, v + row0 * ldv + h * dv, ldq, ldv, rows, dk, dv, consts[h],
+                                 kv.data() + bh * dk * dv, scratch);
+      }
+    });
+  }
+}
+
 class CpuOps final : public Ops {
  public:
   const char* name() const override { return "cpu"; }
@@ -168,113 +306,14 @@ class CpuOps final : public Ops {
 
   void retention_chunked(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
                          const float* decay, int C, float inner_clamp_max, const StateView* state) override {
-    const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
-    const ptrdiff_t ldq = static_cast<ptrdiff_t>(H) * dk, ldv = static_cast<ptrdiff_t>(H) * dv;
-    C = std::max(1, std::min(C, T));
-    std::vector<ChunkConstants> consts;
-    consts.reserve(H);
-    for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+    chunked_retention(q, k, v, o, d, decay, C, inner_clamp_max, state, false);
+  }
 
-    // Cross-chunk state per (b, h): KV [dk, dv] un-normalised, kappa its abs-sum scale.
-    const size_t BH = static_cast<size_t>(B) * H;
-    std::vector<float> kv(BH * dk * dv, 0.f), kappa(BH, 1.f);
-    bool have_state = false;
-    if (state) {
-      // KV = U^T / S_C with U = S * sqrt(s): the state as if the previous tokens ended a chunk.
-      for (size_t bh = 0; bh < BH; bh++) {
-        const int h = static_cast<int>(bh % H);
-        const float s = state->scale[bh];
-        if (s <= 0) continue;
-        const float mult = std::sqrt(s) / consts[h].total;
-        const float* S = state->kv + bh * dv * dk;
-        float* KV = kv.data() + bh * dk * dv;
-        for (int j = 0; j < dv; j++)
-          for (int i = 0; i < dk; i++) KV[i * dv + j] = S[j * dk + i] * mult;
-        kappa[bh] = column_abs_max(KV, dk, dv);
-        have_state = true;
-      }
-    }
+  bool has_chunked_recurrent() const override { return true; }
 
-    constexpr int TILE = 64;
-    const int nchunks = (T + C - 1) / C;
-    for (int c = 0; c < nchunks; c++) {
-      const int c0 = c * C, rows = std::min(C, T - c0);
-      const bool use_cross = c > 0 || have_state;
-      const int tiles = (rows + TILE - 1) / TILE;
-      parallel_for(BH * tiles, 1, [&](size_t w0, size_t w1) {
-        std::vector<float> scores(static_cast<size_t>(TILE) * rows), inner(static_cast<size_t>(TILE) * dv),
-            kvn(use_cross ? static_cast<size_t>(dk) * dv : 0), qa(use_cross ? static_cast<size_t>(TILE) * dk : 0),
-            cross(use_cross ? static_cast<size_t>(TILE) * dv : 0);
-        size_t kvn_for = static_cast<size_t>(-1);
-        for (size_t w = w0; w < w1; w++) {
-          const size_t bh = w / tiles;
-          const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
-          const int i0 = static_cast<int>(w % tiles) * TILE, i1 = std::min(rows, i0 + TILE);
-          const ChunkConstants& cc = consts[h];
-          const size_t row0 = static_cast<size_t>(b) * T + c0;
-          const float* qh = q + row0 * ldq + h * dk;
-          const float* kh = k + row0 * ldq + h * dk;
-          const float* vh = v + row0 * ldv + h * dv;
-          // scores[i, j] = q_i . k_j for the tile's rows against columns 0..i1-1.
-          const int ncol = i1;
-          gemm(i1 - i0, ncol, dk, row_major(qh + i0 * ldq, ldq), transposed(kh, ldq), scores.data(), ncol, false);
-          std::vector<float> iota(i1 - i0);
-          for (int i = i0; i < i1; i++) {
-            float* srow = scores.data() + static_cast<size_t>(i - i0) * ncol;
-            float abs_sum = 0;
-            for (int j = 0; j <= i; j++) {
-              const float mask = cc.pow[i - j] / cc.sigma[i];
-              srow[j] *= mask;
-              abs_sum += std::fabs(srow[j]);
-            }
-            const float io = std::min(std::max(abs_sum, 1.0f), inner_clamp_max);
-            for (int j = 0; j <= i; j++) srow[j] /= io;
-            for (int j = i + 1; j < ncol; j++) srow[j] = 0.f;
-            iota[i - i0] = io;
-          }
-          gemm(i1 - i0, dv, ncol, row_major(scores.data(), ncol), row_major(vh, ldv), inner.data(), dv, false);
-          if (use_cross && kvn_for != bh) {
-            const float* KV = kv.data() + bh * dk * dv;
-            const float kap = kappa[bh];
-            for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) kvn[e] = KV[e] / kap;
-            kvn_for = bh;
-          }
-          if (use_cross) {
-            // cross = (α ⊙ q) KV/κ for the whole tile in one product.
-            for (int i = i0; i < i1; i++) {
-              const float* qi = qh + i * ldq;
-              float* qai = qa.data() + static_cast<size_t>(i - i0) * dk;
-              for (int e = 0; e < dk; e++) qai[e] = qi[e] * cc.alpha[i];
-            }
-            gemm(i1 - i0, dv, dk, row_major(qa.data(), dk), row_major(kvn.data(), dv), cross.data(), dv, false);
-          }
-          for (int i = i0; i < i1; i++) {
-            float* orow = o + (row0 + i) * ldv + h * dv;
-            const float* in = inner.data() + static_cast<size_t>(i - i0) * dv;
-            if (!use_cross) {
-              std::memcpy(orow, in, dv * sizeof(float));
-              continue;
-            }
-            const float* cr = cross.data() + static_cast<size_t>(i - i0) * dv;
-            const float io = iota[i - i0], kap = kappa[bh];
-            const float mu = std::max(io, kap);
-            const float align_inner = mu / io, align_cross = mu / kap;
-            for (int j = 0; j < dv; j++) orow[j] = in[j] / align_inner + cr[j] / align_cross;
-          }
-        }
-      });
-      if (c + 1 == nchunks) break;
-      // KV = KV * Γ + K_c^T (β ⊙ V_c); κ from the new KV.
-      parallel_for(BH, 1, [&](size_t w0, size_t w1) {
-        std::vector<float> scratch;
-        for (size_t bh = w0; bh < w1; bh++) {
-          const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
-          const size_t row0 = static_cast<size_t>(b) * T + c0;
-          kappa[bh] = absorb_chunk(k + row0 * ldq + h * dk, v + row0 * ldv + h * dv, ldq, ldv, rows, dk, dv, consts[h],
-                                   kv.data() + bh * dk * dv, scratch);
-        }
-      });
-    }
+  void retention_chunked_recurrent(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                                   const float* decay, int C, const StateView& state) override {
+    chunked_retention(q, k, v, o, d, decay, C, 0.0f, &state, true);
   }
 
   void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,

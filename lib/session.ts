@@ -7,7 +7,11 @@ import { TokenInput, toTokenBatch } from './tokens';
 export type PrefillMode = 'parallel' | 'chunkwise' | 'recurrent';
 
 export interface PrefillOptions {
-  /** Form used for the prompt (default 'chunkwise': linear time and memory in its length). */
+  /**
+   * How the prompt is chunked (default 'chunkwise': linear time and memory in its length;
+   * 'parallel': one chunk; 'recurrent': token by token). Every mode computes the recurrent
+   * form, so the state and logits it leaves are those of token-by-token decoding.
+   */
   mode?: PrefillMode;
   /** Chunk size for 'chunkwise' (default: the config's recurrent_chunk_size). */
   chunkSize?: number;
