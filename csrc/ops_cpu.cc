@@ -106,14 +106,20 @@ float absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ld
 // The chunk algorithm (spec §7). `recurrent` swaps the chunkwise form's scalars for the
 // recurrent form's (spec §6, §10): o_n = u_n / sqrt(s_n), with s_n continuing the state's
 // running scale s ← s·γ + 1 in fp32, and no ι or κ.
+// Every head's constants for chunks of length C.
+std::vector<ChunkConstants> chunk_constants(const float* decay, int H, int C) {
+  std::vector<ChunkConstants> consts;
+  consts.reserve(H);
+  for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+  return consts;
+}
+
 void chunked_retention(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
                        const float* decay, int C, float inner_clamp_max, const StateView* state, bool recurrent) {
   const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
   const ptrdiff_t ldq = static_cast<ptrdiff_t>(H) * dk, ldv = static_cast<ptrdiff_t>(H) * dv;
   C = std::max(1, std::min(C, T));
-  std::vector<ChunkConstants> consts;
-  consts.reserve(H);
-  for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+  const std::vector<ChunkConstants> consts = chunk_constants(decay, H, C);
 
   // Cross-chunk state per (b, h): KV [dk, dv] un-normalised, kappa its abs-sum scale.
   const size_t BH = static_cast<size_t>(B) * H;
@@ -500,9 +506,7 @@ class CpuOps final : public Ops {
     const int B = d.B, T = d.T, H = d.H, dk_ = d.dk, dv_ = d.dv;
     const ptrdiff_t ldq = static_cast<ptrdiff_t>(H) * dk_, ldv = static_cast<ptrdiff_t>(H) * dv_;
     C = std::max(1, std::min(C, T));
-    std::vector<ChunkConstants> consts;
-    consts.reserve(H);
-    for (int h = 0; h < H; h++) consts.emplace_back(decay[h], C);
+    const std::vector<ChunkConstants> consts = chunk_constants(decay, H, C);
     const int nchunks = (T + C - 1) / C;
     const size_t kv_size = static_cast<size_t>(dk_) * dv_;
     // Each (b, h) is independent and owns its head's columns of dq, dk, dv.
