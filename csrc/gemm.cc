@@ -7,10 +7,7 @@
 #include "quant.h"
 #include "threadpool.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define RETNET_X86 1
-#endif
+#include "simd.h"
 
 namespace retnet {
 namespace {
@@ -92,13 +89,6 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
     _mm256_storeu_ps(ci, rows[i][0]);
     _mm256_storeu_ps(ci + 8, rows[i][1]);
   }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // A block of WR weight rows against XR activation rows: one 8-lane accumulator per output,

@@ -4,10 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define RETNET_X86 1
-#endif
+#include "simd.h"
 
 namespace retnet {
 namespace {
@@ -66,13 +63,6 @@ struct LoadInt8 {
   }
 };
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One weight row against ROWS activation rows (the same structure as the fp32 decode GEMV).
 template <int ROWS, typename Load>
 __attribute__((target("avx2,fma"))) inline void row_dots(const QuantizedMatrix& q, const Load& load, size_t row, int K,
@@ -89,7 +79,7 @@ __attribute__((target("avx2,fma"))) inline void row_dots(const QuantizedMatrix& 
     }
   }
   for (int r = 0; r < ROWS; r++) {
-    float s = hsum(_mm256_add_ps(a0[r], a1[r]));
+    float s = hsum256(_mm256_add_ps(a0[r], a1[r]));
     for (int t = k; t < K; t++) s += X[r * K + t] * weight_at(q, row + t);
     out[r * ldy] = s * scale;
   }
