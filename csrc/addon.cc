@@ -168,6 +168,27 @@ Napi::Value get_or_null(const Napi::Object& o, const char* key) {
   return o.Has(key) ? o.Get(key) : o.Env().Null();
 }
 
+// Named parameter values from a JS object { name: Float32Array }; `keep` pins the arrays
+// while a worker copies them.
+struct ParamSource {
+  std::string name;
+  const float* data;
+  size_t n;
+};
+std::vector<ParamSource> param_sources(const Napi::Value& v, std::vector<Napi::Value>& keep) {
+  if (!v.IsObject()) throw std::invalid_argument("tensors must be an object of Float32Arrays");
+  Napi::Object obj = v.As<Napi::Object>();
+  Napi::Array names = obj.GetPropertyNames();
+  std::vector<ParamSource> sources;
+  for (uint32_t i = 0; i < names.Length(); i++) {
+    const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
+    Napi::Float32Array arr = float32_arg(obj.Get(name), name.c_str());
+    sources.push_back({name, arr.Data(), arr.ElementLength()});
+    keep.push_back(arr);
+  }
+  return sources;
+}
+
 // One training batch from JS values; `keep` pins the arrays while a worker reads them.
 TrainBatch parse_batch(const Napi::Value& tokens_v, const Napi::Value& batch_v, const Napi::Value& length_v,
                        const Napi::Value& targets_v, const Napi::Value& mask_v, std::vector<Napi::Value>& keep) {
@@ -324,6 +345,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
+                        InstanceMethod("setParams", &NativeModel::SetParams),
                         InstanceMethod("setDecodeWeights", &NativeModel::SetDecodeWeights),
                         InstanceMethod("lossAndGradients", &NativeModel::LossAndGradients),
                         InstanceMethod("trainStep", &NativeModel::TrainStep),
@@ -335,11 +357,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
   }
 
-  // createModel(config, tensors: { name: Float32Array }, device = 'cpu') -> Promise<NativeModel>
+  // createModel(config, tensors: { name: Float32Array }, device = 'cpu') -> Promise<NativeModel>.
+  // Parameters not given start at zero; setParams fills them in later.
   static Napi::Value Create(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     ModelConfig config;
-    std::vector<std::pair<std::string, Napi::Float32Array>> tensors;
+    std::vector<ParamSource> sources;
+    std::vector<Napi::Value> keep;
     std::string device = "cpu";
     try {
       config = parse_config(info[0].As<Napi::Object>());
@@ -347,35 +371,23 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         if (!info[2].IsString()) throw std::invalid_argument("device must be a string");
         device = info[2].As<Napi::String>().Utf8Value();
       }
-      Napi::Object obj = info[1].As<Napi::Object>();
-      Napi::Array names = obj.GetPropertyNames();
-      for (uint32_t i = 0; i < names.Length(); i++) {
-        const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
-        tensors.emplace_back(name, float32_arg(obj.Get(name), name.c_str()));
-      }
+      sources = param_sources(info[1], keep);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    struct Source {
-      std::string name;
-      const float* data;
-      size_t n;
-    };
-    std::vector<Source> sources;
-    for (auto& [name, arr] : tensors) sources.push_back({name, arr.Data(), arr.ElementLength()});
     auto result = std::make_shared<std::shared_ptr<Model>>();
     auto* worker = new PromiseWorker(
         env,
         [config, sources, result, device] {
           auto model = std::make_shared<Model>(make_ops(device), config);
-          for (const Source& s : sources) model->set_param(s.name, s.data, s.n);
+          for (const ParamSource& s : sources) model->set_param(s.name, s.data, s.n);
           *result = model;
         },
         [result](Napi::Env env) -> Napi::Value {
           return env.GetInstanceData<Constructors>()->model.New(
               {Napi::External<std::shared_ptr<Model>>::New(env, result.get())});
         });
-    for (auto& [name, arr] : tensors) worker->keep(arr);
+    for (const Napi::Value& v : keep) worker->keep(v);
     worker->Queue();
     return worker->promise();
   }
@@ -645,6 +657,32 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       throw Napi::Error::New(env, e.what());
     }
     return env.Undefined();
+  }
+
+  // setParams({ name: Float32Array }) -> Promise<void>: copies values into the model off the
+  // JS thread (loading streams a file in through this one tensor at a time).
+  Napi::Value SetParams(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    std::vector<ParamSource> sources;
+    std::vector<Napi::Value> keep;
+    try {
+      require_fp32_decode(*m, "setParams");
+      sources = param_sources(info[0], keep);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto guard = claim_write(env);
+    auto* worker = new PromiseWorker(
+        env,
+        [m, guard, sources] {
+          WriteClaim claim{guard};
+          for (const ParamSource& s : sources) m->set_param(s.name, s.data, s.n);
+        },
+        [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+    for (const Napi::Value& v : keep) worker->keep(v);
+    worker->Queue();
+    return worker->promise();
   }
 
   // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed)

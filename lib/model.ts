@@ -6,14 +6,14 @@ import * as path from 'path';
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
 import { NativeDevice, NativeModel, WeightFormat, addon } from './native';
-import { TensorEntry, readSafetensorsFile, serializeSafetensors, writeFileAtomic } from './safetensors';
+import { TensorEntry, openSafetensors, writeFileAtomic, writeSafetensorsFile } from './safetensors';
 import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
 import { isTypedArray } from './typed';
-import { checkWeights, initWeights } from './weights';
+import { EMBED, OUTPUT, checkWeights, generateWeights, planWeights, plannedValues } from './weights';
 
 export type ForwardMode = PrefillMode;
 
@@ -131,19 +131,39 @@ export class RetNet implements SessionOwner {
         throw new Error(`RetNet.load: ${configPath} is not valid JSON (${(e as Error).message})`);
       }
     }
-    const parsed = await readSafetensorsFile(weightsPath);
-    if (rawConfig === undefined) {
-      const text = parsed.metadata.config;
-      if (text === undefined) throw new Error(`RetNet.load: ${weightsPath} has no __metadata__.config and no config.json`);
-      try {
-        rawConfig = JSON.parse(text);
-      } catch (e) {
-        throw new Error(`RetNet.load: __metadata__.config of ${weightsPath} is not valid JSON (${(e as Error).message})`);
+    // The file is read one tensor at a time straight into the model, so loading never holds
+    // more than the model plus its largest tensor.
+    const reader = await openSafetensors(weightsPath);
+    try {
+      if (rawConfig === undefined) {
+        const text = reader.metadata.config;
+        if (text === undefined) throw new Error(`RetNet.load: ${weightsPath} has no __metadata__.config and no config.json`);
+        try {
+          rawConfig = JSON.parse(text);
+        } catch (e) {
+          throw new Error(`RetNet.load: __metadata__.config of ${weightsPath} is not valid JSON (${(e as Error).message})`);
+        }
       }
+      const config = resolveConfig(rawConfig);
+      const plan = planWeights(config, reader.shapes, weightsPath);
+      // Every tensor passes through one buffer, except an embedding a stored tied output
+      // projection is compared with later.
+      const keepEmbed = plan.some((w) => w.name === OUTPUT && w.from === 'stored') && config.share_decoder_input_output_embed;
+      const scratch = new Float32Array(Math.max(0, ...[...reader.shapes.values()].map((shape) => shape.reduce((a, b) => a * b, 1))));
+      async function* checked(): AsyncGenerator<[string, Float32Array]> {
+        let embed: Float32Array | undefined;
+        for (const weight of plan) {
+          const into = weight.name === EMBED && keepEmbed ? undefined : scratch;
+          const stored = weight.from === 'stored' ? await reader.read(weight.name, into) : undefined;
+          const values = plannedValues(config, weight, stored, embed, weightsPath);
+          if (weight.name === EMBED) embed = values;
+          yield [weight.name, values];
+        }
+      }
+      return await RetNet.fromWeights(config, checked(), options);
+    } finally {
+      await reader.close();
     }
-    const config = resolveConfig(rawConfig);
-    const weights = checkWeights(config, parsed.tensors, weightsPath);
-    return RetNet.fromWeights(config, weights, options);
   }
 
   /** A fresh model with torchscale's initialisation. */
@@ -152,7 +172,7 @@ export class RetNet implements SessionOwner {
     const resolved = resolveConfig(config);
     const seed = options.seed ?? 0;
     if (!Number.isSafeInteger(seed)) throw new Error(`seed must be a safe integer, got ${String(options.seed)}`);
-    return RetNet.fromWeights(resolved, initWeights(resolved, seed), options);
+    return RetNet.fromWeights(resolved, generateWeights(resolved, seed, { reuseBuffer: true }), options);
   }
 
   /**
@@ -177,19 +197,31 @@ export class RetNet implements SessionOwner {
     return RetNet.fromWeights(resolved, checkWeights(resolved, entries, 'state dict'), options);
   }
 
-  private static async fromWeights(config: RetNetConfig, weights: Map<string, Float32Array>, options: ModelOptions): Promise<RetNet> {
-    const tensors: Record<string, Float32Array> = {};
-    for (const [name, data] of weights) {
-      // A tied output projection is the embedding itself in the native core.
-      if (name === 'output_projection.weight' && config.share_decoder_input_output_embed) continue;
-      tensors[name] = data;
-    }
+  /**
+   * Builds the native model and copies `weights` (state_dict names, checked) into it one tensor
+   * at a time; each is copied before the next is asked for, so the source may reuse a buffer.
+   */
+  private static async fromWeights(
+    config: RetNetConfig,
+    weights: Iterable<[string, Float32Array]> | AsyncIterable<[string, Float32Array]>,
+    options: ModelOptions,
+  ): Promise<RetNet> {
     const weightFormat = options.weights ?? 'f32';
     if (weightFormat !== 'f32' && weightFormat !== 'bf16' && weightFormat !== 'int8') {
       throw new Error(`weights must be 'f32', 'bf16' or 'int8', got ${JSON.stringify(options.weights)}`);
     }
-    const nativeModel = await addon().createModel(config, tensors, resolveDevice(options.device));
-    if (weightFormat !== 'f32') await nativeModel.setDecodeWeights(weightFormat);
+    const nativeModel = await addon().createModel(config, {}, resolveDevice(options.device));
+    try {
+      for await (const [name, data] of weights) {
+        // A tied output projection is the embedding itself in the native core.
+        if (name === OUTPUT && config.share_decoder_input_output_embed) continue;
+        await nativeModel.setParams({ [name]: data });
+      }
+      if (weightFormat !== 'f32') await nativeModel.setDecodeWeights(weightFormat);
+    } catch (e) {
+      nativeModel.dispose();
+      throw e;
+    }
     return new RetNet(config, nativeModel, options.tokenizer, weightFormat);
   }
 
@@ -329,7 +361,7 @@ export class RetNet implements SessionOwner {
     const nativeModel = this.native();
     const out = new Map<string, Float32Array>();
     for (const [name] of parameterShapes(this.config)) {
-      const source = name === 'output_projection.weight' && this.config.share_decoder_input_output_embed ? 'embed_tokens.weight' : name;
+      const source = name === OUTPUT && this.config.share_decoder_input_output_embed ? EMBED : name;
       out.set(name, nativeModel.getParam(source));
     }
     return out;
@@ -341,19 +373,18 @@ export class RetNet implements SessionOwner {
    * config.json + model.safetensors. Each file is written atomically (temp + rename).
    */
   async save(location: string): Promise<void> {
-    const tensors = [...this.stateDict()].map(([name, data]) => ({
-      name,
-      shape: parameterShapes(this.config).find(([n]) => n === name)![1],
-      data,
-    }));
-    const configJson = JSON.stringify(this.config);
-    const file = serializeSafetensors(tensors, { format: 'pt', config: configJson });
+    const nativeModel = this.native();
+    const tied = this.config.share_decoder_input_output_embed;
+    const tensors = parameterShapes(this.config).map(([name, shape]) => ({ name, shape }));
+    // One tensor at a time from the native model, so saving never holds a copy of every weight.
+    const values = (name: string): Float32Array => nativeModel.getParam(name === OUTPUT && tied ? EMBED : name);
+    const metadata = { format: 'pt', config: JSON.stringify(this.config) };
     if (location.endsWith('.safetensors')) {
-      await writeFileAtomic(location, file);
+      await writeSafetensorsFile(location, tensors, values, metadata);
       return;
     }
     await fsp.mkdir(location, { recursive: true });
-    await writeFileAtomic(path.join(location, WEIGHTS_FILE), file);
+    await writeSafetensorsFile(path.join(location, WEIGHTS_FILE), tensors, values, metadata);
     await writeFileAtomic(path.join(location, CONFIG_FILE), Buffer.from(JSON.stringify(this.config, null, 2) + '\n'));
   }
 

@@ -64,6 +64,8 @@ export interface NativeModel {
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */
   setParam(name: string, data: Float32Array): void;
+  /** Copies parameter values in off the JS thread. */
+  setParams(tensors: Record<string, Float32Array>): Promise<void>;
   /** Mean next-token (or `targets`) cross-entropy and its gradient per trainable parameter (tied: embed_tokens.weight only). */
   lossAndGradients(
     tokens: Int32Array,

@@ -56,13 +56,13 @@ function halfToFloat(bits: number): number {
   return sign * (1024 + mantissa) * 2 ** (exponent - 25);
 }
 
-/** Decodes `count` little-endian elements of `dtype` starting at `bytes[0]` into a new Float32Array. */
-function decodeToFloat32(bytes: Uint8Array, dtype: string, count: number): Float32Array {
+/** Decodes `count` little-endian elements of `dtype` starting at `bytes[0]` into `out` (a new Float32Array by default). */
+function decodeToFloat32(bytes: Uint8Array, dtype: string, count: number, out: Float32Array = new Float32Array(count)): Float32Array {
   if (dtype === 'F32' && HOST_IS_LITTLE_ENDIAN) {
-    // Copying into a fresh buffer makes unaligned offsets harmless and never aliases the input.
-    return new Float32Array(new Uint8Array(bytes).buffer, 0, count);
+    // Copying makes unaligned offsets harmless and never aliases the input.
+    new Uint8Array(out.buffer, out.byteOffset, 4 * count).set(bytes);
+    return out;
   }
-  const out = new Float32Array(count);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   switch (dtype) {
     case 'F32':
@@ -150,25 +150,34 @@ function validateMetadata(raw: unknown, source: string): Record<string, string> 
   return Object.fromEntries(Object.entries(raw as Record<string, string>));
 }
 
-/** Parses a safetensors image. Throws an Error naming `source` and the problem on any malformed input. */
-export function parseSafetensors(buf: Uint8Array, source = '<buffer>'): ParsedSafetensors {
-  if (buf.byteLength < PREFIX_BYTES) {
-    fail(source, `file is ${buf.byteLength} bytes, shorter than the 8-byte header length prefix`);
+interface ParsedHeader {
+  entries: HeaderEntry[];
+  metadata: Record<string, string>;
+  /** Byte offset of the data section in the file. */
+  dataStart: number;
+}
+
+/** Reads the 8-byte header length from the first bytes of a file of `fileBytes` bytes and checks it. */
+function headerLength(prefix: Uint8Array, fileBytes: number, source: string): number {
+  if (fileBytes < PREFIX_BYTES) {
+    fail(source, `file is ${fileBytes} bytes, shorter than the 8-byte header length prefix`);
   }
-  const headerBytesBig = new DataView(buf.buffer, buf.byteOffset, PREFIX_BYTES).getBigUint64(0, true);
-  const available = buf.byteLength - PREFIX_BYTES;
-  if (headerBytesBig > BigInt(available)) {
-    fail(source, `header length ${headerBytesBig} exceeds the ${available} bytes after the prefix`);
+  const headerBytes = new DataView(prefix.buffer, prefix.byteOffset, PREFIX_BYTES).getBigUint64(0, true);
+  const available = fileBytes - PREFIX_BYTES;
+  if (headerBytes > BigInt(available)) {
+    fail(source, `header length ${headerBytes} exceeds the ${available} bytes after the prefix`);
   }
-  if (headerBytesBig > BigInt(MAX_HEADER_BYTES)) {
-    fail(source, `header length ${headerBytesBig} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
+  if (headerBytes > BigInt(MAX_HEADER_BYTES)) {
+    fail(source, `header length ${headerBytes} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
   }
-  const headerBytes = Number(headerBytesBig);
+  return Number(headerBytes);
+}
+
+/** Validates the JSON header (`headerBytes`, found after the prefix) of a file of `fileBytes` bytes. */
+function parseHeader(headerBytes: Uint8Array, fileBytes: number, source: string): ParsedHeader {
   let headerText: string;
   try {
-    headerText = new TextDecoder('utf-8', { fatal: true }).decode(
-      buf.subarray(PREFIX_BYTES, PREFIX_BYTES + headerBytes),
-    );
+    headerText = new TextDecoder('utf-8', { fatal: true }).decode(headerBytes);
   } catch {
     fail(source, 'header is not valid UTF-8');
   }
@@ -180,8 +189,8 @@ export function parseSafetensors(buf: Uint8Array, source = '<buffer>'): ParsedSa
   }
   if (!isPlainObject(header)) fail(source, 'header must be a JSON object');
 
-  const dataStart = PREFIX_BYTES + headerBytes;
-  const dataBytes = buf.byteLength - dataStart;
+  const dataStart = PREFIX_BYTES + headerBytes.byteLength;
+  const dataBytes = fileBytes - dataStart;
   let metadata: Record<string, string> = {};
   const entries: HeaderEntry[] = [];
   for (const [name, raw] of Object.entries(header)) {
@@ -211,25 +220,91 @@ export function parseSafetensors(buf: Uint8Array, source = '<buffer>'): ParsedSa
   if (covered !== dataBytes) {
     fail(source, `data section is ${dataBytes} bytes but the tensors cover only the first ${covered}`);
   }
+  return { entries, metadata, dataStart };
+}
 
+function elementCount(entry: HeaderEntry): number {
+  return (entry.end - entry.begin) / (ITEM_BYTES.get(entry.dtype) as number);
+}
+
+/** Parses a safetensors image. Throws an Error naming `source` and the problem on any malformed input. */
+export function parseSafetensors(buf: Uint8Array, source = '<buffer>'): ParsedSafetensors {
+  const headerBytes = headerLength(buf, buf.byteLength, source);
+  const { entries, metadata, dataStart } = parseHeader(buf.subarray(PREFIX_BYTES, PREFIX_BYTES + headerBytes), buf.byteLength, source);
   const tensors = new Map<string, TensorEntry>();
   for (const entry of entries) {
-    const count = (entry.end - entry.begin) / (ITEM_BYTES.get(entry.dtype) as number);
     const bytes = buf.subarray(dataStart + entry.begin, dataStart + entry.end);
     tensors.set(entry.name, {
       dtype: entry.dtype,
       shape: entry.shape.slice(),
-      data: decodeToFloat32(bytes, entry.dtype, count),
+      data: decodeToFloat32(bytes, entry.dtype, elementCount(entry)),
     });
   }
   return { tensors, metadata };
 }
 
-/** Serialises F32 tensors in the given order, contiguously, with the header space-padded to a multiple of 8. */
-export function serializeSafetensors(
-  tensors: Array<{ name: string; shape: number[]; data: Float32Array }>,
-  metadata?: Record<string, string>,
-): Buffer {
+/**
+ * A safetensors file opened for reading one tensor at a time, so loading a model never holds
+ * the whole file in memory. The header is validated on open; `read` checks the file still
+ * holds the bytes it promised.
+ */
+export interface SafetensorsReader {
+  metadata: Record<string, string>;
+  /** Tensor shapes by name, in header order. */
+  shapes: Map<string, number[]>;
+  /** A tensor's values, in `into` (its first elements) when given: a loader reuses one buffer. */
+  read(name: string, into?: Float32Array): Promise<Float32Array>;
+  close(): Promise<void>;
+}
+
+export async function openSafetensors(filePath: string): Promise<SafetensorsReader> {
+  const handle = await fsp.open(filePath, 'r');
+  try {
+    const fileBytes = (await handle.stat()).size;
+    const prefix = new Uint8Array(PREFIX_BYTES);
+    await handle.read(prefix, 0, Math.min(PREFIX_BYTES, fileBytes), 0);
+    const headerBytes = headerLength(prefix, fileBytes, filePath);
+    const headerBuf = new Uint8Array(headerBytes);
+    await readExactly(handle, headerBuf, PREFIX_BYTES, filePath);
+    const { entries, metadata, dataStart } = parseHeader(headerBuf, fileBytes, filePath);
+    const byName = new Map(entries.map((e) => [e.name, e]));
+    return {
+      metadata,
+      shapes: new Map(entries.map((e) => [e.name, e.shape.slice()])),
+      async read(name: string, into?: Float32Array): Promise<Float32Array> {
+        const entry = byName.get(name);
+        if (entry === undefined) throw new Error(`${filePath}: no tensor ${brief(name)}`);
+        const count = elementCount(entry);
+        if (into !== undefined && into.length < count) throw new Error(`read: ${brief(name)} needs ${count} values, the buffer holds ${into.length}`);
+        const out = into === undefined ? new Float32Array(count) : into.subarray(0, count);
+        if (entry.dtype === 'F32' && HOST_IS_LITTLE_ENDIAN) {
+          await readExactly(handle, new Uint8Array(out.buffer, out.byteOffset, 4 * count), dataStart + entry.begin, filePath);
+          return out;
+        }
+        const bytes = new Uint8Array(entry.end - entry.begin);
+        await readExactly(handle, bytes, dataStart + entry.begin, filePath);
+        return decodeToFloat32(bytes, entry.dtype, count, out);
+      },
+      close: () => handle.close(),
+    };
+  } catch (err) {
+    await handle.close();
+    throw err;
+  }
+}
+
+/** Fills `out` from `position`; a file that shrank since it was opened is an error, not zeros. */
+async function readExactly(handle: fsp.FileHandle, out: Uint8Array, position: number, source: string): Promise<void> {
+  let done = 0;
+  while (done < out.byteLength) {
+    const { bytesRead } = await handle.read(out, done, out.byteLength - done, position + done);
+    if (bytesRead === 0) fail(source, `file ended at byte ${position + done} while reading ${out.byteLength} bytes at ${position}`);
+    done += bytesRead;
+  }
+}
+
+/** The prefix and space-padded JSON header for F32 tensors stored contiguously in the given order. */
+function safetensorsHeader(tensors: ReadonlyArray<{ name: string; shape: number[] }>, metadata?: Record<string, string>): Buffer {
   const header: Record<string, unknown> = {};
   if (metadata !== undefined) {
     for (const [key, value] of Object.entries(metadata)) {
@@ -239,14 +314,14 @@ export function serializeSafetensors(
   }
   let offset = 0;
   const seen = new Set<string>();
-  for (const { name, shape, data } of tensors) {
+  for (const { name, shape } of tensors) {
     if (name === METADATA_KEY) throw new Error(`safetensors tensor name ${METADATA_KEY} is reserved`);
     if (seen.has(name)) throw new Error(`safetensors tensor ${JSON.stringify(name)} appears twice`);
     seen.add(name);
-    const count = shape.reduce((a, b) => a * b, 1);
-    if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0) || count !== data.length) {
-      throw new Error(`safetensors tensor ${JSON.stringify(name)}: shape ${JSON.stringify(shape)} does not match ${data.length} values`);
+    if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+      throw new Error(`safetensors tensor ${JSON.stringify(name)}: bad shape ${JSON.stringify(shape)}`);
     }
+    const count = shape.reduce((a, b) => a * b, 1);
     // Define the property explicitly so a name like "__proto__" is stored as a key.
     Object.defineProperty(header, name, {
       value: { dtype: 'F32', shape, data_offsets: [offset, offset + 4 * count] },
@@ -258,34 +333,64 @@ export function serializeSafetensors(
   }
   const json = Buffer.from(JSON.stringify(header), 'utf8');
   const headerBytes = Math.ceil(json.length / 8) * 8;
-  const out = Buffer.alloc(PREFIX_BYTES + headerBytes + offset, 0x20);
+  const out = Buffer.alloc(PREFIX_BYTES + headerBytes, 0x20);
   out.writeBigUInt64LE(BigInt(headerBytes), 0);
   json.copy(out, PREFIX_BYTES);
-  let position = PREFIX_BYTES + headerBytes;
-  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  for (const { data } of tensors) {
-    if (HOST_IS_LITTLE_ENDIAN) {
-      out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), position);
-    } else {
-      for (let i = 0; i < data.length; i++) view.setFloat32(position + 4 * i, data[i], true);
-    }
-    position += data.byteLength;
-  }
   return out;
 }
 
+/** A tensor's little-endian bytes, checked against its shape (a view on little-endian hosts). */
+function tensorBytes(name: string, shape: number[], data: Float32Array): Uint8Array {
+  if (shape.reduce((a, b) => a * b, 1) !== data.length) {
+    throw new Error(`safetensors tensor ${JSON.stringify(name)}: shape ${JSON.stringify(shape)} does not match ${data.length} values`);
+  }
+  if (HOST_IS_LITTLE_ENDIAN) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  const out = new Uint8Array(data.byteLength);
+  const view = new DataView(out.buffer);
+  for (let i = 0; i < data.length; i++) view.setFloat32(4 * i, data[i], true);
+  return out;
+}
+
+/** Serialises F32 tensors in the given order, contiguously, with the header space-padded to a multiple of 8. */
+export function serializeSafetensors(
+  tensors: Array<{ name: string; shape: number[]; data: Float32Array }>,
+  metadata?: Record<string, string>,
+): Buffer {
+  const header = safetensorsHeader(tensors, metadata);
+  return Buffer.concat([header, ...tensors.map(({ name, shape, data }) => tensorBytes(name, shape, data))]);
+}
+
 /**
- * Writes `data` to `filePath` so that readers see either the old file or the complete new one:
- * write a temp file in the same directory, fsync it, then rename over the target.
- * On any failure the temp file is removed and the previous file is left untouched.
+ * Writes F32 tensors as a safetensors file, atomically (writeFileAtomic), asking `values` for
+ * one tensor at a time so the whole file is never held in memory.
  */
-export async function writeFileAtomic(filePath: string, data: Buffer | Uint8Array): Promise<void> {
+export async function writeSafetensorsFile(
+  filePath: string,
+  tensors: Array<{ name: string; shape: number[] }>,
+  values: (name: string) => Float32Array,
+  metadata?: Record<string, string>,
+): Promise<void> {
+  const header = safetensorsHeader(tensors, metadata);
+  await writeFileAtomic(filePath, async (handle) => {
+    await handle.writeFile(header);
+    for (const { name, shape } of tensors) await handle.writeFile(tensorBytes(name, shape, values(name)));
+  });
+}
+
+/**
+ * Writes `data` (or whatever `data(handle)` writes) to `filePath` so that readers see either
+ * the old file or the complete new one: write a temp file in the same directory, fsync it,
+ * then rename over the target. On any failure the temp file is removed and the previous file
+ * is left untouched.
+ */
+export async function writeFileAtomic(filePath: string, data: Buffer | Uint8Array | ((handle: fsp.FileHandle) => Promise<void>)): Promise<void> {
   const directory = path.dirname(filePath);
   const tempPath = path.join(directory, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   try {
     const handle = await fsp.open(tempPath, 'wx');
     try {
-      await handle.writeFile(data);
+      if (typeof data === 'function') await data(handle);
+      else await handle.writeFile(data);
       await handle.sync();
     } finally {
       await handle.close();

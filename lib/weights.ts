@@ -9,8 +9,8 @@ import { angleBuffer, BUFFER_NAMES, decayBuffer, dims, parameterShapes, RetNetCo
 import { Rng } from './random';
 import type { TensorEntry } from './safetensors';
 
-const EMBED = 'embed_tokens.weight';
-const OUTPUT = 'output_projection.weight';
+export const EMBED = 'embed_tokens.weight';
+export const OUTPUT = 'output_projection.weight';
 const ANGLE = 'retnet_rel_pos.angle';
 
 function fail(source: string, problem: string): never {
@@ -49,59 +49,91 @@ function listNames(names: string[]): string {
   return names.length > shown.length ? `${shown.join(', ')} and ${names.length - shown.length} more` : shown.join(', ');
 }
 
+/** Where one parameter's values come from when a model is loaded. */
+export interface PlannedWeight {
+  name: string;
+  /** stored: read from the source; computed: a buffer derived from the config; tied: the embedding. */
+  from: 'stored' | 'computed' | 'tied';
+}
+
 /**
- * Validates loaded tensors against the parameters `config` implies and returns them as a map
- * name → values, in state_dict order, always including both buffers and the output projection.
+ * Checks the tensor names and shapes a source offers against the parameters `config` implies,
+ * and returns every parameter and buffer in state_dict order with where its values come from.
  * Absent buffers are computed; an absent output projection is allowed only when tied.
- * Throws an Error naming `source` and the tensor for anything missing, extra, misshapen,
- * non-finite, or (tied) an output projection that differs from the embedding.
+ * Throws an Error naming `source` and the tensor for anything missing, extra or misshapen.
+ */
+export function planWeights(config: RetNetConfig, shapes: Map<string, readonly number[]>, source: string): PlannedWeight[] {
+  const expected = parameterShapes(config);
+  const expectedNames = new Set(expected.map(([name]) => name));
+  const unknown = [...shapes.keys()].filter((name) => !expectedNames.has(name));
+  if (unknown.length > 0) {
+    fail(source, `unexpected tensor(s) ${listNames(unknown)} for this config`);
+  }
+  const plan: PlannedWeight[] = [];
+  for (const [name, shape] of expected) {
+    const stored = shapes.get(name);
+    if (stored === undefined) {
+      if ((BUFFER_NAMES as readonly string[]).includes(name)) plan.push({ name, from: 'computed' });
+      else if (name === OUTPUT && config.share_decoder_input_output_embed) plan.push({ name, from: 'tied' });
+      else fail(source, `missing tensor ${JSON.stringify(name)} (expected shape ${JSON.stringify(shape)})`);
+      continue;
+    }
+    if (!sameShape(stored, shape)) {
+      fail(source, `tensor ${JSON.stringify(name)} has shape ${JSON.stringify(stored)}, expected ${JSON.stringify(shape)}`);
+    }
+    plan.push({ name, from: 'stored' });
+  }
+  return plan;
+}
+
+/**
+ * The values of one planned parameter: `stored` is its data from the source (for `from:
+ * 'stored'`), `embed` the embedding's values (for a tied output projection). Throws for a
+ * non-finite value, or a stored tied output projection that differs from the embedding.
+ */
+export function plannedValues(
+  config: RetNetConfig,
+  weight: PlannedWeight,
+  stored: Float32Array | undefined,
+  embed: Float32Array | undefined,
+  source: string,
+): Float32Array {
+  const { name } = weight;
+  if (weight.from === 'computed') return computedBuffer(config, name);
+  if (weight.from === 'tied') return embed as Float32Array;
+  const data = stored as Float32Array;
+  const badIndex = firstNonFinite(data);
+  if (badIndex >= 0) {
+    fail(source, `tensor ${JSON.stringify(name)} has a non-finite value (${data[badIndex]}) at flat index ${badIndex}`);
+  }
+  if (name === OUTPUT && config.share_decoder_input_output_embed) {
+    const differsAt = firstDifference(data, embed as Float32Array);
+    if (differsAt >= 0) {
+      fail(
+        source,
+        `tied model (share_decoder_input_output_embed) but ${JSON.stringify(OUTPUT)} differs from ` +
+          `${JSON.stringify(EMBED)} at flat index ${differsAt}`,
+      );
+    }
+    return embed as Float32Array;
+  }
+  return data;
+}
+
+/**
+ * Validates in-memory tensors against the parameters `config` implies (planWeights, then
+ * plannedValues for each) and returns them as a map name → values in state_dict order, always
+ * including both buffers and the output projection.
  */
 export function checkWeights(
   config: RetNetConfig,
   tensors: Map<string, TensorEntry>,
   source: string,
 ): Map<string, Float32Array> {
-  const expected = parameterShapes(config);
-  const tied = config.share_decoder_input_output_embed;
-  const expectedNames = new Set(expected.map(([name]) => name));
-  const unknown = [...tensors.keys()].filter((name) => !expectedNames.has(name));
-  if (unknown.length > 0) {
-    fail(source, `unexpected tensor(s) ${listNames(unknown)} for this config`);
-  }
-
+  const shapes = new Map([...tensors].map(([name, entry]) => [name, entry.shape]));
   const weights = new Map<string, Float32Array>();
-  for (const [name, shape] of expected) {
-    const entry = tensors.get(name);
-    if (entry === undefined) {
-      if ((BUFFER_NAMES as readonly string[]).includes(name)) weights.set(name, computedBuffer(config, name));
-      else if (name === OUTPUT && tied) weights.set(name, weights.get(EMBED) as Float32Array);
-      else fail(source, `missing tensor ${JSON.stringify(name)} (expected shape ${JSON.stringify(shape)})`);
-      continue;
-    }
-    if (!sameShape(entry.shape, shape)) {
-      fail(
-        source,
-        `tensor ${JSON.stringify(name)} has shape ${JSON.stringify(entry.shape)}, expected ${JSON.stringify(shape)}`,
-      );
-    }
-    const badIndex = firstNonFinite(entry.data);
-    if (badIndex >= 0) {
-      fail(source, `tensor ${JSON.stringify(name)} has a non-finite value (${entry.data[badIndex]}) at flat index ${badIndex}`);
-    }
-    if (name === OUTPUT && tied) {
-      const embed = weights.get(EMBED) as Float32Array;
-      const differsAt = firstDifference(entry.data, embed);
-      if (differsAt >= 0) {
-        fail(
-          source,
-          `tied model (share_decoder_input_output_embed) but ${JSON.stringify(OUTPUT)} differs from ` +
-            `${JSON.stringify(EMBED)} at flat index ${differsAt}`,
-        );
-      }
-      weights.set(name, embed);
-      continue;
-    }
-    weights.set(name, entry.data);
+  for (const weight of planWeights(config, shapes, source)) {
+    weights.set(weight.name, plannedValues(config, weight, tensors.get(weight.name)?.data, weights.get(EMBED), source));
   }
   return weights;
 }
@@ -128,20 +160,32 @@ function xavierBound(shape: number[], gain: number): number {
  * this runtime has no padding token (every id is a real token), so no row is special.
  */
 export function initWeights(config: RetNetConfig, seed: number): Map<string, Float32Array> {
+  return new Map(generateWeights(config, seed));
+}
+
+/**
+ * initWeights one tensor at a time. With `reuseBuffer`, tensors share one buffer (except the
+ * embedding of a tied model): each is valid only until the next is generated, so a loader that
+ * copies each one never holds more than the largest.
+ */
+export function* generateWeights(config: RetNetConfig, seed: number, options: { reuseBuffer?: boolean } = {}): Generator<[string, Float32Array]> {
   const { D, L } = dims(config);
   const rng = new Rng(seed);
   const deepnormDivisor = Math.pow(8 * L, 1 / 4);
-  const weights = new Map<string, Float32Array>();
+  const tied = config.share_decoder_input_output_embed;
+  const scratch = new Float32Array(options.reuseBuffer ? Math.max(...parameterShapes(config).map(([, shape]) => shape.reduce((a, b) => a * b, 1))) : 0);
+  let embed: Float32Array | undefined;
   for (const [name, shape] of parameterShapes(config)) {
     if ((BUFFER_NAMES as readonly string[]).includes(name)) {
-      weights.set(name, computedBuffer(config, name));
+      yield [name, computedBuffer(config, name)];
       continue;
     }
-    if (name === OUTPUT && config.share_decoder_input_output_embed) {
-      weights.set(name, weights.get(EMBED) as Float32Array);
+    if (name === OUTPUT && tied) {
+      yield [name, embed as Float32Array];
       continue;
     }
-    const values = new Float32Array(shape.reduce((a, b) => a * b, 1));
+    const count = shape.reduce((a, b) => a * b, 1);
+    const values = options.reuseBuffer && !(name === EMBED && tied) ? scratch.subarray(0, count) : new Float32Array(count);
     if (name === EMBED || name === OUTPUT) {
       fillNormal(values, Math.pow(D, -0.5), rng);
     } else if (/\.(q_proj|k_proj|v_proj|g_proj)\.weight$/.test(name)) {
@@ -159,7 +203,7 @@ export function initWeights(config: RetNetConfig, seed: number): Map<string, Flo
     if (config.deepnorm && /fc1|fc2|out_proj|v_proj/.test(name)) {
       for (let i = 0; i < values.length; i++) values[i] /= deepnormDivisor;
     }
-    weights.set(name, values);
+    if (name === EMBED) embed = values;
+    yield [name, values];
   }
-  return weights;
 }

@@ -4,6 +4,7 @@ import * as path from 'path';
 import { angleBuffer, decayBuffer, dims, parameterShapes, resolveConfig, RetNetConfig } from '../lib/config';
 import {
   MAX_HEADER_BYTES,
+  openSafetensors,
   parseSafetensors,
   readSafetensorsFile,
   serializeSafetensors,
@@ -255,6 +256,50 @@ describe('parseSafetensors rejects malformed files with a message naming the fil
     fs.writeFileSync(file, Buffer.from([1, 2, 3]));
     await expect(readSafetensorsFile(file)).rejects.toThrow(`${file}: invalid safetensors file: file is 3 bytes`);
     await expect(readSafetensorsFile(path.join(dir, 'absent.safetensors'))).rejects.toThrow(/absent\.safetensors/);
+    fs.rmSync(dir, { recursive: true });
+  });
+});
+
+describe('openSafetensors', () => {
+  it.each(FIXTURE_NAMES)('%s: reads every tensor one at a time, equal to parsing the whole file', async (name) => {
+    const file = path.join(FIXTURES, name, 'model.safetensors');
+    const whole = parseSafetensors(fs.readFileSync(file), file);
+    const reader = await openSafetensors(file);
+    try {
+      expect(reader.metadata).toEqual(whole.metadata);
+      expect([...reader.shapes.keys()]).toEqual([...whole.tensors.keys()]);
+      for (const [tensorName, entry] of whole.tensors) {
+        expect(reader.shapes.get(tensorName)).toEqual(entry.shape);
+        expect(await reader.read(tensorName)).toEqual(entry.data);
+      }
+      await expect(reader.read('nope')).rejects.toThrow(`${file}: no tensor "nope"`);
+    } finally {
+      await reader.close();
+    }
+  });
+
+  it('decodes F16/BF16 tensors and rejects a malformed header like parseSafetensors', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-st-'));
+    const file = path.join(dir, 'h.safetensors');
+    fs.writeFileSync(file, buildFile({ h: { dtype: 'BF16', shape: [2], data_offsets: [0, 4] } }, new Uint8Array([0x80, 0x3f, 0x00, 0xc0])));
+    const reader = await openSafetensors(file);
+    expect(Array.from(await reader.read('h'))).toEqual([1, -2]);
+    await reader.close();
+    fs.writeFileSync(file, buildFile({ x: { dtype: 'F32', shape: [2], data_offsets: [0, 8] } }, new Uint8Array(4)));
+    await expect(openSafetensors(file)).rejects.toThrow(`${file}: invalid safetensors file: tensor "x": shape [2] needs more bytes`);
+    fs.writeFileSync(file, Buffer.from([1, 2, 3]));
+    await expect(openSafetensors(file)).rejects.toThrow(`${file}: invalid safetensors file: file is 3 bytes`);
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  it('a file cut short after opening is an error, not zeros', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-st-'));
+    const file = path.join(dir, 'cut.safetensors');
+    fs.writeFileSync(file, buildFile({ x: { dtype: 'F32', shape: [4], data_offsets: [0, 16] } }, f32Bytes([1, 2, 3, 4])));
+    const reader = await openSafetensors(file);
+    fs.truncateSync(file, fs.statSync(file).size - 8);
+    await expect(reader.read('x')).rejects.toThrow(/invalid safetensors file: file ended at byte/);
+    await reader.close();
     fs.rmSync(dir, { recursive: true });
   });
 });
