@@ -924,6 +924,46 @@ Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
+// gemm(a, b, c, { M, N, K, aTransposed, bTransposed, accumulate }) -> Promise<void>: the CPU
+// GEMM on its own, C[M, N] (=|+=) A B with A stored [M, K] (or [K, M] when aTransposed) and
+// B stored [K, N] (or [N, K] when bTransposed), all row-major: tests compare it with a
+// reference.
+Napi::Value Gemm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Float32Array a, b, c;
+  int M, N, K;
+  bool a_t, b_t, accumulate;
+  try {
+    a = float32_arg(info[0], "a");
+    b = float32_arg(info[1], "b");
+    c = float32_arg(info[2], "c");
+    if (!info[3].IsObject()) throw std::invalid_argument("gemm options must be an object");
+    Napi::Object o = info[3].As<Napi::Object>();
+    M = to_int(o.Get("M"), "M");
+    N = to_int(o.Get("N"), "N");
+    K = to_int(o.Get("K"), "K");
+    a_t = o.Get("aTransposed").ToBoolean();
+    b_t = o.Get("bTransposed").ToBoolean();
+    accumulate = o.Get("accumulate").ToBoolean();
+    if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("M, N and K must be >= 1");
+    if (a.ElementLength() != static_cast<size_t>(M) * K || b.ElementLength() != static_cast<size_t>(K) * N ||
+        c.ElementLength() != static_cast<size_t>(M) * N)
+      throw std::invalid_argument("gemm: a, b, c must hold M*K, K*N and M*N values");
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+  const MatView A = a_t ? transposed(a.Data(), M) : row_major(a.Data(), K);
+  const MatView B = b_t ? transposed(b.Data(), K) : row_major(b.Data(), N);
+  float* C = c.Data();
+  auto* worker = new PromiseWorker(
+      env, [=] { gemm(M, N, K, A, B, C, N, accumulate); }, [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+  worker->keep(a);
+  worker->keep(b);
+  worker->keep(c);
+  worker->Queue();
+  return worker->promise();
+}
+
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("threads", num_threads());
@@ -948,6 +988,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("createModel", Napi::Function::New(env, NativeModel::Create));
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
   exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
+  exports.Set("gemm", Napi::Function::New(env, Gemm));
   return exports;
 }
 

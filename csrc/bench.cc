@@ -7,12 +7,8 @@
 
 #include "gemm.h"
 #include "ops.h"
+#include "simd.h"
 #include "threadpool.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define RETNET_X86 1
-#endif
 
 namespace retnet {
 namespace {
@@ -75,8 +71,7 @@ float sum_generic(const float* p, size_t n) {
 
 float stream_sum(const float* p, size_t n) {
 #ifdef RETNET_X86
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return sum_avx2(p, n);
+  if (cpu_has_avx2_fma()) return sum_avx2(p, n);
 #endif
   return sum_generic(p, n);
 }
@@ -110,7 +105,7 @@ double measure_read_bandwidth(size_t bytes, int reps) {
 
 double measure_fma_peak(int reps) {
 #ifdef RETNET_X86
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (cpu_has_avx2_fma()) {
     const long iters = 20'000'000;
     const int threads = num_threads();
     std::vector<float> sink(threads);

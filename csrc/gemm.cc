@@ -151,8 +151,7 @@ struct Kernels {
 
 Kernels select_kernels() {
 #ifdef RETNET_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {micro_avx2, dots_avx2, "avx2-fma"};
+  if (cpu_has_avx2_fma()) return {micro_avx2, dots_avx2, "avx2-fma"};
 #endif
   return {micro_generic, dots_generic, "generic"};
 }
@@ -162,11 +161,52 @@ const Kernels& kernels() {
   return k;
 }
 
+#ifdef RETNET_X86
+// One full MR-row panel of a k-contiguous A, 8 columns at a time: an 8x8 transpose (rows 6
+// and 7 zero) and eight 8-wide stores 6 floats apart, each overwriting the previous one's
+// 2 spare lanes. The last store runs 2 floats past the panel; pack_a's caller leaves room.
+__attribute__((target("avx2,fma"))) int pack_a_panel_avx2(const float* a, ptrdiff_t lda, int kc, float* dst) {
+  static_assert(MR == 6, "the transpose below packs 6 rows");
+  const __m256 zero = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    const __m256 t0 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(a + lda + k));
+    const __m256 t1 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(a + lda + k));
+    const __m256 t2 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + 2 * lda + k), _mm256_loadu_ps(a + 3 * lda + k));
+    const __m256 t3 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + 2 * lda + k), _mm256_loadu_ps(a + 3 * lda + k));
+    const __m256 t4 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + 4 * lda + k), _mm256_loadu_ps(a + 5 * lda + k));
+    const __m256 t5 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + 4 * lda + k), _mm256_loadu_ps(a + 5 * lda + k));
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, zero, 0x44), s5 = _mm256_shuffle_ps(t4, zero, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, zero, 0x44), s7 = _mm256_shuffle_ps(t5, zero, 0xEE);
+    float* d = dst + k * MR;
+    _mm256_storeu_ps(d + 0 * MR, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(d + 1 * MR, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(d + 2 * MR, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(d + 3 * MR, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(d + 4 * MR, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(d + 5 * MR, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(d + 6 * MR, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(d + 7 * MR, _mm256_permute2f128_ps(s3, s7, 0x31));
+  }
+  return k;
+}
+#endif
+
+// Floats pack_a may write past MC * KC (see pack_a_panel_avx2).
+constexpr int kPackSlack = 8;
+
 // Packs A[m0:m0+mc, k0:k0+kc] as MR-row panels, k-major inside a panel, zero-padded.
 void pack_a(const MatView& A, int m0, int mc, int k0, int kc, float* out) {
   for (int ip = 0; ip < mc; ip += MR) {
     const int rows = std::min(MR, mc - ip);
-    for (int k = 0; k < kc; k++) {
+    int k = 0;
+#ifdef RETNET_X86
+    if (rows == MR && A.cs == 1 && cpu_has_avx2_fma())
+      k = pack_a_panel_avx2(A.p + k0 + (m0 + ip) * A.rs, A.rs, kc, out + ip * kc);
+#endif
+    for (; k < kc; k++) {
       float* dst = out + ip * kc + k * MR;
       const float* src = A.p + (k0 + k) * A.cs + (m0 + ip) * A.rs;
       int i = 0;
@@ -264,7 +304,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       const int nsplit = std::max(1, std::min(npanels, (num_threads() * 2 + mblocks - 1) / mblocks));
       const int panels_per = (npanels + nsplit - 1) / nsplit;
       parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
-        alignas(64) float apack[MC * KC];
+        alignas(64) float apack[MC * KC + kPackSlack];
         alignas(64) float edge[MR * NR];
         for (size_t t = t0; t < t1; t++) {
           const int mb = static_cast<int>(t / nsplit), ns = static_cast<int>(t % nsplit);

@@ -12,6 +12,7 @@
 #include "counter_rng.h"
 #include "gemm.h"
 #include "ops.h"
+#include "simd.h"
 #include "threadpool.h"
 
 namespace retnet {
@@ -72,6 +73,72 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void recurrent_head_
     const float vj = v[j];
     for (int i = 0; i < dk; i++) Sj[i] = Sj[i] * keep + (k[i] * vj) / root_new;
     o[j] = dot(q, Sj, dk);
+  }
+}
+
+// Overwrites x[0..n) with e^(x - max x) and returns max x and the sum of those (in double).
+struct ShiftedExp {
+  float max;
+  double sum;
+};
+ShiftedExp shifted_exp_generic(float* x, int n) {
+  float mx = x[0];
+  for (int j = 1; j < n; j++) mx = std::max(mx, x[j]);
+  double sum = 0;
+  for (int j = 0; j < n; j++) {
+    x[j] = std::exp(x[j] - mx);
+    sum += x[j];
+  }
+  return {mx, sum};
+}
+#ifdef RETNET_X86
+__attribute__((target("avx2,fma"))) ShiftedExp shifted_exp_avx2(float* x, int n) {
+  int j = 0;
+  __m256 vmax = _mm256_set1_ps(x[0]);
+  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float mx = *std::max_element(lanes, lanes + 8);
+  for (; j < n; j++) mx = std::max(mx, x[j]);
+  const __m256 shift = _mm256_set1_ps(mx);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), shift));
+    _mm256_storeu_ps(x + j, e);
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double sums[4];
+  _mm256_store_pd(sums, _mm256_add_pd(lo, hi));
+  double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+  for (; j < n; j++) {
+    x[j] = std::exp(x[j] - mx);
+    sum += x[j];
+  }
+  return {mx, sum};
+}
+#endif
+ShiftedExp shifted_exp(float* x, int n) {
+#ifdef RETNET_X86
+  if (cpu_has_avx2_fma()) return shifted_exp_avx2(x, n);
+#endif
+  return shifted_exp_generic(x, n);
+}
+
+// AdamW over n parameters (decoupled decay, bias-corrected moments). The step's scalars are
+// copied to locals so the loop vectorizes (they could otherwise alias the arrays).
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void adamw_range(float* p, const float* g, float* m,
+                                                                             float* v, size_t n, const AdamWStep& s) {
+  const float decay = 1.0f - s.lr * s.weight_decay;
+  const float step = s.lr / s.bias1, root_bias2 = std::sqrt(s.bias2);
+  const float beta1 = s.beta1, beta2 = s.beta2, eps = s.eps, grad_scale = s.grad_scale;
+  for (size_t i = 0; i < n; i++) {
+    const float gi = g[i] * grad_scale;
+    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * decay - step * mi / (std::sqrt(vi) / root_bias2 + eps);
   }
 }
 
@@ -659,13 +726,12 @@ class CpuOps final : public Ops {
           row_loss[r] = 0.0f;
           continue;
         }
-        float mx = x[0];
-        for (int j = 1; j < V; j++) mx = std::max(mx, x[j]);
-        double sum = 0;
-        for (int j = 0; j < V; j++) sum += std::exp(static_cast<double>(x[j] - mx));
-        const double lse = mx + std::log(sum);
-        row_loss[r] = static_cast<float>(lse - x[target]);
-        for (int j = 0; j < V; j++) x[j] = w * static_cast<float>(std::exp(x[j] - lse));
+        const float target_logit = x[target];
+        const ShiftedExp e = shifted_exp(x, V);
+        row_loss[r] = static_cast<float>(e.max + std::log(e.sum) - target_logit);
+        // The gradient is w (softmax - one-hot); softmax = e^(x - max) / sum.
+        const float scale = static_cast<float>(w / e.sum);
+        for (int j = 0; j < V; j++) x[j] *= scale;
         x[target] -= w;
       }
     });
@@ -706,16 +772,7 @@ class CpuOps final : public Ops {
   }
 
   void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) override {
-    const float decay = 1.0f - s.lr * s.weight_decay;
-    const float step = s.lr / s.bias1, root_bias2 = std::sqrt(s.bias2);
-    parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) {
-      for (size_t i = i0; i < i1; i++) {
-        const float gi = g[i] * s.grad_scale;
-        m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
-        v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
-        p[i] = p[i] * decay - step * m[i] / (std::sqrt(v[i]) / root_bias2 + s.eps);
-      }
-    });
+    parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) { adamw_range(p + i0, g + i0, m + i0, v + i0, i1 - i0, s); });
   }
 };
 

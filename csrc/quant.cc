@@ -136,8 +136,7 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
 
 void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
 #ifdef RETNET_X86
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) {
+  if (cpu_has_avx2_fma()) {
     if (q.format == WeightFormat::BF16) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
     return dots_avx2<LoadInt8>(q, M, n0, n1, X, Y, ldy);
   }

@@ -93,6 +93,13 @@ export interface NativeAddon {
   /** Rejects with "retnet was built without CUDA" or "no CUDA device: <reason>" when 'cuda' cannot be used. */
   createModel(config: object, tensors: Record<string, Float32Array>, device?: NativeDevice): Promise<NativeModel>;
   buildInfo(): NativeBuildInfo;
+  /** The CPU GEMM alone (tests): c[M, N] (=|+=) a b, a [M, K] or [K, M], b [K, N] or [N, K], row-major. */
+  gemm(
+    a: Float32Array,
+    b: Float32Array,
+    c: Float32Array,
+    options: { M: number; N: number; K: number; aTransposed: boolean; bTransposed: boolean; accumulate: boolean },
+  ): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;
