@@ -19,6 +19,8 @@ constexpr int KC = 256;
 constexpr int MC = 72;
 constexpr int NC = 3072;
 
+constexpr int kPrefetchAhead = 32;  // B panel lines (k steps) the micro-kernel prefetches ahead
+
 using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate);
 
 // c[MR, NR] (=|+=) sum_k a[k*MR + i] * b[k*NR + j]
@@ -56,7 +58,12 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // The C tile is written at the end: start fetching it now.
+  for (int i = 0; i < MR; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
   for (int k = 0; k < kc; k++) {
+    // One k step reads one 64-byte line of the B panel, which comes from L2/L3 on the
+    // panel's first use: ask for it well ahead of the hardware prefetcher.
+    _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchAhead) * NR), _MM_HINT_T0);
     const __m256 b0 = _mm256_loadu_ps(b + k * NR);
     const __m256 b1 = _mm256_loadu_ps(b + k * NR + 8);
     const float* ak = a + k * MR;
@@ -162,33 +169,55 @@ const Kernels& kernels() {
 }
 
 #ifdef RETNET_X86
+// r[i][j] <- r[j][i] for an 8x8 block held in registers.
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
 // One full MR-row panel of a k-contiguous A, 8 columns at a time: an 8x8 transpose (rows 6
 // and 7 zero) and eight 8-wide stores 6 floats apart, each overwriting the previous one's
 // 2 spare lanes. The last store runs 2 floats past the panel; pack_a's caller leaves room.
+// Returns how many columns it packed (a multiple of 8).
 __attribute__((target("avx2,fma"))) int pack_a_panel_avx2(const float* a, ptrdiff_t lda, int kc, float* dst) {
-  static_assert(MR == 6, "the transpose below packs 6 rows");
-  const __m256 zero = _mm256_setzero_ps();
+  static_assert(MR == 6, "packs 6 rows");
   int k = 0;
   for (; k + 8 <= kc; k += 8) {
-    const __m256 t0 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(a + lda + k));
-    const __m256 t1 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(a + lda + k));
-    const __m256 t2 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + 2 * lda + k), _mm256_loadu_ps(a + 3 * lda + k));
-    const __m256 t3 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + 2 * lda + k), _mm256_loadu_ps(a + 3 * lda + k));
-    const __m256 t4 = _mm256_unpacklo_ps(_mm256_loadu_ps(a + 4 * lda + k), _mm256_loadu_ps(a + 5 * lda + k));
-    const __m256 t5 = _mm256_unpackhi_ps(_mm256_loadu_ps(a + 4 * lda + k), _mm256_loadu_ps(a + 5 * lda + k));
-    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 s4 = _mm256_shuffle_ps(t4, zero, 0x44), s5 = _mm256_shuffle_ps(t4, zero, 0xEE);
-    const __m256 s6 = _mm256_shuffle_ps(t5, zero, 0x44), s7 = _mm256_shuffle_ps(t5, zero, 0xEE);
-    float* d = dst + k * MR;
-    _mm256_storeu_ps(d + 0 * MR, _mm256_permute2f128_ps(s0, s4, 0x20));
-    _mm256_storeu_ps(d + 1 * MR, _mm256_permute2f128_ps(s1, s5, 0x20));
-    _mm256_storeu_ps(d + 2 * MR, _mm256_permute2f128_ps(s2, s6, 0x20));
-    _mm256_storeu_ps(d + 3 * MR, _mm256_permute2f128_ps(s3, s7, 0x20));
-    _mm256_storeu_ps(d + 4 * MR, _mm256_permute2f128_ps(s0, s4, 0x31));
-    _mm256_storeu_ps(d + 5 * MR, _mm256_permute2f128_ps(s1, s5, 0x31));
-    _mm256_storeu_ps(d + 6 * MR, _mm256_permute2f128_ps(s2, s6, 0x31));
-    _mm256_storeu_ps(d + 7 * MR, _mm256_permute2f128_ps(s3, s7, 0x31));
+    __m256 r[8];
+    for (int i = 0; i < MR; i++) r[i] = _mm256_loadu_ps(a + i * lda + k);
+    r[6] = r[7] = _mm256_setzero_ps();
+    transpose8(r);
+    for (int t = 0; t < 8; t++) _mm256_storeu_ps(dst + (k + t) * MR, r[t]);
+  }
+  return k;
+}
+
+// One full NR-column panel of a k-contiguous B (a transposed weight: column j is row j of
+// the weight, `ldb` apart), 8 k at a time as two 8x8 transposes. Returns the k it packed.
+__attribute__((target("avx2,fma"))) int pack_b_panel_avx2(const float* b, ptrdiff_t ldb, int kc, float* dst) {
+  static_assert(NR == 16, "packs 16 columns");
+  int k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int half = 0; half < 2; half++) {
+      __m256 r[8];
+      for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(b + (half * 8 + j) * ldb + k);
+      transpose8(r);
+      for (int t = 0; t < 8; t++) _mm256_storeu_ps(dst + (k + t) * NR + half * 8, r[t]);
+    }
   }
   return k;
 }
@@ -230,9 +259,13 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
   }
   // Column-strided source (a transposed weight): write the panel in order while reading the
   // NR source rows side by side, each of them sequentially.
+  int k = 0;
+#ifdef RETNET_X86
+  if (cols == NR && B.rs == 1 && cpu_has_avx2_fma()) k = pack_b_panel_avx2(B.p + n0 * B.cs + k0, B.cs, kc, out);
+#endif
   const float* src[NR];
   for (int j = 0; j < cols; j++) src[j] = B.p + (n0 + j) * B.cs + k0 * B.rs;
-  for (int k = 0; k < kc; k++) {
+  for (; k < kc; k++) {
     float* dst = out + k * NR;
     int j = 0;
     for (; j < cols; j++) dst[j] = src[j][k * B.rs];
@@ -301,7 +334,8 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
                        bpack.data() + p * KC * NR);
       });
       // Split N too when there are few row blocks, so both cores work on short-M products.
-      const int nsplit = std::max(1, std::min(npanels, (num_threads() * 2 + mblocks - 1) / mblocks));
+      // Aim for 8 tasks per thread: with dynamic scheduling the last, uneven ones then cost little.
+      const int nsplit = std::max(1, std::min(npanels, (num_threads() * 8 + mblocks - 1) / mblocks));
       const int panels_per = (npanels + nsplit - 1) / nsplit;
       parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
         alignas(64) float apack[MC * KC + kPackSlack];
