@@ -101,14 +101,20 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
 // A block of WR weight rows against XR activation rows: one 8-lane accumulator per output,
 // summed over K in order, then a horizontal sum and the scalar tail. Every output gets that
 // same order whatever WR and XR are, so decode results don't depend on the batch.
+//
+// `prefetch`, when set, is the next block of WR weight rows: fetched line by line while this
+// block computes, so a batched step overlaps reading the weights with the arithmetic.
 template <int WR, int XR>
 __attribute__((target("avx2,fma"))) inline void dots_block_avx2(int K, const float* X, ptrdiff_t ldx, const float* W,
-                                                               ptrdiff_t ldw, float* C, ptrdiff_t ldc, bool accumulate) {
+                                                               ptrdiff_t ldw, float* C, ptrdiff_t ldc, bool accumulate,
+                                                               const float* prefetch = nullptr) {
   __m256 acc[WR][XR];
   for (int w = 0; w < WR; w++)
     for (int x = 0; x < XR; x++) acc[w][x] = _mm256_setzero_ps();
   int k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (prefetch && k % 16 == 0)
+      for (int w = 0; w < WR; w++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + w * ldw + k), _MM_HINT_T0);
     __m256 xs[XR];
     for (int x = 0; x < XR; x++) xs[x] = _mm256_loadu_ps(X + x * ldx + k);
     for (int w = 0; w < WR; w++) {
@@ -129,9 +135,11 @@ __attribute__((target("avx2,fma"))) inline void dots_block_avx2(int K, const flo
 template <int WR>
 __attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int M, int K, const float* X, ptrdiff_t ldx,
                                                               const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                              bool accumulate) {
+                                                              bool accumulate, const float* prefetch = nullptr) {
   int i = 0;
-  for (; i + 3 <= M; i += 3) dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
+  // The first pass over the block reads it from memory: it prefetches the next block.
+  for (; i + 3 <= M; i += 3)
+    dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate, i == 0 ? prefetch : nullptr);
   if (M - i == 2) dots_block_avx2<WR, 2>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
   if (M - i == 1) dots_block_avx2<WR, 1>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
 }
@@ -144,7 +152,10 @@ __attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K,
                                                    bool accumulate) {
   int j = n0;
   if (M > 3) {
-    for (; j + 4 <= n1; j += 4) dots_rows_avx2<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
+    for (; j + 4 <= n1; j += 4) {
+      const float* next = j + 8 <= n1 ? W + (j + 4) * ldw : nullptr;
+      dots_rows_avx2<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate, next);
+    }
   }
   for (; j < n1; j++) dots_rows_avx2<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
 }
