@@ -444,16 +444,17 @@ __device__ void load_tile(float* dst, const float* src, long long ld, int count,
 }
 
 // S[r][c] = (X_r · Y_c) M̃[i][j] with i = i0 + r, j = j0 + c, for j <= i < rows; 0 elsewhere.
-// X and Y are tiles of `width` columns. Each thread writes its own S element.
+// M̃[i][j] = γ^(i-j) / σ_i, or the plain decay γ^(i-j) when !row_normalised (the recurrent
+// form). X and Y are tiles of `width` columns. Each thread writes its own S element.
 __device__ void masked_scores(const float* X, const float* Y, int width, int i0, int j0, int rows,
-                              const HeadConstants& hc, float* S) {
+                              const HeadConstants& hc, float* S, bool row_normalised = true) {
   const int r = threadIdx.x / kTile, c = threadIdx.x % kTile;
   const int i = i0 + r, j = j0 + c;
   float s = 0.0f;
   if (j <= i && i < rows) {
     float dot = 0.0f;
     for (int e = 0; e < width; e++) dot += X[r * width + e] * Y[c * width + e];
-    s = dot * (hc.pow[i - j] / hc.sigma[i]);
+    s = dot * (row_normalised ? hc.pow[i - j] / hc.sigma[i] : hc.pow[i - j]);
   }
   S[threadIdx.x] = s;
 }
@@ -490,11 +491,13 @@ size_t forward_shared_bytes(int dk, int dv) {
   return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv) + kTile * kTile + kTile);
 }
 
-// Outputs of chunk c for each (b, h) (grid: row tiles × B*H): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ),
-// with KV [B*H, dk, dv] and κ [B*H] the state entering the chunk (spec §7).
+// Outputs of chunk c for each (b, h) (grid: row tiles × B*H), with KV [B*H, dk, dv] the state
+// entering the chunk. Chunkwise form (spec §7): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ), κ [B*H].
+// Recurrent form (root_scale given, as the CPU's chunked_retention with `recurrent`): plain decay
+// scores, cross_i = γ^(i+1) S_C q_i KV, o_i = (inner_i + cross_i) / root_scale[bh][t] (spec §6, §10).
 __global__ void retention_chunk_kernel(const float* q, const float* k, const float* v, float* o, RetentionGeometry g,
                                        int c, const float* table, float clamp_max, const float* KV, const float* kappa,
-                                       bool use_cross) {
+                                       const float* root_scale, bool use_cross) {
   extern __shared__ float smem[];
   const int bh = blockIdx.y, b = bh / g.H, h = bh % g.H, dk = g.dk, dv = g.dv;
   const ChunkRows cr = chunk_rows(g, b, c);
@@ -513,18 +516,19 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
   float* S = Os + kTile * dv;
   float* iota = S + kTile * kTile;
 
+  const bool recurrent = root_scale != nullptr;
   load_tile(Qs, qh + i0 * ldq, ldq, min(kTile, rows - i0), dk);
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) Os[idx] = 0.0f;
-  inner_scale(Qs, Ks, S, iota, kh, ldq, dk, i0, rows, hc, clamp_max);
-  // inner_i = Σ_j (A_ij / ι_i) v_j.
+  if (!recurrent) inner_scale(Qs, Ks, S, iota, kh, ldq, dk, i0, rows, hc, clamp_max);
+  // inner_i = Σ_j (A_ij / ι_i) v_j; recurrent: Σ_j (q_i · k_j) γ^(i-j) v_j.
   for (int j0 = 0; j0 <= i0; j0 += kTile) {
     const int count = min(kTile, rows - j0);
     __syncthreads();
     load_tile(Ks, kh + j0 * ldq, ldq, count, dk);
     load_tile(Vs, vh + j0 * ldv, ldv, count, dv);
     __syncthreads();
-    masked_scores(Qs, Ks, dk, i0, j0, rows, hc, S);
-    S[threadIdx.x] /= iota[threadIdx.x / kTile];
+    masked_scores(Qs, Ks, dk, i0, j0, rows, hc, S, !recurrent);
+    if (!recurrent) S[threadIdx.x] /= iota[threadIdx.x / kTile];
     __syncthreads();
     for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
       const int r = idx / dv, e = idx - r * dv;
@@ -534,18 +538,25 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
     }
   }
   const float* KVh = KV + static_cast<size_t>(bh) * dk * dv;
-  const float kap = kappa[bh];
+  // Recurrent: KV holds the un-normalised state / S_C, so it is read as is (κ = 1) and S_C goes
+  // into the query factor.
+  const float kap = recurrent ? 1.0f : kappa[bh];
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
     const int r = idx / dv, e = idx - r * dv, i = i0 + r;
     if (i >= rows) continue;
     float out = Os[idx];
     if (use_cross) {
-      const float a = hc.alpha[i];
+      const float a = recurrent ? hc.pow[i + 1] * hc.total : hc.alpha[i];
       float cross = 0.0f;
       for (int f = 0; f < dk; f++) cross += (Qs[r * dk + f] * a) * (KVh[static_cast<size_t>(f) * dv + e] / kap);
-      const float io = iota[r], mu = max_like_std(io, kap);
-      out = out / (mu / io) + cross / (mu / kap);
+      if (recurrent) {
+        out += cross;
+      } else {
+        const float io = iota[r], mu = max_like_std(io, kap);
+        out = out / (mu / io) + cross / (mu / kap);
+      }
     }
+    if (recurrent) out /= root_scale[static_cast<size_t>(bh) * g.T + c * g.C + i];
     oh[i * ldv + e] = out;
   }
 }
@@ -768,6 +779,19 @@ __global__ void retention_dkv_kernel(const float* q, const float* k, const float
   }
 }
 
+// Recurrent form: root[bh][t] = sqrt(s_t) with s_t = s_(t-1)·γ + 1 continuing the state's
+// scale s (spec §6), for t < T. One thread per (b, h): the recurrence is sequential.
+__global__ void running_root_scale_kernel(const float* decay, int BH, int H, int T, const float* scale, float* root) {
+  const int bh = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bh >= BH) return;
+  const float gamma = exp_rounded(decay[bh % H]);
+  float s = scale[bh];
+  for (int t = 0; t < T; t++) {
+    s = scale_recurrence(s, gamma);
+    root[static_cast<size_t>(bh) * T + t] = sqrtf(s);
+  }
+}
+
 // retention_absorb, per (b, h): carry = γ^T sqrt(s), inv = 1/sqrt(s') with s' after T steps of
 // s ← sγ + 1; writes s' (the state kernel reads only `factors`).
 __global__ void absorb_scales_kernel(const float* decay, int BH, int H, int T, float* scale, float* factors) {
@@ -956,38 +980,17 @@ class CudaOps final : public Ops {
                          const float* decay, int C, float inner_clamp_max, const StateView* state) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
-    if (B * T == 0) return;
-    C = std::max(1, std::min(C, T));
-    const unsigned BH = check_heads(B, H);
-    const float* table = chunk_constants(decay, H, C);
-    const size_t kv_size = static_cast<size_t>(dk) * dv;
-    float* KV = scratch<float>(Slot::States, BH * kv_size);
-    float* kappa = scratch<float>(Slot::Scales, BH);
-    if (state) {
-      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, KV);
-      check_launch("state_to_chunk_kernel");
-    } else {
-      check(cudaMemsetAsync(KV, 0, BH * kv_size * sizeof(float), 0), "cudaMemsetAsync");
-    }
-    column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
-    check_launch("column_abs_max_kernel");
-    const RetentionGeometry g{T, H, dk, dv, C};
-    const int chunks = (T + C - 1) / C;
-    const size_t shared = forward_shared_bytes(dk, dv);
-    allow_shared_memory(retention_chunk_kernel, shared);
-    for (int c = 0; c < chunks; c++) {
-      const int rows = std::min(C, T - c * C);
-      retention_chunk_kernel<<<dim3(tiles_for(rows), BH), kThreads, shared>>>(q, k, v, o, g, c, table, inner_clamp_max,
-                                                                                KV, kappa, c > 0 || state != nullptr);
-      check_launch("retention_chunk_kernel");
-      if (c + 1 == chunks) break;
-      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
-                                                                         KV, KV);
-      check_launch("decayed_outer_kernel");
-      column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
-      check_launch("column_abs_max_kernel");
-    }
+    chunked_retention(q, k, v, o, d, decay, C, inner_clamp_max, state, false);
+  }
+
+  bool has_chunked_recurrent() const override { return true; }
+
+  // Reads the state only; the model advances it with retention_absorb afterwards.
+  void retention_chunked_recurrent(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                                   const float* decay, int C, const StateView& state) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    bind();
+    chunked_retention(q, k, v, o, d, decay, C, 0.0f, &state, true);
   }
 
   void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,
@@ -1255,6 +1258,55 @@ class CudaOps final : public Ops {
   }
 
   static unsigned warp_blocks(size_t warps) { return static_cast<unsigned>((warps + kWarps - 1) / kWarps); }
+
+  // The chunk algorithm over chunks of C rows (spec §7), as the CPU's chunked_retention: the
+  // cross-chunk state starts from `state` when given and is carried as KV ← KV·Γ + Kᵀ(β⊙V).
+  // `recurrent` swaps the chunkwise form's scalars (σ, ι, κ, α) for the recurrent form's: each
+  // row divided by the root of its running scale, continued from state->scale (spec §6, §10).
+  void chunked_retention(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                         const float* decay, int C, float inner_clamp_max, const StateView* state, bool recurrent) {
+    const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
+    if (B * T == 0) return;
+    C = std::max(1, std::min(C, T));
+    const unsigned BH = check_heads(B, H);
+    const float* table = chunk_constants(decay, H, C);
+    const size_t kv_size = static_cast<size_t>(dk) * dv;
+    float* KV = scratch<float>(Slot::States, BH * kv_size);
+    // Chunkwise: κ per (b, h). Recurrent: sqrt of every row's running scale instead.
+    float* kappa = recurrent ? nullptr : scratch<float>(Slot::Scales, BH);
+    float* root_scale = recurrent ? scratch<float>(Slot::Scales, static_cast<size_t>(BH) * T) : nullptr;
+    if (recurrent) {
+      running_root_scale_kernel<<<blocks_for(BH), kThreads>>>(decay, BH, H, T, state->scale, root_scale);
+      check_launch("running_root_scale_kernel");
+    }
+    if (state) {
+      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, KV);
+      check_launch("state_to_chunk_kernel");
+    } else {
+      check(cudaMemsetAsync(KV, 0, BH * kv_size * sizeof(float), 0), "cudaMemsetAsync");
+    }
+    if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
+    const RetentionGeometry g{T, H, dk, dv, C};
+    const int chunks = (T + C - 1) / C;
+    const size_t shared = forward_shared_bytes(dk, dv);
+    allow_shared_memory(retention_chunk_kernel, shared);
+    for (int c = 0; c < chunks; c++) {
+      const int rows = std::min(C, T - c * C);
+      retention_chunk_kernel<<<dim3(tiles_for(rows), BH), kThreads, shared>>>(
+          q, k, v, o, g, c, table, inner_clamp_max, KV, kappa, root_scale, c > 0 || state != nullptr);
+      check_launch("retention_chunk_kernel");
+      if (c + 1 == chunks) break;
+      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
+                                                                         KV, KV);
+      check_launch("decayed_outer_kernel");
+      if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
+    }
+  }
+
+  static void update_kappa(const float* KV, unsigned BH, int dk, int dv, float* kappa) {
+    column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
+    check_launch("column_abs_max_kernel");
+  }
 
   // Chunk constants of every head for chunk length C, in the Constants slot.
   const float* chunk_constants(const float* decay, int H, int C) {
