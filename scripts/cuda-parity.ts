@@ -4,6 +4,8 @@
 // two AdamW steps.
 // Used by test/cuda/parity.test.ts (jest) and, without jest, on the GPU machine:
 //   node dist/scripts/cuda-parity.js        (prints a table; exit code 1 on any failure)
+// The CUDA model's full-sequence products run on the GEMM buildInfo().cudaGemm names (cuBLAS when
+// it loads); RETNET_CUDA_GEMM=own|cublas picks one, so each can be checked.
 import * as fs from 'fs';
 import * as path from 'path';
 
@@ -241,6 +243,7 @@ async function main(): Promise<void> {
     console.log(`cuda-parity: skipped (${reason})`);
     return;
   }
+  console.log(`cuda-parity: CUDA gemm ${buildInfo().cudaGemm}`);
   const rows: ParityRow[] = [];
   for (const name of fixtureNames()) rows.push(...(await checkFixture(name)));
   console.log(formatTable(rows));
