@@ -971,9 +971,11 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
 #ifdef RETNET_WITH_CUDA
   o.Set("cuda", true);
   o.Set("cudaDevices", cuda_device_count(nullptr));
+  o.Set("cudaGemm", cuda_gemm());
 #else
   o.Set("cuda", false);
   o.Set("cudaDevices", 0);
+  o.Set("cudaGemm", "");
 #endif
   return o;
 }

@@ -8,12 +8,16 @@
 // cudaMemcpy; host outputs (logits, losses, norms) are read back with cudaMemcpy, which
 // waits for the work before it.
 //
-// Reductions run in a fixed order (no atomics), so results are deterministic, and every
-// product row is summed in an order that does not depend on the batch (decode batches).
+// Reductions run in a fixed order (no atomics), so results are deterministic. Decode products
+// use the own tiled GEMM, whose rows are summed in an order that does not depend on the batch;
+// full-sequence products (forward, prefill, backward) use cuBLAS when it can be loaded.
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <numeric>
@@ -142,12 +146,142 @@ __global__ void gemm_kernel(int M, int N, int K, DeviceMatrix A, DeviceMatrix B,
   }
 }
 
-void device_gemm(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, long long ldc, bool accumulate) {
+// The own GEMM: batch-invariant, for decode, and for every product when cuBLAS is not used.
+void tiled_gemm(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, long long ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   const unsigned grid_m = (M + kGemmTile - 1) / kGemmTile;
   if (grid_m > 65535) throw std::invalid_argument("CUDA matrix product: too many rows");
   gemm_kernel<<<dim3((N + kGemmTile - 1) / kGemmTile, grid_m), kThreads>>>(M, N, K, A, B, C, ldc, accumulate);
   check_launch("gemm_kernel");
+}
+
+// ---- cuBLAS, loaded at run time with dlopen: the addon builds without cuBLAS and runs
+// without it (then every product uses tiled_gemm). The few declarations used are written
+// out as cublas_api.h declares them (the v2 C API). Products are plain fp32 (cublasSgemm_v2,
+// default math mode: no TF32), so the CPU parity tolerances hold, and cuBLAS gives the same
+// bits run to run on one GPU model and library version, so training stays deterministic.
+// Decode stays on tiled_gemm: cuBLAS picks its algorithm by shape, so a row's sums could
+// depend on the batch it is decoded in.
+
+struct cublasContext;
+using cublasHandle_t = cublasContext*;
+using cublasStatus_t = int;  // CUBLAS_STATUS_SUCCESS = 0
+enum cublasOperation_t : int { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+
+struct Cublas {
+  std::string library;  // the file loaded; empty when none could be
+  std::string failure;  // why none could be
+  cublasStatus_t (*create)(cublasHandle_t*) = nullptr;
+  cublasStatus_t (*destroy)(cublasHandle_t) = nullptr;
+  cublasStatus_t (*sgemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int m, int n, int k,
+                          const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta,
+                          float* C, int ldc) = nullptr;
+};
+
+// Opens `file` and resolves the functions used; returns why not, or "" on success.
+std::string open_cublas(const std::string& file, Cublas* api) {
+  void* library = dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!library) {
+    const char* why = dlerror();
+    return why ? why : file + ": dlopen failed";
+  }
+  Cublas found;
+  found.create = reinterpret_cast<decltype(found.create)>(dlsym(library, "cublasCreate_v2"));
+  found.destroy = reinterpret_cast<decltype(found.destroy)>(dlsym(library, "cublasDestroy_v2"));
+  found.sgemm = reinterpret_cast<decltype(found.sgemm)>(dlsym(library, "cublasSgemm_v2"));
+  if (found.create && found.destroy && found.sgemm) {
+    found.library = file;  // stays loaded for the life of the process
+    *api = found;
+    return "";
+  }
+  dlclose(library);
+  return file + " lacks cublasCreate_v2, cublasDestroy_v2 or cublasSgemm_v2";
+}
+
+// Tries RETNET_CUBLAS (a path) first, then libcublas.so.13, .so.12 and .so on the loader's path.
+Cublas load_cublas() {
+  Cublas api;
+  std::vector<std::string> failures;
+  const char* explicit_path = std::getenv("RETNET_CUBLAS");
+  if (explicit_path && *explicit_path) {
+    const std::string why = open_cublas(explicit_path, &api);
+    if (why.empty()) return api;
+    failures.push_back("RETNET_CUBLAS: " + why);
+  }
+  for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+    const std::string why = open_cublas(name, &api);
+    if (why.empty()) return api;
+    // A missing standard name only needs listing; any other reason is worth its full text.
+    failures.push_back(why.find("No such file") != std::string::npos ? std::string("no ") + name : why);
+  }
+  for (const std::string& why : failures) api.failure += (api.failure.empty() ? "" : "; ") + why;
+  return api;
+}
+
+// Loaded on first use, once per process (RETNET_CUBLAS is read then).
+const Cublas& cublas() {
+  static const Cublas api = load_cublas();
+  return api;
+}
+
+// The GEMM of the full-sequence products for a backend created now. RETNET_CUDA_GEMM=own or
+// =cublas picks one (cublas: an error when it cannot be loaded); unset, cuBLAS when it loads.
+struct GemmChoice {
+  const Cublas* cublas;     // null: tiled_gemm
+  std::string description;  // "cublas (<library>)" or "own (<why>)"
+  std::string error;        // RETNET_CUDA_GEMM asks for what cannot be had
+};
+
+GemmChoice choose_gemm() {
+  const char* env = std::getenv("RETNET_CUDA_GEMM");
+  const std::string wanted = env ? env : "";
+  if (wanted == "own") return {nullptr, "own (RETNET_CUDA_GEMM=own)", ""};
+  if (!wanted.empty() && wanted != "cublas")
+    return {nullptr, "", "RETNET_CUDA_GEMM must be 'own' or 'cublas', got '" + wanted + "'"};
+  const Cublas& api = cublas();
+  if (!api.library.empty()) return {&api, "cublas (" + api.library + ")", ""};
+  if (wanted == "cublas") return {nullptr, "", "RETNET_CUDA_GEMM=cublas, but cuBLAS did not load: " + api.failure};
+  return {nullptr, "own (" + api.failure + ")", ""};
+}
+
+// How a view X[R, Q] enters cuBLAS as the column-major operand op(X') = Xᵀ (see cublas_gemm).
+struct CublasOperand {
+  cublasOperation_t op;
+  int ld;
+};
+
+bool cublas_operand(DeviceMatrix X, int R, int Q, CublasOperand* out) {
+  if (X.cs == 1 && X.rs >= std::max(1, Q) && X.rs <= INT_MAX) {
+    *out = {CUBLAS_OP_N, static_cast<int>(X.rs)};
+    return true;
+  }
+  if (X.rs == 1 && X.cs >= std::max(1, R) && X.cs <= INT_MAX) {
+    *out = {CUBLAS_OP_T, static_cast<int>(X.cs)};
+    return true;
+  }
+  return false;
+}
+
+// C[M, N] (ldc) (=|+=) A[M, K] B[K, N] with cuBLAS; false (nothing run) for views it cannot take.
+//
+// cuBLAS is column-major, and a row-major C[M, N] with leading dimension ldc read column-major
+// is the N×M matrix Cᵀ, so we ask for Cᵀ = Bᵀ Aᵀ (m = N, n = M, k = K; B's operand first).
+// Each operand must therefore be the transpose of its view X[R, Q] (A: M×K, B: K×N):
+//   row-major view   (cs = 1, ld = rs): read column-major it is Xᵀ already -> CUBLAS_OP_N, ld rs
+//   transposed view  (rs = 1, ld = cs): read column-major it is X          -> CUBLAS_OP_T, ld cs
+// The products of this file, as (op for B, op for A):
+//   Y = X Wᵀ     (linear: A = X row-major, B = Wᵀ transposed)           (T, N)
+//   dX = dY W    (linear_backward: A = dY, B = W, both row-major)       (N, N)
+//   dW += dYᵀ X  (linear_backward: A = dYᵀ transposed, B = X row-major) (N, T)
+bool cublas_gemm(const Cublas& api, cublasHandle_t handle, int M, int N, int K, DeviceMatrix A, DeviceMatrix B,
+                 float* C, long long ldc, bool accumulate) {
+  CublasOperand a, b;
+  if (!cublas_operand(A, M, K, &a) || !cublas_operand(B, K, N, &b) || ldc < std::max(1, N) || ldc > INT_MAX) return false;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const cublasStatus_t status =
+      api.sgemm(handle, b.op, a.op, N, M, K, &alpha, B.p, b.ld, A.p, a.ld, &beta, C, static_cast<int>(ldc));
+  if (status != 0) throw std::runtime_error("cublasSgemm_v2 failed with status " + std::to_string(status));
+  return true;
 }
 
 // ---- Elementwise and row kernels.
@@ -444,16 +578,17 @@ __device__ void load_tile(float* dst, const float* src, long long ld, int count,
 }
 
 // S[r][c] = (X_r · Y_c) M̃[i][j] with i = i0 + r, j = j0 + c, for j <= i < rows; 0 elsewhere.
-// X and Y are tiles of `width` columns. Each thread writes its own S element.
+// M̃[i][j] = γ^(i-j) / σ_i, or the plain decay γ^(i-j) when !row_normalised (the recurrent
+// form). X and Y are tiles of `width` columns. Each thread writes its own S element.
 __device__ void masked_scores(const float* X, const float* Y, int width, int i0, int j0, int rows,
-                              const HeadConstants& hc, float* S) {
+                              const HeadConstants& hc, float* S, bool row_normalised = true) {
   const int r = threadIdx.x / kTile, c = threadIdx.x % kTile;
   const int i = i0 + r, j = j0 + c;
   float s = 0.0f;
   if (j <= i && i < rows) {
     float dot = 0.0f;
     for (int e = 0; e < width; e++) dot += X[r * width + e] * Y[c * width + e];
-    s = dot * (hc.pow[i - j] / hc.sigma[i]);
+    s = dot * (row_normalised ? hc.pow[i - j] / hc.sigma[i] : hc.pow[i - j]);
   }
   S[threadIdx.x] = s;
 }
@@ -490,11 +625,13 @@ size_t forward_shared_bytes(int dk, int dv) {
   return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv) + kTile * kTile + kTile);
 }
 
-// Outputs of chunk c for each (b, h) (grid: row tiles × B*H): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ),
-// with KV [B*H, dk, dv] and κ [B*H] the state entering the chunk (spec §7).
+// Outputs of chunk c for each (b, h) (grid: row tiles × B*H), with KV [B*H, dk, dv] the state
+// entering the chunk. Chunkwise form (spec §7): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ), κ [B*H].
+// Recurrent form (root_scale given, as the CPU's chunked_retention with `recurrent`): plain decay
+// scores, cross_i = γ^(i+1) S_C q_i KV, o_i = (inner_i + cross_i) / root_scale[bh][t] (spec §6, §10).
 __global__ void retention_chunk_kernel(const float* q, const float* k, const float* v, float* o, RetentionGeometry g,
                                        int c, const float* table, float clamp_max, const float* KV, const float* kappa,
-                                       bool use_cross) {
+                                       const float* root_scale, bool use_cross) {
   extern __shared__ float smem[];
   const int bh = blockIdx.y, b = bh / g.H, h = bh % g.H, dk = g.dk, dv = g.dv;
   const ChunkRows cr = chunk_rows(g, b, c);
@@ -513,18 +650,19 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
   float* S = Os + kTile * dv;
   float* iota = S + kTile * kTile;
 
+  const bool recurrent = root_scale != nullptr;
   load_tile(Qs, qh + i0 * ldq, ldq, min(kTile, rows - i0), dk);
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) Os[idx] = 0.0f;
-  inner_scale(Qs, Ks, S, iota, kh, ldq, dk, i0, rows, hc, clamp_max);
-  // inner_i = Σ_j (A_ij / ι_i) v_j.
+  if (!recurrent) inner_scale(Qs, Ks, S, iota, kh, ldq, dk, i0, rows, hc, clamp_max);
+  // inner_i = Σ_j (A_ij / ι_i) v_j; recurrent: Σ_j (q_i · k_j) γ^(i-j) v_j.
   for (int j0 = 0; j0 <= i0; j0 += kTile) {
     const int count = min(kTile, rows - j0);
     __syncthreads();
     load_tile(Ks, kh + j0 * ldq, ldq, count, dk);
     load_tile(Vs, vh + j0 * ldv, ldv, count, dv);
     __syncthreads();
-    masked_scores(Qs, Ks, dk, i0, j0, rows, hc, S);
-    S[threadIdx.x] /= iota[threadIdx.x / kTile];
+    masked_scores(Qs, Ks, dk, i0, j0, rows, hc, S, !recurrent);
+    if (!recurrent) S[threadIdx.x] /= iota[threadIdx.x / kTile];
     __syncthreads();
     for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
       const int r = idx / dv, e = idx - r * dv;
@@ -534,18 +672,25 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
     }
   }
   const float* KVh = KV + static_cast<size_t>(bh) * dk * dv;
-  const float kap = kappa[bh];
+  // Recurrent: KV holds the un-normalised state / S_C, so it is read as is (κ = 1) and S_C goes
+  // into the query factor.
+  const float kap = recurrent ? 1.0f : kappa[bh];
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
     const int r = idx / dv, e = idx - r * dv, i = i0 + r;
     if (i >= rows) continue;
     float out = Os[idx];
     if (use_cross) {
-      const float a = hc.alpha[i];
+      const float a = recurrent ? hc.pow[i + 1] * hc.total : hc.alpha[i];
       float cross = 0.0f;
       for (int f = 0; f < dk; f++) cross += (Qs[r * dk + f] * a) * (KVh[static_cast<size_t>(f) * dv + e] / kap);
-      const float io = iota[r], mu = max_like_std(io, kap);
-      out = out / (mu / io) + cross / (mu / kap);
+      if (recurrent) {
+        out += cross;
+      } else {
+        const float io = iota[r], mu = max_like_std(io, kap);
+        out = out / (mu / io) + cross / (mu / kap);
+      }
     }
+    if (recurrent) out /= root_scale[static_cast<size_t>(bh) * g.T + c * g.C + i];
     oh[i * ldv + e] = out;
   }
 }
@@ -768,6 +913,19 @@ __global__ void retention_dkv_kernel(const float* q, const float* k, const float
   }
 }
 
+// Recurrent form: root[bh][t] = sqrt(s_t) with s_t = s_(t-1)·γ + 1 continuing the state's
+// scale s (spec §6), for t < T. One thread per (b, h): the recurrence is sequential.
+__global__ void running_root_scale_kernel(const float* decay, int BH, int H, int T, const float* scale, float* root) {
+  const int bh = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bh >= BH) return;
+  const float gamma = exp_rounded(decay[bh % H]);
+  float s = scale[bh];
+  for (int t = 0; t < T; t++) {
+    s = scale_recurrence(s, gamma);
+    root[static_cast<size_t>(bh) * T + t] = sqrtf(s);
+  }
+}
+
 // retention_absorb, per (b, h): carry = γ^T sqrt(s), inv = 1/sqrt(s') with s' after T steps of
 // s ← sγ + 1; writes s' (the state kernel reads only `factors`).
 __global__ void absorb_scales_kernel(const float* decay, int BH, int H, int T, float* scale, float* factors) {
@@ -853,9 +1011,19 @@ unsigned tiles_for(int rows) { return static_cast<unsigned>((rows + kTile - 1) /
 
 class CudaOps final : public Ops {
  public:
-  explicit CudaOps(int device) : device_(device) {}
+  // Runs on the current device; cublas, when given, serves the full-sequence products. The
+  // handle uses cuBLAS's default stream, which is the legacy default stream every op here
+  // enqueues on, so products and kernels run in issue order.
+  CudaOps(int device, const Cublas* cublas) : device_(device), cublas_(cublas) {
+    if (!cublas_) return;
+    const cublasStatus_t status = cublas_->create(&cublas_handle_);
+    if (status != 0)
+      throw std::runtime_error("cuBLAS (" + cublas_->library + "): cublasCreate_v2 failed with status " +
+                               std::to_string(status) + "; RETNET_CUDA_GEMM=own runs without cuBLAS");
+  }
   ~CudaOps() override {
     cudaSetDevice(device_);
+    if (cublas_handle_) cublas_->destroy(cublas_handle_);
     for (Scratch& s : scratch_)
       if (s.p) cudaFree(s.p);
   }
@@ -908,13 +1076,13 @@ class CudaOps final : public Ops {
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    device_gemm(M, N, K, {X, K, 1}, {W, 1, K}, Y, N, accumulate);
+    matmul(M, N, K, {X, K, 1}, {W, 1, K}, Y, N, accumulate);
   }
-  // gemm_kernel is already batch-invariant, so the group is one product per weight.
+  // Always tiled_gemm, which is batch-invariant, so the group is one product per weight.
   void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    for (int i = 0; i < count; i++) device_gemm(M, outs[i].N, K, {X, K, 1}, {outs[i].W, 1, K}, outs[i].Y, outs[i].N, false);
+    for (int i = 0; i < count; i++) tiled_gemm(M, outs[i].N, K, {X, K, 1}, {outs[i].W, 1, K}, outs[i].Y, outs[i].N, false);
   }
 
   void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) override {
@@ -956,38 +1124,17 @@ class CudaOps final : public Ops {
                          const float* decay, int C, float inner_clamp_max, const StateView* state) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
-    if (B * T == 0) return;
-    C = std::max(1, std::min(C, T));
-    const unsigned BH = check_heads(B, H);
-    const float* table = chunk_constants(decay, H, C);
-    const size_t kv_size = static_cast<size_t>(dk) * dv;
-    float* KV = scratch<float>(Slot::States, BH * kv_size);
-    float* kappa = scratch<float>(Slot::Scales, BH);
-    if (state) {
-      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, KV);
-      check_launch("state_to_chunk_kernel");
-    } else {
-      check(cudaMemsetAsync(KV, 0, BH * kv_size * sizeof(float), 0), "cudaMemsetAsync");
-    }
-    column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
-    check_launch("column_abs_max_kernel");
-    const RetentionGeometry g{T, H, dk, dv, C};
-    const int chunks = (T + C - 1) / C;
-    const size_t shared = forward_shared_bytes(dk, dv);
-    allow_shared_memory(retention_chunk_kernel, shared);
-    for (int c = 0; c < chunks; c++) {
-      const int rows = std::min(C, T - c * C);
-      retention_chunk_kernel<<<dim3(tiles_for(rows), BH), kThreads, shared>>>(q, k, v, o, g, c, table, inner_clamp_max,
-                                                                                KV, kappa, c > 0 || state != nullptr);
-      check_launch("retention_chunk_kernel");
-      if (c + 1 == chunks) break;
-      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
-                                                                         KV, KV);
-      check_launch("decayed_outer_kernel");
-      column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
-      check_launch("column_abs_max_kernel");
-    }
+    chunked_retention(q, k, v, o, d, decay, C, inner_clamp_max, state, false);
+  }
+
+  bool has_chunked_recurrent() const override { return true; }
+
+  // Reads the state only; the model advances it with retention_absorb afterwards.
+  void retention_chunked_recurrent(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                                   const float* decay, int C, const StateView& state) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    bind();
+    chunked_retention(q, k, v, o, d, decay, C, 0.0f, &state, true);
   }
 
   void retention_absorb(const float* k, const float* v, const RetentionDims& d, const float* decay,
@@ -1041,8 +1188,8 @@ class CudaOps final : public Ops {
                        bool accumulate_dx) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    device_gemm(M, K, N, {dY, N, 1}, {W, K, 1}, dX, K, accumulate_dx);
-    device_gemm(N, K, M, {dY, 1, N}, {X, K, 1}, dW, K, true);  // dW[N, K] += dY^T X, rows summed in order
+    matmul(M, K, N, {dY, N, 1}, {W, K, 1}, dX, K, accumulate_dx);
+    matmul(N, K, M, {dY, 1, N}, {X, K, 1}, dW, K, true);  // dW[N, K] += dY^T X
   }
 
   void embed_backward(const int32_t* tokens, int n, const float* dout, int D, float scale, float* dE) override {
@@ -1248,6 +1395,13 @@ class CudaOps final : public Ops {
   // Each op runs on this backend's device, whichever thread calls it.
   void bind() { check(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  // A full-sequence product: cuBLAS when this backend has it and it takes the views, else tiled_gemm.
+  void matmul(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, long long ldc, bool accumulate) {
+    if (M == 0 || N == 0) return;
+    if (cublas_handle_ && cublas_gemm(*cublas_, cublas_handle_, M, N, K, A, B, C, ldc, accumulate)) return;
+    tiled_gemm(M, N, K, A, B, C, ldc, accumulate);
+  }
+
   static unsigned check_heads(int B, int H) {
     const size_t BH = static_cast<size_t>(B) * H;
     if (BH > 65535) throw std::invalid_argument("CUDA retention: batch * heads must be <= 65535");
@@ -1255,6 +1409,55 @@ class CudaOps final : public Ops {
   }
 
   static unsigned warp_blocks(size_t warps) { return static_cast<unsigned>((warps + kWarps - 1) / kWarps); }
+
+  // The chunk algorithm over chunks of C rows (spec §7), as the CPU's chunked_retention: the
+  // cross-chunk state starts from `state` when given and is carried as KV ← KV·Γ + Kᵀ(β⊙V).
+  // `recurrent` swaps the chunkwise form's scalars (σ, ι, κ, α) for the recurrent form's: each
+  // row divided by the root of its running scale, continued from state->scale (spec §6, §10).
+  void chunked_retention(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
+                         const float* decay, int C, float inner_clamp_max, const StateView* state, bool recurrent) {
+    const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
+    if (B * T == 0) return;
+    C = std::max(1, std::min(C, T));
+    const unsigned BH = check_heads(B, H);
+    const float* table = chunk_constants(decay, H, C);
+    const size_t kv_size = static_cast<size_t>(dk) * dv;
+    float* KV = scratch<float>(Slot::States, BH * kv_size);
+    // Chunkwise: κ per (b, h). Recurrent: sqrt of every row's running scale instead.
+    float* kappa = recurrent ? nullptr : scratch<float>(Slot::Scales, BH);
+    float* root_scale = recurrent ? scratch<float>(Slot::Scales, static_cast<size_t>(BH) * T) : nullptr;
+    if (recurrent) {
+      running_root_scale_kernel<<<blocks_for(BH), kThreads>>>(decay, BH, H, T, state->scale, root_scale);
+      check_launch("running_root_scale_kernel");
+    }
+    if (state) {
+      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, KV);
+      check_launch("state_to_chunk_kernel");
+    } else {
+      check(cudaMemsetAsync(KV, 0, BH * kv_size * sizeof(float), 0), "cudaMemsetAsync");
+    }
+    if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
+    const RetentionGeometry g{T, H, dk, dv, C};
+    const int chunks = (T + C - 1) / C;
+    const size_t shared = forward_shared_bytes(dk, dv);
+    allow_shared_memory(retention_chunk_kernel, shared);
+    for (int c = 0; c < chunks; c++) {
+      const int rows = std::min(C, T - c * C);
+      retention_chunk_kernel<<<dim3(tiles_for(rows), BH), kThreads, shared>>>(
+          q, k, v, o, g, c, table, inner_clamp_max, KV, kappa, root_scale, c > 0 || state != nullptr);
+      check_launch("retention_chunk_kernel");
+      if (c + 1 == chunks) break;
+      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
+                                                                         KV, KV);
+      check_launch("decayed_outer_kernel");
+      if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
+    }
+  }
+
+  static void update_kappa(const float* KV, unsigned BH, int dk, int dv, float* kappa) {
+    column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
+    check_launch("column_abs_max_kernel");
+  }
 
   // Chunk constants of every head for chunk length C, in the Constants slot.
   const float* chunk_constants(const float* decay, int H, int C) {
@@ -1279,6 +1482,8 @@ class CudaOps final : public Ops {
   }
 
   int device_;
+  const Cublas* cublas_;
+  cublasHandle_t cublas_handle_ = nullptr;
   std::mutex mu_;
   Scratch scratch_[static_cast<int>(Slot::Count)];
 };
@@ -1303,8 +1508,15 @@ std::unique_ptr<Ops> make_cuda_ops(int device) {
   if (count == 0) throw std::runtime_error("no CUDA device: " + reason);
   if (device < 0 || device >= count)
     throw std::runtime_error("no CUDA device: index " + std::to_string(device) + " of " + std::to_string(count));
+  const GemmChoice gemm = choose_gemm();
+  if (!gemm.error.empty()) throw std::runtime_error(gemm.error);
   check(cudaSetDevice(device), "cudaSetDevice");
-  return std::make_unique<CudaOps>(device);
+  return std::make_unique<CudaOps>(device, gemm.cublas);
+}
+
+std::string cuda_gemm() {
+  const GemmChoice gemm = choose_gemm();
+  return gemm.error.empty() ? gemm.description : "error: " + gemm.error;
 }
 
 }  // namespace retnet

@@ -15,4 +15,9 @@ int cuda_device_count(std::string* reason);
 // cannot be used.
 std::unique_ptr<Ops> make_cuda_ops(int device);
 
+// The GEMM a CUDA backend created now runs its full-sequence products on: "cublas (<library>)"
+// or "own (<why not cuBLAS>)", or "error: ..." when RETNET_CUDA_GEMM asks for what cannot be had.
+// Decode products always run the own batch-invariant kernel.
+std::string cuda_gemm();
+
 }  // namespace retnet

@@ -14,6 +14,11 @@ export interface NativeBuildInfo {
   gemm: string;
   cuda: boolean;
   cudaDevices: number;
+  /**
+   * The GEMM a CUDA model created now uses for full-sequence products: 'cublas (<library>)',
+   * 'own (<why not cuBLAS>)' or 'error: ...' (a bad RETNET_CUDA_GEMM); '' without CUDA.
+   */
+  cudaGemm: string;
 }
 
 export interface NativeState {

@@ -1,5 +1,8 @@
 // `npm run bench:cuda`: tokens/s of forward, prefill, decode and training on the CUDA backend,
-// for a randomly initialised model. Best of a few timed runs after one warm-up.
+// for a randomly initialised model. Best of a few timed runs after one warm-up. On CUDA it runs
+// once per GEMM of the full-sequence products: the own kernel and, when it loads, cuBLAS
+// (RETNET_CUDA_GEMM=own|cublas set beforehand benches that one only). Decode always runs the
+// own batch-invariant kernel, so its rows measure the same code in both runs.
 //   node dist/scripts/bench-cuda.js [--device cpu] [--small]
 import { buildInfo } from '../lib/info';
 import { RetNet } from '../lib/model';
@@ -73,6 +76,13 @@ async function measure(model: NativeModel, V: number, small: boolean): Promise<M
   return out;
 }
 
+function printTable(rows: Measurement[]): void {
+  const lines = rows.map((r) => [r.name, r.shape, (r.seconds * 1e3).toFixed(2), Math.round(r.tokens / r.seconds).toString()]);
+  const header = ['what', 'shape', 'ms', 'tokens/s'];
+  const widths = header.map((h, c) => Math.max(h.length, ...lines.map((l) => l[c].length)));
+  for (const line of [header, ...lines]) console.log(line.map((cell, c) => cell.padEnd(widths[c])).join('  '));
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const device = args.includes('--device') ? (args[args.indexOf('--device') + 1] as 'cpu' | 'cuda') : 'cuda';
@@ -85,16 +95,25 @@ async function main(): Promise<void> {
   const config = small
     ? { vocab_size: 4096, decoder_embed_dim: 256, decoder_value_embed_dim: 512, decoder_retention_heads: 2, decoder_ffn_embed_dim: 512, decoder_layers: 2 }
     : { vocab_size: 8192, decoder_embed_dim: 1024, decoder_value_embed_dim: 2048, decoder_retention_heads: 4, decoder_ffn_embed_dim: 2048, decoder_layers: 8 };
-  const model = await RetNet.create(config, { device });
-  console.log(`bench-cuda: device ${device}, ${(model.parameterCount / 1e6).toFixed(1)}M parameters, ${JSON.stringify(config)}`);
-  try {
-    const rows = await measure(model.native(), config.vocab_size, small);
-    const lines = rows.map((r) => [r.name, r.shape, (r.seconds * 1e3).toFixed(2), Math.round(r.tokens / r.seconds).toString()]);
-    const header = ['what', 'shape', 'ms', 'tokens/s'];
-    const widths = header.map((h, c) => Math.max(h.length, ...lines.map((l) => l[c].length)));
-    for (const line of [header, ...lines]) console.log(line.map((cell, c) => cell.padEnd(widths[c])).join('  '));
-  } finally {
-    model.dispose();
+  // A CUDA model reads RETNET_CUDA_GEMM when it is created.
+  const chosen = process.env.RETNET_CUDA_GEMM;
+  const gemms = device === 'cpu' ? [undefined] : chosen ? [chosen] : ['own', 'cublas'];
+  for (const gemm of gemms) {
+    if (gemm !== undefined) process.env.RETNET_CUDA_GEMM = gemm;
+    const gemmName = device === 'cpu' ? info.gemm : buildInfo().cudaGemm;
+    if (gemmName.startsWith('error: ')) {
+      console.log(`bench-cuda: gemm ${gemm} skipped (${gemmName.slice('error: '.length)})`);
+      continue;
+    }
+    const model = await RetNet.create(config, { device });
+    console.log(
+      `bench-cuda: device ${device}, gemm ${gemmName}, ${(model.parameterCount / 1e6).toFixed(1)}M parameters, ${JSON.stringify(config)}`,
+    );
+    try {
+      printTable(await measure(model.native(), config.vocab_size, small));
+    } finally {
+      model.dispose();
+    }
   }
 }
 

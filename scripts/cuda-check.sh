@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA check for the lent GPU machine (/work/shared/DEVICE.md): no npm or network there,
 # so it runs a carried Node binary, builds the addon with nvcc + g++ directly (the same
-# sources, defines and flags as binding.gyp, for sm_90 only), runs the CUDA-vs-CPU parity
-# checks (scripts/cuda-parity.ts, what `npm run test:cuda` asserts) and the CUDA bench, and
-# prints a short summary table last.
+# sources, defines and flags as binding.gyp, for sm_90 only), points RETNET_CUBLAS at the pip
+# nvidia-cublas package's libcublas (loaded at run time; none is linked), runs the CUDA-vs-CPU
+# parity checks (scripts/cuda-parity.ts, what `npm run test:cuda` asserts) once per GEMM (cuBLAS
+# when found, then the own kernel) and the CUDA bench (both GEMMs), and prints a short summary
+# table last. The timeouts below are caps, not estimates: nothing here has been timed on a GPU.
 #
 #   bash scripts/cuda-check.sh --prepare     on the dev machine: .devtools/ (node.xz, N-API
 #                                            headers) and dist/ (compiled scripts)
 #   bash scripts/cuda-check.sh               on the GPU machine, e.g. with the device tool:
 #     run(command="bash scripts/cuda-check.sh", carry=[".devtools", "dist", "node_modules/node-addon-api"],
-#         timeout_s=420)
+#         timeout_s=600)
 # Outputs (logs, ptxas register/spill report) go to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,21 +62,45 @@ if [[ $failed != 0 ]]; then
 fi
 g++ -shared -o build/Release/retnet.node "$obj"/*.o -L"$cuda_lib" -lcudart_static -ldl -lrt -lpthread
 build_s=$(( $(date +%s) - build_start ))
-node -e "console.log(require('./build/Release/retnet.node').buildInfo())"
 
-# ---- Checks.
+# ---- cuBLAS from the pip nvidia-cublas package (the highest-versioned libcublas.so* under it),
+# unless RETNET_CUBLAS is already set. Its directory goes on LD_LIBRARY_PATH for libcublasLt.
+if [[ -z "${RETNET_CUBLAS:-}" ]]; then
+  site="$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2> /dev/null || true)"
+  cublas_lib="$( [[ -n "$site" ]] && find "$site/nvidia" -name 'libcublas.so*' -printf '%f\t%p\n' 2> /dev/null |
+    sort -V | tail -n 1 | cut -f 2 || true)"
+  if [[ -n "$cublas_lib" ]]; then
+    export RETNET_CUBLAS="$cublas_lib"
+    export LD_LIBRARY_PATH="$(dirname "$cublas_lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
+node -e "console.log(require('./build/Release/retnet.node').buildInfo())"
+gemm="$(node -e "console.log(require('./build/Release/retnet.node').buildInfo().cudaGemm)")"
+
+# ---- Checks: parity with the default GEMM (cuBLAS when it loaded), then with the own kernel
+# when that was not the default; the bench runs both GEMMs itself.
 parity_rc=0
-timeout 300 node dist/scripts/cuda-parity.js > "$out/parity.txt" 2>&1 || parity_rc=$?
+timeout 240 node dist/scripts/cuda-parity.js > "$out/parity.txt" 2>&1 || parity_rc=$?
+parity_own_rc=0
+if [[ "$gemm" == cublas* ]]; then
+  RETNET_CUDA_GEMM=own timeout 240 node dist/scripts/cuda-parity.js > "$out/parity-own.txt" 2>&1 || parity_own_rc=$?
+fi
 bench_rc=0
-timeout 240 node dist/scripts/bench-cuda.js > "$out/bench.txt" 2>&1 || bench_rc=$?
+timeout 300 node dist/scripts/bench-cuda.js > "$out/bench.txt" 2>&1 || bench_rc=$?
 
 echo
 echo "==== cuda-check summary"
 echo "build: ${build_s}s (nvcc + g++); spills: $(grep -c 'bytes spill stores' "$out/ptxas.txt" || true) kernels reported," \
   "$(grep -E '[1-9][0-9]* bytes spill stores' "$out/ptxas.txt" | wc -l) with spills"
-echo "-- parity (exit ${parity_rc}); failures first:"
+echo "gemm (full-sequence products by default): ${gemm}"
+echo "-- parity, ${gemm%% *} GEMM (exit ${parity_rc}); failures first:"
 grep -E 'FAIL' "$out/parity.txt" | head -20 || true
 tail -n 3 "$out/parity.txt"
-echo "-- bench (exit ${bench_rc}):"
-tail -n 8 "$out/bench.txt"
-exit $(( parity_rc != 0 || bench_rc != 0 ))
+if [[ -f "$out/parity-own.txt" ]]; then
+  echo "-- parity, own GEMM (exit ${parity_own_rc}); failures first:"
+  grep -E 'FAIL' "$out/parity-own.txt" | head -20 || true
+  tail -n 3 "$out/parity-own.txt"
+fi
+echo "-- bench (exit ${bench_rc}), one table per GEMM:"
+grep -vE '^\s*$' "$out/bench.txt" | tail -n 24
+exit $(( parity_rc != 0 || parity_own_rc != 0 || bench_rc != 0 ))

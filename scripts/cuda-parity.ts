@@ -1,8 +1,11 @@
 // CUDA-vs-CPU parity of the whole model on every fixture in test/data/fixtures: logits of the
-// three forms (and against torchscale's files), prefill state hand-off, decode steps and
-// stepBatch, loss and gradients (also with dropout and drop path), and two AdamW steps.
+// three forms (and against torchscale's files), prefill in each mode (two segments: logits and
+// state), decode steps and stepBatch, loss and gradients (also with dropout and drop path), and
+// two AdamW steps.
 // Used by test/cuda/parity.test.ts (jest) and, without jest, on the GPU machine:
 //   node dist/scripts/cuda-parity.js        (prints a table; exit code 1 on any failure)
+// The CUDA model's full-sequence products run on the GEMM buildInfo().cudaGemm names (cuBLAS when
+// it loads); RETNET_CUDA_GEMM=own|cublas picks one, so each can be checked.
 import * as fs from 'fs';
 import * as path from 'path';
 
@@ -138,10 +141,12 @@ export async function checkFixture(name: string): Promise<ParityRow[]> {
       add(`forward ${mode} logits vs torchscale`, maxAbsDiff(got, readF32(path.join(dir, `logits_${mode}.f32`))), LOGITS_ABS);
     }
 
-    // Prefill in two segments (the second continues from the state), then decode steps.
+    // Prefill in two segments (the second continues from a non-empty state), then decode steps.
+    // Chunkwise and parallel prefill run the chunk kernel for the recurrent form (chunkwise: each
+    // segment spans several chunks on every fixture, T/2 >= 2C); recurrent prefill runs steps.
     const half = Math.max(1, Math.floor(T / 2));
     const steps = Math.min(DECODE_STEPS, T - half);
-    for (const mode of ['chunkwise', 'parallel'] as const) {
+    for (const mode of ['chunkwise', 'parallel', 'recurrent'] as const) {
       const states = both.map((m) => m.createState(B));
       const prefill = async (m: NativeModel, s: NativeState, t0: number, t1: number) => m.prefill(s, columns(t0, t1), t1 - t0, mode, C);
       const first = await Promise.all(both.map((m, i) => prefill(m, states[i], 0, half)));
@@ -238,6 +243,7 @@ async function main(): Promise<void> {
     console.log(`cuda-parity: skipped (${reason})`);
     return;
   }
+  console.log(`cuda-parity: CUDA gemm ${buildInfo().cudaGemm}`);
   const rows: ParityRow[] = [];
   for (const name of fixtureNames()) rows.push(...(await checkFixture(name)));
   console.log(formatTable(rows));

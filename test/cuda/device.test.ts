@@ -1,4 +1,7 @@
 // Device selection: 'cuda' fails clearly when it cannot run, 'auto' falls back to the CPU.
+import { execFileSync } from 'child_process';
+import * as path from 'path';
+
 import { buildInfo } from '../../lib/info';
 import { RetNet } from '../../lib/model';
 
@@ -17,6 +20,24 @@ test('buildInfo reports whether CUDA was compiled in and how many devices it see
   expect(typeof info.cuda).toBe('boolean');
   expect(Number.isInteger(info.cudaDevices) && info.cudaDevices >= 0).toBe(true);
   if (!info.cuda) expect(info.cudaDevices).toBe(0);
+});
+
+test('buildInfo names the GEMM of CUDA full-sequence products (cuBLAS when it loads, else the own kernel)', () => {
+  if (!info.cuda) {
+    expect(info.cudaGemm).toBe('');
+    return;
+  }
+  expect(info.cudaGemm).toMatch(/^(cublas|own) \(.+\)$/);
+  // The addon reads RETNET_CUDA_GEMM from the real environment, which jest's process.env does not
+  // change: ask a child process.
+  const addonPath = path.join(__dirname, '..', '..', 'build', 'Release', 'retnet.node');
+  const cudaGemmWith = (value: string): string =>
+    execFileSync(process.execPath, ['-e', `console.log(require(${JSON.stringify(addonPath)}).buildInfo().cudaGemm)`], {
+      env: { ...process.env, RETNET_CUDA_GEMM: value },
+      encoding: 'utf8',
+    }).trim();
+  expect(cudaGemmWith('own')).toBe('own (RETNET_CUDA_GEMM=own)');
+  expect(cudaGemmWith('fast')).toBe("error: RETNET_CUDA_GEMM must be 'own' or 'cublas', got 'fast'");
 });
 
 (usable ? test.skip : test)("device 'cuda' without a usable device rejects with the reason", async () => {
