@@ -15,7 +15,7 @@ namespace {
 // Register tile and cache blocking. MR x NR is the AVX2 micro-tile (12 accumulators).
 constexpr int MR = 6;
 constexpr int NR = 16;
-constexpr int KC = 256;
+constexpr int KC = 384;  // the most; gemm splits K into equal blocks of at most this
 constexpr int MC = 72;
 constexpr int NC = 3072;
 
@@ -332,20 +332,23 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
   }
   const Kernels& kern = kernels();
   std::vector<float> bpack(static_cast<size_t>(KC) * (std::min(N, NC) + NR));
+  // Equal K blocks (512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and a short tail.
+  const int kblocks = (K + KC - 1) / KC;
+  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
   const int mblocks = (M + MC - 1) / MC;
   for (int n0 = 0; n0 < N; n0 += NC) {
     const int nc = std::min(NC, N - n0);
     const int npanels = (nc + NR - 1) / NR;
-    for (int k0 = 0; k0 < K; k0 += KC) {
-      const int kc = std::min(KC, K - k0);
+    for (int k0 = 0; k0 < K; k0 += kc_step) {
+      const int kc = std::min(kc_step, K - k0);
       const bool acc = accumulate || k0 > 0;
       parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
         for (size_t p = p0; p < p1; p++)
           pack_b_panel(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
                        bpack.data() + p * KC * NR);
       });
-      // Split N too when there are few row blocks, so both cores work on short-M products.
-      // Aim for 8 tasks per thread: with dynamic scheduling the last, uneven ones then cost little.
+      // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
+      // scheduling the last, uneven ones cost little.
       const int nsplit = std::max(1, std::min(npanels, (num_threads() * 8 + mblocks - 1) / mblocks));
       const int panels_per = (npanels + nsplit - 1) / nsplit;
       parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Side-by-side GEMM comparison with OpenBLAS (issue: GEMM >= 85% of OpenBLAS sgemm).
+# Needs libopenblas-dev (apt-get install libopenblas-dev); the package itself never links it.
+# Usage: bash scripts/gemm-vs-openblas.sh [reps]   (threads: RETNET_NUM_THREADS, default 2 here)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+inc=$(dirname "$(find /usr/include -name cblas.h -path '*openblas*' | head -n1)")
+[ -n "$inc" ] || { echo "gemm-vs-openblas: cblas.h from libopenblas-dev not found" >&2; exit 1; }
+threads=${RETNET_NUM_THREADS:-2}
+out=$(mktemp -d)
+g++ -O3 -std=c++17 -Icsrc -I"$inc" scripts/gemm_vs_openblas.cc csrc/gemm.cc csrc/quant.cc csrc/threadpool.cc \
+  -o "$out/gemm_vs_openblas" -lopenblas -lpthread
+RETNET_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads "$out/gemm_vs_openblas" "${1:-7}"
+rm -rf "$out"
