@@ -246,6 +246,11 @@ void pack_a(const MatView& A, int m0, int mc, int k0, int kc, float* out) {
     if (rows == MR && A.cs == 1 && cpu_has_avx2_fma())
       k = pack_a_panel_avx2(A.p + k0 + (m0 + ip) * A.rs, A.rs, kc, out + ip * kc);
 #endif
+    // A transposed (rows contiguous): a panel's k-th column is 6 adjacent floats. Copy 8 at a
+    // time where the block has the 2 extra rows to read; the next copy overwrites the extra 2.
+    if (A.rs == 1 && ip + 8 <= mc) {
+      for (; k < kc; k++) std::memcpy(out + ip * kc + k * MR, A.p + (k0 + k) * A.cs + m0 + ip, 8 * sizeof(float));
+    }
     for (; k < kc; k++) {
       float* dst = out + ip * kc + k * MR;
       const float* src = A.p + (k0 + k) * A.cs + (m0 + ip) * A.rs;
