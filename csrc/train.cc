@@ -40,12 +40,15 @@ struct Trainer::Activations {
   std::vector<Buffer> stream;  // residual stream: [0] block inputs of layer 0, then each block's output
   std::vector<Layer> layers;
   Buffer final_normed;         // pre-norm: final norm output
-  Buffer logits;               // becomes dlogits in place
+  Buffer logits;               // one block of rows' logits, which become their dlogits in place
   // Backward scratch: gradients of the residual stream and of one layer's intermediates.
   Buffer scratch, dx, dh, dq, dk, dz, d_o, dv, dg, du, da, db, dy_branch;
 };
 
 namespace {
+// Logits held at once by the training head (16 Mi floats: 64 MiB), as whole rows.
+constexpr size_t kHeadBlockFloats = size_t{16} << 20;
+
 // Activation buffers are kept across steps and resized only when the batch shape changes:
 // reallocating hundreds of MB per step costs page faults and zeroing. Every buffer is fully
 // written before it is read, so stale contents don't matter.
@@ -195,17 +198,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
     ops.rmsnorm(x_last, m.final_ln_, acts.final_normed.data(), R, c.D, c.eps);
     head_in = acts.final_normed.data();
   }
-  fit(acts.logits, m.ops(), static_cast<size_t>(R) * c.V);
-  ops.linear(R, c.V, c.D, head_in, m.output_, acts.logits.data(), false);
 
-  // ---- Loss; logits become dlogits in place.
-  ops.softmax_cross_entropy(acts.logits.data(), targets.data(), weights.data(), R, c.V, row_loss.data());
-  double loss = 0;
-  for (int r = 0; r < R; r++)
-    if (targets[r] >= 0) loss += static_cast<double>(row_loss[r]) * (batch.mask ? batch.mask[r] : 1.0f);
-  loss /= total_mask;
-
-  // ---- Backward. dx is the gradient of the residual stream at the current point.
+  // ---- Backward buffers. dx is the gradient of the residual stream at the current point.
   const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
   for (Buffer* buf : {&acts.dx, &acts.dh, &acts.dq, &acts.dk}) fit(*buf, m.ops(), RD);
   for (Buffer* buf : {&acts.dz, &acts.d_o, &acts.dv, &acts.dg}) fit(*buf, m.ops(), RDv);
@@ -213,7 +207,25 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   fit(acts.dy_branch, m.ops(), branch_dropped ? RD : 0);
   Buffer &dx = acts.dx, &dh = acts.dh, &dq = acts.dq, &dk = acts.dk, &dz = acts.dz, &d_o = acts.d_o, &dv = acts.dv,
          &dg = acts.dg, &du = acts.du, &da = acts.da, &db = acts.db, &dy_branch = acts.dy_branch;
-  ops.linear_backward(R, c.V, c.D, head_in, m.output_, acts.logits.data(), dx.data(), grad_of(m.output_), false);
+
+  // ---- Output head, loss and the head's backward, a block of rows at a time: the whole
+  // batch's logits (R x V: 262 MB for 2048 rows of a 32k vocabulary) are never held at once.
+  // A block's logits become its dlogits in place, then go straight through the backward.
+  const int head_rows = std::max(1, std::min(R, static_cast<int>(kHeadBlockFloats / c.V)));
+  fit(acts.logits, m.ops(), static_cast<size_t>(head_rows) * c.V);
+  for (int r0 = 0; r0 < R; r0 += head_rows) {
+    const int rows = std::min(head_rows, R - r0);
+    const float* x = head_in + static_cast<size_t>(r0) * c.D;
+    float* logits = acts.logits.data();
+    ops.linear(rows, c.V, c.D, x, m.output_, logits, false);
+    ops.softmax_cross_entropy(logits, targets.data() + r0, weights.data() + r0, rows, c.V, row_loss.data() + r0);
+    ops.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
+                        grad_of(m.output_), false);
+  }
+  double loss = 0;
+  for (int r = 0; r < R; r++)
+    if (targets[r] >= 0) loss += static_cast<double>(row_loss[r]) * (batch.mask ? batch.mask[r] : 1.0f);
+  loss /= total_mask;
   if (c.pre_norm) ops.rmsnorm_backward(x_last, m.final_ln_, dx.data(), dx.data(), grad_of(m.final_ln_), R, c.D, c.eps, false);
   // Backward of one residual block given d(out) in dx; leaves d(x_in) in dx.
   // `branch(in, dy, d_in)` turns d(branch output) dy into d(branch input) in d_in.

@@ -340,3 +340,27 @@ test('repeated gradient calls on one model reuse their buffers without changing 
   }
   model.dispose();
 });
+
+describe('large vocabulary', () => {
+  // 70000 logits per row: the trainer's output head then runs in blocks of 239 rows (64 MiB of
+  // logits at a time), so 2 x 150 rows take two blocks, the first ending inside the second
+  // sequence. Each sequence alone fits one block: the batch must equal their average.
+  test('the output head in row blocks gives the loss and gradients of whole-batch rows', async () => {
+    const config = smallConfig({ vocab_size: 70000, decoder_embed_dim: 4, decoder_value_embed_dim: 4, decoder_retention_heads: 1, decoder_ffn_embed_dim: 4, decoder_layers: 1 });
+    const model = await RetNet.fromStateDict(config, randomWeights(config, 12, 0.7));
+    const tokens = randomTokens(13, 2, 150, config.vocab_size);
+    const both = await model.lossAndGradients(tokens, { mode: 'parallel' });
+    const first = await model.lossAndGradients([tokens[0]], { mode: 'parallel' });
+    const second = await model.lossAndGradients([tokens[1]], { mode: 'parallel' });
+    model.dispose();
+    expect(Math.abs(both.loss - (first.loss + second.loss) / 2)).toBeLessThan(1e-6 * both.loss);
+    let worst = 0;
+    for (const [name, g] of both.grads) {
+      const a = first.grads.get(name)!;
+      const b = second.grads.get(name)!;
+      const mean = Float32Array.from(a, (x, i) => (x + b[i]) / 2);
+      worst = Math.max(worst, maxAbsDiff(g, mean) / Math.max(maxAbs(mean), 1e-30));
+    }
+    expect(worst).toBeLessThan(1e-5);
+  });
+});
