@@ -149,9 +149,14 @@ class AccessGuard {
     if (!count_.compare_exchange_strong(expected, -1)) throw std::runtime_error("model is busy with another call");
   }
   void release_write() { count_ = 0; }
+  // Counts the calls that change the weights (setParam, setParams, trainStep), so a reader
+  // that takes them a tensor at a time across several calls (save) can tell they moved.
+  void note_weights_changed() { weight_version_++; }
+  uint64_t weight_version() const { return weight_version_.load(); }
 
  private:
   std::atomic<int> count_{0};
+  std::atomic<uint64_t> weight_version_{0};
 };
 
 // Releases a claim when the worker finishes, whether it succeeded or threw.
@@ -346,6 +351,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
                         InstanceMethod("setParams", &NativeModel::SetParams),
+                        InstanceMethod("weightVersion", &NativeModel::WeightVersion),
                         InstanceMethod("setDecodeWeights", &NativeModel::SetDecodeWeights),
                         InstanceMethod("lossAndGradients", &NativeModel::LossAndGradients),
                         InstanceMethod("trainStep", &NativeModel::TrainStep),
@@ -645,7 +651,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value SetParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    WriteClaim claim{claim_write(env)};
+    WriteClaim claim{claim_write(env, true)};
     try {
       if (!info[0].IsString()) throw std::invalid_argument("parameter name must be a string");
       Napi::Float32Array data = float32_arg(info[1], "data");
@@ -672,7 +678,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    auto guard = claim_write(env);
+    auto guard = claim_write(env, true);
     auto* worker = new PromiseWorker(
         env,
         [m, guard, sources] {
@@ -794,7 +800,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    auto guard = claim_write(env);
+    auto guard = claim_write(env, true);
     auto trainer_ptr = trainer();
     auto result = std::make_shared<StepResult>();
     auto* worker = new PromiseWorker(
@@ -856,13 +862,20 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     return access_;
   }
-  std::shared_ptr<AccessGuard> claim_write(Napi::Env env) {
+  // `changes_weights`: the call will modify the weights (see AccessGuard::weight_version).
+  std::shared_ptr<AccessGuard> claim_write(Napi::Env env, bool changes_weights = false) {
     try {
       access_->acquire_write();
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
+    if (changes_weights) access_->note_weights_changed();
     return access_;
+  }
+
+  // weightVersion() -> number: changes whenever a call that modifies the weights starts.
+  Napi::Value WeightVersion(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(access_->weight_version()));
   }
   // Gradient and optimizer arenas, made on first use.
   std::shared_ptr<Trainer> trainer() {

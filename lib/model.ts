@@ -377,7 +377,13 @@ export class RetNet implements SessionOwner {
     const tied = this.config.share_decoder_input_output_embed;
     const tensors = parameterShapes(this.config).map(([name, shape]) => ({ name, shape }));
     // One tensor at a time from the native model, so saving never holds a copy of every weight.
-    const values = (name: string): Float32Array => nativeModel.getParam(name === OUTPUT && tied ? EMBED : name);
+    // A training step or setParam between two tensors would mix two versions of the weights:
+    // that fails the save (before the file replaces anything) instead.
+    const version = nativeModel.weightVersion();
+    const values = (name: string): Float32Array => {
+      if (nativeModel.weightVersion() !== version) throw new Error('RetNet.save: the weights changed while saving (a training step or setParam ran); nothing was written');
+      return nativeModel.getParam(name === OUTPUT && tied ? EMBED : name);
+    };
     const metadata = { format: 'pt', config: JSON.stringify(this.config) };
     if (location.endsWith('.safetensors')) {
       await writeSafetensorsFile(location, tensors, values, metadata);

@@ -71,6 +71,8 @@ export interface NativeModel {
   setParam(name: string, data: Float32Array): void;
   /** Copies parameter values in off the JS thread. */
   setParams(tensors: Record<string, Float32Array>): Promise<void>;
+  /** Changes whenever a call that modifies the weights (setParam, setParams, trainStep) starts. */
+  weightVersion(): number;
   /** Mean next-token (or `targets`) cross-entropy and its gradient per trainable parameter (tied: embed_tokens.weight only). */
   lossAndGradients(
     tokens: Int32Array,

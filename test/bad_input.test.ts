@@ -172,6 +172,24 @@ describe('files', () => {
     expect(fs.readFileSync(file).equals(before)).toBe(true);
     expect(fs.readdirSync(dir).filter((n) => n.includes('.tmp'))).toEqual([]);
   });
+
+  test('weights changed during a save fail it and leave the previous file intact', async () => {
+    const m = await RetNet.create(CONFIG, { seed: 3 });
+    const file = path.join(dir, 'moving.safetensors');
+    await m.save(file);
+    const before = fs.readFileSync(file);
+    // save reads the weights a tensor at a time; a write between two of them must not land.
+    const saving = m.save(file);
+    m.native().setParam('layer_norm.weight', new Float32Array(CONFIG.decoder_embed_dim).fill(2));
+    await expect(saving).rejects.toThrow(/weights changed while saving/);
+    expect(fs.readFileSync(file).equals(before)).toBe(true);
+    expect(fs.readdirSync(dir).filter((n) => n.includes('.tmp'))).toEqual([]);
+    await m.save(file); // a save with nothing running alongside succeeds
+    const loaded = await RetNet.load(file);
+    expect(loaded.stateDict().get('layer_norm.weight')![0]).toBe(2);
+    loaded.dispose();
+    m.dispose();
+  });
 });
 
 test('a disposed model throws instead of crashing', async () => {
