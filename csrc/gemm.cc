@@ -268,8 +268,12 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
     for (int k = 0; k < kc; k++) {
       const float* src = B.p + (k0 + k) * B.rs + n0;
       float* dst = out + k * NR;
-      std::memcpy(dst, src, cols * sizeof(float));
-      for (int j = cols; j < NR; j++) dst[j] = 0.f;
+      if (cols == NR) {
+        std::memcpy(dst, src, NR * sizeof(float));  // a fixed size: inlined, not a libc call per row
+      } else {
+        std::memcpy(dst, src, cols * sizeof(float));
+        for (int j = cols; j < NR; j++) dst[j] = 0.f;
+      }
     }
     return;
   }
@@ -354,7 +358,8 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       });
       // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
       // scheduling the last, uneven ones cost little.
-      const int nsplit = std::max(1, std::min(npanels, (num_threads() * 8 + mblocks - 1) / mblocks));
+      const int threads = available_threads();
+      const int nsplit = threads == 1 ? 1 : std::max(1, std::min(npanels, (threads * 8 + mblocks - 1) / mblocks));
       const int panels_per = (npanels + nsplit - 1) / nsplit;
       parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
         alignas(64) float apack[MC * KC + kPackSlack];

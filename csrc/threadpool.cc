@@ -86,6 +86,9 @@ class Pool {
     if (error_) std::rethrow_exception(error_);
   }
 
+  // Whether this thread is running a piece of a region (nested regions then run inline).
+  static bool inside_region() { return in_region_; }
+
  private:
   void work() {
     in_region_ = true;
@@ -157,5 +160,7 @@ void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_
 }
 
 int num_threads() { return pool().threads(); }
+
+int available_threads() { return Pool::inside_region() ? 1 : pool().threads(); }
 
 }  // namespace retnet

@@ -13,4 +13,8 @@ void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_
 // Number of threads the pool uses (RETNET_NUM_THREADS, else the hardware's).
 int num_threads();
 
+// Threads a parallel_for started here would use: 1 inside a parallel region, where nested
+// regions run inline, else num_threads().
+int available_threads();
+
 }  // namespace retnet
