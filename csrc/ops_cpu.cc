@@ -23,14 +23,19 @@ namespace {
 // Per-head constants of a chunk of length C (spec §7), in float32 as torchscale makes them.
 struct ChunkConstants {
   std::vector<float> pow;    // pow[k] = exp(λ k), k = 0..C
+  std::vector<float> pow_rev;  // pow_rev[t] = pow[C - t]: row i's decays γ^(i-j) start at pow_rev + C - i
   std::vector<float> sigma;  // σ_i = sqrt(ρ_i)
   std::vector<float> alpha;  // query_inner_decay α_i
   std::vector<float> beta;   // value_inner_decay β_j
   float cross_decay = 0;     // Γ = exp(λ C)
   float total = 0;           // S_C = ρ_{C-1}
 
-  ChunkConstants(float lambda, int C) : pow(C + 1), sigma(C), alpha(C), beta(C) {
+  // γ^(i-j) for j = 0..i, contiguous in j.
+  const float* decays_of_row(int i) const { return pow_rev.data() + (pow_rev.size() - 1 - i); }
+
+  ChunkConstants(float lambda, int C) : pow(C + 1), pow_rev(C + 1), sigma(C), alpha(C), beta(C) {
     for (int k = 0; k <= C; k++) pow[k] = std::exp(lambda * static_cast<float>(k));
+    for (int t = 0; t <= C; t++) pow_rev[t] = pow[C - t];
     double rho = 0;  // a row sum of the mask; double keeps it within an ulp of torch's sum
     std::vector<float> rho_row(C);
     for (int i = 0; i < C; i++) {
@@ -47,6 +52,27 @@ struct ChunkConstants {
     cross_decay = pow[C];
   }
 };
+
+// The decay mask on row i of a score matrix: row[j] *= γ^(i-j) / div for j < n (the mask
+// value is one division, as torchscale makes it), returning Σ_j |row[j]| (in 8 interleaved
+// partial sums, so the loop vectorizes; forward and backward share it, so they agree).
+__attribute__((target_clones("arch=x86-64-v3", "default"))) float mask_row(float* row, const float* decays, float div,
+                                                                          int n) {
+  float part[8] = {};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; l++) {
+      row[j + l] *= decays[j + l] / div;
+      part[l] += std::fabs(row[j + l]);
+    }
+  }
+  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; j < n; j++) {
+    row[j] *= decays[j] / div;
+    sum += std::fabs(row[j]);
+  }
+  return sum;
+}
 
 // 1 / sqrt(mean(x²) + eps), the scale of an RMSNorm row (sum of squares in double).
 float inverse_rms(const float* x, int n, float eps) {
@@ -249,15 +275,10 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
           float* srow = scores.data() + static_cast<size_t>(i - i0) * ncol;
           for (int j = i + 1; j < ncol; j++) srow[j] = 0.f;
           if (recurrent) {  // plain decay weights; the row is scaled at the end
-            for (int j = 0; j <= i; j++) srow[j] *= cc.pow[i - j];
+            mask_row(srow, cc.decays_of_row(i), 1.0f, i + 1);
             continue;
           }
-          float abs_sum = 0;
-          for (int j = 0; j <= i; j++) {
-            const float mask = cc.pow[i - j] / cc.sigma[i];
-            srow[j] *= mask;
-            abs_sum += std::fabs(srow[j]);
-          }
+          const float abs_sum = mask_row(srow, cc.decays_of_row(i), cc.sigma[i], i + 1);
           const float io = std::min(std::max(abs_sum, 1.0f), inner_clamp_max);
           for (int j = 0; j <= i; j++) srow[j] /= io;
           iota[i - i0] = io;
@@ -625,11 +646,7 @@ class CpuOps final : public Ops {
           gemm(rows, rows, dk_, row_major(qh, ldq), transposed(kh, ldq), A.data(), rows, false);
           for (int i = 0; i < rows; i++) {
             float* arow = A.data() + static_cast<size_t>(i) * rows;
-            float abs_sum = 0;
-            for (int j = 0; j <= i; j++) {
-              arow[j] *= cc.pow[i - j] / cc.sigma[i];
-              abs_sum += std::fabs(arow[j]);
-            }
+            const float abs_sum = mask_row(arow, cc.decays_of_row(i), cc.sigma[i], i + 1);
             for (int j = i + 1; j < rows; j++) arow[j] = 0.f;
             const float iota = std::min(std::max(abs_sum, 1.0f), inner_clamp_max);
             mu[i] = use_cross ? std::max(iota, kappa[c]) : iota;
@@ -642,7 +659,7 @@ class CpuOps final : public Ops {
           gemm(rows, rows, dv_, row_major(dOs.data(), dv_), transposed(vh, ldv), dS.data(), rows, false);
           for (int i = 0; i < rows; i++) {
             float* srow = dS.data() + static_cast<size_t>(i) * rows;
-            for (int j = 0; j <= i; j++) srow[j] *= cc.pow[i - j] / cc.sigma[i];
+            mask_row(srow, cc.decays_of_row(i), cc.sigma[i], i + 1);
             for (int j = i + 1; j < rows; j++) srow[j] = 0.f;
           }
           gemm(rows, dk_, rows, row_major(dS.data(), rows), row_major(kh, ldq), dqh, ldq, false);
