@@ -340,7 +340,15 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
     return;
   }
   const Kernels& kern = kernels();
-  std::vector<float> bpack(static_cast<size_t>(KC) * (std::min(N, NC) + NR));
+  // The packed B block, reused across calls: a fresh zeroed vector per product cost page
+  // faults and a memset as large as the block (retention calls this per tile). Per thread,
+  // since products nested in a parallel region run on several threads at once.
+  // (The lambdas below must use `packed`: inside them `bpack` would name the running
+  // thread's own buffer, not this call's.)
+  thread_local std::vector<float> bpack;
+  const size_t bpack_size = static_cast<size_t>(KC) * (std::min(N, NC) + NR);
+  if (bpack.size() < bpack_size) bpack.resize(bpack_size);
+  float* const packed = bpack.data();
   // Equal K blocks (512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and a short tail.
   const int kblocks = (K + KC - 1) / KC;
   const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
@@ -354,7 +362,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
         for (size_t p = p0; p < p1; p++)
           pack_b_panel(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
-                       bpack.data() + p * KC * NR);
+                       packed + p * KC * NR);
       });
       // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
       // scheduling the last, uneven ones cost little.
@@ -372,7 +380,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
           pack_a(A, m0, mc, k0, kc, apack);
           for (int p = pbeg; p < pend; p++) {
             const int j0 = p * NR, cols = std::min(NR, nc - j0);
-            const float* bp = bpack.data() + static_cast<size_t>(p) * KC * NR;
+            const float* bp = packed + static_cast<size_t>(p) * KC * NR;
             for (int ip = 0; ip < mc; ip += MR) {
               const int rows = std::min(MR, mc - ip);
               float* ct = C + (m0 + ip) * ldc + n0 + j0;
