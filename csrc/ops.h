@@ -86,7 +86,7 @@ class Ops {
                               const float* decay, const StateView* rows) = 0;
   // z = swish(g) * groupnorm(o), per row and head over dv values.
   virtual void groupnorm_gate(const float* o, const float* g, float* z, int rows, int H, int dv, float eps) = 0;
-  // z = act(a) * b.
+  // z = act(a) * b (z may be a).
   virtual void glu(const float* a, const float* b, float* z, size_t n, Activation act) = 0;
 
   // ---- Training: backward passes, loss and optimizer. Weight gradients always

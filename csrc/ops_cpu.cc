@@ -171,7 +171,39 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void adamw_range(flo
 }
 
 float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f)); }
-float swish(float x) { return x / (1.0f + std::exp(-x)); }
+// out[i] = 1 / (1 + e^-x[i]) for i < n (out may be x): the gate of swish and its derivative.
+void sigmoid_generic(const float* x, float* out, size_t n) {
+  for (size_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + std::exp(-x[i]));
+}
+#ifdef RETNET_X86
+__attribute__((target("avx2,fma"))) void sigmoid_avx2(const float* x, float* out, size_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(x + i)));
+    _mm256_storeu_ps(out + i, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+  }
+  sigmoid_generic(x + i, out + i, n - i);
+}
+#endif
+void sigmoid(const float* x, float* out, size_t n) {
+#ifdef RETNET_X86
+  if (cpu_has_avx2_fma()) return sigmoid_avx2(x, out, n);
+#endif
+  sigmoid_generic(x, out, n);
+}
+
+constexpr size_t kSigmoidBlock = 256;  // gates computed at a time, on the stack
+
+// out[i] = swish(x[i]) · (m[i] · scale) with swish(x) = x σ(x); out may alias x or m.
+void swish_mul(const float* x, const float* m, float scale, float* out, size_t n) {
+  float sig[kSigmoidBlock];
+  for (size_t i0 = 0; i0 < n; i0 += kSigmoidBlock) {
+    const size_t len = std::min(kSigmoidBlock, n - i0);
+    sigmoid(x + i0, sig, len);
+    for (size_t j = 0; j < len; j++) out[i0 + j] = x[i0 + j] * sig[j] * (m[i0 + j] * scale);
+  }
+}
 
 // κ = max over value columns of the key-summed |KV|, at least 1 (spec §7).
 float column_abs_max(const float* KV, int dk, int dv) {
@@ -482,7 +514,7 @@ class CpuOps final : public Ops {
         for (int h = 0; h < H; h++) {
           const size_t off = r * width + static_cast<size_t>(h) * dv;
           const float inv = inverse_rms(o + off, dv, eps);
-          for (int j = 0; j < dv; j++) z[off + j] = swish(g[off + j]) * (o[off + j] * inv);
+          swish_mul(g + off, o + off, inv, z + off, dv);
         }
       }
     });
@@ -495,7 +527,7 @@ class CpuOps final : public Ops {
           for (size_t i = i0; i < i1; i++) z[i] = gelu(a[i]) * b[i];
           break;
         case Activation::Swish:
-          for (size_t i = i0; i < i1; i++) z[i] = swish(a[i]) * b[i];
+          swish_mul(a + i0, b + i0, 1.0f, z + i0, i1 - i0);
           break;
         case Activation::Relu:
           for (size_t i = i0; i < i1; i++) z[i] = std::max(a[i], 0.0f) * b[i];
@@ -690,21 +722,23 @@ class CpuOps final : public Ops {
                                int dv, float eps) override {
     const size_t width = static_cast<size_t>(H) * dv;
     parallel_for(rows, 8, [&](size_t r0, size_t r1) {
+      std::vector<float> sigma_g(dv);  // training only: one buffer per piece
       for (size_t r = r0; r < r1; r++) {
         for (int h = 0; h < H; h++) {
           const size_t off = r * width + static_cast<size_t>(h) * dv;
           const float inv = inverse_rms(o + off, dv, eps);
           // z = swish(g) n with n = o * inv: dg = dz n swish'(g); dn = dz swish(g).
+          sigmoid(g + off, sigma_g.data(), dv);
           double dot = 0;
           for (int j = 0; j < dv; j++) {
-            const float x = g[off + j], sig = 1.0f / (1.0f + std::exp(-x));
+            const float x = g[off + j], sig = sigma_g[j];
             const float n = o[off + j] * inv;
             dg[off + j] = dz[off + j] * n * (sig * (1.0f + x * (1.0f - sig)));
             dot += static_cast<double>(dz[off + j] * x * sig) * n;
           }
           const float mean = static_cast<float>(dot / dv);
           for (int j = 0; j < dv; j++) {
-            const float x = g[off + j], sig = 1.0f / (1.0f + std::exp(-x));
+            const float x = g[off + j], sig = sigma_g[j];
             d_o[off + j] = inv * (dz[off + j] * x * sig - (o[off + j] * inv) * mean);
           }
         }
@@ -715,7 +749,9 @@ class CpuOps final : public Ops {
   void glu_backward(const float* a, const float* b, const float* dz, float* da, float* db, size_t n,
                     Activation act) override {
     parallel_for(n, 1 << 12, [&](size_t i0, size_t i1) {
+      float sig[kSigmoidBlock];
       for (size_t i = i0; i < i1; i++) {
+        if (act == Activation::Swish && (i - i0) % kSigmoidBlock == 0) sigmoid(a + i, sig, std::min(kSigmoidBlock, i1 - i));
         const float x = a[i];
         float f, df;
         switch (act) {
@@ -726,9 +762,9 @@ class CpuOps final : public Ops {
             break;
           }
           case Activation::Swish: {
-            const float sig = 1.0f / (1.0f + std::exp(-x));
-            f = x * sig;
-            df = sig * (1.0f + x * (1.0f - sig));
+            const float sg = sig[(i - i0) % kSigmoidBlock];
+            f = x * sg;
+            df = sg * (1.0f + x * (1.0f - sg));
             break;
           }
           default:
