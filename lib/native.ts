@@ -69,7 +69,7 @@ export interface NativeModel {
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */
   setParam(name: string, data: Float32Array): void;
-  /** Copies parameter values in off the JS thread. */
+  /** Copies parameter values in off the JS thread. Sizes and names are checked here; finiteness is the caller's (RetNet checks every tensor before it gets here). */
   setParams(tensors: Record<string, Float32Array>): Promise<void>;
   /** Changes whenever a call that modifies the weights (setParam, setParams, trainStep) starts. */
   weightVersion(): number;
