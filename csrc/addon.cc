@@ -224,6 +224,17 @@ Mode parse_train_mode(const Napi::Value& v) {
   return mode;
 }
 
+// Retention form, chunk size and activation checkpointing (absent: off) of a training pass.
+PassOptions parse_pass(const Napi::Value& mode, const Napi::Value& chunk_size, const Napi::Value& checkpoint) {
+  PassOptions pass{parse_train_mode(mode), to_int(chunk_size, "chunkSize"), false};
+  if (pass.C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+  if (!checkpoint.IsUndefined()) {
+    if (!checkpoint.IsBoolean()) throw std::invalid_argument("checkpointActivations must be a boolean");
+    pass.checkpoint_activations = checkpoint.As<Napi::Boolean>().Value();
+  }
+  return pass;
+}
+
 // The seed of the training-only random ops (dropout, drop path; spec §8.3).
 uint64_t parse_seed(const Napi::Value& v) {
   if (!v.IsNumber()) throw std::invalid_argument("seed must be a number");
@@ -691,21 +702,18 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
-  // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed)
+  // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed, checkpointActivations)
   //   -> Promise<{ loss, grads: { name: Float32Array } }> (trainable parameters only; tied: embed_tokens.weight).
   Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
     std::vector<Napi::Value> keep;
     TrainBatch batch;
-    Mode mode;
-    int C;
+    PassOptions pass;
     uint64_t seed;
     try {
       batch = parse_batch(info[0], info[1], info[2], info[5], info[6], keep);
-      mode = parse_train_mode(info[3]);
-      C = to_int(info[4], "chunkSize");
-      if (C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+      pass = parse_pass(info[3], info[4], info[8]);
       seed = parse_seed(info[7]);
       trainer()->check_batch(batch);
     } catch (const std::exception& e) {
@@ -720,10 +728,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto result = std::make_shared<Result>();
     auto* worker = new PromiseWorker(
         env,
-        [m, trainer_ptr, guard, batch, mode, C, seed, result] {
+        [m, trainer_ptr, guard, batch, pass, seed, result] {
           WriteClaim claim{guard};
           trainer_ptr->zero_gradients();
-          result->loss = trainer_ptr->accumulate_gradients(batch, mode, C, 1.0f, seed);
+          result->loss = trainer_ptr->accumulate_gradients(batch, pass, 1.0f, seed);
           for (const ParamInfo& p : m->params()) {
             if (is_buffer_param(p)) continue;
             std::vector<float> g(p.size);
@@ -751,8 +759,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto m = model(env);
     std::vector<Napi::Value> keep;
     std::vector<TrainBatch> micro;
-    Mode mode;
-    int C;
+    PassOptions pass;
     OptimizerOptions opt;
     try {
       if (!info[0].IsArray()) throw std::invalid_argument("micro-batches must be an array");
@@ -765,9 +772,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       }
       if (!info[1].IsObject()) throw std::invalid_argument("trainStep options must be an object");
       Napi::Object o = info[1].As<Napi::Object>();
-      mode = parse_train_mode(o.Get("mode"));
-      C = to_int(o.Get("chunkSize"), "chunkSize");
-      if (C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+      pass = parse_pass(o.Get("mode"), o.Get("chunkSize"), o.Get("checkpointActivations"));
       auto num = [&](const char* key) {
         Napi::Value v = o.Get(key);
         if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
@@ -805,9 +810,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto result = std::make_shared<StepResult>();
     auto* worker = new PromiseWorker(
         env,
-        [trainer_ptr, guard, micro, mode, C, opt, result] {
+        [trainer_ptr, guard, micro, pass, opt, result] {
           WriteClaim claim{guard};
-          *result = trainer_ptr->step(micro, mode, C, opt);
+          *result = trainer_ptr->step(micro, pass, opt);
         },
         [result](Napi::Env env) -> Napi::Value {
           Napi::Object out = Napi::Object::New(env);

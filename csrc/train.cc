@@ -88,14 +88,14 @@ void Trainer::check_batch(const TrainBatch& batch) const {
   }
 }
 
-double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, float loss_scale, uint64_t seed) {
+double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions& pass, float loss_scale, uint64_t seed) {
   check_batch(batch);
   const Model& m = *model_;
   const ModelConfig& c = m.config();
   Ops& ops = *m.ops();
   const int B = batch.B, T = batch.T, R = B * T;
   const size_t RD = static_cast<size_t>(R) * c.D;
-  const RetentionForm form = retention_form(mode, T, C);
+  const RetentionForm form = retention_form(pass.mode, T, pass.C);
   const RetentionDims d{B, T, c.H, c.dk(), c.dv()};
   const std::vector<int64_t> start(B, 0);
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
@@ -162,10 +162,15 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
     ops.residual(sum, scratch, RD, c.alpha);
     if (!c.pre_norm) ops.rmsnorm(sum, norm_w, out, R, c.D, c.eps);
   };
-  acts.layers.resize(c.L);
-  for (int l = 0; l < c.L; l++) {
+  // Checkpointing keeps one set of layer activations, rewritten by each layer in turn.
+  const bool recompute = pass.checkpoint_activations;
+  acts.layers.resize(recompute ? 1 : c.L);
+  auto layer_acts = [&](int l) -> Activations::Layer& { return acts.layers[recompute ? 0 : l]; };
+  // Layer l's forward from stream[2l] to stream[2l + 2]. Run again for the backward it
+  // recomputes the same values: same inputs, same ops, same dropout streams.
+  auto layer_forward = [&](int l) {
     const Model::Layer& w = m.layers_[l];
-    Activations::Layer& a = acts.layers[l];
+    Activations::Layer& a = layer_acts(l);
     const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
     for (Buffer* buf : {&a.q, &a.k}) fit(*buf, m.ops(), RD);
     for (Buffer* buf : {&a.v, &a.g, &a.o, &a.z}) fit(*buf, m.ops(), RDv);
@@ -190,7 +195,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
                     if (c.activation_dropout > 0) ops.dropout(a.u.data(), RF, c.activation_dropout, stream(site(l, 2)));
                     ops.linear(R, c.D, c.F, a.u.data(), w.fc2, y, false);
                   });
-  }
+  };
+  for (int l = 0; l < c.L; l++) layer_forward(l);
   const float* x_last = acts.stream[2 * c.L].data();
   const float* head_in = x_last;
   if (c.pre_norm) {
@@ -244,7 +250,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   };
   for (int l = c.L - 1; l >= 0; l--) {
     const Model::Layer& w = m.layers_[l];
-    const Activations::Layer& a = acts.layers[l];
+    if (recompute) layer_forward(l);
+    const Activations::Layer& a = layer_acts(l);
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
       ops.linear_backward(R, c.D, c.F, a.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false);
@@ -273,7 +280,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, Mode mode, int C, 
   return loss;
 }
 
-StepResult Trainer::step(const std::vector<TrainBatch>& micro, Mode mode, int C, const OptimizerOptions& opt) {
+StepResult Trainer::step(const std::vector<TrainBatch>& micro, const PassOptions& pass, const OptimizerOptions& opt) {
   if (micro.empty()) throw std::invalid_argument("trainStep needs at least one micro-batch");
   for (const TrainBatch& b : micro) check_batch(b);
   std::vector<size_t> no_decay_offsets;
@@ -289,7 +296,7 @@ StepResult Trainer::step(const std::vector<TrainBatch>& micro, Mode mode, int C,
       const TrainBatch& b = micro[k];
       // Each micro-batch draws its own dropout masks.
       const uint64_t micro_seed = opt.seed + k * 0x632be59bd9b4e019ULL;
-      result.loss += accumulate_gradients(b, mode, C, 1.0f / static_cast<float>(micro.size()), micro_seed);
+      result.loss += accumulate_gradients(b, pass, 1.0f / static_cast<float>(micro.size()), micro_seed);
       result.tokens += static_cast<int64_t>(b.B) * b.T;
     }
   } catch (...) {

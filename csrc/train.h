@@ -26,6 +26,16 @@ struct TrainBatch {
 // The rotation angles and decays are buffers: no gradient, no update.
 inline bool is_buffer_param(const ParamInfo& p) { return p.name.rfind("retnet_rel_pos.", 0) == 0; }
 
+// How a forward + backward runs: the retention form (C: chunk size for chunkwise), and
+// whether to checkpoint activations: keep only each layer's input in the forward and
+// recompute the layer's activations just before its backward. That holds one layer's
+// activations instead of L, for one more forward pass through the layers (not the head).
+struct PassOptions {
+  Mode mode;
+  int C;
+  bool checkpoint_activations;
+};
+
 struct OptimizerOptions {
   float lr, beta1, beta2, eps, weight_decay;
   float clip_norm;                     // 0 = no clipping
@@ -46,13 +56,13 @@ class Trainer {
 
   // Adds d(loss_scale * loss)/dθ to the gradients and returns the batch's mean loss.
   // `seed` drives dropout and drop path (unused when the config's rates are 0).
-  double accumulate_gradients(const TrainBatch& batch, Mode mode, int C, float loss_scale, uint64_t seed);
+  double accumulate_gradients(const TrainBatch& batch, const PassOptions& pass, float loss_scale, uint64_t seed);
   void zero_gradients();
   // Host copy of one parameter's gradient (tied: output_projection.weight is embed_tokens.weight).
   void get_gradient(const ParamInfo& p, float* out) const;
 
   // Forward+backward of each micro-batch (equal weights), clipping, one AdamW update, zeroed gradients.
-  StepResult step(const std::vector<TrainBatch>& micro, Mode mode, int C, const OptimizerOptions& opt);
+  StepResult step(const std::vector<TrainBatch>& micro, const PassOptions& pass, const OptimizerOptions& opt);
 
   int64_t optimizer_step() const { return step_; }
   void get_optimizer_state(float* m, float* v) const;

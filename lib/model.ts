@@ -35,6 +35,12 @@ export interface LossOptions {
   mask?: Float32Array;
   /** Seed of dropout / drop path when the config's rates are > 0 (default 0). */
   seed?: number;
+  /**
+   * Keep only each layer's input during the forward and recompute its activations just before
+   * its backward: one layer's activations in memory instead of all of them, for one more forward
+   * pass through the layers. The gradients are the same, bit for bit. Default false.
+   */
+  checkpointActivations?: boolean;
 }
 
 export interface ModelOptions {
@@ -292,7 +298,21 @@ export class RetNet implements SessionOwner {
     }
     const seed = options.seed ?? 0;
     if (!Number.isSafeInteger(seed) || seed < 0) throw new Error(`lossAndGradients: seed must be a non-negative safe integer, got ${String(options.seed)}`);
-    const result = await this.native().lossAndGradients(batch.data, B, T, mode, chunkSize, targets ?? null, mask ?? null, seed);
+    const checkpointActivations = options.checkpointActivations ?? false;
+    if (typeof checkpointActivations !== 'boolean') {
+      throw new Error(`lossAndGradients: checkpointActivations must be a boolean, got ${JSON.stringify(options.checkpointActivations)}`);
+    }
+    const result = await this.native().lossAndGradients(
+      batch.data,
+      B,
+      T,
+      mode,
+      chunkSize,
+      targets ?? null,
+      mask ?? null,
+      seed,
+      checkpointActivations,
+    );
     return { loss: result.loss, grads: new Map(Object.entries(result.grads)) };
   }
 

@@ -54,6 +54,8 @@ export interface NativeTrainOptions {
   noDecay: string[];
   /** Seed of dropout / drop path (config rates > 0); micro-batch k draws from its own stream. */
   seed: number;
+  /** Recompute each layer's activations in the backward instead of keeping them (absent: false). */
+  checkpointActivations?: boolean;
 }
 
 export interface NativeModel {
@@ -83,6 +85,7 @@ export interface NativeModel {
     targets: Int32Array | null,
     mask: Float32Array | null,
     seed: number,
+    checkpointActivations: boolean,
   ): Promise<{ loss: number; grads: Record<string, Float32Array> }>;
   /**
    * One optimizer step in one native call: forward+backward of each micro-batch (equal weights), global-norm

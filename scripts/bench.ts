@@ -7,7 +7,7 @@ import * as fs from 'fs';
 import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
-import { addon, type WeightFormat } from '../lib/native';
+import { addon, type TrainMode, type WeightFormat } from '../lib/native';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
   // The byte-level model `npm start` trains.
@@ -34,6 +34,7 @@ export interface TrainFigure {
   preset: string;
   mode: 'parallel' | 'chunkwise';
   precision: 'fp32';
+  checkpointActivations: boolean;
   batch: number;
   seqLen: number;
   chunkSize: number;
@@ -55,6 +56,8 @@ interface Options {
   batches: number[];
   contexts: number[];
   trainShapes: Array<[number, number]>;
+  trainModes: TrainMode[];
+  checkpointing: boolean[];
   steps: number;
   chunkSize: number;
   json?: string;
@@ -62,7 +65,8 @@ interface Options {
 }
 
 const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,bf16,int8] [--batch 1,4,16,64]
-  [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--steps 64] [--chunk-size 128]
+  [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--train-modes parallel,chunkwise]
+  [--checkpointing off,on] [--steps 64] [--chunk-size 128]
   [--json FILE] [--plot FILE.svg]`;
 
 function positiveList(value: string, flag: string): number[] {
@@ -83,6 +87,8 @@ export function parseBenchArgs(argv: string[]): Options {
       [1, 2048],
       [1, 8192],
     ],
+    trainModes: ['parallel', 'chunkwise'],
+    checkpointing: [false],
     steps: 64,
     chunkSize: 128,
   };
@@ -114,6 +120,16 @@ export function parseBenchArgs(argv: string[]): Options {
           const [b, t] = s.split('x').map(Number);
           if (!Number.isInteger(b) || !Number.isInteger(t) || b < 1 || t < 2) throw new Error(`--train-shapes: bad shape ${s} (BxT)`);
           return [b, t] as [number, number];
+        });
+        break;
+      case '--train-modes':
+        o.trainModes = value.split(',') as TrainMode[];
+        for (const m of o.trainModes) if (m !== 'parallel' && m !== 'chunkwise') throw new Error(`--train-modes: unknown mode ${m} (parallel, chunkwise)`);
+        break;
+      case '--checkpointing':
+        o.checkpointing = value.split(',').map((v) => {
+          if (v !== 'off' && v !== 'on') throw new Error(`--checkpointing: ${v} is not off or on`);
+          return v === 'on';
         });
         break;
       case '--steps':
@@ -195,12 +211,12 @@ async function runDecode(
 }
 
 /** One training configuration: forward + backward + AdamW per step, in this process. */
-async function runTrain(preset: string, mode: 'parallel' | 'chunkwise', batch: number, seqLen: number, chunkSize: number): Promise<TrainFigure> {
+async function runTrain(preset: string, mode: TrainMode, batch: number, seqLen: number, chunkSize: number, checkpointActivations: boolean): Promise<TrainFigure> {
   const model = await RetNet.create(PRESETS[preset], { seed: 1 });
   const V = model.config.vocab_size;
   const tokens = Int32Array.from({ length: batch * seqLen }, (_, i) => (i * 7919) % V);
   const native = model.native();
-  const opts = { mode, chunkSize, lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clipNorm: 1, noDecay: [], seed: 1 };
+  const opts = { mode, chunkSize, lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clipNorm: 1, noDecay: [], seed: 1, checkpointActivations };
   const micro = [{ tokens, batch, length: seqLen, targets: null, mask: null }];
   await native.trainStep(micro, opts); // warm-up: allocations, page faults
   const reps = seqLen * batch >= 8192 ? 1 : 2;
@@ -208,7 +224,7 @@ async function runTrain(preset: string, mode: 'parallel' | 'chunkwise', batch: n
   for (let i = 0; i < reps; i++) await native.trainStep(micro, opts);
   const perStep = seconds(start) / reps;
   model.dispose();
-  return { preset, mode, precision: 'fp32', batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
+  return { preset, mode, precision: 'fp32', checkpointActivations, batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
 }
 
 /** Runs one configuration in a fresh node process and parses its JSON line. */
@@ -269,7 +285,7 @@ async function plot(file: string, decode: DecodeFigure[], train: TrainFigure[]):
   }
   const series = (f: DecodeFigure) => `${f.preset} ${f.weights} b${f.batch}`;
   const decodeRows = decode.map((f) => ({ ...f, series: series(f), peakRssMiB: f.peakRssBytes / 2 ** 20 }));
-  const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} b${f.batch}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
+  const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} b${f.batch}${f.checkpointActivations ? ' ckpt' : ''}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
   const line = (title: string, values: object[], x: string, xTitle: string, y: string, yTitle: string) => ({
     title,
     width: 320,
@@ -310,7 +326,7 @@ export async function main(argv: string[]): Promise<void> {
     const result =
       kind === 'decode'
         ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]), Number(rest[6]))
-        : await runTrain(rest[0], rest[1] as 'parallel' | 'chunkwise', Number(rest[2]), Number(rest[3]), Number(rest[4]));
+        : await runTrain(rest[0], rest[1] as TrainMode, Number(rest[2]), Number(rest[3]), Number(rest[4]), rest[5] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -345,10 +361,13 @@ export async function main(argv: string[]): Promise<void> {
     console.log('\ntrain (forward + backward + AdamW, one step, fp32)');
     for (const preset of o.presets) {
       for (const [batch, seqLen] of o.trainShapes) {
-        for (const mode of ['parallel', 'chunkwise'] as const) {
-          const f = inChild<TrainFigure>(['train', preset, mode, String(batch), String(seqLen), String(o.chunkSize)]);
-          train.push(f);
-          console.log(`${preset.padEnd(7)} ${mode.padEnd(9)} ${batch}x${seqLen}`.padEnd(30) + `${f.tokensPerSecond.toFixed(0).padStart(7)} tok/s  peak RSS ${mib(f.peakRssBytes)}`);
+        for (const mode of o.trainModes) {
+          for (const checkpoint of o.checkpointing) {
+            const f = inChild<TrainFigure>(['train', preset, mode, String(batch), String(seqLen), String(o.chunkSize), checkpoint ? 'on' : 'off']);
+            train.push(f);
+            const label = `${preset.padEnd(7)} ${mode.padEnd(9)} ${batch}x${seqLen}${checkpoint ? ' ckpt' : ''}`;
+            console.log(label.padEnd(35) + `${f.tokensPerSecond.toFixed(0).padStart(7)} tok/s  peak RSS ${mib(f.peakRssBytes)}`);
+          }
         }
       }
     }

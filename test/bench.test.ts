@@ -10,7 +10,7 @@ import { resolveConfig } from '../lib/config';
 test('bench decode+train on the tiny preset writes the JSON report', () => {
   const script = path.join(__dirname, '..', 'dist', 'scripts', 'bench.js');
   const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-bench-')), 'bench.json');
-  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--steps', '2', '--chunk-size', '8', '--json', out], {
+  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--checkpointing', 'off,on', '--steps', '2', '--chunk-size', '8', '--json', out], {
     stdio: 'ignore',
   });
   const report = JSON.parse(fs.readFileSync(out, 'utf8'));
@@ -22,7 +22,12 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
     }
     expect(f.tokensPerSecond).toBeGreaterThan(0);
   }
-  expect(report.train.map((f: { mode: string }) => f.mode)).toEqual(['parallel', 'chunkwise']);
+  expect(report.train.map((f: { mode: string; checkpointActivations: boolean }) => `${f.mode} ${f.checkpointActivations}`)).toEqual([
+    'parallel false',
+    'parallel true',
+    'chunkwise false',
+    'chunkwise true',
+  ]);
   for (const f of report.train) expect(f.tokensPerSecond).toBeGreaterThan(0);
   expect(report.kernels.length).toBeGreaterThan(0);
 });
@@ -34,4 +39,6 @@ test('decode step bytes count weights once and state per row', () => {
   expect(decodeStepBytes(c, 3) - decodeStepBytes(c, 1)).toBe(4 * 2 * (4 + 2 * 8));
   expect(() => parseBenchArgs(['--batch', '0'])).toThrow(/positive integers/);
   expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
+  expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
+  expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);
 });

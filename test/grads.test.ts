@@ -236,6 +236,53 @@ describe('dropout, activation dropout and drop path', () => {
   });
 });
 
+describe('activation checkpointing', () => {
+  const sameBits = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+  const CASES: Array<[string, Partial<RetNetConfig>]> = [
+    ['pre-norm with dropout and drop path', { dropout: 0.2, activation_dropout: 0.3, drop_path_rate: 0.5, decoder_layers: 3 }],
+    ['post-norm layernorm_embedding tied', { decoder_normalize_before: false, layernorm_embedding: true, share_decoder_input_output_embed: true }],
+  ];
+  test.each(CASES)('%s: the same loss and gradients, bit for bit, in both forms', async (_label, overrides) => {
+    const config = smallConfig({ layernorm_eps: 1e-6, ...overrides });
+    const model = await RetNet.fromStateDict(config, randomWeights(config, 13, 0.7));
+    const tokens = randomTokens(22, 3, 10, config.vocab_size);
+    for (const mode of ['parallel', 'chunkwise'] as const) {
+      // Kept, recomputed, then kept again: the activation buffers change shape in between.
+      const kept = await model.lossAndGradients(tokens, { mode, chunkSize: 4, seed: 3 });
+      const recomputed = await model.lossAndGradients(tokens, { mode, chunkSize: 4, seed: 3, checkpointActivations: true });
+      const keptAgain = await model.lossAndGradients(tokens, { mode, chunkSize: 4, seed: 3 });
+      expect(recomputed.loss).toBe(kept.loss);
+      expect(keptAgain.loss).toBe(kept.loss);
+      expect([...recomputed.grads.keys()]).toEqual([...kept.grads.keys()]);
+      for (const [name, g] of kept.grads) {
+        expect(maxAbs(g)).toBeGreaterThan(0);
+        expect({ name, same: sameBits(recomputed.grads.get(name)!, g) }).toEqual({ name, same: true });
+        expect(sameBits(keptAgain.grads.get(name)!, g)).toBe(true);
+      }
+    }
+    await expect(model.lossAndGradients(tokens, { checkpointActivations: 1 as unknown as boolean })).rejects.toThrow(/checkpointActivations must be a boolean/);
+    model.dispose();
+  });
+
+  test('trainStep with checkpointing takes the same steps', async () => {
+    const config = smallConfig({ layernorm_eps: 1e-6, dropout: 0.1 });
+    const weights = randomWeights(config, 14, 0.7);
+    const [a, b] = await Promise.all([RetNet.fromStateDict(config, weights), RetNet.fromStateDict(config, weights)]);
+    const tokens = Int32Array.from(randomTokens(23, 2, 12, config.vocab_size).flat());
+    const micro = [{ tokens, batch: 2, length: 12, targets: null, mask: null }];
+    const opts: NativeTrainOptions = { mode: 'parallel', chunkSize: 4, lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0.01, clipNorm: 1, noDecay: [], seed: 7 };
+    for (let step = 0; step < 3; step++) {
+      const kept = await a.native().trainStep(micro, opts);
+      const recomputed = await b.native().trainStep(micro, { ...opts, checkpointActivations: true });
+      expect(recomputed.loss).toBe(kept.loss);
+      expect(recomputed.gradNorm).toBe(kept.gradNorm);
+    }
+    for (const [n, w] of a.stateDict()) expect(sameBits(b.stateDict().get(n)!, w)).toBe(true);
+    a.dispose();
+    b.dispose();
+  });
+});
+
 describe('trainStep and optimizer state', () => {
   const config = smallConfig({ layernorm_eps: 1e-6, vocab_size: 16 });
   const opts: NativeTrainOptions = {
