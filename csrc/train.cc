@@ -26,16 +26,19 @@ RetentionForm retention_form(Mode mode, int T, int C) {
 // What the backward reads, for R = B*T rows. Each residual block computes
 // sum = α·x_in + branch(in) with in = rmsnorm(x_in) (pre-norm) or x_in (post-norm), and
 // out = sum (pre-norm) or rmsnorm(sum) (post-norm).
+// What one elementwise pass makes from kept values is not kept: the pre-norm branch input,
+// the gated retention output z and the GLU output u are made again in the backward, into
+// buffers shared by all layers (a fifth less activation memory for a few memory passes).
 struct Trainer::Activations {
   struct Block {
-    Buffer normed_in;  // pre-norm: the branch input
-    Buffer sum;        // post-norm: the norm's input
+    Buffer sum;  // post-norm: the norm's input
   };
   struct Layer {
     Block ret, ffn;
-    Buffer q, k, v, g, o, z;  // retention: rotated q, k; core output o; gated z
-    Buffer a, b, u;           // GLU: fc1 out, gate out, act(a)*b
+    Buffer q, k, v, g, o;  // retention: rotated q, k; core output o
+    Buffer a, b;           // GLU: fc1 out, gate out
   };
+  Buffer normed, z, u;         // one layer's branch input, gated retention output, GLU output
   Buffer embedded;             // embedding before layernorm_embedding
   std::vector<Buffer> stream;  // residual stream: [0] block inputs of layer 0, then each block's output
   std::vector<Layer> layers;
@@ -130,8 +133,21 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   // ---- Forward, keeping activations.
   if (!acts_) acts_ = std::make_unique<Activations>();
   Activations& acts = *acts_;
+  const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
   fit(acts.scratch, m.ops(), RD);
   float* const scratch = acts.scratch.data();
+  fit(acts.normed, m.ops(), c.pre_norm ? RD : 0);
+  fit(acts.z, m.ops(), RDv);
+  fit(acts.u, m.ops(), RF);
+  // z = groupnorm(o) * swish(g), and u = dropout(act(a) * b): the forward's values, made
+  // again for the backward.
+  auto gate_retention = [&](const Activations::Layer& a) {
+    ops.groupnorm_gate(a.o.data(), a.g.data(), acts.z.data(), R, c.H, c.dv(), c.eps);
+  };
+  auto glu = [&](const Activations::Layer& a, int l) {
+    ops.glu(a.a.data(), a.b.data(), acts.u.data(), RF, c.activation);
+    if (c.activation_dropout > 0) ops.dropout(acts.u.data(), RF, c.activation_dropout, stream(site(l, 2)));
+  };
   acts.stream.resize(2 * c.L + 1);
   for (Buffer& b : acts.stream) fit(b, m.ops(), RD);
   if (m.emb_ln_) {
@@ -147,9 +163,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
                            uint64_t branch_site, const auto& branch) {
     const float* in = x_in;
     if (c.pre_norm) {
-      fit(blk.normed_in, m.ops(), RD);
-      ops.rmsnorm(x_in, norm_w, blk.normed_in.data(), R, c.D, c.eps);
-      in = blk.normed_in.data();
+      ops.rmsnorm(x_in, norm_w, acts.normed.data(), R, c.D, c.eps);
+      in = acts.normed.data();
     }
     float* sum = out;
     if (!c.pre_norm) {
@@ -171,10 +186,9 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   auto layer_forward = [&](int l) {
     const Model::Layer& w = m.layers_[l];
     Activations::Layer& a = layer_acts(l);
-    const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
     for (Buffer* buf : {&a.q, &a.k}) fit(*buf, m.ops(), RD);
-    for (Buffer* buf : {&a.v, &a.g, &a.o, &a.z}) fit(*buf, m.ops(), RDv);
-    for (Buffer* buf : {&a.a, &a.b, &a.u}) fit(*buf, m.ops(), RF);
+    for (Buffer* buf : {&a.v, &a.g, &a.o}) fit(*buf, m.ops(), RDv);
+    for (Buffer* buf : {&a.a, &a.b}) fit(*buf, m.ops(), RF);
     block_forward(a.ret, acts.stream[2 * l].data(), w.ret_ln, acts.stream[2 * l + 1].data(), l, site(l, 0),
                   [&](const float* in, float* y) {
                     ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
@@ -184,16 +198,15 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
                     ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
                     ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C,
                                           form.clamp_max, nullptr);
-                    ops.groupnorm_gate(a.o.data(), a.g.data(), a.z.data(), R, c.H, c.dv(), c.eps);
-                    ops.linear(R, c.D, c.Dv, a.z.data(), w.out, y, false);
+                    gate_retention(a);
+                    ops.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, false);
                   });
     block_forward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, acts.stream[2 * l + 2].data(), l, site(l, 3),
                   [&](const float* in, float* y) {
                     ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false);
                     ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false);
-                    ops.glu(a.a.data(), a.b.data(), a.u.data(), RF, c.activation);
-                    if (c.activation_dropout > 0) ops.dropout(a.u.data(), RF, c.activation_dropout, stream(site(l, 2)));
-                    ops.linear(R, c.D, c.F, a.u.data(), w.fc2, y, false);
+                    glu(a, l);
+                    ops.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, false);
                   });
   };
   for (int l = 0; l < c.L; l++) layer_forward(l);
@@ -206,7 +219,6 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   }
 
   // ---- Backward buffers. dx is the gradient of the residual stream at the current point.
-  const size_t RDv = static_cast<size_t>(R) * c.Dv, RF = static_cast<size_t>(R) * c.F;
   for (Buffer* buf : {&acts.dx, &acts.dh, &acts.dq, &acts.dk}) fit(*buf, m.ops(), RD);
   for (Buffer* buf : {&acts.dz, &acts.d_o, &acts.dv, &acts.dg}) fit(*buf, m.ops(), RDv);
   for (Buffer* buf : {&acts.du, &acts.da, &acts.db}) fit(*buf, m.ops(), RF);
@@ -244,7 +256,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
       drop_branch(dy_branch.data(), l, branch_site);
       dy = dy_branch.data();
     }
-    branch(c.pre_norm ? blk.normed_in.data() : x_in, dy, dh.data());
+    if (c.pre_norm) ops.rmsnorm(x_in, norm_w, acts.normed.data(), R, c.D, c.eps);
+    branch(c.pre_norm ? acts.normed.data() : x_in, dy, dh.data());
     if (c.pre_norm) ops.rmsnorm_backward(x_in, norm_w, dh.data(), dh.data(), grad_of(norm_w), R, c.D, c.eps, false);
     ops.residual(dx.data(), dh.data(), RD, c.alpha);
   };
@@ -254,7 +267,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     const Activations::Layer& a = layer_acts(l);
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
-      ops.linear_backward(R, c.D, c.F, a.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false);
+      glu(a, l);
+      ops.linear_backward(R, c.D, c.F, acts.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false);
       if (c.activation_dropout > 0) ops.dropout(du.data(), RF, c.activation_dropout, stream(site(l, 2)));
       ops.glu_backward(a.a.data(), a.b.data(), du.data(), da.data(), db.data(), RF, c.activation);
       ops.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false);
@@ -262,7 +276,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     });
     block_backward(a.ret, acts.stream[2 * l].data(), w.ret_ln, l, site(l, 0),
                    [&](const float* in, const float* dy, float* d_in) {
-      ops.linear_backward(R, c.D, c.Dv, a.z.data(), w.out, dy, dz.data(), grad_of(w.out), false);
+      gate_retention(a);
+      ops.linear_backward(R, c.D, c.Dv, acts.z.data(), w.out, dy, dz.data(), grad_of(w.out), false);
       ops.groupnorm_gate_backward(a.o.data(), a.g.data(), dz.data(), d_o.data(), dg.data(), R, c.H, c.dv(), c.eps);
       ops.retention_chunked_backward(a.q.data(), a.k.data(), a.v.data(), d_o.data(), dq.data(), dk.data(), dv.data(),
                                      d, m.decay_, form.C, form.clamp_max);
