@@ -102,18 +102,20 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
 // summed over K in order, then a horizontal sum and the scalar tail. Every output gets that
 // same order whatever WR and XR are, so decode results don't depend on the batch.
 //
-// `prefetch`, when set, is the next block of WR weight rows: fetched line by line while this
-// block computes, so a batched step overlaps reading the weights with the arithmetic.
+// `prefetch`, when set, is the next block of WR weight rows: its columns [pk0, pk1) are
+// fetched line by line while this block computes, so a batched step overlaps reading the
+// weights with the arithmetic.
 template <int WR, int XR>
 __attribute__((target("avx2,fma"))) inline void dots_block_avx2(int K, const float* X, ptrdiff_t ldx, const float* W,
                                                                ptrdiff_t ldw, float* C, ptrdiff_t ldc, bool accumulate,
-                                                               const float* prefetch = nullptr) {
+                                                               const float* prefetch = nullptr, int pk0 = 0,
+                                                               int pk1 = 0) {
   __m256 acc[WR][XR];
   for (int w = 0; w < WR; w++)
     for (int x = 0; x < XR; x++) acc[w][x] = _mm256_setzero_ps();
   int k = 0;
   for (; k + 8 <= K; k += 8) {
-    if (prefetch && k % 16 == 0)
+    if (prefetch && k % 16 == 0 && k >= pk0 && k < pk1)
       for (int w = 0; w < WR; w++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + w * ldw + k), _MM_HINT_T0);
     __m256 xs[XR];
     for (int x = 0; x < XR; x++) xs[x] = _mm256_loadu_ps(X + x * ldx + k);
@@ -137,9 +139,14 @@ __attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int M, int K, con
                                                               const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
                                                               bool accumulate, const float* prefetch = nullptr) {
   int i = 0;
-  // The first pass over the block reads it from memory: it prefetches the next block.
-  for (; i + 3 <= M; i += 3)
-    dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate, i == 0 ? prefetch : nullptr);
+  // Each pass over the block fetches its share of the next block's columns: all of them in
+  // the first pass would ask for more lines at once than the core can have in flight.
+  const int passes = M / 3;
+  for (; i + 3 <= M; i += 3) {
+    const int pass = i / 3;
+    const int pk0 = (K * pass / passes) & ~15, pk1 = pass + 1 == passes ? K : (K * (pass + 1) / passes) & ~15;
+    dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate, prefetch, pk0, pk1);
+  }
   if (M - i == 2) dots_block_avx2<WR, 2>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
   if (M - i == 1) dots_block_avx2<WR, 1>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
 }
