@@ -103,6 +103,7 @@ describe('Trainer options', () => {
     [{ mode: 'recurrent' as never }, /mode must be 'parallel' or 'chunkwise'/],
     [{ chunkSize: 0 }, /chunkSize must be an integer >= 1/],
     [{ seed: 0.5 }, /seed must be a safe integer/],
+    [{ checkpointActivations: 'yes' as never }, /checkpointActivations must be a boolean, got "yes"/],
     [{ learningRate: 1 }, /unknown option learningRate/],
   ])('rejects %p', (bad, message) => {
     expect(() => new Trainer(model, { lr: 1e-3, totalSteps: 10, ...bad } as TrainerOptions)).toThrow(message);
