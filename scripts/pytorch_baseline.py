@@ -369,28 +369,23 @@ class DecoderLayer(nn.Module):
     def residual_connection(self, x, residual):
         return residual * self.alpha + x
 
-    def forward(self, x, rel_pos, mode, incremental_state=None, handoff=None):
+    def residual_block(self, x, norm, branch):
+        """x + branch(norm(x)) (pre-norm) or norm(x + branch(x)) (post-norm), with drop path."""
         residual = x
         if self.normalize_before:
-            x = self.retention_layer_norm(x)
-        x = self.retention(x, rel_pos, mode, incremental_state=incremental_state, handoff=handoff)
-        x = self.dropout_module(x)
+            x = norm(x)
+        x = branch(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
-            x = self.retention_layer_norm(x)
-
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x = self.ffn(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        x = self.residual_connection(x, residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
+            x = norm(x)
         return x
+
+    def forward(self, x, rel_pos, mode, incremental_state=None, handoff=None):
+        x = self.residual_block(x, self.retention_layer_norm, lambda h: self.dropout_module(
+            self.retention(h, rel_pos, mode, incremental_state=incremental_state, handoff=handoff)))
+        return self.residual_block(x, self.final_layer_norm, self.ffn)
 
 
 class RetNetDecoder(nn.Module):
