@@ -158,14 +158,16 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     ops.embed(batch.tokens, R, m.embed_, c.D, c.embed_scale, acts.stream[0].data());
   }
   if (c.dropout > 0) ops.dropout(acts.stream[0].data(), RD, c.dropout, stream(0));
+  // The branch input: rmsnorm(x_in) (pre-norm, into the shared buffer) or x_in itself.
+  auto branch_input = [&](const float* x_in, const float* norm_w) -> const float* {
+    if (!c.pre_norm) return x_in;
+    ops.rmsnorm(x_in, norm_w, acts.normed.data(), R, c.D, c.eps);
+    return acts.normed.data();
+  };
   // Runs one residual block; `branch(in, y)` writes the branch output y [R, D].
   auto block_forward = [&](Activations::Block& blk, const float* x_in, const float* norm_w, float* out, int l,
                            uint64_t branch_site, const auto& branch) {
-    const float* in = x_in;
-    if (c.pre_norm) {
-      ops.rmsnorm(x_in, norm_w, acts.normed.data(), R, c.D, c.eps);
-      in = acts.normed.data();
-    }
+    const float* in = branch_input(x_in, norm_w);
     float* sum = out;
     if (!c.pre_norm) {
       fit(blk.sum, m.ops(), RD);
@@ -180,34 +182,58 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   // Checkpointing keeps one set of layer activations, rewritten by each layer in turn.
   const bool recompute = pass.checkpoint_activations;
   acts.layers.resize(recompute ? 1 : c.L);
-  auto layer_acts = [&](int l) -> Activations::Layer& { return acts.layers[recompute ? 0 : l]; };
-  // Layer l's forward from stream[2l] to stream[2l + 2]. Run again for the backward it
-  // recomputes the same values: same inputs, same ops, same dropout streams.
-  auto layer_forward = [&](int l) {
-    const Model::Layer& w = m.layers_[l];
-    Activations::Layer& a = layer_acts(l);
+  auto layer_acts = [&](int l) -> Activations::Layer& {
+    Activations::Layer& a = acts.layers[recompute ? 0 : l];
     for (Buffer* buf : {&a.q, &a.k}) fit(*buf, m.ops(), RD);
     for (Buffer* buf : {&a.v, &a.g, &a.o}) fit(*buf, m.ops(), RDv);
     for (Buffer* buf : {&a.a, &a.b}) fit(*buf, m.ops(), RF);
+    return a;
+  };
+  // What the backward reads of the two branches, made from their inputs: the rotated q and
+  // k, v, g and the retention output o; the GLU inputs a and b.
+  auto retention_values = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
+    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
+    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false);
+    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false);
+    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false);
+    ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
+    ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C, form.clamp_max,
+                          nullptr);
+  };
+  auto glu_inputs = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
+    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false);
+    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false);
+  };
+  // Layer l's forward from stream[2l] to stream[2l + 2].
+  auto layer_forward = [&](int l) {
+    const Model::Layer& w = m.layers_[l];
+    Activations::Layer& a = layer_acts(l);
     block_forward(a.ret, acts.stream[2 * l].data(), w.ret_ln, acts.stream[2 * l + 1].data(), l, site(l, 0),
                   [&](const float* in, float* y) {
-                    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
-                    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false);
-                    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false);
-                    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false);
-                    ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
-                    ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C,
-                                          form.clamp_max, nullptr);
+                    retention_values(w, a, in);
                     gate_retention(a);
                     ops.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, false);
                   });
     block_forward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, acts.stream[2 * l + 2].data(), l, site(l, 3),
                   [&](const float* in, float* y) {
-                    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false);
-                    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false);
+                    glu_inputs(w, a, in);
                     glu(a, l);
                     ops.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, false);
                   });
+  };
+  // Checkpointing: layer l's values again, just before its backward: the same inputs and ops
+  // give the same values. Pre-norm, the block outputs are kept in the stream, so the
+  // branches stop short of their output projections; post-norm, the backward also reads each
+  // block's sum, which takes the whole forward.
+  auto recompute_layer = [&](int l) {
+    if (!c.pre_norm) {
+      layer_forward(l);
+      return;
+    }
+    const Model::Layer& w = m.layers_[l];
+    Activations::Layer& a = layer_acts(l);
+    retention_values(w, a, branch_input(acts.stream[2 * l].data(), w.ret_ln));
+    glu_inputs(w, a, branch_input(acts.stream[2 * l + 1].data(), w.ffn_ln));
   };
   for (int l = 0; l < c.L; l++) layer_forward(l);
   const float* x_last = acts.stream[2 * c.L].data();
@@ -263,7 +289,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   };
   for (int l = c.L - 1; l >= 0; l--) {
     const Model::Layer& w = m.layers_[l];
-    if (recompute) layer_forward(l);
+    if (recompute) recompute_layer(l);
     const Activations::Layer& a = layer_acts(l);
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
