@@ -28,7 +28,7 @@ RetentionForm retention_form(Mode mode, int T, int C) {
 // out = sum (pre-norm) or rmsnorm(sum) (post-norm).
 // What one elementwise pass makes from kept values is not kept: the pre-norm branch input,
 // the gated retention output z and the GLU output u are made again in the backward, into
-// buffers shared by all layers (a fifth less activation memory for a few memory passes).
+// buffers shared by all layers (less activation memory for a few elementwise passes).
 struct Trainer::Activations {
   struct Block {
     Buffer sum;  // post-norm: the norm's input
@@ -282,8 +282,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
       drop_branch(dy_branch.data(), l, branch_site);
       dy = dy_branch.data();
     }
-    if (c.pre_norm) ops.rmsnorm(x_in, norm_w, acts.normed.data(), R, c.D, c.eps);
-    branch(c.pre_norm ? acts.normed.data() : x_in, dy, dh.data());
+    branch(branch_input(x_in, norm_w), dy, dh.data());
     if (c.pre_norm) ops.rmsnorm_backward(x_in, norm_w, dh.data(), dh.data(), grad_of(norm_w), R, c.D, c.eps, false);
     ops.residual(dx.data(), dh.data(), RD, c.alpha);
   };
