@@ -640,16 +640,16 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def preset_model(preset):
+def preset_model(args, training):
+    """The preset's model with seeded random weights, in train or eval mode, on args.threads threads."""
+    torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    cfg = Config(PRESETS[preset])
-    return cfg, RetNetDecoder(cfg)
+    cfg = Config(PRESETS[args.preset])
+    return cfg, RetNetDecoder(cfg).train(training)
 
 
 def cmd_train(args):
-    torch.set_num_threads(args.threads)
-    cfg, model = preset_model(args.preset)
-    model.train()
+    cfg, model = preset_model(args, training=True)
     V = cfg.vocab_size
     B, T = args.batch, args.seq
     tokens = (torch.arange(B * T, dtype=torch.long) * 7919 % V).view(B, T)
@@ -682,9 +682,7 @@ def cmd_train(args):
 
 
 def cmd_decode(args):
-    torch.set_num_threads(args.threads)
-    cfg, model = preset_model(args.preset)
-    model.eval()
+    cfg, model = preset_model(args, training=False)
     V = cfg.vocab_size
     B, Ctx = args.batch, args.context
     prompt = torch.tensor([[(t * 7 + b * 31) % V for t in range(Ctx)] for b in range(B)], dtype=torch.long)
