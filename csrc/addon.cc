@@ -998,6 +998,13 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+void DiscardMemory(const Napi::CallbackInfo& info) {
+  if (info.Length() != 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw Napi::TypeError::New(info.Env(), "discardMemory takes one Float32Array");
+  Napi::Float32Array a = info[0].As<Napi::Float32Array>();
+  discard_host_memory(a.Data(), a.ByteLength());
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* ctors = new Constructors();
   ctors->model = Napi::Persistent(NativeModel::Define(env));
@@ -1009,6 +1016,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
   exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
   exports.Set("gemm", Napi::Function::New(env, Gemm));
+  exports.Set("discardMemory", Napi::Function::New(env, DiscardMemory));
   return exports;
 }
 

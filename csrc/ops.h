@@ -47,6 +47,11 @@ class Ops {
   // Backend memory to backend memory (non-overlapping).
   virtual void copy(float* dst, const float* src, size_t n) = 0;
   virtual void fill(float* dst, float value, size_t n) = 0;
+  // Sets [p, p+n) to zero for a buffer whose values are done with for now (gradients after
+  // an update, a layer's activations after its backward). The CPU backend hands its whole
+  // pages back to the system, so they stop counting towards the peak resident set until
+  // next written (they come back zeroed).
+  virtual void discard(float* p, size_t n) = 0;
 
   // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
   virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;
@@ -166,5 +171,9 @@ class Buffer {
 
 // The CPU backend (always built).
 std::unique_ptr<Ops> make_cpu_ops();
+
+// Zeroes host memory whose values are done with, handing its whole pages back to the system
+// (Ops::discard on the CPU backend).
+void discard_host_memory(void* p, size_t bytes);
 
 }  // namespace retnet

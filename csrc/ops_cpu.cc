@@ -393,6 +393,7 @@ class CpuOps final : public Ops {
   void download(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void fill(float* dst, float value, size_t n) override { std::fill(dst, dst + n, value); }
+  void discard(float* p, size_t n) override { discard_host_memory(p, n * sizeof(float)); }
 
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     retnet::linear(M, N, K, X, W, Y, accumulate);
@@ -841,6 +842,23 @@ class CpuOps final : public Ops {
 };
 
 }  // namespace
+
+void discard_host_memory(void* p, size_t bytes) {
+  if (bytes == 0) return;
+  // Whole 2 MiB pages only: releasing part of a huge page splits it, and that range then
+  // faults back in as small pages (slower faults, more TLB misses) for good.
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  char* const begin = static_cast<char*>(p);
+  char* const end = begin + bytes;
+  char* const first = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + kHuge - 1) / kHuge * kHuge);
+  char* const last = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(end) / kHuge * kHuge);
+  if (first >= last || madvise(first, last - first, MADV_DONTNEED) != 0) {
+    std::memset(begin, 0, bytes);
+    return;
+  }
+  std::memset(begin, 0, first - begin);
+  std::memset(last, 0, end - last);
+}
 
 std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
 

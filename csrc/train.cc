@@ -64,11 +64,15 @@ Trainer::Trainer(std::shared_ptr<Model> model)
     : model_(std::move(model)),
       grads_(model_->ops(), model_->parameter_floats()),
       m_(model_->ops(), model_->parameter_floats()),
-      v_(model_->ops(), model_->parameter_floats()) {}
+      v_(model_->ops(), model_->parameter_floats()) {
+  zero_gradients();
+}
 
 Trainer::~Trainer() = default;
 
-void Trainer::zero_gradients() { model_->ops()->fill(grads_.data(), 0.0f, grads_.size()); }
+// Between steps the gradients take no memory: discarded pages come back zeroed as the
+// next backward writes them, while that backward frees the activations it is done with.
+void Trainer::zero_gradients() { model_->ops()->discard(grads_.data(), grads_.size()); }
 
 void Trainer::get_gradient(const ParamInfo& p, float* out) const {
   model_->ops()->download(out, grads_.data() + p.offset, p.size);
@@ -266,6 +270,9 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     ops.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
                         grad_of(m.output_), false);
   }
+  auto discard = [&](Buffer& b) { ops.discard(b.data(), b.size()); };
+  discard(acts.logits);
+  discard(acts.final_normed);
   double loss = 0;
   for (int r = 0; r < R; r++)
     if (targets[r] >= 0) loss += static_cast<double>(row_loss[r]) * (batch.mask ? batch.mask[r] : 1.0f);
@@ -312,6 +319,16 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
       ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true);
       ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true);
     });
+    // Layer l's values are done with: the pages go back while the gradients fill in, so the
+    // peak holds all activations or all gradients, not both (the one set checkpointing
+    // reuses stays).
+    discard(acts.stream[2 * l + 1]);
+    discard(acts.stream[2 * l + 2]);
+    if (!recompute) {
+      Activations::Layer& done = acts.layers[l];
+      for (Buffer* buf : {&done.q, &done.k, &done.v, &done.g, &done.o, &done.a, &done.b, &done.ret.sum, &done.ffn.sum})
+        discard(*buf);
+    }
   }
   if (c.dropout > 0) ops.dropout(dx.data(), RD, c.dropout, stream(0));
   if (m.emb_ln_)

@@ -1072,6 +1072,13 @@ class CudaOps final : public Ops {
     fill_kernel<<<blocks_for(n), kThreads>>>(dst, value, n);
     check_launch("fill_kernel");
   }
+  // Device memory is not counted by the resident set: zeroing is all there is to do.
+  void discard(float* p, size_t n) override {
+    if (n == 0) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    bind();
+    check(cudaMemsetAsync(p, 0, n * sizeof(float), 0), "cudaMemsetAsync");
+  }
 
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     std::lock_guard<std::mutex> lock(mu_);

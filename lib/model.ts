@@ -13,7 +13,7 @@ import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
 import { isTypedArray } from './typed';
-import { EMBED, OUTPUT, checkWeights, generateWeights, planWeights, plannedValues } from './weights';
+import { EMBED, OUTPUT, checkWeights, generateWeights, largestParameter, planWeights, plannedValues } from './weights';
 
 export type ForwardMode = PrefillMode;
 
@@ -80,6 +80,14 @@ function checkDevice(device: ModelOptions['device']): void {
 let autoDeviceNoticeShown = false;
 
 /** The backend for a device option; 'auto' falls back to the CPU with a notice (once per process). */
+/**
+ * A loader's staging buffer holds the largest tensor (125 MiB for a 32k x 1024 embedding) and
+ * would stay resident until the next garbage collection: its pages go back to the system now.
+ */
+function releaseScratch(scratch: Float32Array): void {
+  addon().discardMemory(scratch);
+}
+
 function resolveDevice(device: ModelOptions['device']): NativeDevice {
   if (device === 'cuda') return 'cuda';
   if (device !== 'auto') return 'cpu';
@@ -166,7 +174,11 @@ export class RetNet implements SessionOwner {
           yield [weight.name, values];
         }
       }
-      return await RetNet.fromWeights(config, checked(), options);
+      try {
+        return await RetNet.fromWeights(config, checked(), options);
+      } finally {
+        releaseScratch(scratch);
+      }
     } finally {
       await reader.close();
     }
@@ -178,7 +190,12 @@ export class RetNet implements SessionOwner {
     const resolved = resolveConfig(config);
     const seed = options.seed ?? 0;
     if (!Number.isSafeInteger(seed)) throw new Error(`seed must be a safe integer, got ${String(options.seed)}`);
-    return RetNet.fromWeights(resolved, generateWeights(resolved, seed, { reuseBuffer: true }), options);
+    const scratch = new Float32Array(largestParameter(resolved));
+    try {
+      return await RetNet.fromWeights(resolved, generateWeights(resolved, seed, { scratch }), options);
+    } finally {
+      releaseScratch(scratch);
+    }
   }
 
   /**

@@ -103,6 +103,8 @@ export interface NativeAddon {
   /** Rejects with "retnet was built without CUDA" or "no CUDA device: <reason>" when 'cuda' cannot be used. */
   createModel(config: object, tensors: Record<string, Float32Array>, device?: NativeDevice): Promise<NativeModel>;
   buildInfo(): NativeBuildInfo;
+  /** Zeroes `array`, handing its whole pages back to the system (for a buffer that is done with). */
+  discardMemory(array: Float32Array): void;
   /** The CPU GEMM alone (tests): c[M, N] (=|+=) a b, a [M, K] or [K, M], b [K, N] or [N, K], row-major. */
   gemm(
     a: Float32Array,

@@ -163,17 +163,23 @@ export function initWeights(config: RetNetConfig, seed: number): Map<string, Flo
   return new Map(generateWeights(config, seed));
 }
 
+/** Values in the largest parameter of `config`: the size of a buffer every tensor fits in. */
+export function largestParameter(config: RetNetConfig): number {
+  return Math.max(...parameterShapes(config).map(([, shape]) => shape.reduce((a, b) => a * b, 1)));
+}
+
 /**
- * initWeights one tensor at a time. With `reuseBuffer`, tensors share one buffer (except the
- * embedding of a tied model): each is valid only until the next is generated, so a loader that
- * copies each one never holds more than the largest.
+ * initWeights one tensor at a time. With `scratch` (at least largestParameter(config) values),
+ * tensors are generated into it (except the embedding of a tied model): each is valid only until
+ * the next is generated, so a loader that copies each one never holds more than the largest.
  */
-export function* generateWeights(config: RetNetConfig, seed: number, options: { reuseBuffer?: boolean } = {}): Generator<[string, Float32Array]> {
+export function* generateWeights(config: RetNetConfig, seed: number, options: { scratch?: Float32Array } = {}): Generator<[string, Float32Array]> {
   const { D, L } = dims(config);
   const rng = new Rng(seed);
   const deepnormDivisor = Math.pow(8 * L, 1 / 4);
   const tied = config.share_decoder_input_output_embed;
-  const scratch = new Float32Array(options.reuseBuffer ? Math.max(...parameterShapes(config).map(([, shape]) => shape.reduce((a, b) => a * b, 1))) : 0);
+  const { scratch } = options;
+  if (scratch && scratch.length < largestParameter(config)) throw new Error('generateWeights: scratch is smaller than the largest parameter');
   let embed: Float32Array | undefined;
   for (const [name, shape] of parameterShapes(config)) {
     if ((BUFFER_NAMES as readonly string[]).includes(name)) {
@@ -185,7 +191,7 @@ export function* generateWeights(config: RetNetConfig, seed: number, options: { 
       continue;
     }
     const count = shape.reduce((a, b) => a * b, 1);
-    const values = options.reuseBuffer && !(name === EMBED && tied) ? scratch.subarray(0, count) : new Float32Array(count);
+    const values = scratch && !(name === EMBED && tied) ? scratch.subarray(0, count) : new Float32Array(count);
     if (name === EMBED || name === OUTPUT) {
       fillNormal(values, Math.pow(D, -0.5), rng);
     } else if (/\.(q_proj|k_proj|v_proj|g_proj)\.weight$/.test(name)) {

@@ -3,7 +3,7 @@
 // fixtures lack, targets/mask semantics, tied gradients, and trainStep / optimizer state.
 import { RetNet } from '../lib';
 import { resolveConfig, type RetNetConfig } from '../lib/config';
-import type { NativeTrainOptions } from '../lib/native';
+import { addon, type NativeTrainOptions } from '../lib/native';
 import { listFixtures, loadFixture, maxAbs, maxAbsDiff, readGrads } from './helpers/fixtures';
 import { mulberry32, randomWeights, refForward } from './reference/retnet_ref';
 import { refLossAndGrads } from './reference/retnet_ref_grad';
@@ -425,5 +425,44 @@ describe('large vocabulary', () => {
       worst = Math.max(worst, maxAbsDiff(g, mean) / Math.max(maxAbs(mean), 1e-30));
     }
     expect(worst).toBeLessThan(1e-5);
+  });
+});
+
+// Buffers of several MiB, so the gradient arena and the activations really hand whole 2 MiB
+// pages back between uses (small ones are only zeroed).
+describe('memory handed back between steps', () => {
+  const config = smallConfig({ layernorm_eps: 1e-6, vocab_size: 1024, decoder_embed_dim: 256, decoder_value_embed_dim: 256, decoder_retention_heads: 2, decoder_ffn_embed_dim: 256, decoder_layers: 2 });
+  const tokens = Int32Array.from({ length: 2 * 2048 }, (_, i) => (i * 7919) % config.vocab_size);
+  const micro = [{ tokens, batch: 2, length: 2048, targets: null, mask: null }];
+  const rows = [0, 1].map((b) => Array.from(tokens.subarray(b * 2048, (b + 1) * 2048)));
+  const opts: NativeTrainOptions = { mode: 'chunkwise', chunkSize: 64, lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0.01, clipNorm: 1, noDecay: [], seed: 1 };
+
+  test('after training steps, gradients start from zero and activations are made anew', async () => {
+    const model = await RetNet.create(config, { seed: 3 });
+    await model.native().trainStep(micro, opts);
+    await model.native().trainStep(micro, { ...opts, checkpointActivations: true });
+    const fresh = await RetNet.fromStateDict(config, new Map([...model.stateDict()].map(([n, w]) => [n, Float32Array.from(w)])));
+    const trained = await model.lossAndGradients(rows, { mode: 'chunkwise', chunkSize: 64 });
+    const first = await fresh.lossAndGradients(rows, { mode: 'chunkwise', chunkSize: 64 });
+    expect(trained.loss).toBe(first.loss);
+    for (const [name, g] of first.grads) {
+      expect(maxAbs(g)).toBeGreaterThan(0);
+      expect({ name, diff: maxAbsDiff(trained.grads.get(name)!, g) }).toEqual({ name, diff: 0 });
+    }
+    model.dispose();
+    fresh.dispose();
+  });
+
+  test('discardMemory zeroes exactly the array it is given', () => {
+    const whole = new Float32Array(3 << 20).fill(1); // 12 MiB
+    const inner = whole.subarray(1001, whole.length - 999);
+    addon().discardMemory(inner);
+    expect(whole[1000]).toBe(1);
+    expect(whole[whole.length - 999]).toBe(1);
+    expect(inner.every((x) => x === 0)).toBe(true);
+    const small = new Float32Array(100).fill(2);
+    addon().discardMemory(small);
+    expect(small.every((x) => x === 0)).toBe(true);
+    expect(() => addon().discardMemory(new Float64Array(4) as unknown as Float32Array)).toThrow(/one Float32Array/);
   });
 });
