@@ -52,6 +52,9 @@ class Ops {
   // pages back to the system, so they stop counting towards the peak resident set until
   // next written (they come back zeroed).
   virtual void discard(float* p, size_t n) = 0;
+  // Backs [p, p+n) with memory now, values unchanged: a discarded buffer about to be written
+  // comes back in one pass instead of a page fault at a time inside the kernels writing it.
+  virtual void populate(float* p, size_t n) {}
 
   // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
   virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;

@@ -394,6 +394,15 @@ class CpuOps final : public Ops {
   void copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void fill(float* dst, float value, size_t n) override { std::fill(dst, dst + n, value); }
   void discard(float* p, size_t n) override { discard_host_memory(p, n * sizeof(float)); }
+  void populate(float* p, size_t n) override {
+#ifdef MADV_POPULATE_WRITE
+    constexpr uintptr_t kPage = 4096;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kPage - 1) / kPage * kPage;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p + n)) / kPage * kPage;
+    // A hint: kernels before 5.14 refuse it and the pages fault in as they are written.
+    if (begin < end) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#endif
+  }
 
   void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
     retnet::linear(M, N, K, X, W, Y, accumulate);

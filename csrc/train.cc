@@ -1,6 +1,8 @@
 #include "train.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 
@@ -191,6 +193,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     for (Buffer* buf : {&a.q, &a.k}) fit(*buf, m.ops(), RD);
     for (Buffer* buf : {&a.v, &a.g, &a.o}) fit(*buf, m.ops(), RDv);
     for (Buffer* buf : {&a.a, &a.b}) fit(*buf, m.ops(), RF);
+    for (Buffer* buf : {&a.q, &a.k, &a.v, &a.g, &a.o, &a.a, &a.b}) ops.populate(buf->data(), buf->size());
     return a;
   };
   // What the backward reads of the two branches, made from their inputs: the rotated q and
@@ -212,6 +215,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   auto layer_forward = [&](int l) {
     const Model::Layer& w = m.layers_[l];
     Activations::Layer& a = layer_acts(l);
+    for (int i : {2 * l + 1, 2 * l + 2}) ops.populate(acts.stream[i].data(), RD);
     block_forward(a.ret, acts.stream[2 * l].data(), w.ret_ln, acts.stream[2 * l + 1].data(), l, site(l, 0),
                   [&](const float* in, float* y) {
                     retention_values(w, a, in);
@@ -261,6 +265,8 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   // A block's logits become its dlogits in place, then go straight through the backward.
   const int head_rows = std::max(1, std::min(R, static_cast<int>(kHeadBlockFloats / c.V)));
   fit(acts.logits, m.ops(), static_cast<size_t>(head_rows) * c.V);
+  ops.populate(acts.logits.data(), acts.logits.size());
+  ops.populate(grad_of(m.output_), static_cast<size_t>(c.V) * c.D);
   for (int r0 = 0; r0 < R; r0 += head_rows) {
     const int rows = std::min(head_rows, R - r0);
     const float* x = head_in + static_cast<size_t>(r0) * c.D;
@@ -270,9 +276,18 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     ops.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
                         grad_of(m.output_), false);
   }
-  auto discard = [&](Buffer& b) { ops.discard(b.data(), b.size()); };
-  discard(acts.logits);
-  discard(acts.final_normed);
+  // Activations done with go back to the system only as fast as gradients take new pages
+  // (`owed`: gradient floats written in this backward, not yet matched): that keeps the
+  // resident set at the head's peak while the gradients fill in, and leaves the rest of the
+  // activations resident for the next step instead of faulting (and zeroing) them again.
+  size_t owed = static_cast<size_t>(c.V) * c.D;  // the output projection's gradient
+  auto hand_back = [&](Buffer& b) {
+    if (owed == 0 || b.size() == 0) return;
+    ops.discard(b.data(), b.size());
+    owed -= std::min(owed, b.size());
+  };
+  hand_back(acts.logits);
+  hand_back(acts.final_normed);
   double loss = 0;
   for (int r = 0; r < R; r++)
     if (targets[r] >= 0) loss += static_cast<double>(row_loss[r]) * (batch.mask ? batch.mask[r] : 1.0f);
@@ -293,8 +308,24 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     if (c.pre_norm) ops.rmsnorm_backward(x_in, norm_w, dh.data(), dh.data(), grad_of(norm_w), R, c.D, c.eps, false);
     ops.residual(dx.data(), dh.data(), RD, c.alpha);
   };
+  // Each layer's gradients: [first, end) in the gradient arena and how many floats.
+  struct GradientSpan {
+    size_t first = SIZE_MAX, end = 0, floats = 0;
+  };
+  std::vector<GradientSpan> layer_grads(c.L);
+  for (int l = 0; l < c.L; l++) {
+    const std::string prefix = "layers." + std::to_string(l) + ".";
+    GradientSpan& span = layer_grads[l];
+    for (const ParamInfo& p : m.params()) {
+      if (p.name.compare(0, prefix.size(), prefix) != 0) continue;
+      span.first = std::min(span.first, p.offset);
+      span.end = std::max(span.end, p.offset + p.size);
+      span.floats += p.size;
+    }
+  }
   for (int l = c.L - 1; l >= 0; l--) {
     const Model::Layer& w = m.layers_[l];
+    if (layer_grads[l].floats) ops.populate(grads_.data() + layer_grads[l].first, layer_grads[l].end - layer_grads[l].first);
     if (recompute) recompute_layer(l);
     const Activations::Layer& a = layer_acts(l);
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
@@ -319,15 +350,14 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
       ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true);
       ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true);
     });
-    // Layer l's values are done with: the pages go back while the gradients fill in, so the
-    // peak holds all activations or all gradients, not both (the one set checkpointing
-    // reuses stays).
-    discard(acts.stream[2 * l + 1]);
-    discard(acts.stream[2 * l + 2]);
+    // Layer l's values are done with (except the one set checkpointing reuses).
+    owed += layer_grads[l].floats;
+    hand_back(acts.stream[2 * l + 1]);
+    hand_back(acts.stream[2 * l + 2]);
     if (!recompute) {
       Activations::Layer& done = acts.layers[l];
-      for (Buffer* buf : {&done.q, &done.k, &done.v, &done.g, &done.o, &done.a, &done.b, &done.ret.sum, &done.ffn.sum})
-        discard(*buf);
+      for (Buffer* buf : {&done.v, &done.g, &done.o, &done.a, &done.b, &done.q, &done.k, &done.ret.sum, &done.ffn.sum})
+        hand_back(*buf);
     }
   }
   if (c.dropout > 0) ops.dropout(dx.data(), RD, c.dropout, stream(0));
