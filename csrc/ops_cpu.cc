@@ -861,7 +861,14 @@ void discard_host_memory(void* p, size_t bytes) {
   char* const end = begin + bytes;
   char* const first = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + kHuge - 1) / kHuge * kHuge);
   char* const last = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(end) / kHuge * kHuge);
-  if (first >= last || madvise(first, last - first, MADV_DONTNEED) != 0) {
+  // Linux's MADV_DONTNEED on private anonymous memory guarantees zero-filled pages on the
+  // next touch; other systems only promise that the contents may be dropped.
+#ifdef __linux__
+  const bool released = first < last && madvise(first, last - first, MADV_DONTNEED) == 0;
+#else
+  const bool released = false;
+#endif
+  if (!released) {
     std::memset(begin, 0, bytes);
     return;
   }
