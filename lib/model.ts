@@ -79,7 +79,6 @@ function checkDevice(device: ModelOptions['device']): void {
 
 let autoDeviceNoticeShown = false;
 
-/** The backend for a device option; 'auto' falls back to the CPU with a notice (once per process). */
 /**
  * A loader's staging buffer holds the largest tensor (125 MiB for a 32k x 1024 embedding) and
  * would stay resident until the next garbage collection: its pages go back to the system now.
@@ -88,6 +87,7 @@ function releaseScratch(scratch: Float32Array): void {
   addon().discardMemory(scratch);
 }
 
+/** The backend for a device option; 'auto' falls back to the CPU with a notice (once per process). */
 function resolveDevice(device: ModelOptions['device']): NativeDevice {
   if (device === 'cuda') return 'cuda';
   if (device !== 'auto') return 'cpu';
