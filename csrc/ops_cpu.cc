@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "counter_rng.h"
 #include "gemm.h"
@@ -396,9 +397,9 @@ class CpuOps final : public Ops {
   void discard(float* p, size_t n) override { discard_host_memory(p, n * sizeof(float)); }
   void populate(float* p, size_t n) override {
 #ifdef MADV_POPULATE_WRITE
-    constexpr uintptr_t kPage = 4096;
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kPage - 1) / kPage * kPage;
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(p + n)) / kPage * kPage;
+    static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p + n)) / page * page;
     // A hint: kernels before 5.14 refuse it and the pages fault in as they are written.
     if (begin < end) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
 #endif
