@@ -26,7 +26,7 @@ async function best(reps: number, run: () => Promise<unknown>): Promise<number> 
   return fastest;
 }
 
-function randomTokens(n: number, V: number, seed: number): Int32Array {
+export function randomTokens(n: number, V: number, seed: number): Int32Array {
   const out = new Int32Array(n);
   let s = seed >>> 0;
   for (let i = 0; i < n; i++) {
@@ -83,6 +83,13 @@ function printTable(rows: Measurement[]): void {
   for (const line of [header, ...lines]) console.log(line.map((cell, c) => cell.padEnd(widths[c])).join('  '));
 }
 
+/** The bench model: 134M parameters (D 1024, Dv 2048, 8 layers, vocab 8192), or a small one. */
+export function benchConfig(small: boolean) {
+  return small
+    ? { vocab_size: 4096, decoder_embed_dim: 256, decoder_value_embed_dim: 512, decoder_retention_heads: 2, decoder_ffn_embed_dim: 512, decoder_layers: 2 }
+    : { vocab_size: 8192, decoder_embed_dim: 1024, decoder_value_embed_dim: 2048, decoder_retention_heads: 4, decoder_ffn_embed_dim: 2048, decoder_layers: 8 };
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const device = args.includes('--device') ? (args[args.indexOf('--device') + 1] as 'cpu' | 'cuda') : 'cuda';
@@ -92,9 +99,7 @@ async function main(): Promise<void> {
     console.log(`bench-cuda: skipped (${info.cuda ? 'no CUDA device' : 'retnet was built without CUDA'})`);
     return;
   }
-  const config = small
-    ? { vocab_size: 4096, decoder_embed_dim: 256, decoder_value_embed_dim: 512, decoder_retention_heads: 2, decoder_ffn_embed_dim: 512, decoder_layers: 2 }
-    : { vocab_size: 8192, decoder_embed_dim: 1024, decoder_value_embed_dim: 2048, decoder_retention_heads: 4, decoder_ffn_embed_dim: 2048, decoder_layers: 8 };
+  const config = benchConfig(small);
   // A CUDA model reads RETNET_CUDA_GEMM when it is created.
   const chosen = process.env.RETNET_CUDA_GEMM;
   const gemms = device === 'cpu' ? [undefined] : chosen ? [chosen] : ['own', 'cublas'];
@@ -117,7 +122,9 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((e: unknown) => {
-  console.error(e);
-  process.exitCode = 1;
-});
+if (require.main === module) {
+  main().catch((e: unknown) => {
+    console.error(e);
+    process.exitCode = 1;
+  });
+}

@@ -9,6 +9,10 @@
 #
 #   bash scripts/cuda-check.sh --prepare     on the dev machine: .devtools/ (node.xz, N-API
 #                                            headers) and dist/ (compiled scripts)
+#   bash scripts/cuda-check.sh --profile [--and-check]
+#                                            on the GPU machine: wall time and Nsight Compute kernel
+#                                            times of each scripts/cuda-profile.ts operation (then
+#                                            the checks below with --and-check)
 #   bash scripts/cuda-check.sh               on the GPU machine, e.g. with the device tool:
 #     run(command="bash scripts/cuda-check.sh", carry=[".devtools", "dist", "node_modules/node-addon-api"],
 #         timeout_s=600)
@@ -77,17 +81,64 @@ fi
 node -e "console.log(require('./build/Release/retnet.node').buildInfo())"
 gemm="$(node -e "console.log(require('./build/Release/retnet.node').buildInfo().cudaGemm)")"
 
+# ---- Profile (--profile): each cuda-profile.js operation's wall time, then its kernels under
+# Nsight Compute (one warm-up and two timed calls, so per-kernel counts cover three calls).
+profile_summary() {
+  python3 - "$@" << 'PY'
+import csv, re, sys, collections
+scale = {'ns': 1e-3, 'nsecond': 1e-3, 'us': 1.0, 'usecond': 1.0, 'ms': 1e3, 'msecond': 1e3, 's': 1e6, 'second': 1e6}
+for path in sys.argv[1:]:
+    rows = list(csv.reader(l for l in open(path) if l.startswith('"')))
+    if not rows:
+        print(f'{path}: no kernels'); continue
+    head = rows[0]
+    name_at, unit_at, value_at = head.index('Kernel Name'), head.index('Metric Unit'), head.index('Metric Value')
+    total = collections.defaultdict(float); count = collections.Counter()
+    for r in rows[1:]:
+        name = r[name_at].replace('(anonymous namespace)::', '').replace('<unnamed>::', '').removeprefix('void ')
+        name = re.sub(r'<.*', '', re.sub(r'\(.*', '', name)).split('::')[-1]
+        total[name] += float(r[value_at].replace(',', '')) * scale.get(r[unit_at], float('nan'))
+        count[name] += 1
+    print(f'-- {path.split("/")[-1]}: {sum(count.values())} launches, {sum(total.values()) / 1e3:.2f} ms of kernels in all')
+    for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:8]:
+        print(f'   {name[:44]:44s} {count[name]:6d}x {us / count[name]:10.1f} us  {us / 1e3:9.2f} ms')
+PY
+}
+if [[ "${1:-}" == "--profile" ]]; then
+  ops=(forward-parallel forward-chunkwise prefill step-1 step-16 step-64 train)
+  for op in "${ops[@]}"; do
+    timeout 60 node dist/scripts/cuda-profile.js "$op" --reps 5 2>&1 | tee -a "$out/profile-wall.txt" || true
+  done
+  for op in "${ops[@]}"; do
+    timeout 90 ncu --csv --metrics gpu__time_duration.sum --clock-control none \
+      node dist/scripts/cuda-profile.js "$op" --reps 2 > "$out/ncu-$op.csv" 2> "$out/ncu-$op.err" || true
+  done
+  echo "==== cuda-check --profile summary"
+  cat "$out/profile-wall.txt"
+  csvs=()
+  for op in "${ops[@]}"; do csvs+=("$out/ncu-$op.csv"); done
+  profile_summary "${csvs[@]}"
+  # One archive: the device tool brings back at most 8 files.
+  tar -czf "$out/ncu.tar.gz" -C "$out" $(cd "$out" && ls ncu-*) && rm -f "$out"/ncu-*
+  [[ "${2:-}" == "--and-check" ]] || exit 0
+fi
+
 # ---- Checks: parity with the default GEMM (cuBLAS when it loaded), then with the own kernel
 # when that was not the default; the bench runs both GEMMs itself.
 parity_rc=0
-timeout 240 node dist/scripts/cuda-parity.js > "$out/parity.txt" 2>&1 || parity_rc=$?
+timeout 100 node dist/scripts/cuda-parity.js > "$out/parity.txt" 2>&1 || parity_rc=$?
 parity_own_rc=0
-if [[ "$gemm" == cublas* ]]; then
-  RETNET_CUDA_GEMM=own timeout 240 node dist/scripts/cuda-parity.js > "$out/parity-own.txt" 2>&1 || parity_own_rc=$?
-fi
 bench_rc=0
-timeout 300 node dist/scripts/bench-cuda.js > "$out/bench.txt" 2>&1 || bench_rc=$?
-
+if (( parity_rc > 1 )); then
+  # A crash or a hang, not failed checks: run it again under the memory checker and stop there.
+  timeout 100 compute-sanitizer --tool memcheck --print-limit 20 node dist/scripts/cuda-parity.js \
+    > "$out/sanitizer.txt" 2>&1 || true
+else
+  if [[ "$gemm" == cublas* ]]; then
+    RETNET_CUDA_GEMM=own timeout 60 node dist/scripts/cuda-parity.js > "$out/parity-own.txt" 2>&1 || parity_own_rc=$?
+  fi
+  timeout 120 node dist/scripts/bench-cuda.js > "$out/bench.txt" 2>&1 || bench_rc=$?
+fi
 echo
 echo "==== cuda-check summary"
 echo "build: ${build_s}s (nvcc + g++); spills: $(grep -c 'bytes spill stores' "$out/ptxas.txt" || true) kernels reported," \
@@ -100,6 +151,12 @@ if [[ -f "$out/parity-own.txt" ]]; then
   echo "-- parity, own GEMM (exit ${parity_own_rc}); failures first:"
   grep -E 'FAIL' "$out/parity-own.txt" | head -20 || true
   tail -n 3 "$out/parity-own.txt"
+fi
+if [[ -f "$out/sanitizer.txt" ]]; then
+  echo "-- parity crashed (exit ${parity_rc}); memcheck's first reports:"
+  grep -E 'Invalid|Error|=========   at|Program hit' "$out/sanitizer.txt" | head -30 || true
+  tail -n 5 "$out/parity.txt"
+  exit 1
 fi
 echo "-- bench (exit ${bench_rc}), one table per GEMM:"
 grep -vE '^\s*$' "$out/bench.txt" | tail -n 24

@@ -244,9 +244,13 @@ async function main(): Promise<void> {
     return;
   }
   console.log(`cuda-parity: CUDA gemm ${buildInfo().cudaGemm}`);
+  // Each fixture's table is printed as soon as it is done, so a crash later still leaves them.
   const rows: ParityRow[] = [];
-  for (const name of fixtureNames()) rows.push(...(await checkFixture(name)));
-  console.log(formatTable(rows));
+  for (const name of fixtureNames()) {
+    const fixtureRows = await checkFixture(name);
+    console.log(formatTable(fixtureRows));
+    rows.push(...fixtureRows);
+  }
   const failed = rows.filter((r) => !passed(r));
   console.log(`cuda-parity: ${rows.length - failed.length}/${rows.length} checks passed`);
   if (failed.length > 0) process.exitCode = 1;
