@@ -9,13 +9,14 @@
 // waits for the work before it.
 //
 // Reductions run in a fixed order (no atomics), so results are deterministic. Decode products
-// use the own tiled GEMM, whose rows are summed in an order that does not depend on the batch;
+// use rowwise_gemv_kernel, whose rows are summed in an order that does not depend on the batch;
 // full-sequence products (forward, prefill, backward) use cuBLAS when it can be loaded.
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -146,7 +147,7 @@ __global__ void gemm_kernel(int M, int N, int K, DeviceMatrix A, DeviceMatrix B,
   }
 }
 
-// The own GEMM: batch-invariant, for decode, and for every product when cuBLAS is not used.
+// The own GEMM: every full-sequence product when cuBLAS is not used.
 void tiled_gemm(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, long long ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   const unsigned grid_m = (M + kGemmTile - 1) / kGemmTile;
@@ -154,6 +155,93 @@ void tiled_gemm(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, l
   gemm_kernel<<<dim3((N + kGemmTile - 1) / kGemmTile, grid_m), kThreads>>>(M, N, K, A, B, C, ldc, accumulate);
   check_launch("gemm_kernel");
 }
+
+// Decode products: Y_o[M, N_o] = X[M, K] W_o[N_o, K]ᵀ for a group of weights that share X
+// (q, k, v, g of a step). One warp per output column streams that weight row once from memory
+// and applies it to kGemvRows rows of X at a time (later row groups re-read it from cache).
+// Each output sums its K terms in an order fixed by K alone (per lane in k order, then a warp
+// tree), so a row's result does not depend on M: a request's logits are the same alone or batched.
+constexpr int kGemvWarps = 4;
+constexpr int kGemvRows = 8;
+constexpr int kGemvGroup = 4;  // weights per launch
+struct GemvGroup {
+  const float* W[kGemvGroup];
+  float* Y[kGemvGroup];
+  int N[kGemvGroup];
+  int count;
+};
+
+template <bool kVec4>
+__global__ void __launch_bounds__(kGemvWarps * 32) rowwise_gemv_kernel(int M, int K, const float* __restrict__ X,
+                                                                      GemvGroup group) {
+  const int lane = threadIdx.x & 31;
+  // This warp's weight and column; constant indices keep the group in parameter space.
+  int col = blockIdx.x * kGemvWarps + (threadIdx.x >> 5), N = 0;
+  const float* W = nullptr;
+  float* Y = nullptr;
+#pragma unroll
+  for (int i = 0; i < kGemvGroup; i++) {
+    if (Y || i >= group.count) continue;
+    if (col < group.N[i]) {
+      W = group.W[i];
+      Y = group.Y[i];
+      N = group.N[i];
+    } else {
+      col -= group.N[i];
+    }
+  }
+  if (!Y) return;
+  const float* __restrict__ w = W + static_cast<size_t>(col) * K;
+  for (int m0 = 0; m0 < M; m0 += kGemvRows) {
+    const int rows = min(kGemvRows, M - m0);
+    const float* x = X + static_cast<size_t>(m0) * K;
+    float acc[kGemvRows] = {};
+    if (kVec4) {
+      constexpr int kUnroll = 4, kStride = 4 * 32;
+      int k = 4 * lane;
+      // kUnroll independent weight loads in flight before they are used.
+      for (; k + (kUnroll - 1) * kStride < K; k += kUnroll * kStride) {
+        float4 wv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) wv[u] = __ldg(reinterpret_cast<const float4*>(w + k + u * kStride));
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++)
+#pragma unroll
+          for (int r = 0; r < kGemvRows; r++) {
+            if (r >= rows) break;
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(x + static_cast<size_t>(r) * K + k + u * kStride));
+            acc[r] = fmaf(xv.w, wv[u].w, fmaf(xv.z, wv[u].z, fmaf(xv.y, wv[u].y, fmaf(xv.x, wv[u].x, acc[r]))));
+          }
+      }
+      for (; k < K; k += kStride) {
+        const float4 wv = __ldg(reinterpret_cast<const float4*>(w + k));
+#pragma unroll
+        for (int r = 0; r < kGemvRows; r++) {
+          if (r >= rows) break;
+          const float4 xv = __ldg(reinterpret_cast<const float4*>(x + static_cast<size_t>(r) * K + k));
+          acc[r] = fmaf(xv.w, wv.w, fmaf(xv.z, wv.z, fmaf(xv.y, wv.y, fmaf(xv.x, wv.x, acc[r]))));
+        }
+      }
+    } else {
+      for (int k = lane; k < K; k += 32) {
+        const float wv = __ldg(w + k);
+#pragma unroll
+        for (int r = 0; r < kGemvRows; r++) {
+          if (r >= rows) break;
+          acc[r] = fmaf(__ldg(x + static_cast<size_t>(r) * K + k), wv, acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvRows; r++) {
+      if (r >= rows) break;
+      const float total = warp_sum(acc[r]);
+      if (lane == 0) Y[static_cast<size_t>(m0 + r) * N + col] = total;
+    }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // ---- cuBLAS, loaded at run time with dlopen: the addon builds without cuBLAS and runs
 // without it (then every product uses tiled_gemm). The few declarations used are written
@@ -586,8 +674,11 @@ __device__ void masked_scores(const float* X, const float* Y, int width, int i0,
   const int i = i0 + r, j = j0 + c;
   float s = 0.0f;
   if (j <= i && i < rows) {
+    // Each key column starts its sum at element c, so the half-warp's 16 key rows (width
+    // apart, usually a multiple of 32) read 16 different shared-memory banks at once.
     float dot = 0.0f;
-    for (int e = 0; e < width; e++) dot += X[r * width + e] * Y[c * width + e];
+    for (int n = 0, e = c % width; n < width; n++, e = e + 1 == width ? 0 : e + 1)
+      dot += X[r * width + e] * Y[c * width + e];
     s = dot * (row_normalised ? hc.pow[i - j] / hc.sigma[i] : hc.pow[i - j]);
   }
   S[threadIdx.x] = s;
@@ -622,18 +713,21 @@ __device__ ChunkRows chunk_rows(const RetentionGeometry& g, int b, int c) {
 }
 
 size_t forward_shared_bytes(int dk, int dv) {
-  return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv) + kTile * kTile + kTile);
+  return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv) + kTile * kTile + 2 * kTile);
 }
 
-// Outputs of chunk c for each (b, h) (grid: row tiles × B*H), with KV [B*H, dk, dv] the state
-// entering the chunk. Chunkwise form (spec §7): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ), κ [B*H].
+// Outputs of every chunk c for each (b, h) (grid: row tiles × chunks × B*H), with kv_in
+// [chunks, B*H, dk, dv] the state entering each chunk and κ [chunks, B*H] its scale.
+// Chunkwise form (spec §7): o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ).
 // Recurrent form (root_scale given, as the CPU's chunked_retention with `recurrent`): plain decay
 // scores, cross_i = γ^(i+1) S_C q_i KV, o_i = (inner_i + cross_i) / root_scale[bh][t] (spec §6, §10).
 __global__ void retention_chunk_kernel(const float* q, const float* k, const float* v, float* o, RetentionGeometry g,
-                                       int c, const float* table, float clamp_max, const float* KV, const float* kappa,
-                                       const float* root_scale, bool use_cross) {
+                                       const float* table, float clamp_max, const float* kv_in, const float* kappa,
+                                       const float* root_scale, bool has_state) {
   extern __shared__ float smem[];
-  const int bh = blockIdx.y, b = bh / g.H, h = bh % g.H, dk = g.dk, dv = g.dv;
+  const int c = blockIdx.y, bh = blockIdx.z, b = bh / g.H, h = bh % g.H, dk = g.dk, dv = g.dv;
+  const size_t chunk_state = static_cast<size_t>(c) * gridDim.z + bh;
+  const bool use_cross = c > 0 || has_state;
   const ChunkRows cr = chunk_rows(g, b, c);
   const int rows = cr.rows, i0 = blockIdx.x * kTile;
   if (i0 >= rows) return;
@@ -671,25 +765,42 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
       Os[idx] = acc;
     }
   }
-  const float* KVh = KV + static_cast<size_t>(bh) * dk * dv;
-  // Recurrent: KV holds the un-normalised state / S_C, so it is read as is (κ = 1) and S_C goes
-  // into the query factor.
-  const float kap = recurrent ? 1.0f : kappa[bh];
+  if (use_cross) {
+    // cross_i = coef_i Σ_f q_if KV_f, a [kTile, dk] x [dk, dv] product staged through shared
+    // memory: KV in slices of kTile rows (in Vs), the scaled query columns as a kTile x kTile
+    // matrix (in S). Chunkwise, o_i = inner_i / (μ_i/ι_i) + cross_i / (μ_i/κ) with KV read as
+    // KV/κ, so coef_i = α_i/μ_i. Recurrent: KV holds the un-normalised state / S_C, and
+    // coef_i = γ^(i+1) S_C.
+    const float* KVh = kv_in + chunk_state * dk * dv;
+    float* coef = iota + kTile;
+    const float kap = recurrent ? 1.0f : kappa[chunk_state];
+    if (threadIdx.x < kTile) {
+      const int i = min(i0 + static_cast<int>(threadIdx.x), rows - 1);
+      coef[threadIdx.x] = recurrent ? hc.pow[i + 1] * hc.total : hc.alpha[i] / max_like_std(iota[threadIdx.x], kap);
+    }
+    if (!recurrent)
+      for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
+        const float io = iota[idx / dv];
+        Os[idx] = Os[idx] / (max_like_std(io, kap) / io);
+      }
+    for (int f0 = 0; f0 < dk; f0 += kTile) {
+      __syncthreads();
+      load_tile(Vs, KVh + static_cast<size_t>(f0) * dv, dv, min(kTile, dk - f0), dv);
+      const int r = threadIdx.x / kTile, f = f0 + threadIdx.x % kTile;
+      S[threadIdx.x] = f < dk ? Qs[r * dk + f] * coef[r] : 0.0f;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
+        const int rr = idx / dv, e = idx - rr * dv;
+        float acc = Os[idx];
+        for (int cc = 0; cc < kTile; cc++) acc += S[rr * kTile + cc] * Vs[cc * dv + e];
+        Os[idx] = acc;
+      }
+    }
+  }
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
     const int r = idx / dv, e = idx - r * dv, i = i0 + r;
     if (i >= rows) continue;
     float out = Os[idx];
-    if (use_cross) {
-      const float a = recurrent ? hc.pow[i + 1] * hc.total : hc.alpha[i];
-      float cross = 0.0f;
-      for (int f = 0; f < dk; f++) cross += (Qs[r * dk + f] * a) * (KVh[static_cast<size_t>(f) * dv + e] / kap);
-      if (recurrent) {
-        out += cross;
-      } else {
-        const float io = iota[r], mu = max_like_std(io, kap);
-        out = out / (mu / io) + cross / (mu / kap);
-      }
-    }
     if (recurrent) out /= root_scale[static_cast<size_t>(bh) * g.T + c * g.C + i];
     oh[i * ldv + e] = out;
   }
@@ -779,8 +890,9 @@ __global__ void retention_row_scale_kernel(const float* q, const float* k, const
   }
 }
 
+// Ks has kTile spare floats: the cross term stores KVᵀ slices there with row stride dk + 1.
 size_t dq_shared_bytes(int dk, int dv) {
-  return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv) + kTile * kTile);
+  return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv + 1) + kTile * kTile);
 }
 
 // Backward, query side (grid: row tiles × chunks × B*H): dq_i = Σ_j dS_ij k_j + α_i KV_c dOs_i,
@@ -799,7 +911,7 @@ __global__ void retention_dq_kernel(const float* k, const float* v, const float*
   float* Ds = smem;
   float* Vs = Ds + kTile * dv;
   float* Ks = Vs + kTile * dv;
-  float* Acc = Ks + kTile * dk;
+  float* Acc = Ks + kTile * (dk + 1);
   float* S = Acc + kTile * dk;
   load_tile(Ds, dOs + (cr.row0 + i0) * ldv + h * dv, ldv, min(kTile, rows - i0), dv);
   for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) Acc[idx] = 0.0f;
@@ -818,23 +930,40 @@ __global__ void retention_dq_kernel(const float* k, const float* v, const float*
       Acc[idx] = acc;
     }
   }
-  const float* KV = kv_in + (static_cast<size_t>(c) * gridDim.z + bh) * dk * dv;
+  if (c > 0) {
+    // + α_i KV_c dOs_i: a [kTile, dv] x [dv, dk] product staged through shared memory, KVᵀ in
+    // slices of kTile rows (in Ks), the scaled dOs columns as a kTile x kTile matrix (in S).
+    const float* KV = kv_in + (static_cast<size_t>(c) * gridDim.z + bh) * dk * dv;
+    for (int f0 = 0; f0 < dv; f0 += kTile) {
+      const int width = min(kTile, dv - f0);
+      __syncthreads();
+      // Ks[ff][e] = KV[e][f0 + ff]: consecutive threads read along a row of KV; the row
+      // stride dk + 1 spreads a half-warp's 16 stores over 16 banks.
+      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
+        const int e = idx / kTile, ff = idx % kTile;
+        Ks[ff * (dk + 1) + e] = ff < width ? KV[static_cast<size_t>(e) * dv + f0 + ff] : 0.0f;
+      }
+      const int r = threadIdx.x / kTile, ff = threadIdx.x % kTile;
+      S[threadIdx.x] = ff < width && i0 + r < rows ? Ds[r * dv + f0 + ff] * hc.alpha[i0 + r] : 0.0f;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
+        const int rr = idx / dk, e = idx - rr * dk;
+        float acc = Acc[idx];
+        for (int cc = 0; cc < kTile; cc++) acc += S[rr * kTile + cc] * Ks[cc * (dk + 1) + e];
+        Acc[idx] = acc;
+      }
+    }
+  }
   for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
     const int r = idx / dk, e = idx - r * dk, i = i0 + r;
     if (i >= rows) continue;
-    float out = Acc[idx];
-    if (c > 0) {
-      const float a = hc.alpha[i];
-      float cross = 0.0f;
-      for (int f = 0; f < dv; f++) cross += (Ds[r * dv + f] * a) * KV[static_cast<size_t>(e) * dv + f];
-      out += cross;
-    }
-    dq[(cr.row0 + i) * ldq + h * dk + e] = out;
+    dq[(cr.row0 + i) * ldq + h * dk + e] = Acc[idx];
   }
 }
 
+// Qs has kTile spare floats: the state-gradient term stores G_cᵀ slices there with row stride dk + 1.
 size_t dkv_shared_bytes(int dk, int dv) {
-  return sizeof(float) * (static_cast<size_t>(kTile) * 3 * (dk + dv) + 2 * kTile * kTile);
+  return sizeof(float) * (static_cast<size_t>(kTile) * (3 * (dk + dv) + 1) + 2 * kTile * kTile);
 }
 
 // Backward, key side (grid: key tiles × chunks × B*H): dv_j = Σ_i A_ij dOs_i + β_j (k_j G_c),
@@ -854,7 +983,7 @@ __global__ void retention_dkv_kernel(const float* q, const float* k, const float
   const HeadConstants hc = head_constants(table, h, g.C);
   float* Ks = smem;
   float* Qs = Ks + kTile * dk;
-  float* AccK = Qs + kTile * dk;
+  float* AccK = Qs + kTile * (dk + 1);
   float* Vs = AccK + kTile * dk;
   float* Ds = Vs + kTile * dv;
   float* AccV = Ds + kTile * dv;
@@ -887,29 +1016,52 @@ __global__ void retention_dkv_kernel(const float* q, const float* k, const float
       AccK[idx] = acc;
     }
   }
-  const bool has_next = c + 1 < chunks;
-  const float* G = g_out + (static_cast<size_t>(c) * gridDim.z + bh) * dk * dv;
-  for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
-    const int cj = idx / dv, f = idx - cj * dv, j = j0 + cj;
-    if (j >= rows) continue;
-    float out = AccV[idx];
-    if (has_next) {
-      float kg = 0.0f;
-      for (int e = 0; e < dk; e++) kg += Ks[cj * dk + e] * G[static_cast<size_t>(e) * dv + f];
-      out += kg * hc.beta[j];
+  if (c + 1 < chunks) {
+    // The state gradient's terms, each a [kTile, ·] x [·, ·] product staged through shared
+    // memory with the β-scaled left operand as kTile x kTile matrices in S.
+    const float* G = g_out + (static_cast<size_t>(c) * gridDim.z + bh) * dk * dv;
+    const int cj = threadIdx.x / kTile, cc = threadIdx.x % kTile;
+    const float beta = j0 + cj < rows ? hc.beta[j0 + cj] : 0.0f;
+    // dv_j += β_j (k_j G_c): G_c in slices of kTile rows (in Ds).
+    for (int e0 = 0; e0 < dk; e0 += kTile) {
+      const int width = min(kTile, dk - e0);
+      __syncthreads();
+      load_tile(Ds, G + static_cast<size_t>(e0) * dv, dv, width, dv);
+      S[threadIdx.x] = cc < width ? Ks[cj * dk + e0 + cc] * beta : 0.0f;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
+        const int row = idx / dv, f = idx - row * dv;
+        float acc = AccV[idx];
+        for (int m = 0; m < kTile; m++) acc += S[row * kTile + m] * Ds[m * dv + f];
+        AccV[idx] = acc;
+      }
     }
-    dv_out[(cr.row0 + j) * ldv + h * dv + f] = out;
+    // dk_j += G_c (β_j v_j): G_cᵀ in slices of kTile rows (in Qs, row stride dk + 1 as in
+    // retention_dq_kernel), read along rows of G_c.
+    for (int f0 = 0; f0 < dv; f0 += kTile) {
+      const int width = min(kTile, dv - f0);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
+        const int e = idx / kTile, ff = idx % kTile;
+        Qs[ff * (dk + 1) + e] = ff < width ? G[static_cast<size_t>(e) * dv + f0 + ff] : 0.0f;
+      }
+      S[threadIdx.x] = cc < width ? Vs[cj * dv + f0 + cc] * beta : 0.0f;
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
+        const int row = idx / dk, e = idx - row * dk;
+        float acc = AccK[idx];
+        for (int m = 0; m < kTile; m++) acc += S[row * kTile + m] * Qs[m * (dk + 1) + e];
+        AccK[idx] = acc;
+      }
+    }
+  }
+  for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
+    const int row = idx / dv, f = idx - row * dv, j = j0 + row;
+    if (j < rows) dv_out[(cr.row0 + j) * ldv + h * dv + f] = AccV[idx];
   }
   for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-    const int cj = idx / dk, e = idx - cj * dk, j = j0 + cj;
-    if (j >= rows) continue;
-    float out = AccK[idx];
-    if (has_next) {
-      float vg = 0.0f;
-      for (int f = 0; f < dv; f++) vg += (Vs[cj * dv + f] * hc.beta[j]) * G[static_cast<size_t>(e) * dv + f];
-      out += vg;
-    }
-    dk_out[(cr.row0 + j) * ldq + h * dk + e] = out;
+    const int row = idx / dk, e = idx - row * dk, j = j0 + row;
+    if (j < rows) dk_out[(cr.row0 + j) * ldq + h * dk + e] = AccK[idx];
   }
 }
 
@@ -966,37 +1118,38 @@ __global__ void absorb_state_kernel(const float* k, const float* v, RetentionGeo
   }
 }
 
-// One recurrent step (spec §6) for row b, head h per block: S ← S keep + k ⊗ v / sqrt(s'),
-// o = S q, s ← s'. One warp per value row j of S at a time.
+// One recurrent step (spec §6): S ← S keep + k ⊗ v / sqrt(s'), o = S q, one warp per value row
+// j of S (grid: value-row groups × B*H, so even batch 1 fills the GPU). Every block reads the
+// old scale s; step_scale_kernel stores s' afterwards.
 __global__ void retention_step_kernel(const float* q, const float* k, const float* v, float* o, int H, int dk, int dv,
                                       const float* decay, const StateView* rows) {
-  const int bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int j = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (j >= dv) return;
   const float gamma = exp_rounded(decay[h]);
-  float* scale = rows[b].scale + h;
-  const float s = *scale;
-  const float s_new = scale_recurrence(s, gamma);
-  const float root_new = sqrtf(s_new);
+  const float s = rows[b].scale[h];
+  const float root_new = sqrtf(scale_recurrence(s, gamma));
   const float keep = sqrtf(s) * gamma / root_new;
   const float* qh = q + static_cast<size_t>(b) * H * dk + h * dk;
   const float* kh = k + static_cast<size_t>(b) * H * dk + h * dk;
-  const float* vh = v + static_cast<size_t>(b) * H * dv + h * dv;
-  float* oh = o + static_cast<size_t>(b) * H * dv + h * dv;
-  float* S = rows[b].kv + static_cast<size_t>(h) * dv * dk;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int j = warp; j < dv; j += kWarps) {
-    float* Sj = S + static_cast<size_t>(j) * dk;
-    const float vj = vh[j];
-    float dot = 0.0f;
-    for (int i = lane; i < dk; i += 32) {
-      const float updated = Sj[i] * keep + (kh[i] * vj) / root_new;
-      Sj[i] = updated;
-      dot += qh[i] * updated;
-    }
-    dot = warp_sum(dot);
-    if (lane == 0) oh[j] = dot;
+  const float vj = v[static_cast<size_t>(b) * H * dv + h * dv + j];
+  float* Sj = rows[b].kv + (static_cast<size_t>(h) * dv + j) * dk;
+  float dot = 0.0f;
+  for (int i = lane; i < dk; i += 32) {
+    const float updated = Sj[i] * keep + (kh[i] * vj) / root_new;
+    Sj[i] = updated;
+    dot += qh[i] * updated;
   }
-  __syncthreads();  // every thread has read the old scale
-  if (threadIdx.x == 0) *scale = s_new;
+  dot = warp_sum(dot);
+  if (lane == 0) o[static_cast<size_t>(b) * H * dv + h * dv + j] = dot;
+}
+
+// s ← s γ + 1 for each (b, h) after retention_step_kernel has read s.
+__global__ void step_scale_kernel(int BH, int H, const float* decay, const StateView* rows) {
+  GRID_STRIDE(bh, static_cast<size_t>(BH)) {
+    float* scale = rows[bh / H].scale + bh % H;
+    *scale = scale_recurrence(*scale, exp_rounded(decay[bh % H]));
+  }
 }
 
 // Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
@@ -1085,11 +1238,32 @@ class CudaOps final : public Ops {
     bind();
     matmul(M, N, K, {X, K, 1}, {W, 1, K}, Y, N, accumulate);
   }
-  // Always tiled_gemm, which is batch-invariant, so the group is one product per weight.
+  // Batch-invariant GEMV-style kernel (rowwise_gemv_kernel), up to kGemvGroup weights per launch.
   void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
     std::lock_guard<std::mutex> lock(mu_);
     bind();
-    for (int i = 0; i < count; i++) tiled_gemm(M, outs[i].N, K, {X, K, 1}, {outs[i].W, 1, K}, outs[i].Y, outs[i].N, false);
+    if (M == 0) return;
+    // The float4 path depends on K and the buffers only, never on M, so batching keeps the order.
+    bool vec4 = K % 4 == 0 && aligned16(X);
+    for (int i = 0; i < count; i++) vec4 = vec4 && aligned16(outs[i].W);
+    for (int first = 0; first < count; first += kGemvGroup) {
+      GemvGroup group{};
+      size_t columns = 0;
+      group.count = std::min(kGemvGroup, count - first);
+      for (int i = 0; i < group.count; i++) {
+        group.W[i] = outs[first + i].W;
+        group.Y[i] = outs[first + i].Y;
+        group.N[i] = outs[first + i].N;
+        columns += static_cast<size_t>(outs[first + i].N);
+      }
+      const unsigned blocks = static_cast<unsigned>((columns + kGemvWarps - 1) / kGemvWarps);
+      if (blocks == 0) continue;
+      if (vec4)
+        rowwise_gemv_kernel<true><<<blocks, kGemvWarps * 32>>>(M, K, X, group);
+      else
+        rowwise_gemv_kernel<false><<<blocks, kGemvWarps * 32>>>(M, K, X, group);
+      check_launch("rowwise_gemv_kernel");
+    }
   }
 
   void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) override {
@@ -1168,8 +1342,11 @@ class CudaOps final : public Ops {
     bind();
     if (d.B == 0) return;
     const StateView* dev_rows = to_device(Slot::HostArgs, rows, d.B);
-    retention_step_kernel<<<static_cast<unsigned>(d.B * d.H), kThreads>>>(q, k, v, o, d.H, d.dk, d.dv, decay, dev_rows);
+    const unsigned BH = check_heads(d.B, d.H);
+    retention_step_kernel<<<dim3(warp_blocks(d.dv), BH), kThreads>>>(q, k, v, o, d.H, d.dk, d.dv, decay, dev_rows);
     check_launch("retention_step_kernel");
+    step_scale_kernel<<<blocks_for(BH), kThreads>>>(BH, d.H, decay, dev_rows);
+    check_launch("step_scale_kernel");
   }
 
   void groupnorm_gate(const float* o, const float* g, float* z, int rows, int H, int dv, float eps) override {
@@ -1391,11 +1568,14 @@ class CudaOps final : public Ops {
     return static_cast<T*>(s.p);
   }
 
-  // Copies n host values into a scratch slot.
+  // Copies n host values into a scratch slot. From pageable memory, cudaMemcpyAsync has read
+  // the host values into the driver's staging memory when it returns, without waiting for the
+  // device (CUDA "API synchronization behavior"), so a step's many small uploads don't drain the
+  // queue; the next use of the slot is ordered after this op's kernels by the stream.
   template <typename T>
   const T* to_device(Slot slot, const T* host, size_t n) {
     T* dev = scratch<T>(slot, n);
-    check(cudaMemcpy(dev, host, n * sizeof(T), cudaMemcpyHostToDevice), "upload host arguments");
+    check(cudaMemcpyAsync(dev, host, n * sizeof(T), cudaMemcpyHostToDevice, 0), "upload host arguments");
     return dev;
   }
 
@@ -1419,51 +1599,50 @@ class CudaOps final : public Ops {
 
   // The chunk algorithm over chunks of C rows (spec §7), as the CPU's chunked_retention: the
   // cross-chunk state starts from `state` when given and is carried as KV ← KV·Γ + Kᵀ(β⊙V).
-  // `recurrent` swaps the chunkwise form's scalars (σ, ι, κ, α) for the recurrent form's: each
-  // row divided by the root of its running scale, continued from state->scale (spec §6, §10).
+  // The states entering the chunks are made first (a short sequential sweep), then one launch
+  // computes every chunk's rows in parallel. `recurrent` swaps the chunkwise form's scalars
+  // (σ, ι, κ, α) for the recurrent form's: each row divided by the root of its running scale,
+  // continued from state->scale (spec §6, §10).
   void chunked_retention(const float* q, const float* k, const float* v, float* o, const RetentionDims& d,
                          const float* decay, int C, float inner_clamp_max, const StateView* state, bool recurrent) {
     const int B = d.B, T = d.T, H = d.H, dk = d.dk, dv = d.dv;
     if (B * T == 0) return;
     C = std::max(1, std::min(C, T));
     const unsigned BH = check_heads(B, H);
+    const int chunks = (T + C - 1) / C;
+    if (chunks > 65535) throw std::invalid_argument("CUDA retention: too many chunks (raise the chunk size)");
     const float* table = chunk_constants(decay, H, C);
-    const size_t kv_size = static_cast<size_t>(dk) * dv;
-    float* KV = scratch<float>(Slot::States, BH * kv_size);
-    // Chunkwise: κ per (b, h). Recurrent: sqrt of every row's running scale instead.
-    float* kappa = recurrent ? nullptr : scratch<float>(Slot::Scales, BH);
-    float* root_scale = recurrent ? scratch<float>(Slot::Scales, static_cast<size_t>(BH) * T) : nullptr;
-    if (recurrent) {
-      running_root_scale_kernel<<<blocks_for(BH), kThreads>>>(decay, BH, H, T, state->scale, root_scale);
-      check_launch("running_root_scale_kernel");
-    }
+    const RetentionGeometry g{T, H, dk, dv, C};
+    const size_t kv_size = static_cast<size_t>(dk) * dv, states = BH * kv_size;
+    float* kv_in = scratch<float>(Slot::States, chunks * states);
     if (state) {
-      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, KV);
+      state_to_chunk_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(*state, H, dk, dv, C, table, kv_in);
       check_launch("state_to_chunk_kernel");
     } else {
-      check(cudaMemsetAsync(KV, 0, BH * kv_size * sizeof(float), 0), "cudaMemsetAsync");
+      check(cudaMemsetAsync(kv_in, 0, states * sizeof(float), 0), "cudaMemsetAsync");
     }
-    if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
-    const RetentionGeometry g{T, H, dk, dv, C};
-    const int chunks = (T + C - 1) / C;
+    for (int c = 0; c + 1 < chunks; c++) {
+      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
+                                                                         kv_in + c * states, kv_in + (c + 1) * states);
+      check_launch("decayed_outer_kernel");
+    }
+    // Chunkwise: κ per (chunk, b, h). Recurrent: the root of every row's running scale instead.
+    float* kappa = nullptr;
+    float* root_scale = nullptr;
+    if (recurrent) {
+      root_scale = scratch<float>(Slot::Scales, static_cast<size_t>(BH) * T);
+      running_root_scale_kernel<<<blocks_for(BH), kThreads>>>(decay, BH, H, T, state->scale, root_scale);
+      check_launch("running_root_scale_kernel");
+    } else {
+      kappa = scratch<float>(Slot::Scales, static_cast<size_t>(chunks) * BH);
+      column_abs_max_kernel<<<chunks * BH, kThreads>>>(kv_in, dk, dv, kappa);
+      check_launch("column_abs_max_kernel");
+    }
     const size_t shared = forward_shared_bytes(dk, dv);
     allow_shared_memory(retention_chunk_kernel, shared);
-    for (int c = 0; c < chunks; c++) {
-      const int rows = std::min(C, T - c * C);
-      retention_chunk_kernel<<<dim3(tiles_for(rows), BH), kThreads, shared>>>(
-          q, k, v, o, g, c, table, inner_clamp_max, KV, kappa, root_scale, c > 0 || state != nullptr);
-      check_launch("retention_chunk_kernel");
-      if (c + 1 == chunks) break;
-      decayed_outer_kernel<<<dim3(blocks_for(kv_size), BH), kThreads>>>(k, dk, v, dv, g, c, table, RowWeight::Beta,
-                                                                         KV, KV);
-      check_launch("decayed_outer_kernel");
-      if (!recurrent) update_kappa(KV, BH, dk, dv, kappa);
-    }
-  }
-
-  static void update_kappa(const float* KV, unsigned BH, int dk, int dv, float* kappa) {
-    column_abs_max_kernel<<<BH, kThreads>>>(KV, dk, dv, kappa);
-    check_launch("column_abs_max_kernel");
+    retention_chunk_kernel<<<dim3(tiles_for(C), chunks, BH), kThreads, shared>>>(
+        q, k, v, o, g, table, inner_clamp_max, kv_in, kappa, root_scale, state != nullptr);
+    check_launch("retention_chunk_kernel");
   }
 
   // Chunk constants of every head for chunk length C, in the Constants slot.
