@@ -3,16 +3,24 @@
 // once per GEMM of the full-sequence products: the own kernel and, when it loads, cuBLAS
 // (RETNET_CUDA_GEMM=own|cublas set beforehand benches that one only). Decode always runs the
 // own batch-invariant kernel, so its rows measure the same code in both runs.
+// The last column is what the row achieved: decode, the bytes a step must move
+// (decodeStepBytes: weights, embedding rows, state read and written) per second; the others,
+// the FLOPs of their matrix products (2 per weight per token, 6 for a training step;
+// retention's own work not counted) per second.
 //   node dist/scripts/bench-cuda.js [--device cpu] [--small]
+import { type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
 import { RetNet } from '../lib/model';
 import { NativeModel } from '../lib/native';
+import { decodeStepBytes, stepWeightCount } from './bench';
 
 interface Measurement {
   name: string;
   shape: string;
   seconds: number;
   tokens: number;
+  /** Bytes the row must move (decode) or FLOPs of its matrix products (the rest). */
+  work: { bytes: number } | { flops: number };
 }
 
 async function best(reps: number, run: () => Promise<unknown>): Promise<number> {
@@ -36,7 +44,10 @@ export function randomTokens(n: number, V: number, seed: number): Int32Array {
   return out;
 }
 
-async function measure(model: NativeModel, V: number, small: boolean): Promise<Measurement[]> {
+async function measure(model: NativeModel, config: RetNetConfig, small: boolean): Promise<Measurement[]> {
+  const V = config.vocab_size;
+  const weights = stepWeightCount(config);
+  const head = V * config.decoder_embed_dim;
   const B = small ? 2 : 4;
   const T = small ? 256 : 1024;
   const C = 128;
@@ -44,7 +55,10 @@ async function measure(model: NativeModel, V: number, small: boolean): Promise<M
   const out: Measurement[] = [];
   for (const mode of ['parallel', 'chunkwise'] as const) {
     const seconds = await best(3, () => model.forward(tokens, B, T, mode, C));
-    out.push({ name: `forward ${mode}`, shape: `B${B} T${T}${mode === 'chunkwise' ? ` C${C}` : ''}`, seconds, tokens: B * T });
+    out.push({
+      name: `forward ${mode}`, shape: `B${B} T${T}${mode === 'chunkwise' ? ` C${C}` : ''}`, seconds, tokens: B * T,
+      work: { flops: 2 * weights * B * T },
+    });
   }
   const promptLength = small ? 512 : 2048;
   const prompt = randomTokens(promptLength, V, 2);
@@ -53,7 +67,11 @@ async function measure(model: NativeModel, V: number, small: boolean): Promise<M
     await model.prefill(state, prompt, promptLength, 'chunkwise', C);
     state.dispose();
   });
-  out.push({ name: 'prefill chunkwise', shape: `B1 T${promptLength} C${C}`, seconds: prefillSeconds, tokens: promptLength });
+  // A prefill projects only the last row to logits.
+  out.push({
+    name: 'prefill chunkwise', shape: `B1 T${promptLength} C${C}`, seconds: prefillSeconds, tokens: promptLength,
+    work: { flops: 2 * (weights - head) * promptLength + 2 * head },
+  });
   const steps = 32;
   for (const batch of [1, 16]) {
     const state = model.createState(batch);
@@ -62,7 +80,10 @@ async function measure(model: NativeModel, V: number, small: boolean): Promise<M
       for (let i = 0; i < steps; i++) await model.step(state, randomTokens(batch, V, 4 + i));
     });
     state.dispose();
-    out.push({ name: 'decode', shape: `batch ${batch}, ${steps} steps`, seconds, tokens: batch * steps });
+    out.push({
+      name: 'decode', shape: `batch ${batch}, ${steps} steps`, seconds, tokens: batch * steps,
+      work: { bytes: steps * decodeStepBytes(config, batch) },
+    });
   }
   const trainB = small ? 2 : 4;
   const trainT = small ? 128 : 512;
@@ -72,13 +93,22 @@ async function measure(model: NativeModel, V: number, small: boolean): Promise<M
     clipNorm: 1.0, noDecay: [], seed: 0,
   };
   const trainSeconds = await best(3, () => model.trainStep(micro, options));
-  out.push({ name: 'trainStep chunkwise', shape: `B${trainB} T${trainT} C${C}`, seconds: trainSeconds, tokens: trainB * trainT });
+  out.push({
+    name: 'trainStep chunkwise', shape: `B${trainB} T${trainT} C${C}`, seconds: trainSeconds, tokens: trainB * trainT,
+    work: { flops: 6 * weights * trainB * trainT },
+  });
   return out;
 }
 
+function achieved(r: Measurement): string {
+  return 'bytes' in r.work
+    ? `${(r.work.bytes / r.seconds / 1e9).toFixed(1)} GB/s`
+    : `${(r.work.flops / r.seconds / 1e12).toFixed(2)} TFLOP/s`;
+}
+
 function printTable(rows: Measurement[]): void {
-  const lines = rows.map((r) => [r.name, r.shape, (r.seconds * 1e3).toFixed(2), Math.round(r.tokens / r.seconds).toString()]);
-  const header = ['what', 'shape', 'ms', 'tokens/s'];
+  const lines = rows.map((r) => [r.name, r.shape, (r.seconds * 1e3).toFixed(2), Math.round(r.tokens / r.seconds).toString(), achieved(r)]);
+  const header = ['what', 'shape', 'ms', 'tokens/s', 'achieved'];
   const widths = header.map((h, c) => Math.max(h.length, ...lines.map((l) => l[c].length)));
   for (const line of [header, ...lines]) console.log(line.map((cell, c) => cell.padEnd(widths[c])).join('  '));
 }
@@ -115,7 +145,7 @@ async function main(): Promise<void> {
       `bench-cuda: device ${device}, gemm ${gemmName}, ${(model.parameterCount / 1e6).toFixed(1)}M parameters, ${JSON.stringify(config)}`,
     );
     try {
-      printTable(await measure(model.native(), config.vocab_size, small));
+      printTable(await measure(model.native(), model.config, small));
     } finally {
       model.dispose();
     }

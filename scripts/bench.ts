@@ -161,14 +161,19 @@ function seconds(start: bigint): number {
  */
 export function decodeStepBytes(config: RetNetConfig, batch: number, weights: WeightFormat = 'f32'): number {
   const d = dims(config);
-  let weightCount = 0;
-  for (const [name, shape] of parameterShapes(config)) {
-    if (name === 'embed_tokens.weight' || name.startsWith('retnet_rel_pos')) continue;
-    weightCount += shape.reduce((a, b) => a * b, 1);
-  }
   const stateFloats = d.L * d.H * d.dv * d.dk;
   const bytesPerWeight = weights === 'f32' ? 4 : weights === 'bf16' ? 2 : 1;
-  return bytesPerWeight * weightCount + 4 * (batch * d.D + 2 * batch * stateFloats);
+  return bytesPerWeight * stepWeightCount(config) + 4 * (batch * d.D + 2 * batch * stateFloats);
+}
+
+/** Weights a token passes through: every layer's and the output projection (not the embedding). */
+export function stepWeightCount(config: RetNetConfig): number {
+  let count = 0;
+  for (const [name, shape] of parameterShapes(config)) {
+    if (name === 'embed_tokens.weight' || name.startsWith('retnet_rel_pos')) continue;
+    count += shape.reduce((a, b) => a * b, 1);
+  }
+  return count;
 }
 
 /** One decode configuration, in this process (a child of the bench). */
