@@ -141,6 +141,10 @@ void Model::get_param(const std::string& name, float* data, size_t n) const {
 }
 
 void Model::set_decode_format(WeightFormat format) {
+  // Only the CPU's decode product reads the compact copies; elsewhere they would be ignored.
+  if (format != WeightFormat::F32 && std::strcmp(ops_->name(), "cpu") != 0)
+    throw std::invalid_argument(std::string("weights 'bf16' and 'int8' decode on the CPU only; this model is on ") +
+                                ops_->name() + " (load it with weights 'f32')");
   compact_.clear();
   decode_format_ = format;
   if (format == WeightFormat::F32) return;

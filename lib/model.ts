@@ -54,7 +54,8 @@ export interface ModelOptions {
   /**
    * Weights read by decode steps: 'f32' (default), or compact 'bf16' / 'int8' (per output row
    * scale) copies that a decode step reads instead, moving 2x / 4x fewer bytes. Prefill, forward
-   * and gradients keep using the fp32 weights; such a model cannot be trained.
+   * and gradients keep using the fp32 weights; such a model cannot be trained. CPU only: a
+   * model on 'cuda' rejects them.
    */
   weights?: WeightFormat;
 }
