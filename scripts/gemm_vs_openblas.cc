@@ -1,5 +1,7 @@
-// Our GEMM against OpenBLAS's cblas_sgemm on the model's linear shapes, side by side in one
-// process: Y[M, N] = X[M, K] W[N, K]^T, each rep timing ours then OpenBLAS, best of `reps`.
+// Our GEMM against OpenBLAS's cblas_sgemm on the model's product shapes, side by side in one
+// process, each rep timing ours then OpenBLAS, best of `reps`. Forward products are
+// Y[M, N] = X[M, K] W[N, K]^T; the training head's backward products (rows of 64 MiB of
+// logits, as the trainer blocks them) are dX = dY W and dW += dY^T X.
 // Built and run by scripts/gemm-vs-openblas.sh (needs libopenblas-dev; nothing else uses it).
 #include <cblas.h>
 
@@ -7,7 +9,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <vector>
+#include <new>
+
+#include <sys/mman.h>
 
 #include "gemm.h"
 #include "threadpool.h"
@@ -21,23 +25,62 @@ double seconds(F&& f) {
   f();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+// C[M, N] (+)= op(A) op(B) with A stored [M, K] (or [K, M] when a_transposed) and B stored
+// [N, K] (b_transposed: the forward's weight) or [K, N], all row-major.
+struct Shape {
+  const char* what;
+  int M, N, K;
+  bool a_transposed, b_transposed, accumulate;
+};
+
+// Buffers as the CPU backend allocates them (CpuOps::alloc): 2 MiB aligned and on transparent
+// huge pages where the kernel allows, so both libraries see what the model hands them.
+struct Matrix {
+  explicit Matrix(size_t n) : size(n) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+    data = static_cast<float*>(std::aligned_alloc(kHuge, bytes));
+    if (!data) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(data, bytes, MADV_HUGEPAGE);
+#endif
+    for (size_t i = 0; i < n; i++) data[i] = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
+  }
+  ~Matrix() { std::free(data); }
+  Matrix(const Matrix&) = delete;
+  Matrix& operator=(const Matrix&) = delete;
+  float* data;
+  size_t size;
+};
 }  // namespace
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 7;
-  // (M, N, K): base and medium projections, FFN and logits at 512 and 2048 tokens.
-  const int shapes[][3] = {{2048, 512, 512},   {2048, 864, 512},   {2048, 512, 864},  {2048, 32000, 512},
-                           {512, 1024, 1024},  {2048, 1024, 1024}, {2048, 1728, 1024}, {2048, 1024, 1728},
-                           {512, 32000, 1024}, {4096, 1024, 1024}};
-  std::printf("threads %d\n%6s %6s %6s %12s %12s %7s\n", num_threads(), "M", "N", "K", "ours GF/s", "openblas", "ratio");
-  for (const auto& s : shapes) {
-    const int M = s[0], N = s[1], K = s[2];
-    std::vector<float> W(static_cast<size_t>(N) * K), X(static_cast<size_t>(M) * K), Y(static_cast<size_t>(M) * N);
-    for (float& w : W) w = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
-    for (float& x : X) x = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
-    auto ours = [&] { linear(M, N, K, X.data(), W.data(), Y.data()); };
+  // Base and medium projections, FFN and logits at 512 and 2048 tokens; then the head's three
+  // products for one block of 524 rows (64 MiB of logits at vocabulary 32000).
+  const Shape shapes[] = {
+      {"linear", 2048, 512, 512, false, true, false},   {"linear", 2048, 864, 512, false, true, false},
+      {"linear", 2048, 512, 864, false, true, false},   {"linear", 2048, 32000, 512, false, true, false},
+      {"linear", 512, 1024, 1024, false, true, false},  {"linear", 2048, 1024, 1024, false, true, false},
+      {"linear", 2048, 1728, 1024, false, true, false}, {"linear", 2048, 1024, 1728, false, true, false},
+      {"linear", 512, 32000, 1024, false, true, false}, {"linear", 4096, 1024, 1024, false, true, false},
+      {"head Y", 524, 32000, 512, false, true, false},  {"head dX", 524, 512, 32000, false, false, false},
+      {"head dW", 32000, 512, 524, true, false, true},  {"head Y", 524, 32000, 1024, false, true, false},
+      {"head dX", 524, 1024, 32000, false, false, false}, {"head dW", 32000, 1024, 524, true, false, true},
+  };
+  std::printf("threads %d\n%-8s %6s %6s %6s %12s %12s %7s\n", num_threads(), "product", "M", "N", "K", "ours GF/s",
+              "openblas", "ratio");
+  for (const Shape& s : shapes) {
+    const int M = s.M, N = s.N, K = s.K;
+    const Matrix A(static_cast<size_t>(M) * K), B(static_cast<size_t>(N) * K), C(static_cast<size_t>(M) * N);
+    const MatView a = s.a_transposed ? transposed(A.data, M) : row_major(A.data, K);
+    const MatView b = s.b_transposed ? transposed(B.data, K) : row_major(B.data, N);
+    auto ours = [&] { gemm(M, N, K, a, b, C.data, N, s.accumulate); };
     auto blas = [&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, X.data(), K, W.data(), K, 0.0f, Y.data(), N);
+      cblas_sgemm(CblasRowMajor, s.a_transposed ? CblasTrans : CblasNoTrans, s.b_transposed ? CblasTrans : CblasNoTrans,
+                  M, N, K, 1.0f, A.data, s.a_transposed ? M : K, B.data, s.b_transposed ? K : N,
+                  s.accumulate ? 1.0f : 0.0f, C.data, N);
     };
     ours();
     blas();
@@ -47,6 +90,7 @@ int main(int argc, char** argv) {
       best_blas = std::min(best_blas, seconds(blas));
     }
     const double gflop = 2.0 * M * N * K / 1e9;
-    std::printf("%6d %6d %6d %12.1f %12.1f %7.2f\n", M, N, K, gflop / best_ours, gflop / best_blas, best_blas / best_ours);
+    std::printf("%-8s %6d %6d %6d %12.1f %12.1f %7.2f\n", s.what, M, N, K, gflop / best_ours, gflop / best_blas,
+                best_blas / best_ours);
   }
 }
