@@ -907,7 +907,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 };
 
 // benchKernel(name, params) -> Promise<number>: 'fma_peak' {reps} -> GFLOP/s; 'bandwidth' {megabytes, reps} -> GB/s;
-// 'linear' {M, N, K, reps} -> seconds; 'retention' {B, T, H, dk, dv, chunk, parallel, reps} -> seconds.
+// 'linear' {M, N, K, reps} -> seconds; 'decode_product' {M, N, K, reps} -> seconds (weight from memory);
+// 'retention' {B, T, H, dk, dv, chunk, parallel, reps} -> seconds.
 Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::function<double()> run;
@@ -924,6 +925,10 @@ Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
     } else if (name == "linear") {
       const int M = get("M"), N = get("N"), K = get("K");
       run = [M, N, K, reps] { return time_linear(M, N, K, reps); };
+    } else if (name == "decode_product") {
+      const int M = get("M"), N = get("N"), K = get("K");
+      if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("decode_product needs M, N and K >= 1");
+      run = [M, N, K, reps] { return time_decode_product(M, N, K, reps); };
     } else if (name == "retention") {
       const int B = get("B"), T = get("T"), H = get("H"), dk = get("dk"), dv = get("dv"), chunk = get("chunk");
       const bool parallel = p.Get("parallel").ToBoolean();

@@ -122,21 +122,52 @@ double measure_fma_peak(int reps) {
   return 0;
 }
 
+namespace {
+// A buffer as the model gets one (CpuOps::alloc: cache-line or 2 MiB aligned, huge pages),
+// filled like fill_random: the kernels see the alignment and pages they see in the model.
+Buffer model_buffer(Ops* ops, size_t n, uint32_t seed) {
+  Buffer b(ops, n);
+  std::vector<float> values(n);
+  fill_random(values, seed);
+  std::copy(values.begin(), values.end(), b.data());
+  return b;
+}
+}  // namespace
+
 double time_linear(int M, int N, int K, int reps) {
-  std::vector<float> X(static_cast<size_t>(M) * K), W(static_cast<size_t>(N) * K), Y(static_cast<size_t>(M) * N);
-  fill_random(X, 1);
-  fill_random(W, 2);
+  auto ops = make_cpu_ops();
+  Buffer X = model_buffer(ops.get(), static_cast<size_t>(M) * K, 1), W = model_buffer(ops.get(), static_cast<size_t>(N) * K, 2);
+  Buffer Y(ops.get(), static_cast<size_t>(M) * N);
   linear(M, N, K, X.data(), W.data(), Y.data());
   return best_seconds(reps, [&] { linear(M, N, K, X.data(), W.data(), Y.data()); });
+}
+
+double time_decode_product(int M, int N, int K, int reps) {
+  auto ops = make_cpu_ops();
+  // Enough weight copies to outgrow the caches, as a decode step's weights do: each timed
+  // product reads its weight from memory.
+  const size_t floats = static_cast<size_t>(N) * K;
+  const size_t copies = std::max<size_t>(2, ((size_t{256} << 20) / sizeof(float) + floats - 1) / floats);
+  std::vector<Buffer> weights;
+  for (size_t c = 0; c < copies; c++) weights.push_back(model_buffer(ops.get(), floats, 2 + static_cast<uint32_t>(c)));
+  Buffer X = model_buffer(ops.get(), static_cast<size_t>(M) * K, 1);
+  Buffer Y(ops.get(), static_cast<size_t>(M) * N);
+  auto run = [&] {
+    for (const Buffer& W : weights) {
+      const LinearOut out{W.data(), N, Y.data()};
+      linear_rowwise(M, K, X.data(), &out, 1);
+    }
+  };
+  run();
+  return best_seconds(reps, run) / static_cast<double>(copies);
 }
 
 double time_retention(int B, int T, int H, int dk, int dv, int chunk, bool parallel, int reps) {
   auto ops = make_cpu_ops();
   const size_t rows = static_cast<size_t>(B) * T;
-  std::vector<float> q(rows * H * dk), k(rows * H * dk), v(rows * H * dv), o(rows * H * dv), decay(H);
-  fill_random(q, 3);
-  fill_random(k, 4);
-  fill_random(v, 5);
+  Buffer q = model_buffer(ops.get(), rows * H * dk, 3), k = model_buffer(ops.get(), rows * H * dk, 4),
+         v = model_buffer(ops.get(), rows * H * dv, 5), o(ops.get(), rows * H * dv);
+  std::vector<float> decay(H);
   for (int h = 0; h < H; h++) decay[h] = std::log(1.0f - std::pow(2.0f, -5.0f - h));
   const RetentionDims d{B, T, H, dk, dv};
   const int C = parallel ? T : chunk;

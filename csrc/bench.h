@@ -15,6 +15,10 @@ double measure_fma_peak(int reps);
 // Best-of-`reps` seconds of Y[M,N] = X[M,K] W[N,K]^T (the model's linear layers).
 double time_linear(int M, int N, int K, int reps);
 
+// Best-of-`reps` seconds of one decode product (linear_rowwise, M rows: the batch) with its
+// weight read from memory, not cache, as in a decode step.
+double time_decode_product(int M, int N, int K, int reps);
+
 // Best-of-`reps` seconds of the retention core on random q, k, v: chunk = T for the
 // parallel form (clamp 5e4), else the chunkwise form with that chunk size.
 double time_retention(int B, int T, int H, int dk, int dv, int chunk, bool parallel, int reps);

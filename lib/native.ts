@@ -115,6 +115,8 @@ export interface NativeAddon {
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;
+  /** Seconds of one decode product (M batch rows) with its weight read from memory, as in a decode step. */
+  benchKernel(name: 'decode_product', params: { M: number; N: number; K: number; reps: number }): Promise<number>;
   benchKernel(
     name: 'retention',
     params: { B: number; T: number; H: number; dk: number; dv: number; chunk: number; parallel: boolean; reps: number },

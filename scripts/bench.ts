@@ -47,6 +47,8 @@ export interface KernelFigure {
   shape: string;
   gflops: number;
   fractionOfPeak: number;
+  /** Decode products: weight bytes read per second (each product reads its weight from memory). */
+  weightGBps?: number;
 }
 
 interface Options {
@@ -258,6 +260,21 @@ async function kernels(presets: string[], peak: number): Promise<KernelFigure[]>
         figures.push({ kernel: `linear ${what}`, shape: `${preset} M=${M} N=${N} K=${K}`, gflops, fractionOfPeak: gflops / peak });
       }
     }
+    // Decode products (linear_rowwise) at batch 1, 4 and 16: the weight streams from memory
+    // once per step, so batch 1 is bound by bandwidth and larger batches by arithmetic.
+    for (const [N, K, what] of [
+      [d.D, d.D, 'q/k'],
+      [d.F, d.D, 'fc1/gate'],
+    ] as Array<[number, number, string]>) {
+      for (const M of [1, 4, 16]) {
+        const s = await native.benchKernel('decode_product', { M, N, K, reps: 3 });
+        const gflops = (2 * M * N * K) / s / 1e9;
+        figures.push({
+          kernel: `decode ${what}`, shape: `${preset} batch=${M} N=${N} K=${K}`, gflops, fractionOfPeak: gflops / peak,
+          weightGBps: (4 * N * K) / s / 1e9,
+        });
+      }
+    }
     for (const [T, parallel] of [
       [2048, true],
       [2048, false],
@@ -381,7 +398,8 @@ export async function main(argv: string[]): Promise<void> {
     console.log('\nkernels');
     kernelFigures = await kernels(o.presets, peak);
     for (const k of kernelFigures) {
-      console.log(`${k.kernel.padEnd(22)} ${k.shape.padEnd(44)} ${k.gflops.toFixed(1).padStart(7)} GFLOP/s  ${(100 * k.fractionOfPeak).toFixed(0).padStart(3)}% of peak`);
+      const weights = k.weightGBps === undefined ? '' : `  ${k.weightGBps.toFixed(1).padStart(5)} GB/s of weights`;
+      console.log(`${k.kernel.padEnd(22)} ${k.shape.padEnd(44)} ${k.gflops.toFixed(1).padStart(7)} GFLOP/s  ${(100 * k.fractionOfPeak).toFixed(0).padStart(3)}% of peak${weights}`);
     }
   }
   if (o.json) {
