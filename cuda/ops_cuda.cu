@@ -665,6 +665,17 @@ __device__ void load_tile(float* dst, const float* src, long long ld, int count,
   }
 }
 
+// acc[r][e] += Σ_m S[r][m] T[m][e] for r < kTile, e < width: S is kTile x kTile, T has
+// kTile rows of stride ldt. Each thread updates its own elements of acc.
+__device__ void add_tile_product(float* acc, const float* S, const float* T, int width, int ldt) {
+  for (int idx = threadIdx.x; idx < kTile * width; idx += blockDim.x) {
+    const int row = idx / width, e = idx - row * width;
+    float sum = acc[idx];
+    for (int m = 0; m < kTile; m++) sum += S[row * kTile + m] * T[m * ldt + e];
+    acc[idx] = sum;
+  }
+}
+
 // S[r][c] = (X_r · Y_c) M̃[i][j] with i = i0 + r, j = j0 + c, for j <= i < rows; 0 elsewhere.
 // M̃[i][j] = γ^(i-j) / σ_i, or the plain decay γ^(i-j) when !row_normalised (the recurrent
 // form). X and Y are tiles of `width` columns. Each thread writes its own S element.
@@ -758,12 +769,7 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
     masked_scores(Qs, Ks, dk, i0, j0, rows, hc, S, !recurrent);
     if (!recurrent) S[threadIdx.x] /= iota[threadIdx.x / kTile];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
-      const int r = idx / dv, e = idx - r * dv;
-      float acc = Os[idx];
-      for (int cc = 0; cc < kTile; cc++) acc += S[r * kTile + cc] * Vs[cc * dv + e];
-      Os[idx] = acc;
-    }
+    add_tile_product(Os, S, Vs, dv, dv);
   }
   if (use_cross) {
     // cross_i = coef_i Σ_f q_if KV_f, a [kTile, dk] x [dk, dv] product staged through shared
@@ -789,12 +795,7 @@ __global__ void retention_chunk_kernel(const float* q, const float* k, const flo
       const int r = threadIdx.x / kTile, f = f0 + threadIdx.x % kTile;
       S[threadIdx.x] = f < dk ? Qs[r * dk + f] * coef[r] : 0.0f;
       __syncthreads();
-      for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
-        const int rr = idx / dv, e = idx - rr * dv;
-        float acc = Os[idx];
-        for (int cc = 0; cc < kTile; cc++) acc += S[rr * kTile + cc] * Vs[cc * dv + e];
-        Os[idx] = acc;
-      }
+      add_tile_product(Os, S, Vs, dv, dv);
     }
   }
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
@@ -890,6 +891,23 @@ __global__ void retention_row_scale_kernel(const float* q, const float* k, const
   }
 }
 
+// acc[r][e] += Σ_m S[r][m] M[e][f0 + m] for r < kTile, e < n: one kTile-column slice of a
+// product with Mᵀ (M is [n, ld]), staged through shared memory. T gets the slice transposed,
+// rows of stride n + 1 so a half-warp's 16 stores land in 16 banks; S gets s_value, this
+// thread's element of the kTile x kTile left operand (0 beyond the slice's width).
+__device__ void add_transposed_slice_product(float* acc, int n, const float* M, int ld, int f0, int width,
+                                             float s_value, float* S, float* T) {
+  __syncthreads();
+  // Consecutive threads read along a row of M.
+  for (int idx = threadIdx.x; idx < kTile * n; idx += blockDim.x) {
+    const int e = idx / kTile, ff = idx % kTile;
+    T[ff * (n + 1) + e] = ff < width ? M[static_cast<size_t>(e) * ld + f0 + ff] : 0.0f;
+  }
+  S[threadIdx.x] = s_value;
+  __syncthreads();
+  add_tile_product(acc, S, T, n, n + 1);
+}
+
 // Ks has kTile spare floats: the cross term stores KVᵀ slices there with row stride dk + 1.
 size_t dq_shared_bytes(int dk, int dv) {
   return sizeof(float) * (static_cast<size_t>(kTile) * (2 * dk + 2 * dv + 1) + kTile * kTile);
@@ -923,35 +941,17 @@ __global__ void retention_dq_kernel(const float* k, const float* v, const float*
     __syncthreads();
     masked_scores(Ds, Vs, dv, i0, j0, rows, hc, S);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-      const int r = idx / dk, e = idx - r * dk;
-      float acc = Acc[idx];
-      for (int cc = 0; cc < kTile; cc++) acc += S[r * kTile + cc] * Ks[cc * dk + e];
-      Acc[idx] = acc;
-    }
+    add_tile_product(Acc, S, Ks, dk, dk);
   }
   if (c > 0) {
     // + α_i KV_c dOs_i: a [kTile, dv] x [dv, dk] product staged through shared memory, KVᵀ in
     // slices of kTile rows (in Ks), the scaled dOs columns as a kTile x kTile matrix (in S).
     const float* KV = kv_in + (static_cast<size_t>(c) * gridDim.z + bh) * dk * dv;
+    const int r = threadIdx.x / kTile, ff = threadIdx.x % kTile;
     for (int f0 = 0; f0 < dv; f0 += kTile) {
       const int width = min(kTile, dv - f0);
-      __syncthreads();
-      // Ks[ff][e] = KV[e][f0 + ff]: consecutive threads read along a row of KV; the row
-      // stride dk + 1 spreads a half-warp's 16 stores over 16 banks.
-      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-        const int e = idx / kTile, ff = idx % kTile;
-        Ks[ff * (dk + 1) + e] = ff < width ? KV[static_cast<size_t>(e) * dv + f0 + ff] : 0.0f;
-      }
-      const int r = threadIdx.x / kTile, ff = threadIdx.x % kTile;
-      S[threadIdx.x] = ff < width && i0 + r < rows ? Ds[r * dv + f0 + ff] * hc.alpha[i0 + r] : 0.0f;
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-        const int rr = idx / dk, e = idx - rr * dk;
-        float acc = Acc[idx];
-        for (int cc = 0; cc < kTile; cc++) acc += S[rr * kTile + cc] * Ks[cc * (dk + 1) + e];
-        Acc[idx] = acc;
-      }
+      const float s_value = ff < width && i0 + r < rows ? Ds[r * dv + f0 + ff] * hc.alpha[i0 + r] : 0.0f;
+      add_transposed_slice_product(Acc, dk, KV, dv, f0, width, s_value, S, Ks);
     }
   }
   for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
@@ -1029,30 +1029,12 @@ __global__ void retention_dkv_kernel(const float* q, const float* k, const float
       load_tile(Ds, G + static_cast<size_t>(e0) * dv, dv, width, dv);
       S[threadIdx.x] = cc < width ? Ks[cj * dk + e0 + cc] * beta : 0.0f;
       __syncthreads();
-      for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
-        const int row = idx / dv, f = idx - row * dv;
-        float acc = AccV[idx];
-        for (int m = 0; m < kTile; m++) acc += S[row * kTile + m] * Ds[m * dv + f];
-        AccV[idx] = acc;
-      }
+      add_tile_product(AccV, S, Ds, dv, dv);
     }
-    // dk_j += G_c (β_j v_j): G_cᵀ in slices of kTile rows (in Qs, row stride dk + 1 as in
-    // retention_dq_kernel), read along rows of G_c.
+    // dk_j += G_c (β_j v_j): G_cᵀ in slices of kTile rows (in Qs).
     for (int f0 = 0; f0 < dv; f0 += kTile) {
       const int width = min(kTile, dv - f0);
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-        const int e = idx / kTile, ff = idx % kTile;
-        Qs[ff * (dk + 1) + e] = ff < width ? G[static_cast<size_t>(e) * dv + f0 + ff] : 0.0f;
-      }
-      S[threadIdx.x] = cc < width ? Vs[cj * dv + f0 + cc] * beta : 0.0f;
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < kTile * dk; idx += blockDim.x) {
-        const int row = idx / dk, e = idx - row * dk;
-        float acc = AccK[idx];
-        for (int m = 0; m < kTile; m++) acc += S[row * kTile + m] * Qs[m * (dk + 1) + e];
-        AccK[idx] = acc;
-      }
+      add_transposed_slice_product(AccK, dk, G, dv, f0, width, cc < width ? Vs[cj * dv + f0 + cc] * beta : 0.0f, S, Qs);
     }
   }
   for (int idx = threadIdx.x; idx < kTile * dv; idx += blockDim.x) {
