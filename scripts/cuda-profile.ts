@@ -15,6 +15,7 @@ async function main(): Promise<void> {
   const op = args[0] as Op;
   if (!OPS.includes(op)) throw new Error(`cuda-profile: OP must be one of ${OPS.join(', ')}, got '${args[0]}'`);
   const reps = args.includes('--reps') ? Number(args[args.indexOf('--reps') + 1]) : 3;
+  if (!Number.isInteger(reps) || reps < 1) throw new Error(`cuda-profile: --reps must be a positive integer`);
   const config = benchConfig(false);
   const V = config.vocab_size;
   const C = 128;
