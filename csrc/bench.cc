@@ -144,10 +144,11 @@ double time_linear(int M, int N, int K, int reps) {
 
 double time_decode_product(int M, int N, int K, int reps) {
   auto ops = make_cpu_ops();
-  // Enough weight copies to outgrow the caches, as a decode step's weights do: each timed
-  // product reads its weight from memory.
+  // Enough weight copies (256 MiB, at most 256 of them) to outgrow the caches, as a decode
+  // step's weights do: each timed product then reads its weight from memory. Weights under
+  // 1 MiB stay within the count cap instead and may be timed from cache.
   const size_t floats = static_cast<size_t>(N) * K;
-  const size_t copies = std::max<size_t>(2, ((size_t{256} << 20) / sizeof(float) + floats - 1) / floats);
+  const size_t copies = std::clamp<size_t>(((size_t{256} << 20) / sizeof(float) + floats - 1) / floats, 2, 256);
   std::vector<Buffer> weights;
   for (size_t c = 0; c < copies; c++) weights.push_back(model_buffer(ops.get(), floats, 2 + static_cast<uint32_t>(c)));
   Buffer X = model_buffer(ops.get(), static_cast<size_t>(M) * K, 1);

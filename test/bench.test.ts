@@ -6,6 +6,7 @@ import * as path from 'path';
 
 import { decodeStepBytes, parseBenchArgs } from '../scripts/bench';
 import { resolveConfig } from '../lib/config';
+import { addon } from '../lib/native';
 
 test('bench decode+train on the tiny preset writes the JSON report', () => {
   const script = path.join(__dirname, '..', 'dist', 'scripts', 'bench.js');
@@ -41,4 +42,11 @@ test('decode step bytes count weights once and state per row', () => {
   expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
   expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
   expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);
+});
+
+test('the decode-product kernel bench times linear_rowwise and rejects empty shapes', async () => {
+  const native = addon();
+  expect(() => native.benchKernel('decode_product', { M: 0, N: 8, K: 8, reps: 1 })).toThrow(/M, N and K >= 1/);
+  const seconds = await native.benchKernel('decode_product', { M: 2, N: 8, K: 8, reps: 1 });
+  expect(seconds).toBeGreaterThan(0);
 });
