@@ -66,7 +66,18 @@ Trainer::Trainer(std::shared_ptr<Model> model)
     : model_(std::move(model)),
       grads_(model_->ops(), model_->parameter_floats()),
       m_(model_->ops(), model_->parameter_floats()),
-      v_(model_->ops(), model_->parameter_floats()) {
+      v_(model_->ops(), model_->parameter_floats()),
+      layer_grads_(model_->config().L) {
+  for (int l = 0; l < model_->config().L; l++) {
+    const std::string prefix = "layers." + std::to_string(l) + ".";
+    GradientSpan& span = layer_grads_[l];
+    for (const ParamInfo& p : model_->params()) {
+      if (p.name.compare(0, prefix.size(), prefix) != 0) continue;
+      span.first = std::min(span.first, p.offset);
+      span.end = std::max(span.end, p.offset + p.size);
+      span.floats += p.size;
+    }
+  }
   zero_gradients();
 }
 
@@ -308,26 +319,13 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     if (c.pre_norm) ops.rmsnorm_backward(x_in, norm_w, dh.data(), dh.data(), grad_of(norm_w), R, c.D, c.eps, false);
     ops.residual(dx.data(), dh.data(), RD, c.alpha);
   };
-  // Each layer's gradients: [first, end) in the gradient arena and how many floats.
-  struct GradientSpan {
-    size_t first = SIZE_MAX, end = 0, floats = 0;
-  };
-  std::vector<GradientSpan> layer_grads(c.L);
-  for (int l = 0; l < c.L; l++) {
-    const std::string prefix = "layers." + std::to_string(l) + ".";
-    GradientSpan& span = layer_grads[l];
-    for (const ParamInfo& p : m.params()) {
-      if (p.name.compare(0, prefix.size(), prefix) != 0) continue;
-      span.first = std::min(span.first, p.offset);
-      span.end = std::max(span.end, p.offset + p.size);
-      span.floats += p.size;
-    }
-  }
   for (int l = c.L - 1; l >= 0; l--) {
     const Model::Layer& w = m.layers_[l];
-    if (layer_grads[l].floats) ops.populate(grads_.data() + layer_grads[l].first, layer_grads[l].end - layer_grads[l].first);
+    const GradientSpan& span = layer_grads_[l];
+    if (span.floats) ops.populate(grads_.data() + span.first, span.end - span.first);
     if (recompute) recompute_layer(l);
-    const Activations::Layer& a = layer_acts(l);
+    // Sized and written by the forward (or recompute_layer) already.
+    const Activations::Layer& a = acts.layers[recompute ? 0 : l];
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
       glu(a, l);
@@ -351,7 +349,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
       ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true);
     });
     // Layer l's values are done with (except the one set checkpointing reuses).
-    owed += layer_grads[l].floats;
+    owed += span.floats;
     hand_back(acts.stream[2 * l + 1]);
     hand_back(acts.stream[2 * l + 2]);
     if (!recompute) {

@@ -75,8 +75,14 @@ class Trainer {
  private:
   struct Activations;
 
+  // Where one layer's gradients lie in the gradient arena: [first, end), holding `floats`.
+  struct GradientSpan {
+    size_t first = SIZE_MAX, end = 0, floats = 0;
+  };
+
   std::shared_ptr<Model> model_;
   Buffer grads_, m_, v_;
+  std::vector<GradientSpan> layer_grads_;  // per layer, from the parameter names
   std::unique_ptr<Activations> acts_;  // reused across steps of the same shape
   int64_t step_ = 0;
 };
