@@ -11,16 +11,32 @@
 import { type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
 import { RetNet } from '../lib/model';
-import { NativeModel } from '../lib/native';
+import { NativeModel, NativeState } from '../lib/native';
 import { decodeStepBytes, stepWeightCount } from './bench';
+
+/** Bytes a timed run must move (decode) or FLOPs of its matrix products (the rest). */
+type Work = { bytes: number } | { flops: number };
+
+/** One benchmarked operation: `run` does it once; a timing covers `repeat` runs in a row. */
+export interface BenchOperation {
+  /** Short name, as `cuda-profile.js` takes it. */
+  id: string;
+  name: string;
+  shape: string;
+  repeat: number;
+  /** Tokens and work of one run. */
+  tokens: number;
+  work: Work;
+  run: () => Promise<unknown>;
+  dispose?: () => void;
+}
 
 interface Measurement {
   name: string;
   shape: string;
   seconds: number;
   tokens: number;
-  /** Bytes the row must move (decode) or FLOPs of its matrix products (the rest). */
-  work: { bytes: number } | { flops: number };
+  work: Work;
 }
 
 async function best(reps: number, run: () => Promise<unknown>): Promise<number> {
@@ -44,7 +60,12 @@ export function randomTokens(n: number, V: number, seed: number): Int32Array {
   return out;
 }
 
-async function measure(model: NativeModel, config: RetNetConfig, small: boolean): Promise<Measurement[]> {
+/**
+ * The bench's operations on `model`: forward in both forms, a chunkwise prefill, one decode step
+ * at each of `decodeBatches` (its session prefilled with 64 tokens by the first run), and a
+ * chunkwise trainStep.
+ */
+export function benchOperations(model: NativeModel, config: RetNetConfig, small: boolean, decodeBatches: number[]): BenchOperation[] {
   const V = config.vocab_size;
   const weights = stepWeightCount(config);
   const head = V * config.decoder_embed_dim;
@@ -52,37 +73,38 @@ async function measure(model: NativeModel, config: RetNetConfig, small: boolean)
   const T = small ? 256 : 1024;
   const C = 128;
   const tokens = randomTokens(B * T, V, 1);
-  const out: Measurement[] = [];
-  for (const mode of ['parallel', 'chunkwise'] as const) {
-    const seconds = await best(3, () => model.forward(tokens, B, T, mode, C));
-    out.push({
-      name: `forward ${mode}`, shape: `B${B} T${T}${mode === 'chunkwise' ? ` C${C}` : ''}`, seconds, tokens: B * T,
-      work: { flops: 2 * weights * B * T },
-    });
-  }
+  const ops: BenchOperation[] = (['parallel', 'chunkwise'] as const).map((mode) => ({
+    id: `forward-${mode}`, name: `forward ${mode}`, shape: `B${B} T${T}${mode === 'chunkwise' ? ` C${C}` : ''}`, repeat: 1,
+    tokens: B * T, work: { flops: 2 * weights * B * T }, run: () => model.forward(tokens, B, T, mode, C),
+  }));
   const promptLength = small ? 512 : 2048;
   const prompt = randomTokens(promptLength, V, 2);
-  const prefillSeconds = await best(2, async () => {
-    const state = model.createState(1);
-    await model.prefill(state, prompt, promptLength, 'chunkwise', C);
-    state.dispose();
-  });
-  // A prefill projects only the last row to logits.
-  out.push({
-    name: 'prefill chunkwise', shape: `B1 T${promptLength} C${C}`, seconds: prefillSeconds, tokens: promptLength,
+  ops.push({
+    id: 'prefill', name: 'prefill chunkwise', shape: `B1 T${promptLength} C${C}`, repeat: 1, tokens: promptLength,
+    // A prefill projects only the last row to logits.
     work: { flops: 2 * (weights - head) * promptLength + 2 * head },
+    run: async () => {
+      const state = model.createState(1);
+      await model.prefill(state, prompt, promptLength, 'chunkwise', C);
+      state.dispose();
+    },
   });
-  const steps = 32;
-  for (const batch of [1, 16]) {
-    const state = model.createState(batch);
-    await model.prefill(state, randomTokens(batch * 64, V, 3), 64, 'chunkwise', C);
-    const seconds = await best(2, async () => {
-      for (let i = 0; i < steps; i++) await model.step(state, randomTokens(batch, V, 4 + i));
-    });
-    state.dispose();
-    out.push({
-      name: 'decode', shape: `batch ${batch}, ${steps} steps`, seconds, tokens: batch * steps,
-      work: { bytes: steps * decodeStepBytes(config, batch) },
+  for (const batch of decodeBatches) {
+    const next = randomTokens(batch, V, 4);
+    // The session is made and prefilled by the first run (the warm-up), so an operation that
+    // is never run costs nothing, and a profile of another one sees none of its kernels.
+    let state: NativeState | undefined;
+    ops.push({
+      id: `step-${batch}`, name: 'decode', shape: `batch ${batch}`, repeat: 32, tokens: batch,
+      work: { bytes: decodeStepBytes(config, batch) },
+      run: async () => {
+        if (!state) {
+          state = model.createState(batch);
+          await model.prefill(state, randomTokens(batch * 64, V, 3), 64, 'chunkwise', C);
+        }
+        return model.step(state, next);
+      },
+      dispose: () => state?.dispose(),
     });
   }
   const trainB = small ? 2 : 4;
@@ -92,11 +114,24 @@ async function measure(model: NativeModel, config: RetNetConfig, small: boolean)
     mode: 'chunkwise' as const, chunkSize: C, lr: 1e-4, beta1: 0.9, beta2: 0.98, eps: 1e-8, weightDecay: 0.01,
     clipNorm: 1.0, noDecay: [], seed: 0,
   };
-  const trainSeconds = await best(3, () => model.trainStep(micro, options));
-  out.push({
-    name: 'trainStep chunkwise', shape: `B${trainB} T${trainT} C${C}`, seconds: trainSeconds, tokens: trainB * trainT,
-    work: { flops: 6 * weights * trainB * trainT },
+  ops.push({
+    id: 'train', name: 'trainStep chunkwise', shape: `B${trainB} T${trainT} C${C}`, repeat: 1, tokens: trainB * trainT,
+    work: { flops: 6 * weights * trainB * trainT }, run: () => model.trainStep(micro, options),
   });
+  return ops;
+}
+
+async function measure(model: NativeModel, config: RetNetConfig, small: boolean): Promise<Measurement[]> {
+  const out: Measurement[] = [];
+  for (const op of benchOperations(model, config, small, [1, 16])) {
+    const seconds = await best(op.repeat > 1 ? 2 : 3, async () => {
+      for (let i = 0; i < op.repeat; i++) await op.run();
+    });
+    op.dispose?.();
+    const scale = (w: Work): Work => ('bytes' in w ? { bytes: w.bytes * op.repeat } : { flops: w.flops * op.repeat });
+    const shape = op.repeat > 1 ? `${op.shape}, ${op.repeat} steps` : op.shape;
+    out.push({ name: op.name, shape, seconds, tokens: op.tokens * op.repeat, work: scale(op.work) });
+  }
   return out;
 }
 
