@@ -8,7 +8,7 @@ inc=$(dirname "$(find /usr/include -name cblas.h -path '*openblas*' | head -n1)"
 [ -n "$inc" ] || { echo "gemm-vs-openblas: cblas.h from libopenblas-dev not found" >&2; exit 1; }
 threads=${RETNET_NUM_THREADS:-2}
 out=$(mktemp -d)
-g++ -O3 -std=c++17 -Icsrc -I"$inc" scripts/gemm_vs_openblas.cc csrc/gemm.cc csrc/quant.cc csrc/threadpool.cc \
+g++ -O3 -std=c++17 -Icsrc -I"$inc" scripts/gemm_vs_openblas.cc csrc/gemm.cc csrc/ops_cpu.cc csrc/quant.cc csrc/threadpool.cc \
   -o "$out/gemm_vs_openblas" -lopenblas -lpthread
 RETNET_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads "$out/gemm_vs_openblas" "${1:-7}"
 rm -rf "$out"

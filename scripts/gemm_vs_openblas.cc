@@ -9,11 +9,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <new>
-
-#include <sys/mman.h>
 
 #include "gemm.h"
+#include "ops.h"
 #include "threadpool.h"
 
 using namespace retnet;
@@ -34,29 +32,18 @@ struct Shape {
   bool a_transposed, b_transposed, accumulate;
 };
 
-// Buffers as the CPU backend allocates them (CpuOps::alloc): 2 MiB aligned and on transparent
-// huge pages where the kernel allows, so both libraries see what the model hands them.
-struct Matrix {
-  explicit Matrix(size_t n) : size(n) {
-    constexpr size_t kHuge = size_t{2} << 20;
-    const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-    data = static_cast<float*>(std::aligned_alloc(kHuge, bytes));
-    if (!data) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    madvise(data, bytes, MADV_HUGEPAGE);
-#endif
-    for (size_t i = 0; i < n; i++) data[i] = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
-  }
-  ~Matrix() { std::free(data); }
-  Matrix(const Matrix&) = delete;
-  Matrix& operator=(const Matrix&) = delete;
-  float* data;
-  size_t size;
-};
+// A matrix in a buffer of the CPU backend's own (CpuOps::alloc: aligned, on huge pages where
+// the kernel allows), so both libraries see what the model hands them; random values.
+Buffer random_matrix(Ops* ops, size_t n) {
+  Buffer b(ops, n);
+  for (size_t i = 0; i < n; i++) b.data()[i] = std::rand() / static_cast<float>(RAND_MAX) - 0.5f;
+  return b;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 7;
+  const auto ops = make_cpu_ops();
   // Base and medium projections, FFN and logits at 512 and 2048 tokens; then the head's three
   // products for one block of 524 rows (64 MiB of logits at vocabulary 32000).
   const Shape shapes[] = {
@@ -73,14 +60,15 @@ int main(int argc, char** argv) {
               "openblas", "ratio");
   for (const Shape& s : shapes) {
     const int M = s.M, N = s.N, K = s.K;
-    const Matrix A(static_cast<size_t>(M) * K), B(static_cast<size_t>(N) * K), C(static_cast<size_t>(M) * N);
-    const MatView a = s.a_transposed ? transposed(A.data, M) : row_major(A.data, K);
-    const MatView b = s.b_transposed ? transposed(B.data, K) : row_major(B.data, N);
-    auto ours = [&] { gemm(M, N, K, a, b, C.data, N, s.accumulate); };
+    const Buffer A = random_matrix(ops.get(), static_cast<size_t>(M) * K), B = random_matrix(ops.get(), static_cast<size_t>(N) * K);
+    Buffer C(ops.get(), static_cast<size_t>(M) * N);
+    const MatView a = s.a_transposed ? transposed(A.data(), M) : row_major(A.data(), K);
+    const MatView b = s.b_transposed ? transposed(B.data(), K) : row_major(B.data(), N);
+    auto ours = [&] { gemm(M, N, K, a, b, C.data(), N, s.accumulate); };
     auto blas = [&] {
       cblas_sgemm(CblasRowMajor, s.a_transposed ? CblasTrans : CblasNoTrans, s.b_transposed ? CblasTrans : CblasNoTrans,
-                  M, N, K, 1.0f, A.data, s.a_transposed ? M : K, B.data, s.b_transposed ? K : N,
-                  s.accumulate ? 1.0f : 0.0f, C.data, N);
+                  M, N, K, 1.0f, A.data(), s.a_transposed ? M : K, B.data(), s.b_transposed ? K : N,
+                  s.accumulate ? 1.0f : 0.0f, C.data(), N);
     };
     ours();
     blas();
