@@ -56,6 +56,18 @@ __attribute__((target("avx2,fma"))) float fma_chains_avx2(long iters) {
   _mm256_store_ps(lanes, s);
   return lanes[0];
 }
+
+__attribute__((target("avx512f"))) float fma_chains_avx512(long iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  __m512 s = acc[0];
+  for (int i = 1; i < 12; i++) s = _mm512_add_ps(s, acc[i]);
+  return _mm512_cvtss_f32(s);
+}
 #endif
 
 float sum_generic(const float* p, size_t n) {
@@ -103,20 +115,22 @@ double measure_read_bandwidth(size_t bytes, int reps) {
   return static_cast<double>(per * blocks * sizeof(float)) / s / 1e9;
 }
 
+// With the widest vectors the GEMM uses (cpu_isa): the peak its kernels are measured against.
 double measure_fma_peak(int reps) {
 #ifdef RETNET_X86
   if (cpu_has_avx2_fma()) {
+    const bool avx512 = cpu_isa() >= CpuIsa::Avx512;
     const long iters = 20'000'000;
     const int threads = num_threads();
     std::vector<float> sink(threads);
     const double s = best_seconds(reps, [&] {
       parallel_for(threads, 1, [&](size_t t0, size_t t1) {
-        for (size_t t = t0; t < t1; t++) sink[t] = fma_chains_avx2(iters);
+        for (size_t t = t0; t < t1; t++) sink[t] = avx512 ? fma_chains_avx512(iters) : fma_chains_avx2(iters);
       });
     });
     volatile float keep = sink[0];
     (void)keep;
-    return 2.0 * 8 * 12 * iters * threads / s / 1e9;
+    return 2.0 * (avx512 ? 16 : 8) * 12 * iters * threads / s / 1e9;
   }
 #endif
   return 0;

@@ -12,28 +12,34 @@
 namespace retnet {
 namespace {
 
-// Register tile and cache blocking. MR x NR is the AVX2 micro-tile (12 accumulators).
-constexpr int MR = 6;
-constexpr int NR = 16;
-constexpr int KC = 384;  // the most; gemm splits K into equal blocks of at most this
-constexpr int MC = 72;
+// Blocking shared by every kernel set; each set has its own register tile and K/M blocks
+// (struct Kernels below).
 constexpr int NC = 3072;
+constexpr int kMaxMR = 12, kMaxNR = 32;
+constexpr int kKC = 384, kMC = 72;        // K and M blocks of the generic and AVX2 sets
+constexpr int kKC512 = 256, kMC512 = 96;  // and of the AVX-512 set
+constexpr int kMaxPackA = std::max(kMC * kKC, kMC512 * kKC512);
 
-constexpr int kPrefetchAhead = 32;  // B panel lines (k steps) the micro-kernel prefetches ahead
+constexpr int kPrefetchAhead = 32;  // B panel k steps the micro-kernels prefetch ahead
 
 using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate);
 
+// The generic and AVX2 register tile, and the AVX-512 one (twice as wide, twice as tall:
+// 24 of the 32 vector registers accumulate).
+constexpr int kMR = 6, kNR = 16;
+constexpr int kMR512 = 12, kNR512 = 32;
+
 // c[MR, NR] (=|+=) sum_k a[k*MR + i] * b[k*NR + j]
 void micro_generic(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate) {
-  float acc[MR][NR] = {};
+  float acc[kMR][kNR] = {};
   for (int k = 0; k < kc; k++) {
-    for (int i = 0; i < MR; i++) {
-      const float ai = a[k * MR + i];
-      for (int j = 0; j < NR; j++) acc[i][j] += ai * b[k * NR + j];
+    for (int i = 0; i < kMR; i++) {
+      const float ai = a[k * kMR + i];
+      for (int j = 0; j < kNR; j++) acc[i][j] += ai * b[k * kNR + j];
     }
   }
-  for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NR; j++) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+  for (int i = 0; i < kMR; i++)
+    for (int j = 0; j < kNR; j++) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
 // Dot products of a few rows of X against rows of W, both K-contiguous: the decode path,
@@ -59,14 +65,14 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
   // The C tile is written at the end: start fetching it now.
-  for (int i = 0; i < MR; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+  for (int i = 0; i < kMR; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
   for (int k = 0; k < kc; k++) {
     // One k step reads one 64-byte line of the B panel, which comes from L2/L3 on the
     // panel's first use: ask for it well ahead of the hardware prefetcher.
-    _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchAhead) * NR), _MM_HINT_T0);
-    const __m256 b0 = _mm256_loadu_ps(b + k * NR);
-    const __m256 b1 = _mm256_loadu_ps(b + k * NR + 8);
-    const float* ak = a + k * MR;
+    _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchAhead) * kNR), _MM_HINT_T0);
+    const __m256 b0 = _mm256_loadu_ps(b + k * kNR);
+    const __m256 b1 = _mm256_loadu_ps(b + k * kNR + 8);
+    const float* ak = a + k * kMR;
     __m256 ai = _mm256_broadcast_ss(ak + 0);
     c00 = _mm256_fmadd_ps(ai, b0, c00);
     c01 = _mm256_fmadd_ps(ai, b1, c01);
@@ -86,8 +92,8 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
     c50 = _mm256_fmadd_ps(ai, b0, c50);
     c51 = _mm256_fmadd_ps(ai, b1, c51);
   }
-  __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int i = 0; i < MR; i++) {
+  __m256 rows[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int i = 0; i < kMR; i++) {
     float* ci = c + i * ldc;
     if (accumulate) {
       rows[i][0] = _mm256_add_ps(rows[i][0], _mm256_loadu_ps(ci));
@@ -166,25 +172,109 @@ __attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K,
   }
   for (; j < n1; j++) dots_rows_avx2<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
 }
-#endif
 
-struct Kernels {
-  MicroKernel micro;
-  decltype(&dots_generic) dots;
-  const char* name;
-};
-
-Kernels select_kernels() {
-#ifdef RETNET_X86
-  if (cpu_has_avx2_fma()) return {micro_avx2, dots_avx2, "avx2-fma"};
-#endif
-  return {micro_generic, dots_generic, "generic"};
+// The AVX-512 tile: 12 rows x 32 columns, two 16-lane vectors per row.
+__attribute__((target("avx512f"))) void micro_avx512(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc,
+                                                      bool accumulate) {
+  __m512 acc[kMR512][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR512; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < kMR512; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+  for (int k = 0; k < kc; k++) {
+    // One k step reads two 64-byte lines of the B panel.
+    const float* ahead = b + (k + kPrefetchAhead) * kNR512;
+    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
+    const __m512 b0 = _mm512_loadu_ps(b + k * kNR512);
+    const __m512 b1 = _mm512_loadu_ps(b + k * kNR512 + 16);
+    const float* ak = a + k * kMR512;
+#pragma GCC unroll 12
+    for (int i = 0; i < kMR512; i++) {
+      const __m512 ai = _mm512_set1_ps(ak[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR512; i++) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
+    }
+    _mm512_storeu_ps(ci, acc[i][0]);
+    _mm512_storeu_ps(ci + 16, acc[i][1]);
+  }
 }
 
-const Kernels& kernels() {
-  static const Kernels k = select_kernels();
-  return k;
+// dots_block_avx2 with 16-lane accumulators: the same order over K for every output, so
+// results don't depend on the batch here either (they differ from the AVX2 set's in rounding).
+template <int WR, int XR>
+__attribute__((target("avx512f"))) inline void dots_block_avx512(int K, const float* X, ptrdiff_t ldx, const float* W,
+                                                                  ptrdiff_t ldw, float* C, ptrdiff_t ldc,
+                                                                  bool accumulate, const float* prefetch = nullptr,
+                                                                  int pk0 = 0, int pk1 = 0) {
+  __m512 acc[WR][XR];
+  for (int w = 0; w < WR; w++)
+    for (int x = 0; x < XR; x++) acc[w][x] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (prefetch && k >= pk0 && k < pk1)
+      for (int w = 0; w < WR; w++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + w * ldw + k), _MM_HINT_T0);
+    __m512 xs[XR];
+    for (int x = 0; x < XR; x++) xs[x] = _mm512_loadu_ps(X + x * ldx + k);
+    for (int w = 0; w < WR; w++) {
+      const __m512 wv = _mm512_loadu_ps(W + w * ldw + k);
+      for (int x = 0; x < XR; x++) acc[w][x] = _mm512_fmadd_ps(xs[x], wv, acc[w][x]);
+    }
+  }
+  for (int w = 0; w < WR; w++) {
+    for (int x = 0; x < XR; x++) {
+      float sum = hsum512(acc[w][x]);
+      for (int t = k; t < K; t++) sum += X[x * ldx + t] * W[w * ldw + t];
+      float& o = C[x * ldc + w];
+      o = accumulate ? o + sum : sum;
+    }
+  }
 }
+
+template <int WR>
+__attribute__((target("avx512f"))) inline void dots_rows_avx512(int M, int K, const float* X, ptrdiff_t ldx,
+                                                                 const float* W, ptrdiff_t ldw, float* C,
+                                                                 ptrdiff_t ldc, bool accumulate,
+                                                                 const float* prefetch = nullptr) {
+  constexpr int XR = 6;
+  // Every block of rows, the last short one included, fetches its share of the next block.
+  const int passes = (M + XR - 1) / XR;
+  for (int pass = 0, i = 0; i < M; pass++, i += XR) {
+    const int pk0 = (K * pass / passes) & ~15, pk1 = pass + 1 == passes ? K : (K * (pass + 1) / passes) & ~15;
+    const float* x = X + i * ldx;
+    float* c = C + i * ldc;
+    switch (std::min(XR, M - i)) {
+      case 6: dots_block_avx512<WR, 6>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+      case 5: dots_block_avx512<WR, 5>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+      case 4: dots_block_avx512<WR, 4>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+      case 3: dots_block_avx512<WR, 3>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+      case 2: dots_block_avx512<WR, 2>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+      case 1: dots_block_avx512<WR, 1>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
+    }
+  }
+}
+
+// As dots_avx2: one weight row at a time for few rows, four at a time for more.
+__attribute__((target("avx512f"))) void dots_avx512(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
+                                                     const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
+                                                     bool accumulate) {
+  int j = n0;
+  if (M > 3) {
+    for (; j + 4 <= n1; j += 4) {
+      const float* next = j + 8 <= n1 ? W + (j + 4) * ldw : nullptr;
+      dots_rows_avx512<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate, next);
+    }
+  }
+  for (; j < n1; j++) dots_rows_avx512<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
+}
+#endif
 
 #ifdef RETNET_X86
 // r[i][j] <- r[j][i] for an 8x8 block held in registers.
@@ -207,34 +297,38 @@ __attribute__((target("avx2,fma"))) inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// One full MR-row panel of a k-contiguous A, 8 columns at a time: an 8x8 transpose (rows 6
-// and 7 zero) and eight 8-wide stores 6 floats apart, each overwriting the previous one's
-// 2 spare lanes. The last store runs 2 floats past the panel; pack_a's caller leaves room.
-// Returns how many columns it packed (a multiple of 8).
+// One full MR-row panel of a k-contiguous A, 8 columns at a time: 8x8 transposes of the
+// rows in groups of 8 (the last group zero-padded) and 8-wide stores, each overwriting the
+// previous one's spare lanes. The last store runs up to 4 floats past the panel; pack_a's
+// caller leaves room. Returns how many columns it packed (a multiple of 8).
+template <int MR>
 __attribute__((target("avx2,fma"))) int pack_a_panel_avx2(const float* a, ptrdiff_t lda, int kc, float* dst) {
-  static_assert(MR == 6, "packs 6 rows");
+  static_assert(MR == 6 || MR == 12, "rows in groups of 8 with at most 4 spare");
+  constexpr int groups = (MR + 7) / 8;
   int k = 0;
   for (; k + 8 <= kc; k += 8) {
-    __m256 r[8];
-    for (int i = 0; i < MR; i++) r[i] = _mm256_loadu_ps(a + i * lda + k);
-    r[6] = r[7] = _mm256_setzero_ps();
-    transpose8(r);
-    for (int t = 0; t < 8; t++) _mm256_storeu_ps(dst + (k + t) * MR, r[t]);
+    __m256 r[groups][8];
+    for (int g = 0; g < groups; g++) {
+      for (int i = 0; i < 8; i++) r[g][i] = g * 8 + i < MR ? _mm256_loadu_ps(a + (g * 8 + i) * lda + k) : _mm256_setzero_ps();
+      transpose8(r[g]);
+    }
+    for (int t = 0; t < 8; t++)
+      for (int g = 0; g < groups; g++) _mm256_storeu_ps(dst + (k + t) * MR + g * 8, r[g][t]);
   }
   return k;
 }
 
 // One full NR-column panel of a k-contiguous B (a transposed weight: column j is row j of
-// the weight, `ldb` apart), 8 k at a time as two 8x8 transposes. Returns the k it packed.
+// the weight, `ldb` apart), 8 k at a time as 8x8 transposes. Returns the k it packed.
+template <int NR>
 __attribute__((target("avx2,fma"))) int pack_b_panel_avx2(const float* b, ptrdiff_t ldb, int kc, float* dst) {
-  static_assert(NR == 16, "packs 16 columns");
   int k = 0;
   for (; k + 8 <= kc; k += 8) {
-    for (int half = 0; half < 2; half++) {
+    for (int part = 0; part < NR / 8; part++) {
       __m256 r[8];
-      for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(b + (half * 8 + j) * ldb + k);
+      for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(b + (part * 8 + j) * ldb + k);
       transpose8(r);
-      for (int t = 0; t < 8; t++) _mm256_storeu_ps(dst + (k + t) * NR + half * 8, r[t]);
+      for (int t = 0; t < 8; t++) _mm256_storeu_ps(dst + (k + t) * NR + part * 8, r[t]);
     }
   }
   return k;
@@ -245,18 +339,20 @@ __attribute__((target("avx2,fma"))) int pack_b_panel_avx2(const float* b, ptrdif
 constexpr int kPackSlack = 8;
 
 // Packs A[m0:m0+mc, k0:k0+kc] as MR-row panels, k-major inside a panel, zero-padded.
+template <int MR>
 void pack_a(const MatView& A, int m0, int mc, int k0, int kc, float* out) {
+  // A transposed (rows contiguous) copies a panel's k-th column as adjacent floats: 8 for a
+  // 6-row panel where the block has the 2 extra rows to read (the next copy overwrites them).
+  constexpr int copy = MR < 8 ? 8 : MR;
   for (int ip = 0; ip < mc; ip += MR) {
     const int rows = std::min(MR, mc - ip);
     int k = 0;
 #ifdef RETNET_X86
     if (rows == MR && A.cs == 1 && cpu_has_avx2_fma())
-      k = pack_a_panel_avx2(A.p + k0 + (m0 + ip) * A.rs, A.rs, kc, out + ip * kc);
+      k = pack_a_panel_avx2<MR>(A.p + k0 + (m0 + ip) * A.rs, A.rs, kc, out + ip * kc);
 #endif
-    // A transposed (rows contiguous): a panel's k-th column is 6 adjacent floats. Copy 8 at a
-    // time where the block has the 2 extra rows to read; the next copy overwrites the extra 2.
-    if (A.rs == 1 && ip + 8 <= mc) {
-      for (; k < kc; k++) std::memcpy(out + ip * kc + k * MR, A.p + (k0 + k) * A.cs + m0 + ip, 8 * sizeof(float));
+    if (A.rs == 1 && ip + copy <= mc) {
+      for (; k < kc; k++) std::memcpy(out + ip * kc + k * MR, A.p + (k0 + k) * A.cs + m0 + ip, copy * sizeof(float));
     }
     for (; k < kc; k++) {
       float* dst = out + ip * kc + k * MR;
@@ -269,6 +365,7 @@ void pack_a(const MatView& A, int m0, int mc, int k0, int kc, float* out) {
 }
 
 // Packs B[k0:k0+kc, n0:n0+nc] as NR-column panels, k-major inside a panel, zero-padded.
+template <int NR>
 void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) {
   const int cols = std::min(NR, nc);
   if (B.cs == 1) {
@@ -288,7 +385,7 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
   // NR source rows side by side, each of them sequentially.
   int k = 0;
 #ifdef RETNET_X86
-  if (cols == NR && B.rs == 1 && cpu_has_avx2_fma()) k = pack_b_panel_avx2(B.p + n0 * B.cs + k0, B.cs, kc, out);
+  if (cols == NR && B.rs == 1 && cpu_has_avx2_fma()) k = pack_b_panel_avx2<NR>(B.p + n0 * B.cs + k0, B.cs, kc, out);
 #endif
   const float* src[NR];
   for (int j = 0; j < cols; j++) src[j] = B.p + (n0 + j) * B.cs + k0 * B.rs;
@@ -298,6 +395,32 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
     for (; j < cols; j++) dst[j] = src[j][k * B.rs];
     for (; j < NR; j++) dst[j] = 0.f;
   }
+}
+
+// A kernel set: the micro-kernel with its tile (MR x NR) and cache blocks (K blocks of at
+// most KC, MC rows of A per packed block), and the decode dot products.
+struct Kernels {
+  MicroKernel micro;
+  void (*pack_a)(const MatView& A, int m0, int mc, int k0, int kc, float* out);
+  void (*pack_b)(const MatView& B, int n0, int nc, int k0, int kc, float* out);
+  decltype(&dots_generic) dots;
+  const char* name;
+  int mr, nr, kc, mc;
+};
+
+Kernels select_kernels() {
+#ifdef RETNET_X86
+  // A 96 x 256 A block and 256 x 32 B panels: a panel (32 KiB) stays in L1 across the
+  // block's eight tiles.
+  if (cpu_isa() >= CpuIsa::Avx512) return {micro_avx512, pack_a<kMR512>, pack_b_panel<kNR512>, dots_avx512, "avx512", kMR512, kNR512, kKC512, kMC512};
+  if (cpu_isa() >= CpuIsa::Avx2) return {micro_avx2, pack_a<kMR>, pack_b_panel<kNR>, dots_avx2, "avx2-fma", kMR, kNR, kKC, kMC};
+#endif
+  return {micro_generic, pack_a<kMR>, pack_b_panel<kNR>, dots_generic, "generic", kMR, kNR, kKC, kMC};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = select_kernels();
+  return k;
 }
 
 void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
@@ -347,6 +470,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
     return;
   }
   const Kernels& kern = kernels();
+  const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
   // The packed B block, reused across calls: a fresh zeroed vector per product cost page
   // faults and a memset as large as the block (retention calls this per tile). Per thread,
   // since products nested in a parallel region run on several threads at once.
@@ -356,7 +480,8 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
   const size_t bpack_size = static_cast<size_t>(KC) * (std::min(N, NC) + NR);
   if (bpack.size() < bpack_size) bpack.resize(bpack_size);
   float* const packed = bpack.data();
-  // Equal K blocks (512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and a short tail.
+  // Equal K blocks (with KC 384: 512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and
+  // a short tail.
   const int kblocks = (K + KC - 1) / KC;
   const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
   const int mblocks = (M + MC - 1) / MC;
@@ -368,8 +493,8 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       const bool acc = accumulate || k0 > 0;
       parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
         for (size_t p = p0; p < p1; p++)
-          pack_b_panel(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
-                       packed + p * KC * NR);
+          kern.pack_b(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
+                      packed + p * KC * NR);
       });
       // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
       // scheduling the last, uneven ones cost little.
@@ -377,14 +502,14 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       const int nsplit = threads == 1 ? 1 : std::max(1, std::min(npanels, (threads * 8 + mblocks - 1) / mblocks));
       const int panels_per = (npanels + nsplit - 1) / nsplit;
       parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
-        alignas(64) float apack[MC * KC + kPackSlack];
-        alignas(64) float edge[MR * NR];
+        alignas(64) float apack[kMaxPackA + kPackSlack];
+        alignas(64) float edge[kMaxMR * kMaxNR];
         for (size_t t = t0; t < t1; t++) {
           const int mb = static_cast<int>(t / nsplit), ns = static_cast<int>(t % nsplit);
           const int m0 = mb * MC, mc = std::min(MC, M - m0);
           const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
           if (pbeg >= pend) continue;
-          pack_a(A, m0, mc, k0, kc, apack);
+          kern.pack_a(A, m0, mc, k0, kc, apack);
           for (int p = pbeg; p < pend; p++) {
             const int j0 = p * NR, cols = std::min(NR, nc - j0);
             const float* bp = packed + static_cast<size_t>(p) * KC * NR;

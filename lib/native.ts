@@ -11,6 +11,7 @@ export type NativeDevice = 'cpu' | 'cuda';
 /** How the addon was built: threads, CPU GEMM kernel set, whether CUDA was compiled in and how many devices it sees. */
 export interface NativeBuildInfo {
   threads: number;
+  /** The CPU kernel set: 'avx512', 'avx2-fma' or 'generic' (see RETNET_CPU_ISA). */
   gemm: string;
   cuda: boolean;
   cudaDevices: number;
@@ -128,6 +129,11 @@ let cached: NativeAddon | undefined;
 /** Finds build/Release/retnet.node above this file (lib/ under ts-jest, dist/lib/ when compiled). */
 export function addon(): NativeAddon {
   if (cached) return cached;
+  // The addon reads this once, at its first product; a typo would silently keep the default.
+  const isa = process.env.RETNET_CPU_ISA;
+  if (isa !== undefined && !['avx512', 'avx2', 'generic'].includes(isa)) {
+    throw new Error(`RETNET_CPU_ISA must be 'avx512', 'avx2' or 'generic' (a cap on the CPU kernels), got ${JSON.stringify(isa)}`);
+  }
   let dir = __dirname;
   for (let i = 0; i < 4; i++) {
     const candidate = path.join(dir, 'build', 'Release', 'retnet.node');

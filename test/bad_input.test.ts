@@ -87,6 +87,20 @@ describe('configs', () => {
     const expected = info.cuda ? /^no CUDA device: ./ : /^retnet was built without CUDA$/;
     await expect(RetNet.create(CONFIG, { device: 'cuda' })).rejects.toThrow(expected);
   });
+
+  test('an unknown RETNET_CPU_ISA is a clear error, not a silent default', () => {
+    jest.isolateModules(() => {
+      // A fresh copy of the loader, which has not loaded the addon yet.
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const { addon } = require('../lib/native') as typeof import('../lib/native');
+      process.env.RETNET_CPU_ISA = 'avx9';
+      try {
+        expect(() => addon()).toThrow(/RETNET_CPU_ISA must be 'avx512', 'avx2' or 'generic'.*"avx9"/);
+      } finally {
+        delete process.env.RETNET_CPU_ISA;
+      }
+    });
+  });
 });
 
 describe('files', () => {

@@ -1,5 +1,8 @@
 // The CPU GEMM (every path: packed micro-kernel, edge tiles, vector and scalar packing, the
-// few-rows dot path) against the simplest correct product, in float64.
+// few-rows dot path) against the simplest correct product, in float64, with the kernel set
+// this CPU picks and again with each other set it can run (RETNET_CPU_ISA, in a child process).
+import { spawnSync } from 'child_process';
+import * as path from 'path';
 import { addon } from '../lib/native';
 import { Rng } from '../lib/random';
 
@@ -36,8 +39,9 @@ function reference(a: Float32Array, b: Float32Array, c0: Float32Array, o: Case):
 const rng = new Rng(7);
 const random = (n: number): Float32Array => Float32Array.from({ length: n }, () => 2 * rng.nextFloat() - 1);
 
-// Shapes around every blocking edge: MR 6, NR 16, KC 256, MC 72, the 8-wide packing, and
-// the dot path for M <= 4.
+// Shapes around every blocking edge: tiles of 6 x 16 (generic, AVX2) and 12 x 32 (AVX-512),
+// K blocks of 384 and 256, row blocks of 72 and 96, the 8-wide packing, and the dot path for
+// M <= 4.
 const SHAPES: Array<[number, number, number]> = [
   [1, 1, 1],
   [1, 33, 300],
@@ -51,6 +55,10 @@ const SHAPES: Array<[number, number, number]> = [
   [72, 16, 256],
   [73, 50, 264],
   [80, 40, 520],
+  [12, 32, 256],
+  [24, 64, 512],
+  [96, 32, 300],
+  [97, 65, 513],
 ];
 const CASES: Case[] = [];
 for (const [M, N, K] of SHAPES) {
@@ -61,6 +69,14 @@ for (const [M, N, K] of SHAPES) {
   }
 }
 
+// Worst error relative to sum |a||b|. fp32 accumulation: a few units of 2^-24 per term in the
+// worst case, far less in practice.
+function worstError(got: ArrayLike<number>, want: Float64Array, scale: Float64Array): number {
+  let worst = 0;
+  for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]) / (scale[i] + 1e-30));
+  return worst;
+}
+
 describe('CPU gemm', () => {
   it.each(CASES)('M=$M N=$N K=$K aT=$aTransposed bT=$bTransposed acc=$accumulate', async (o) => {
     const a = random(o.M * o.K);
@@ -68,10 +84,28 @@ describe('CPU gemm', () => {
     const c = random(o.M * o.N);
     const { c: want, scale } = reference(a, b, c, o);
     await addon().gemm(a, b, c, o);
-    let worst = 0;
-    for (let i = 0; i < c.length; i++) worst = Math.max(worst, Math.abs(c[i] - want[i]) / (scale[i] + 1e-30));
-    // fp32 accumulation: a few units of 2^-24 per term in the worst case, far less in practice.
-    expect(worst).toBeLessThan(4e-6);
+    expect(worstError(c, want, scale)).toBeLessThan(4e-6);
+  });
+
+  // The sets below the one this CPU picks (on an AVX-512 machine: AVX2 and generic).
+  it.each([
+    ['avx2', ['avx2-fma', 'generic']],
+    ['generic', ['generic']],
+  ])('RETNET_CPU_ISA=%s runs every case with that kernel set', (isa, names) => {
+    const inputs = CASES.map((o) => ({ a: random(o.M * o.K), b: random(o.K * o.N), c: random(o.M * o.N), o }));
+    const child = spawnSync(process.execPath, [path.join(__dirname, 'helpers', 'gemm_child.js')], {
+      input: JSON.stringify(inputs.map(({ a, b, c, o }) => ({ a: Array.from(a), b: Array.from(b), c: Array.from(c), o }))),
+      env: { ...process.env, RETNET_CPU_ISA: isa },
+      encoding: 'utf8',
+      maxBuffer: 1 << 28,
+    });
+    expect(child.stderr).toBe('');
+    const { gemm, outputs } = JSON.parse(child.stdout) as { gemm: string; outputs: number[][] };
+    expect(names).toContain(gemm);
+    inputs.forEach(({ a, b, c, o }, i) => {
+      const { c: want, scale } = reference(a, b, c, o);
+      expect(worstError(outputs[i], want, scale)).toBeLessThan(4e-6);
+    });
   });
 
   it('rejects mismatched sizes', async () => {
