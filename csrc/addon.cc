@@ -224,9 +224,20 @@ Mode parse_train_mode(const Napi::Value& v) {
   return mode;
 }
 
-// Retention form, chunk size and activation checkpointing (absent: off) of a training pass.
-PassOptions parse_pass(const Napi::Value& mode, const Napi::Value& chunk_size, const Napi::Value& checkpoint) {
-  PassOptions pass{parse_train_mode(mode), to_int(chunk_size, "chunkSize"), false};
+// What products round their inputs to: 'fp32' (also when absent) or 'bf16'.
+Precision parse_precision(const Napi::Value& v) {
+  if (v.IsUndefined()) return Precision::F32;
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  if (s == "fp32") return Precision::F32;
+  if (s == "bf16") return Precision::BF16;
+  throw std::invalid_argument("precision must be 'fp32' or 'bf16'");
+}
+
+// Retention form, chunk size, activation checkpointing (absent: off) and the precision of
+// the linear products (absent: fp32) of a training pass.
+PassOptions parse_pass(const Napi::Value& mode, const Napi::Value& chunk_size, const Napi::Value& checkpoint,
+                       const Napi::Value& precision) {
+  PassOptions pass{parse_train_mode(mode), to_int(chunk_size, "chunkSize"), false, parse_precision(precision)};
   if (pass.C < 1) throw std::invalid_argument("chunkSize must be >= 1");
   if (!checkpoint.IsUndefined()) {
     if (!checkpoint.IsBoolean()) throw std::invalid_argument("checkpointActivations must be a boolean");
@@ -702,7 +713,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
-  // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed, checkpointActivations)
+  // lossAndGradients(tokens, B, T, mode, chunkSize, targets|null, mask|null, seed, checkpointActivations, precision)
   //   -> Promise<{ loss, grads: { name: Float32Array } }> (trainable parameters only; tied: embed_tokens.weight).
   Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -713,7 +724,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     uint64_t seed;
     try {
       batch = parse_batch(info[0], info[1], info[2], info[5], info[6], keep);
-      pass = parse_pass(info[3], info[4], info[8]);
+      pass = parse_pass(info[3], info[4], info[8], info[9]);
       seed = parse_seed(info[7]);
       trainer()->check_batch(batch);
     } catch (const std::exception& e) {
@@ -772,7 +783,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       }
       if (!info[1].IsObject()) throw std::invalid_argument("trainStep options must be an object");
       Napi::Object o = info[1].As<Napi::Object>();
-      pass = parse_pass(o.Get("mode"), o.Get("chunkSize"), o.Get("checkpointActivations"));
+      pass = parse_pass(o.Get("mode"), o.Get("chunkSize"), o.Get("checkpointActivations"), o.Get("precision"));
       auto num = [&](const char* key) {
         Napi::Value v = o.Get(key);
         if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
@@ -947,15 +958,16 @@ Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
-// gemm(a, b, c, { M, N, K, aTransposed, bTransposed, accumulate }) -> Promise<void>: the CPU
-// GEMM on its own, C[M, N] (=|+=) A B with A stored [M, K] (or [K, M] when aTransposed) and
-// B stored [K, N] (or [N, K] when bTransposed), all row-major: tests compare it with a
-// reference.
+// gemm(a, b, c, { M, N, K, aTransposed, bTransposed, accumulate, precision? }) -> Promise<void>:
+// the CPU GEMM on its own, C[M, N] (=|+=) A B with A stored [M, K] (or [K, M] when
+// aTransposed) and B stored [K, N] (or [N, K] when bTransposed), all row-major, inputs
+// rounded to `precision` ('fp32' or 'bf16'): tests compare it with a reference.
 Napi::Value Gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Float32Array a, b, c;
   int M, N, K;
   bool a_t, b_t, accumulate;
+  Precision precision;
   try {
     a = float32_arg(info[0], "a");
     b = float32_arg(info[1], "b");
@@ -968,6 +980,7 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
     a_t = o.Get("aTransposed").ToBoolean();
     b_t = o.Get("bTransposed").ToBoolean();
     accumulate = o.Get("accumulate").ToBoolean();
+    precision = parse_precision(o.Get("precision"));
     if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("M, N and K must be >= 1");
     if (a.ElementLength() != static_cast<size_t>(M) * K || b.ElementLength() != static_cast<size_t>(K) * N ||
         c.ElementLength() != static_cast<size_t>(M) * N)
@@ -979,7 +992,7 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   const MatView B = b_t ? transposed(b.Data(), K) : row_major(b.Data(), N);
   float* C = c.Data();
   auto* worker = new PromiseWorker(
-      env, [=] { gemm(M, N, K, A, B, C, N, accumulate); }, [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+      env, [=] { gemm(M, N, K, A, B, C, N, accumulate, precision); }, [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
   worker->keep(a);
   worker->keep(b);
   worker->keep(c);
@@ -991,6 +1004,7 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("threads", num_threads());
   o.Set("gemm", gemm_isa());
+  o.Set("bf16Dot", gemm_has_bf16_dot());
 #ifdef RETNET_WITH_CUDA
   o.Set("cuda", true);
   o.Set("cudaDevices", cuda_device_count(nullptr));

@@ -397,10 +397,86 @@ void pack_b_panel(const MatView& B, int n0, int nc, int k0, int kc, float* out) 
   }
 }
 
+// bf16 products (Precision::BF16): A and B rounded to bf16, their products summed in fp32.
+// Each packed panel is converted in place once packed. With AVX512-BF16 it becomes pairs of
+// bf16 along k, one 32-bit lane per row or column as VDPBF16PS reads them, and the bf16
+// micro-kernel runs (two products per lane and instruction). Elsewhere its values are
+// rounded to bf16 and the fp32 micro-kernel runs: the same numbers up to summation order.
+void round_bf16_in_place(float* p, int n) {
+  for (int i = 0; i < n; i++) p[i] = from_bf16(to_bf16(p[i]));
+}
+
+#ifdef RETNET_X86
+// A panel [kc][W] of fp32 -> [ceil(kc / 2)][W] 32-bit lanes holding bf16(row 2p) in the low
+// half and bf16(row 2p + 1) (0 past kc) in the high half. In place: pair p is written over
+// rows already read.
+template <int W>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pair_bf16_avx512(float* panel, int kc) {
+  static_assert(W == 12 || W == 32, "a 12-row A panel or a 32-column B panel");
+  constexpr int vecs = (W + 15) / 16;
+  constexpr __mmask16 last = W % 16 == 0 ? 0xFFFF : (1u << (W % 16)) - 1;
+  // Interleaves the low 16 bf16 (row 2p) with the high 16 (row 2p + 1).
+  alignas(64) static constexpr int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int p = 0; p < (kc + 1) / 2; p++) {
+    __m512i pairs[vecs];
+    for (int v = 0; v < vecs; v++) {
+      const __mmask16 m = v + 1 == vecs ? last : 0xFFFF;
+      const __m512 lo = _mm512_maskz_loadu_ps(m, panel + 2 * p * W + v * 16);
+      const __m512 hi = 2 * p + 1 < kc ? _mm512_maskz_loadu_ps(m, panel + (2 * p + 1) * W + v * 16) : _mm512_setzero_ps();
+      pairs[v] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (int v = 0; v < vecs; v++)
+      _mm512_mask_storeu_epi32(panel + p * W + v * 16, v + 1 == vecs ? last : 0xFFFF, pairs[v]);
+  }
+}
+
+// micro_avx512 on paired panels: kp pairs of k; a holds 12 lanes and b 32 lanes per pair.
+__attribute__((target("avx512f,avx512bf16"))) void micro_bf16_avx512(int kp, const float* a, const float* b, float* c,
+                                                                     ptrdiff_t ldc, bool accumulate) {
+  __m512 acc[kMR512][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR512; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < kMR512; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+  for (int p = 0; p < kp; p++) {
+    const float* ahead = b + (p + kPrefetchAhead) * kNR512;
+    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * kNR512);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * kNR512 + 16);
+    const float* ap = a + p * kMR512;
+#pragma GCC unroll 12
+    for (int i = 0; i < kMR512; i++) {
+      int32_t pair;
+      std::memcpy(&pair, ap + i, 4);
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR512; i++) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
+    }
+    _mm512_storeu_ps(ci, acc[i][0]);
+    _mm512_storeu_ps(ci + 16, acc[i][1]);
+  }
+}
+#endif
+
 // A kernel set: the micro-kernel with its tile (MR x NR) and cache blocks (K blocks of at
 // most KC, MC rows of A per packed block), and the decode dot products.
 struct Kernels {
   MicroKernel micro;
+  // bf16 products on paired panels, with the pairing of a packed A and B panel; null where
+  // the CPU has no bf16 dot product (the panels are rounded instead).
+  MicroKernel micro_bf16;
+  void (*pair_a)(float* panel, int kc);
+  void (*pair_b)(float* panel, int kc);
   void (*pack_a)(const MatView& A, int m0, int mc, int k0, int kc, float* out);
   void (*pack_b)(const MatView& B, int n0, int nc, int k0, int kc, float* out);
   decltype(&dots_generic) dots;
@@ -412,10 +488,17 @@ Kernels select_kernels() {
 #ifdef RETNET_X86
   // A 96 x 256 A block and 256 x 32 B panels: a panel (32 KiB) stays in L1 across the
   // block's eight tiles.
-  if (cpu_isa() >= CpuIsa::Avx512) return {micro_avx512, pack_a<kMR512>, pack_b_panel<kNR512>, dots_avx512, "avx512", kMR512, kNR512, kKC512, kMC512};
-  if (cpu_isa() >= CpuIsa::Avx2) return {micro_avx2, pack_a<kMR>, pack_b_panel<kNR>, dots_avx2, "avx2-fma", kMR, kNR, kKC, kMC};
+  if (cpu_isa() >= CpuIsa::Avx512) {
+    if (cpu_has_avx512_bf16())
+      return {micro_avx512, micro_bf16_avx512, pair_bf16_avx512<kMR512>, pair_bf16_avx512<kNR512>, pack_a<kMR512>,
+              pack_b_panel<kNR512>, dots_avx512, "avx512", kMR512, kNR512, kKC512, kMC512};
+    return {micro_avx512, nullptr, nullptr, nullptr, pack_a<kMR512>, pack_b_panel<kNR512>, dots_avx512, "avx512",
+            kMR512, kNR512, kKC512, kMC512};
+  }
+  if (cpu_isa() >= CpuIsa::Avx2)
+    return {micro_avx2, nullptr, nullptr, nullptr, pack_a<kMR>, pack_b_panel<kNR>, dots_avx2, "avx2-fma", kMR, kNR, kKC, kMC};
 #endif
-  return {micro_generic, pack_a<kMR>, pack_b_panel<kNR>, dots_generic, "generic", kMR, kNR, kKC, kMC};
+  return {micro_generic, nullptr, nullptr, nullptr, pack_a<kMR>, pack_b_panel<kNR>, dots_generic, "generic", kMR, kNR, kKC, kMC};
 }
 
 const Kernels& kernels() {
@@ -435,6 +518,8 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
 }  // namespace
 
 const char* gemm_isa() { return kernels().name; }
+
+bool gemm_has_bf16_dot() { return kernels().micro_bf16 != nullptr; }
 
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) {
   if (M <= 0) return;
@@ -457,20 +542,23 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
   });
 }
 
-void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
+void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate, Precision precision) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
+  const bool bf16 = precision == Precision::BF16;
   // Few rows against a K-contiguous weight: stream the weight once (decode steps).
-  if (M <= 4 && A.cs == 1 && B.rs == 1) {
+  if (!bf16 && M <= 4 && A.cs == 1 && B.rs == 1) {
     gemm_dots(M, N, K, A, B, C, ldc, accumulate);
     return;
   }
   const Kernels& kern = kernels();
   const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
+  const bool paired = bf16 && kern.micro_bf16;
+  const MicroKernel micro = paired ? kern.micro_bf16 : kern.micro;
   // The packed B block, reused across calls: a fresh zeroed vector per product cost page
   // faults and a memset as large as the block (retention calls this per tile). Per thread,
   // since products nested in a parallel region run on several threads at once.
@@ -492,10 +580,14 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
       const int kc = std::min(kc_step, K - k0);
       const bool acc = accumulate || k0 > 0;
       parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
-        for (size_t p = p0; p < p1; p++)
-          kern.pack_b(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc,
-                      packed + p * KC * NR);
+        for (size_t p = p0; p < p1; p++) {
+          float* panel = packed + p * KC * NR;
+          kern.pack_b(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc, panel);
+          if (paired) kern.pair_b(panel, kc);
+          else if (bf16) round_bf16_in_place(panel, kc * NR);
+        }
       });
+      const int ksteps = paired ? (kc + 1) / 2 : kc;  // what the micro-kernel iterates over
       // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
       // scheduling the last, uneven ones cost little.
       const int threads = available_threads();
@@ -510,6 +602,10 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
           const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
           if (pbeg >= pend) continue;
           kern.pack_a(A, m0, mc, k0, kc, apack);
+          for (int ip = 0; bf16 && ip < mc; ip += MR) {
+            if (paired) kern.pair_a(apack + ip * kc, kc);
+            else round_bf16_in_place(apack + ip * kc, kc * MR);
+          }
           for (int p = pbeg; p < pend; p++) {
             const int j0 = p * NR, cols = std::min(NR, nc - j0);
             const float* bp = packed + static_cast<size_t>(p) * KC * NR;
@@ -517,9 +613,9 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
               const int rows = std::min(MR, mc - ip);
               float* ct = C + (m0 + ip) * ldc + n0 + j0;
               if (rows == MR && cols == NR) {
-                kern.micro(kc, apack + ip * kc, bp, ct, ldc, acc);
+                micro(ksteps, apack + ip * kc, bp, ct, ldc, acc);
               } else {
-                kern.micro(kc, apack + ip * kc, bp, edge, NR, false);
+                micro(ksteps, apack + ip * kc, bp, edge, NR, false);
                 for (int i = 0; i < rows; i++)
                   for (int j = 0; j < cols; j++) ct[i * ldc + j] = acc ? ct[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
               }

@@ -1,4 +1,5 @@
-// Single-precision matrix products with fp32 accumulation and runtime ISA dispatch.
+// Matrix products with fp32 accumulation and runtime ISA dispatch: fp32 inputs, or inputs
+// rounded to bf16 (the bf16 compute option of training).
 #pragma once
 #include <cstddef>
 
@@ -15,14 +16,20 @@ inline MatView row_major(const float* p, ptrdiff_t ld) { return {p, ld, 1}; }
 // The transpose of a row-major [cols, ld] matrix, e.g. a torch Linear weight [out, in] seen as [in, out].
 inline MatView transposed(const float* p, ptrdiff_t ld) { return {p, 1, ld}; }
 
+// What a product's inputs are rounded to before they are multiplied; sums are fp32 either way.
+enum class Precision { F32, BF16 };
+
 // C[M, N] (row-major, leading dim ldc) = A[M, K] * B[K, N], or += when accumulate.
 // Uses the thread pool; must not be called from inside a parallel region for speed
-// (it still works there, single-threaded).
-void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate);
+// (it still works there, single-threaded). BF16 uses the CPU's bf16 dot product where it has
+// one (AVX512-BF16), otherwise fp32 arithmetic on the rounded values.
+void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate,
+          Precision precision = Precision::F32);
 
 // Y[M, N] (=|+=) X[M, K] * W[N, K]^T: a torch Linear without bias.
-inline void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate = false) {
-  gemm(M, N, K, row_major(X, K), transposed(W, K), Y, N, accumulate);
+inline void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate = false,
+                   Precision precision = Precision::F32) {
+  gemm(M, N, K, row_major(X, K), transposed(W, K), Y, N, accumulate, precision);
 }
 
 struct QuantizedMatrix;
@@ -41,7 +48,10 @@ struct LinearOut {
 // gets the same numbers alone or batched.
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count);
 
-// Name of the kernel set chosen at run time ("avx2-fma" or "generic").
+// Name of the kernel set chosen at run time ("avx512", "avx2-fma" or "generic").
 const char* gemm_isa();
+
+// Whether bf16 products run on the CPU's bf16 dot product (else on fp32 arithmetic).
+bool gemm_has_bf16_dot();
 
 }  // namespace retnet

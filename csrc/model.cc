@@ -197,7 +197,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       }
       ops.linear_rowwise(M, K, X, group, n);
     } else {
-      for (const LinearOut& o : outs) ops.linear(M, o.N, K, X, o.W, o.Y, false);
+      for (const LinearOut& o : outs) ops.linear(M, o.N, K, X, o.W, o.Y, false, Precision::F32);
     }
   };
   for (int l = 0; l < c.L; l++) {
@@ -261,7 +261,7 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
     const LinearOut projection{output_, c_.V, out, compact == compact_.end() ? nullptr : &compact->second};
     ops.linear_rowwise(rows, c_.D, in, &projection, 1);
   } else {
-    ops.linear(rows, c_.V, c_.D, in, output_, out, false);
+    ops.linear(rows, c_.V, c_.D, in, output_, out, false, Precision::F32);
   }
   if (!host) ops.download(logits_host, out, n);
 }

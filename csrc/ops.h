@@ -56,8 +56,9 @@ class Ops {
   // comes back in one pass instead of a page fault at a time inside the kernels writing it.
   virtual void populate(float* p, size_t n) {}
 
-  // Y[M, N] (=|+=) X[M, K] W[N, K]^T.
-  virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) = 0;
+  // Y[M, N] (=|+=) X[M, K] W[N, K]^T, with X and W rounded to `precision` (BF16: the CPU only).
+  virtual void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate,
+                      Precision precision) = 0;
   // Y_i[M, N_i] = X[M, K] W_i[N_i, K]^T for each product of the group (one pass over all
   // weights), with every row's result independent of M (batch-invariant), for decode steps:
   // a sequence decodes to the same tokens alone or in a batch.
@@ -101,9 +102,10 @@ class Ops {
   // accumulate (+=); reductions over rows run in a fixed order so results do not
   // depend on thread timing.
 
-  // dX (=|+=) dY W and dW += dY^T X for Y[M, N] = X[M, K] W[N, K]^T.
+  // dX (=|+=) dY W and dW += dY^T X for Y[M, N] = X[M, K] W[N, K]^T, inputs rounded to
+  // `precision` (BF16: the CPU only).
   virtual void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX,
-                               float* dW, bool accumulate_dx) = 0;
+                               float* dW, bool accumulate_dx, Precision precision) = 0;
   // dE[tokens[i], :] += scale * dout[i, :].
   virtual void embed_backward(const int32_t* tokens, int n, const float* dout, int D, float scale, float* dE) = 0;
   // Backward of y = rmsnorm(x) * w: dx (=|+=) and dw +=. dx may alias dy.

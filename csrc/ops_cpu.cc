@@ -405,8 +405,9 @@ class CpuOps final : public Ops {
 #endif
   }
 
-  void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
-    retnet::linear(M, N, K, X, W, Y, accumulate);
+  void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate,
+              Precision precision) override {
+    retnet::linear(M, N, K, X, W, Y, accumulate, precision);
   }
   void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
     retnet::linear_rowwise(M, K, X, outs, count);
@@ -582,10 +583,10 @@ class CpuOps final : public Ops {
   // ---- Training ops.
 
   void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX, float* dW,
-                       bool accumulate_dx) override {
-    gemm(M, K, N, row_major(dY, N), row_major(W, K), dX, K, accumulate_dx);
+                       bool accumulate_dx, Precision precision) override {
+    gemm(M, K, N, row_major(dY, N), row_major(W, K), dX, K, accumulate_dx, precision);
     // dW[N, K] += dY^T X: gemm splits by output tile, so the sum over rows runs in a fixed order.
-    gemm(N, K, M, transposed(dY, N), row_major(X, K), dW, K, true);
+    gemm(N, K, M, transposed(dY, N), row_major(X, K), dW, K, true, precision);
   }
 
   void embed_backward(const int32_t* tokens, int n, const float* dout, int D, float scale, float* dE) override {

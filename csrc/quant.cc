@@ -9,20 +9,6 @@
 namespace retnet {
 namespace {
 
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // The scalar weight of row j, column k, before the row scale.
 float weight_at(const QuantizedMatrix& q, size_t index) {
   return q.format == WeightFormat::BF16 ? from_bf16(q.bf16[index]) : static_cast<float>(q.int8[index]);

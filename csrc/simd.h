@@ -34,6 +34,13 @@ inline CpuIsa cpu_isa() {
 
 inline bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::Avx2; }
 
+// AVX512-BF16's dot product (with AVX512-BW's word shuffles), on top of the AVX-512 set.
+inline bool cpu_has_avx512_bf16() {
+  static const bool yes = cpu_isa() >= CpuIsa::Avx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
 // e^x for 8 lanes (measured: at most 1.3 ulp from the correctly rounded value on a sweep of
 // [-87, 88]): e^x = 2^n e^r with
 // r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split in two so r is exact) and e^r from a degree-6

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 
@@ -116,6 +117,9 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   const int B = batch.B, T = batch.T, R = B * T;
   const size_t RD = static_cast<size_t>(R) * c.D;
   const RetentionForm form = retention_form(pass.mode, T, pass.C);
+  const Precision products = pass.products;
+  if (products != Precision::F32 && std::strcmp(ops.name(), "cpu") != 0)
+    throw std::invalid_argument(std::string("precision 'bf16' trains on the CPU only; this model is on ") + ops.name());
   const RetentionDims d{B, T, c.H, c.dk(), c.dv()};
   const std::vector<int64_t> start(B, 0);
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
@@ -210,17 +214,17 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   // What the backward reads of the two branches, made from their inputs: the rotated q and
   // k, v, g and the retention output o; the GLU inputs a and b.
   auto retention_values = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
-    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false);
-    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false);
-    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false);
-    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false);
+    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false, products);
+    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false, products);
+    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false, products);
+    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false, products);
     ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
     ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C, form.clamp_max,
                           nullptr);
   };
   auto glu_inputs = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
-    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false);
-    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false);
+    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false, products);
+    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false, products);
   };
   // Layer l's forward from stream[2l] to stream[2l + 2].
   auto layer_forward = [&](int l) {
@@ -231,13 +235,13 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
                   [&](const float* in, float* y) {
                     retention_values(w, a, in);
                     gate_retention(a);
-                    ops.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, false);
+                    ops.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, false, products);
                   });
     block_forward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, acts.stream[2 * l + 2].data(), l, site(l, 3),
                   [&](const float* in, float* y) {
                     glu_inputs(w, a, in);
                     glu(a, l);
-                    ops.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, false);
+                    ops.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, false, products);
                   });
   };
   // Checkpointing: layer l's values again, just before its backward: the same inputs and ops
@@ -282,10 +286,10 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     const int rows = std::min(head_rows, R - r0);
     const float* x = head_in + static_cast<size_t>(r0) * c.D;
     float* logits = acts.logits.data();
-    ops.linear(rows, c.V, c.D, x, m.output_, logits, false);
+    ops.linear(rows, c.V, c.D, x, m.output_, logits, false, products);
     ops.softmax_cross_entropy(logits, targets.data() + r0, weights.data() + r0, rows, c.V, row_loss.data() + r0);
     ops.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
-                        grad_of(m.output_), false);
+                        grad_of(m.output_), false, products);
   }
   // Activations done with go back to the system only as fast as gradients take new pages
   // (`owed`: gradient floats written in this backward, not yet matched): that keeps the
@@ -329,24 +333,24 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
       glu(a, l);
-      ops.linear_backward(R, c.D, c.F, acts.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false);
+      ops.linear_backward(R, c.D, c.F, acts.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false, products);
       if (c.activation_dropout > 0) ops.dropout(du.data(), RF, c.activation_dropout, stream(site(l, 2)));
       ops.glu_backward(a.a.data(), a.b.data(), du.data(), da.data(), db.data(), RF, c.activation);
-      ops.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false);
-      ops.linear_backward(R, c.F, c.D, in, w.gate, db.data(), d_in, grad_of(w.gate), true);
+      ops.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false, products);
+      ops.linear_backward(R, c.F, c.D, in, w.gate, db.data(), d_in, grad_of(w.gate), true, products);
     });
     block_backward(a.ret, acts.stream[2 * l].data(), w.ret_ln, l, site(l, 0),
                    [&](const float* in, const float* dy, float* d_in) {
       gate_retention(a);
-      ops.linear_backward(R, c.D, c.Dv, acts.z.data(), w.out, dy, dz.data(), grad_of(w.out), false);
+      ops.linear_backward(R, c.D, c.Dv, acts.z.data(), w.out, dy, dz.data(), grad_of(w.out), false, products);
       ops.groupnorm_gate_backward(a.o.data(), a.g.data(), dz.data(), d_o.data(), dg.data(), R, c.H, c.dv(), c.eps);
       ops.retention_chunked_backward(a.q.data(), a.k.data(), a.v.data(), d_o.data(), dq.data(), dk.data(), dv.data(),
                                      d, m.decay_, form.C, form.clamp_max);
       ops.rotate_qk_backward(dq.data(), dk.data(), d, start.data(), m.angle_, k_scale);
-      ops.linear_backward(R, c.D, c.D, in, w.q, dq.data(), d_in, grad_of(w.q), false);
-      ops.linear_backward(R, c.D, c.D, in, w.k, dk.data(), d_in, grad_of(w.k), true);
-      ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true);
-      ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true);
+      ops.linear_backward(R, c.D, c.D, in, w.q, dq.data(), d_in, grad_of(w.q), false, products);
+      ops.linear_backward(R, c.D, c.D, in, w.k, dk.data(), d_in, grad_of(w.k), true, products);
+      ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true, products);
+      ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true, products);
     });
     // Layer l's values are done with (except the one set checkpointing reuses).
     owed += span.floats;

@@ -1215,7 +1215,9 @@ class CudaOps final : public Ops {
     check(cudaMemsetAsync(p, 0, n * sizeof(float), 0), "cudaMemsetAsync");
   }
 
-  void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate) override {
+  void linear(int M, int N, int K, const float* X, const float* W, float* Y, bool accumulate,
+              Precision precision) override {
+    require_fp32(precision);
     std::lock_guard<std::mutex> lock(mu_);
     bind();
     matmul(M, N, K, {X, K, 1}, {W, 1, K}, Y, N, accumulate);
@@ -1351,7 +1353,8 @@ class CudaOps final : public Ops {
   // ---- Training ops.
 
   void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX, float* dW,
-                       bool accumulate_dx) override {
+                       bool accumulate_dx, Precision precision) override {
+    require_fp32(precision);
     std::lock_guard<std::mutex> lock(mu_);
     bind();
     matmul(M, K, N, {dY, N, 1}, {W, K, 1}, dX, K, accumulate_dx);
@@ -1563,6 +1566,11 @@ class CudaOps final : public Ops {
 
   // Each op runs on this backend's device, whichever thread calls it.
   void bind() { check(cudaSetDevice(device_), "cudaSetDevice"); }
+
+  // bf16 products are a CPU option (the trainer rejects it for a CUDA model before a pass).
+  static void require_fp32(Precision precision) {
+    if (precision != Precision::F32) throw std::invalid_argument("bf16 products run on the CPU only");
+  }
 
   // A full-sequence product: cuBLAS when this backend has it and it takes the views, else tiled_gemm.
   void matmul(int M, int N, int K, DeviceMatrix A, DeviceMatrix B, float* C, long long ldc, bool accumulate) {

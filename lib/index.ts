@@ -13,6 +13,7 @@ export type { SamplingOptions } from './sampling';
 export { buildInfo } from './info';
 export { Trainer, learningRateAt, defaultNoDecay } from './trainer';
 export type { TrainerOptions, StepInput, StepResult, FitOptions, FitProgress, FitSummary, LrSchedule, TrainMode } from './trainer';
+export type { Precision } from './native';
 export { Dataset, loadBrownCorpus, stripBrownTags } from './dataset';
 export type { DatasetOptions, DatasetState } from './dataset';
 export { saveCheckpoint, loadCheckpoint, recoverCheckpoint } from './checkpoint';

@@ -5,7 +5,7 @@ import * as path from 'path';
 
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
-import { NativeDevice, NativeModel, WeightFormat, addon } from './native';
+import { NativeDevice, NativeModel, Precision, WeightFormat, addon } from './native';
 import { TensorEntry, openSafetensors, writeFileAtomic, writeSafetensorsFile } from './safetensors';
 import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
@@ -41,6 +41,8 @@ export interface LossOptions {
    * pass through the layers. The gradients are the same, bit for bit. Default false.
    */
   checkpointActivations?: boolean;
+  /** What the linear products round their inputs to: 'fp32' (default) or 'bf16' (see Precision). */
+  precision?: Precision;
 }
 
 export interface ModelOptions {
@@ -320,6 +322,10 @@ export class RetNet implements SessionOwner {
     if (typeof checkpointActivations !== 'boolean') {
       throw new Error(`lossAndGradients: checkpointActivations must be a boolean, got ${JSON.stringify(options.checkpointActivations)}`);
     }
+    const precision = options.precision ?? 'fp32';
+    if (precision !== 'fp32' && precision !== 'bf16') {
+      throw new Error(`lossAndGradients: precision must be 'fp32' or 'bf16', got ${JSON.stringify(options.precision)}`);
+    }
     const result = await this.native().lossAndGradients(
       batch.data,
       B,
@@ -330,6 +336,7 @@ export class RetNet implements SessionOwner {
       mask ?? null,
       seed,
       checkpointActivations,
+      precision,
     );
     return { loss: result.loss, grads: new Map(Object.entries(result.grads)) };
   }

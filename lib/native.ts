@@ -5,6 +5,14 @@ import * as path from 'path';
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
 export type WeightFormat = 'f32' | 'bf16' | 'int8';
 
+/**
+ * What a training pass's linear products (projections, feed-forward, output head; forward and
+ * backward) round their inputs to: 'fp32' (none), or 'bf16', multiplied on AVX512-BF16's dot
+ * product where the CPU has it, always summed in fp32. Weights, gradients, optimizer state and
+ * everything else stay fp32. CPU only.
+ */
+export type Precision = 'fp32' | 'bf16';
+
 /** The backend a native model runs on. */
 export type NativeDevice = 'cpu' | 'cuda';
 
@@ -13,6 +21,8 @@ export interface NativeBuildInfo {
   threads: number;
   /** The CPU kernel set: 'avx512', 'avx2-fma' or 'generic' (see RETNET_CPU_ISA). */
   gemm: string;
+  /** Whether bf16 products run on the CPU's bf16 dot product (AVX512-BF16); else on fp32 arithmetic. */
+  bf16Dot: boolean;
   cuda: boolean;
   cudaDevices: number;
   /**
@@ -57,6 +67,8 @@ export interface NativeTrainOptions {
   seed: number;
   /** Recompute each layer's activations in the backward instead of keeping them (absent: false). */
   checkpointActivations?: boolean;
+  /** What the linear products round their inputs to (absent: 'fp32'); see Precision. */
+  precision?: Precision;
 }
 
 export interface NativeModel {
@@ -87,6 +99,7 @@ export interface NativeModel {
     mask: Float32Array | null,
     seed: number,
     checkpointActivations: boolean,
+    precision: Precision,
   ): Promise<{ loss: number; grads: Record<string, Float32Array> }>;
   /**
    * One optimizer step in one native call: forward+backward of each micro-batch (equal weights), global-norm
@@ -111,7 +124,16 @@ export interface NativeAddon {
     a: Float32Array,
     b: Float32Array,
     c: Float32Array,
-    options: { M: number; N: number; K: number; aTransposed: boolean; bTransposed: boolean; accumulate: boolean },
+    options: {
+      M: number;
+      N: number;
+      K: number;
+      aTransposed: boolean;
+      bTransposed: boolean;
+      accumulate: boolean;
+      /** What the inputs are rounded to before the products (default 'fp32'). */
+      precision?: 'fp32' | 'bf16';
+    },
   ): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;

@@ -10,7 +10,7 @@ import { loadCheckpoint, saveCheckpoint } from './checkpoint';
 import { parameterShapes } from './config';
 import type { Dataset, DatasetState } from './dataset';
 import type { RetNet } from './model';
-import type { NativeMicroBatch, TrainMode } from './native';
+import type { NativeMicroBatch, Precision, TrainMode } from './native';
 import { TokenBatch, TokenInput, toTokenBatch } from './tokens';
 
 export type LrSchedule = 'cosine' | 'linear' | 'constant';
@@ -54,6 +54,13 @@ export interface TrainerOptions {
    * unchanged. Default false.
    */
   checkpointActivations?: boolean;
+  /**
+   * What the linear products of each step round their inputs to: 'fp32' (default), or 'bf16',
+   * which runs them on AVX512-BF16's dot product where the CPU has it (about 1.6x the fp32
+   * products' speed here), summed in fp32; the weights, gradients and AdamW state stay fp32, and
+   * evaluate() stays fp32. Without AVX512-BF16 the same rounding runs at fp32 speed. CPU only.
+   */
+  precision?: Precision;
 }
 
 export type ResolvedTrainerOptions = Required<TrainerOptions>;
@@ -159,6 +166,7 @@ const OPTION_NAMES = [
   'chunkSize',
   'seed',
   'checkpointActivations',
+  'precision',
 ] as const;
 
 const RECENT_STEPS = 20;
@@ -222,6 +230,8 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
   if (!Number.isSafeInteger(seed)) throw optionError('seed', 'a safe integer', o.seed);
   const checkpointActivations = o.checkpointActivations ?? false;
   if (typeof checkpointActivations !== 'boolean') throw optionError('checkpointActivations', 'a boolean', o.checkpointActivations);
+  const precision = o.precision ?? 'fp32';
+  if (precision !== 'fp32' && precision !== 'bf16') throw optionError('precision', "'fp32' or 'bf16'", o.precision);
   return {
     lr: o.lr,
     minLr,
@@ -239,6 +249,7 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
     chunkSize,
     seed,
     checkpointActivations,
+    precision,
   };
 }
 
@@ -338,6 +349,7 @@ export class Trainer {
         noDecay: o.noDecay,
         seed: stepSeed(o.seed, stepNumber),
         checkpointActivations: o.checkpointActivations,
+        precision: o.precision,
       }),
     );
     const seconds = (performance.now() - started) / 1000;

@@ -7,7 +7,7 @@ import * as fs from 'fs';
 import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
-import { addon, type TrainMode, type WeightFormat } from '../lib/native';
+import { addon, type Precision, type TrainMode, type WeightFormat } from '../lib/native';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
   // The byte-level model `npm start` trains.
@@ -33,7 +33,7 @@ export interface DecodeFigure {
 export interface TrainFigure {
   preset: string;
   mode: 'parallel' | 'chunkwise';
-  precision: 'fp32';
+  precision: Precision;
   checkpointActivations: boolean;
   batch: number;
   seqLen: number;
@@ -60,6 +60,7 @@ interface Options {
   trainShapes: Array<[number, number]>;
   trainModes: TrainMode[];
   checkpointing: boolean[];
+  precisions: Precision[];
   steps: number;
   chunkSize: number;
   json?: string;
@@ -68,7 +69,7 @@ interface Options {
 
 const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,bf16,int8] [--batch 1,4,16,64]
   [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--train-modes parallel,chunkwise]
-  [--checkpointing off,on] [--steps 64] [--chunk-size 128]
+  [--checkpointing off,on] [--precision fp32,bf16] [--steps 64] [--chunk-size 128]
   [--json FILE] [--plot FILE.svg]`;
 
 function positiveList(value: string, flag: string): number[] {
@@ -91,6 +92,7 @@ export function parseBenchArgs(argv: string[]): Options {
     ],
     trainModes: ['parallel', 'chunkwise'],
     checkpointing: [false],
+    precisions: ['fp32', 'bf16'],
     steps: 64,
     chunkSize: 128,
   };
@@ -133,6 +135,10 @@ export function parseBenchArgs(argv: string[]): Options {
           if (v !== 'off' && v !== 'on') throw new Error(`--checkpointing: ${v} is not off or on`);
           return v === 'on';
         });
+        break;
+      case '--precision':
+        o.precisions = value.split(',') as Precision[];
+        for (const p of o.precisions) if (p !== 'fp32' && p !== 'bf16') throw new Error(`--precision: unknown precision ${p} (fp32, bf16)`);
         break;
       case '--steps':
         o.steps = positiveList(value, arg)[0];
@@ -218,12 +224,20 @@ async function runDecode(
 }
 
 /** One training configuration: forward + backward + AdamW per step, in this process. */
-async function runTrain(preset: string, mode: TrainMode, batch: number, seqLen: number, chunkSize: number, checkpointActivations: boolean): Promise<TrainFigure> {
+async function runTrain(
+  preset: string,
+  mode: TrainMode,
+  precision: Precision,
+  batch: number,
+  seqLen: number,
+  chunkSize: number,
+  checkpointActivations: boolean,
+): Promise<TrainFigure> {
   const model = await RetNet.create(PRESETS[preset], { seed: 1 });
   const V = model.config.vocab_size;
   const tokens = Int32Array.from({ length: batch * seqLen }, (_, i) => (i * 7919) % V);
   const native = model.native();
-  const opts = { mode, chunkSize, lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clipNorm: 1, noDecay: [], seed: 1, checkpointActivations };
+  const opts = { mode, chunkSize, lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clipNorm: 1, noDecay: [], seed: 1, checkpointActivations, precision };
   const micro = [{ tokens, batch, length: seqLen, targets: null, mask: null }];
   await native.trainStep(micro, opts); // warm-up: allocations, page faults
   const reps = seqLen * batch >= 8192 ? 1 : 2;
@@ -231,7 +245,7 @@ async function runTrain(preset: string, mode: TrainMode, batch: number, seqLen: 
   for (let i = 0; i < reps; i++) await native.trainStep(micro, opts);
   const perStep = seconds(start) / reps;
   model.dispose();
-  return { preset, mode, precision: 'fp32', checkpointActivations, batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
+  return { preset, mode, precision, checkpointActivations, batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
 }
 
 /** Runs one configuration in a fresh node process and parses its JSON line. */
@@ -307,7 +321,7 @@ async function plot(file: string, decode: DecodeFigure[], train: TrainFigure[]):
   }
   const series = (f: DecodeFigure) => `${f.preset} ${f.weights} b${f.batch}`;
   const decodeRows = decode.map((f) => ({ ...f, series: series(f), peakRssMiB: f.peakRssBytes / 2 ** 20 }));
-  const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} b${f.batch}${f.checkpointActivations ? ' ckpt' : ''}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
+  const trainRows = train.map((f) => ({ ...f, series: `${f.preset} ${f.mode} ${f.precision} b${f.batch}${f.checkpointActivations ? ' ckpt' : ''}`, peakRssMiB: f.peakRssBytes / 2 ** 20 }));
   const line = (title: string, values: object[], x: string, xTitle: string, y: string, yTitle: string) => ({
     title,
     width: 320,
@@ -348,7 +362,7 @@ export async function main(argv: string[]): Promise<void> {
     const result =
       kind === 'decode'
         ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]), Number(rest[6]))
-        : await runTrain(rest[0], rest[1] as TrainMode, Number(rest[2]), Number(rest[3]), Number(rest[4]), rest[5] === 'on');
+        : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -380,15 +394,18 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.what === 'train' || o.what === 'all') {
-    console.log('\ntrain (forward + backward + AdamW, one step, fp32)');
+    console.log(`\ntrain (forward + backward + AdamW, one step; bf16: the linear products' inputs${info.bf16Dot ? ', on AVX512-BF16' : ' rounded, fp32 arithmetic (no AVX512-BF16)'})`);
     for (const preset of o.presets) {
       for (const [batch, seqLen] of o.trainShapes) {
         for (const mode of o.trainModes) {
-          for (const checkpoint of o.checkpointing) {
-            const f = inChild<TrainFigure>(['train', preset, mode, String(batch), String(seqLen), String(o.chunkSize), checkpoint ? 'on' : 'off']);
-            train.push(f);
-            const label = `${preset.padEnd(7)} ${mode.padEnd(9)} ${batch}x${seqLen}${checkpoint ? ' ckpt' : ''}`;
-            console.log(label.padEnd(35) + `${f.tokensPerSecond.toFixed(0).padStart(7)} tok/s  peak RSS ${mib(f.peakRssBytes)}`);
+          for (const precision of o.precisions) {
+            for (const checkpoint of o.checkpointing) {
+              const args = [preset, mode, precision, String(batch), String(seqLen), String(o.chunkSize), checkpoint ? 'on' : 'off'];
+              const f = inChild<TrainFigure>(['train', ...args]);
+              train.push(f);
+              const label = `${preset.padEnd(7)} ${mode.padEnd(9)} ${precision} ${batch}x${seqLen}${checkpoint ? ' ckpt' : ''}`;
+              console.log(label.padEnd(40) + `${f.tokensPerSecond.toFixed(0).padStart(7)} tok/s  peak RSS ${mib(f.peakRssBytes)}`);
+            }
           }
         }
       }

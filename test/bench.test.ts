@@ -11,7 +11,7 @@ import { addon } from '../lib/native';
 test('bench decode+train on the tiny preset writes the JSON report', () => {
   const script = path.join(__dirname, '..', 'dist', 'scripts', 'bench.js');
   const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-bench-')), 'bench.json');
-  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--checkpointing', 'off,on', '--steps', '2', '--chunk-size', '8', '--json', out], {
+  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--checkpointing', 'off,on', '--precision', 'fp32,bf16', '--steps', '2', '--chunk-size', '8', '--json', out], {
     stdio: 'ignore',
   });
   const report = JSON.parse(fs.readFileSync(out, 'utf8'));
@@ -23,11 +23,15 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
     }
     expect(f.tokensPerSecond).toBeGreaterThan(0);
   }
-  expect(report.train.map((f: { mode: string; checkpointActivations: boolean }) => `${f.mode} ${f.checkpointActivations}`)).toEqual([
-    'parallel false',
-    'parallel true',
-    'chunkwise false',
-    'chunkwise true',
+  expect(report.train.map((f: { mode: string; precision: string; checkpointActivations: boolean }) => `${f.mode} ${f.precision} ${f.checkpointActivations}`)).toEqual([
+    'parallel fp32 false',
+    'parallel fp32 true',
+    'parallel bf16 false',
+    'parallel bf16 true',
+    'chunkwise fp32 false',
+    'chunkwise fp32 true',
+    'chunkwise bf16 false',
+    'chunkwise bf16 true',
   ]);
   for (const f of report.train) expect(f.tokensPerSecond).toBeGreaterThan(0);
   expect(report.kernels.length).toBeGreaterThan(0);
@@ -42,6 +46,7 @@ test('decode step bytes count weights once and state per row', () => {
   expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
   expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
   expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);
+  expect(() => parseBenchArgs(['--precision', 'fp16'])).toThrow(/unknown precision fp16/);
 });
 
 test('the decode-product kernel bench times linear_rowwise and rejects empty shapes', async () => {

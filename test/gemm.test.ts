@@ -13,6 +13,16 @@ interface Case {
   aTransposed: boolean;
   bTransposed: boolean;
   accumulate: boolean;
+  precision: 'fp32' | 'bf16';
+}
+
+// x rounded to the nearest bf16 (ties to even), as the bf16 products round their inputs.
+const bits = new Uint32Array(1);
+const asFloat = new Float32Array(bits.buffer);
+function bf16(x: number): number {
+  asFloat[0] = x;
+  bits[0] = (bits[0] + 0x7fff + ((bits[0] >>> 16) & 1)) & 0xffff0000;
+  return asFloat[0];
 }
 
 function reference(a: Float32Array, b: Float32Array, c0: Float32Array, o: Case): { c: Float64Array; scale: Float64Array } {
@@ -24,8 +34,9 @@ function reference(a: Float32Array, b: Float32Array, c0: Float32Array, o: Case):
       let s = o.accumulate ? c0[i * N + j] : 0;
       let m = Math.abs(s);
       for (let k = 0; k < K; k++) {
-        const x = o.aTransposed ? a[k * M + i] : a[i * K + k];
-        const y = o.bTransposed ? b[j * K + k] : b[k * N + j];
+        let x = o.aTransposed ? a[k * M + i] : a[i * K + k];
+        let y = o.bTransposed ? b[j * K + k] : b[k * N + j];
+        if (o.precision === 'bf16') [x, y] = [bf16(x), bf16(y)];
         s += x * y;
         m += Math.abs(x * y);
       }
@@ -64,7 +75,10 @@ const CASES: Case[] = [];
 for (const [M, N, K] of SHAPES) {
   for (const aTransposed of [false, true]) {
     for (const bTransposed of [false, true]) {
-      CASES.push({ M, N, K, aTransposed, bTransposed, accumulate: (M + N + K) % 2 === 0 });
+      const accumulate = (M + N + K) % 2 === 0;
+      CASES.push({ M, N, K, aTransposed, bTransposed, accumulate, precision: 'fp32' });
+      // bf16 in the three layouts training uses: X W^T, dY W and dY^T X.
+      if (!(aTransposed && bTransposed)) CASES.push({ M, N, K, aTransposed, bTransposed, accumulate, precision: 'bf16' });
     }
   }
 }
@@ -78,7 +92,7 @@ function worstError(got: ArrayLike<number>, want: Float64Array, scale: Float64Ar
 }
 
 describe('CPU gemm', () => {
-  it.each(CASES)('M=$M N=$N K=$K aT=$aTransposed bT=$bTransposed acc=$accumulate', async (o) => {
+  it.each(CASES)('M=$M N=$N K=$K aT=$aTransposed bT=$bTransposed acc=$accumulate $precision', async (o) => {
     const a = random(o.M * o.K);
     const b = random(o.K * o.N);
     const c = random(o.M * o.N);
@@ -106,6 +120,24 @@ describe('CPU gemm', () => {
       const { c: want, scale } = reference(a, b, c, o);
       expect(worstError(outputs[i], want, scale)).toBeLessThan(4e-6);
     });
+  });
+
+  it('bf16 rounds its inputs: a product whose inputs are not bf16 values differs from fp32', async () => {
+    // 1 + 2^-9 is not a bf16 value (7 fraction bits): it rounds to 1.
+    const o = { M: 8, N: 40, K: 24, aTransposed: false, bTransposed: true, accumulate: false };
+    const a = new Float32Array(o.M * o.K).fill(1 + 2 ** -9);
+    const b = new Float32Array(o.N * o.K).fill(1);
+    const c32 = new Float32Array(o.M * o.N);
+    const c16 = new Float32Array(o.M * o.N);
+    await addon().gemm(a, b, c32, { ...o, precision: 'fp32' });
+    await addon().gemm(a, b, c16, { ...o, precision: 'bf16' });
+    expect(c32[0]).toBeCloseTo(24 * (1 + 2 ** -9), 5);
+    expect(Array.from(new Set(c16))).toEqual([24]);
+  });
+
+  it('rejects an unknown precision', () => {
+    const o = { M: 2, N: 3, K: 4, aTransposed: false, bTransposed: false, accumulate: false, precision: 'fp8' };
+    expect(() => addon().gemm(new Float32Array(8), new Float32Array(12), new Float32Array(6), o as never)).toThrow(/precision must be 'fp32' or 'bf16'/);
   });
 
   it('rejects mismatched sizes', async () => {

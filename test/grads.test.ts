@@ -37,6 +37,22 @@ describe.each(listFixtures())('fixture %s', (name) => {
     expect(lossErr).toBeLessThanOrEqual(1e-5);
     expect(worst).toBeLessThanOrEqual(1e-4);
   });
+
+  // bf16 products round each input to 8 significant bits (relative error up to 2^-9): the loss
+  // and gradients stay close to torchscale's fp32 ones, and are not the fp32 numbers themselves.
+  test.each(TRAIN_MODES)('%s loss and gradients with bf16 products stay near torchscale', async (mode, kind) => {
+    const options = { mode, chunkSize: f.meta.chunk_size };
+    const { loss, grads } = await model.lossAndGradients(f.tokens, { ...options, precision: 'bf16' });
+    const fp32 = await model.lossAndGradients(f.tokens, options);
+    const expectedLoss = mode === 'parallel' ? f.meta.training.loss_value : f.meta.training.loss_chunkwise;
+    let worst = 0;
+    for (const [param, want] of readGrads(name, kind)) worst = Math.max(worst, maxAbsDiff(grads.get(param)!, want) / maxAbs(want));
+    const lossErr = Math.abs(loss - expectedLoss) / expectedLoss;
+    console.log(`${name} ${mode} bf16: loss rel err ${lossErr.toExponential(2)}, max grad rel err ${worst.toExponential(2)}`);
+    expect(lossErr).toBeLessThanOrEqual(2e-3);
+    expect(worst).toBeLessThanOrEqual(5e-2);
+    expect(loss).not.toBe(fp32.loss);
+  });
 });
 
 /** Mean next-token cross-entropy of float64 reference logits. */
@@ -166,7 +182,7 @@ describe('targets and mask', () => {
     await expect(model.lossAndGradients(tokens, { mask: new Float64Array(18) as unknown as Float32Array })).rejects.toThrow(/Float32Array/);
     // The native layer checks too (synchronously, before any work is queued).
     expect(() =>
-      model.native().lossAndGradients(new Int32Array(18), 2, 9, 'parallel', 4, new Int32Array(18).fill(99), null, 0),
+      model.native().lossAndGradients(new Int32Array(18), 2, 9, 'parallel', 4, new Int32Array(18).fill(99), null, 0, false, 'fp32'),
     ).toThrow(/target 99 at index 0/);
   });
 });
@@ -337,11 +353,28 @@ describe('trainStep and optimizer state', () => {
     for (const [n, w] of model.stateDict()) expect(Buffer.from(copy.stateDict().get(n)!.buffer).equals(Buffer.from(w.buffer))).toBe(true);
 
     expect(() => copy.native().setOptimizerState(1, new Float32Array(3), state.v)).toThrow(/optimizer state must hold/);
+    expect(() => copy.native().trainStep(micro, { ...opts, precision: 'fp8' as never })).toThrow(/precision must be 'fp32' or 'bf16'/);
     const badV = Float32Array.from(state.v);
     badV[0] = -1;
     expect(() => copy.native().setOptimizerState(1, state.m, badV)).toThrow(/negative second moment/);
     model.dispose();
     copy.dispose();
+  });
+
+  test('bf16 products: the loss falls as it does with fp32 products, from the same weights', async () => {
+    const [a, b] = await Promise.all([RetNet.create(config, { seed: 4 }), RetNet.create(config, { seed: 4 })]);
+    const losses: Array<[number, number]> = [];
+    for (let i = 0; i < 30; i++) {
+      const fp32 = await a.native().trainStep(micro, opts);
+      const bf16 = await b.native().trainStep(micro, { ...opts, precision: 'bf16' });
+      losses.push([fp32.loss, bf16.loss]);
+    }
+    console.log(`trainStep fp32 / bf16: ${losses.filter((_, i) => i % 10 === 0 || i === 29).map(([x, y]) => `${x.toFixed(4)}/${y.toFixed(4)}`).join(' ')}`);
+    expect(losses[29][1]).toBeLessThan(losses[0][1] * 0.7);
+    for (const [fp32, bf16] of losses) expect(Math.abs(bf16 - fp32) / fp32).toBeLessThan(0.02);
+    expect(losses[29][1]).not.toBe(losses[29][0]);
+    a.dispose();
+    b.dispose();
   });
 
   test('a training step excludes other calls on the model while it runs', async () => {

@@ -104,6 +104,7 @@ describe('Trainer options', () => {
     [{ chunkSize: 0 }, /chunkSize must be an integer >= 1/],
     [{ seed: 0.5 }, /seed must be a safe integer/],
     [{ checkpointActivations: 'yes' as never }, /checkpointActivations must be a boolean, got "yes"/],
+    [{ precision: 'fp16' as never }, /precision must be 'fp32' or 'bf16', got "fp16"/],
     [{ learningRate: 1 }, /unknown option learningRate/],
   ])('rejects %p', (bad, message) => {
     expect(() => new Trainer(model, { lr: 1e-3, totalSteps: 10, ...bad } as TrainerOptions)).toThrow(message);

@@ -68,3 +68,15 @@ test('an unknown device is rejected', async () => {
     /weights 'bf16' and 'int8' decode on the CPU only; this model is on cuda/,
   );
 });
+
+(usable ? test : test.skip)("bf16 products are CPU-only: a CUDA model's training pass rejects them", async () => {
+  const model = await RetNet.create(config, { device: 'cuda' });
+  try {
+    const tokens = [[1, 2, 3, 4]];
+    await expect(model.lossAndGradients(tokens, { precision: 'bf16' })).rejects.toThrow(/precision 'bf16' trains on the CPU only; this model is on cuda/);
+    const { loss } = await model.lossAndGradients(tokens);
+    expect(Number.isFinite(loss)).toBe(true);
+  } finally {
+    model.dispose();
+  }
+});
