@@ -9,7 +9,8 @@
 #     MODE     parallel | chunkwise
 #     REPEATS  default 3
 #   environment: THREADS (default 2), CHUNK_SIZE (default 128), STEPS (default: as
-#   scripts/bench.ts, 1 when B*T >= 8192 else 2), PYTHON (default /usr/bin/python3)
+#   scripts/bench.ts, 1 when B*T >= 8192 else 2), PYTHON (default /usr/bin/python3),
+#   PRECISION (ours: fp32 | bf16, default fp32; PyTorch always runs fp32)
 #
 # Both sides time forward + next-token cross-entropy + backward + clip-grad-norm(1.0) +
 # AdamW (lr 1e-4, betas 0.9/0.95, weight decay 0.1), fp32, after one warm-up step.
@@ -29,6 +30,8 @@ REPEATS=${4:-3}
 THREADS=${THREADS:-2}
 CHUNK=${CHUNK_SIZE:-128}
 PYTHON=${PYTHON:-/usr/bin/python3}
+PRECISION=${PRECISION:-fp32}
+case "$PRECISION" in fp32 | bf16) ;; *) echo "PRECISION must be fp32 or bf16" >&2; exit 2 ;; esac
 
 case "$PRESET" in base | medium) ;; *) echo "PRESET must be base or medium" >&2; exit 2 ;; esac
 case "$MODE" in parallel | chunkwise) ;; *) echo "MODE must be parallel or chunkwise" >&2; exit 2 ;; esac
@@ -45,12 +48,12 @@ cd "$(dirname "$0")/.."
 # field NAME JSON -> value
 field() { node -e 'const o = JSON.parse(process.argv[2]); process.stdout.write(String(o[process.argv[1]]))' "$1" "$2"; }
 
-echo "train $PRESET $MODE ${B}x${T}, chunk $CHUNK, $THREADS threads, $REPEATS repeats (timed steps after 1 warm-up: ours as bench.ts, $(( B * T >= 8192 ? 1 : 2 )); pytorch $STEPS)"
+echo "train $PRESET $MODE ${B}x${T}, ours $PRECISION, chunk $CHUNK, $THREADS threads, $REPEATS repeats (timed steps after 1 warm-up: ours as bench.ts, $(( B * T >= 8192 ? 1 : 2 )); pytorch $STEPS)"
 printf '%-7s %14s %14s %8s %12s %12s\n' repeat 'ours tok/s' 'pytorch tok/s' ratio 'ours RSS' 'pytorch RSS'
 ratios=()
 raw=()
 for ((r = 1; r <= REPEATS; r++)); do
-  ours_json=$(RETNET_NUM_THREADS=$THREADS node dist/scripts/bench.js --child train "$PRESET" "$MODE" "$B" "$T" "$CHUNK" | tail -n 1)
+  ours_json=$(RETNET_NUM_THREADS=$THREADS node dist/scripts/bench.js --child train "$PRESET" "$MODE" "$PRECISION" "$B" "$T" "$CHUNK" | tail -n 1)
   # The parallel form materialises [B, H, T, T] score matrices per layer, as torchscale does:
   # long T runs out of memory there. Report that instead of stopping.
   if ! py_json=$("$PYTHON" scripts/pytorch_baseline.py train --preset "$PRESET" --mode "$MODE" --batch "$B" --seq "$T" \

@@ -11,6 +11,7 @@ import { RetNet } from '../lib/model';
 import { ProgressLine, formatDuration } from '../lib/progress';
 import { integerFlag, numberFlag } from './flags';
 import { Trainer, TrainMode } from '../lib/trainer';
+import type { Precision } from '../lib/native';
 
 // Defaults sized (by measurement on a 2-core CPU) so the whole run takes about ten minutes.
 const DEFAULTS = {
@@ -48,6 +49,7 @@ const USAGE = `usage: retnet train [options]
   --chunk-size N      chunk size for chunkwise (default ${DEFAULTS.chunkSize})
   --checkpoint-activations
                       recompute each layer's activations in the backward (less memory, ~1/4 more time)
+  --precision P       fp32 | bf16: what the linear products of training round their inputs to (default fp32)
   --lr X              peak learning rate (default ${DEFAULTS.lr})
   --out DIR           checkpoint directory (default ${DEFAULTS.out})
   --resume            continue the checkpoint in --out (its model shape and options; --steps may extend it)
@@ -75,6 +77,7 @@ function parseFlags(argv: string[]) {
       mode: { type: 'string' },
       'chunk-size': { type: 'string' },
       'checkpoint-activations': { type: 'boolean' },
+      precision: { type: 'string' },
       lr: { type: 'string' },
       out: { type: 'string' },
       resume: { type: 'boolean' },
@@ -89,6 +92,8 @@ function parseFlags(argv: string[]) {
   const lr = numberFlag(values.lr, 'lr', 0) ?? DEFAULTS.lr;
   const mode = (values.mode ?? DEFAULTS.mode) as TrainMode;
   if (mode !== 'parallel' && mode !== 'chunkwise') throw new Error(`--mode must be parallel or chunkwise, got ${values.mode}`);
+  const precision = (values.precision ?? 'fp32') as Precision;
+  if (precision !== 'fp32' && precision !== 'bf16') throw new Error(`--precision must be fp32 or bf16, got ${values.precision}`);
   return {
     help: values.help === true,
     data: values.data || positionals.length > 0 ? [...(values.data ?? []), ...positionals] : undefined,
@@ -104,6 +109,7 @@ function parseFlags(argv: string[]) {
     mode,
     chunkSize: integer('chunk-size', DEFAULTS.chunkSize, 1),
     checkpointActivations: values['checkpoint-activations'] === true,
+    precision,
     lr,
     out: values.out ?? DEFAULTS.out,
     resume: values.resume === true,
@@ -176,13 +182,14 @@ export async function train(argv: string[]): Promise<void> {
       chunkSize: flags.chunkSize,
       seed: flags.seed,
       checkpointActivations: flags.checkpointActivations,
+      precision: flags.precision,
     });
   }
   const totalSteps = trainer.options.totalSteps;
   log(
     `model: ${model.parameterCount.toLocaleString('en-US')} parameters (L=${model.config.decoder_layers}, ` +
       `D=${model.config.decoder_embed_dim}, H=${model.config.decoder_retention_heads}), ` +
-      `${totalSteps} steps of ${flags.batch}x${flags.seqLen} bytes, ${trainer.options.mode}`,
+      `${totalSteps} steps of ${flags.batch}x${flags.seqLen} bytes, ${trainer.options.mode}, ${trainer.options.precision} products`,
   );
 
   const controller = new AbortController();
