@@ -30,9 +30,9 @@ inline bool is_buffer_param(const ParamInfo& p) { return p.name.rfind("retnet_re
 // whether to checkpoint activations: keep only each layer's input in the forward and
 // recompute the layer's activations just before its backward. That holds one layer's
 // activations instead of L, for one more forward pass through the layers (not the head).
-// `products`: what the linear products (projections, feed-forward, output head; forward and
-// backward) round their inputs to; retention, norms and everything else stay fp32, as do
-// the weights, gradients and optimizer state.
+// `products`: what the layers' linear products (projections and feed-forward, forward and
+// backward) round their inputs to; the output head, retention, norms and everything else
+// stay fp32, as do the weights, gradients and optimizer state.
 struct PassOptions {
   Mode mode;
   int C;

@@ -6,10 +6,10 @@ export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
 export type WeightFormat = 'f32' | 'bf16' | 'int8';
 
 /**
- * What a training pass's linear products (projections, feed-forward, output head; forward and
- * backward) round their inputs to: 'fp32' (none), or 'bf16', multiplied on AVX512-BF16's dot
- * product where the CPU has it, always summed in fp32. Weights, gradients, optimizer state and
- * everything else stay fp32. CPU only.
+ * What a training pass's layer products (projections and feed-forward, forward and backward)
+ * round their inputs to: 'fp32' (none), or 'bf16', multiplied on AVX512-BF16's dot product
+ * where the CPU has it, always summed in fp32. The output head and loss, retention, weights,
+ * gradients, optimizer state and everything else stay fp32. CPU only.
  */
 export type Precision = 'fp32' | 'bf16';
 

@@ -55,10 +55,10 @@ export interface TrainerOptions {
    */
   checkpointActivations?: boolean;
   /**
-   * What the linear products of each step round their inputs to: 'fp32' (default), or 'bf16',
-   * which runs them on AVX512-BF16's dot product where the CPU has it (about 1.6x the fp32
-   * products' speed here), summed in fp32; the weights, gradients and AdamW state stay fp32, and
-   * evaluate() stays fp32. Without AVX512-BF16 the same rounding runs at fp32 speed. CPU only.
+   * What the layers' linear products of each step round their inputs to: 'fp32' (default), or
+   * 'bf16', which runs them on AVX512-BF16's dot product where the CPU has it, summed in fp32;
+   * the output head, weights, gradients and AdamW state stay fp32, and evaluate() stays fp32.
+   * Without AVX512-BF16 the same rounding runs at fp32 speed. CPU only. See Precision.
    */
   precision?: Precision;
 }
