@@ -89,6 +89,70 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const QuantizedMatrix& q, int
     }
   }
 }
+
+// The AVX-512 versions: 16 weights of a row as one fp32 vector, one 16-lane accumulator per
+// activation row, eight rows per pass over the weight row.
+struct LoadBf16x16 {
+  const uint16_t* w;
+  static LoadBf16x16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16.data() + offset}; }
+  __attribute__((target("avx512f"))) __m512 operator()(int k) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, v), 16));
+  }
+};
+
+struct LoadInt8x16 {
+  const int8_t* w;
+  static LoadInt8x16 row(const QuantizedMatrix& q, size_t offset) { return {q.int8.data() + offset}; }
+  __attribute__((target("avx512f"))) __m512 operator()(int k) const {
+    // (maskz forms with every lane kept: GCC 12 warns that the plain ones read undefined lanes)
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    return _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, v));
+  }
+};
+
+template <int ROWS, typename Load>
+__attribute__((target("avx512f"))) inline void row_dots_avx512(const QuantizedMatrix& q, const Load& load, size_t row,
+                                                                int K, const float* X, float scale, float* out,
+                                                                ptrdiff_t ldy) {
+  __m512 acc[ROWS];
+  for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 w = load(k);
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(X + r * K + k), w, acc[r]);
+  }
+  for (int r = 0; r < ROWS; r++) {
+    float s = hsum512(acc[r]);
+    for (int t = k; t < K; t++) s += X[r * K + t] * weight_at(q, row + t);
+    out[r * ldy] = s * scale;
+  }
+}
+
+template <typename Load>
+__attribute__((target("avx512f"))) void dots_avx512(const QuantizedMatrix& q, int M, int n0, int n1, const float* X,
+                                                     float* Y, ptrdiff_t ldy) {
+  const int K = q.K;
+  for (int j = n0; j < n1; j++) {
+    const size_t row = static_cast<size_t>(j) * K;
+    const Load load = Load::row(q, row);
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
+    int i = 0;
+    for (; i + 8 <= M; i += 8) row_dots_avx512<8>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy);
+    float* y = Y + i * ldy + j;
+    const float* x = X + i * K;
+    switch (M - i) {
+      case 7: row_dots_avx512<7>(q, load, row, K, x, scale, y, ldy); break;
+      case 6: row_dots_avx512<6>(q, load, row, K, x, scale, y, ldy); break;
+      case 5: row_dots_avx512<5>(q, load, row, K, x, scale, y, ldy); break;
+      case 4: row_dots_avx512<4>(q, load, row, K, x, scale, y, ldy); break;
+      case 3: row_dots_avx512<3>(q, load, row, K, x, scale, y, ldy); break;
+      case 2: row_dots_avx512<2>(q, load, row, K, x, scale, y, ldy); break;
+      case 1: row_dots_avx512<1>(q, load, row, K, x, scale, y, ldy); break;
+      default: break;
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -122,6 +186,10 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
 
 void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
 #ifdef RETNET_X86
+  if (cpu_isa() >= CpuIsa::Avx512) {
+    if (q.format == WeightFormat::BF16) return dots_avx512<LoadBf16x16>(q, M, n0, n1, X, Y, ldy);
+    return dots_avx512<LoadInt8x16>(q, M, n0, n1, X, Y, ldy);
+  }
   if (cpu_has_avx2_fma()) {
     if (q.format == WeightFormat::BF16) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
     return dots_avx2<LoadInt8>(q, M, n0, n1, X, Y, ldy);
