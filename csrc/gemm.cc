@@ -104,74 +104,17 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
   }
 }
 
-// A block of WR weight rows against XR activation rows: one 8-lane accumulator per output,
-// summed over K in order, then a horizontal sum and the scalar tail. Every output gets that
-// same order whatever WR and XR are, so decode results don't depend on the batch.
-//
-// `prefetch`, when set, is the next block of WR weight rows: its columns [pk0, pk1) are
-// fetched line by line while this block computes, so a batched step overlaps reading the
-// weights with the arithmetic.
-template <int WR, int XR>
-__attribute__((target("avx2,fma"))) inline void dots_block_avx2(int K, const float* X, ptrdiff_t ldx, const float* W,
-                                                               ptrdiff_t ldw, float* C, ptrdiff_t ldc, bool accumulate,
-                                                               const float* prefetch = nullptr, int pk0 = 0,
-                                                               int pk1 = 0) {
-  __m256 acc[WR][XR];
-  for (int w = 0; w < WR; w++)
-    for (int x = 0; x < XR; x++) acc[w][x] = _mm256_setzero_ps();
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    if (prefetch && k % 16 == 0 && k >= pk0 && k < pk1)
-      for (int w = 0; w < WR; w++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + w * ldw + k), _MM_HINT_T0);
-    __m256 xs[XR];
-    for (int x = 0; x < XR; x++) xs[x] = _mm256_loadu_ps(X + x * ldx + k);
-    for (int w = 0; w < WR; w++) {
-      const __m256 wv = _mm256_loadu_ps(W + w * ldw + k);
-      for (int x = 0; x < XR; x++) acc[w][x] = _mm256_fmadd_ps(xs[x], wv, acc[w][x]);
-    }
-  }
-  for (int w = 0; w < WR; w++) {
-    for (int x = 0; x < XR; x++) {
-      float sum = hsum256(acc[w][x]);
-      for (int t = k; t < K; t++) sum += X[x * ldx + t] * W[w * ldw + t];
-      float& o = C[x * ldc + w];
-      o = accumulate ? o + sum : sum;
-    }
-  }
-}
-
-template <int WR>
-__attribute__((target("avx2,fma"))) inline void dots_rows_avx2(int M, int K, const float* X, ptrdiff_t ldx,
-                                                              const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                              bool accumulate, const float* prefetch = nullptr) {
-  int i = 0;
-  // Each pass over the block fetches its share of the next block's columns: all of them in
-  // the first pass would ask for more lines at once than the core can have in flight.
-  const int passes = M / 3;
-  for (; i + 3 <= M; i += 3) {
-    const int pass = i / 3;
-    const int pk0 = (K * pass / passes) & ~15, pk1 = pass + 1 == passes ? K : (K * (pass + 1) / passes) & ~15;
-    dots_block_avx2<WR, 3>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate, prefetch, pk0, pk1);
-  }
-  if (M - i == 2) dots_block_avx2<WR, 2>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
-  if (M - i == 1) dots_block_avx2<WR, 1>(K, X + i * ldx, ldx, W, ldw, C + i * ldc, ldc, accumulate);
-}
-
-// Few activation rows: one weight row at a time, a single sequential stream the prefetcher
-// follows (decode is bound by reading the weights). More rows: four weight rows at a time,
-// so each activation load feeds four multiply-adds (the step becomes compute-bound).
-__attribute__((target("avx2,fma"))) void dots_avx2(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
-                                                   const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                   bool accumulate) {
-  int j = n0;
-  if (M > 3) {
-    for (; j + 4 <= n1; j += 4) {
-      const float* next = j + 8 <= n1 ? W + (j + 4) * ldw : nullptr;
-      dots_rows_avx2<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate, next);
-    }
-  }
-  for (; j < n1; j++) dots_rows_avx2<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
-}
+// The decode dots of the AVX2 set: 8-lane accumulators, blocks of 3 activation rows.
+#define DOTS_TARGET "avx2,fma"
+#define DOTS_ISA avx2
+#define DOTS_VEC __m256
+#define DOTS_LANES 8
+#define DOTS_XR 3
+#define DOTS_ZERO() _mm256_setzero_ps()
+#define DOTS_LOAD(p) _mm256_loadu_ps(p)
+#define DOTS_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define DOTS_HSUM(v) hsum256(v)
+#include "dots_kernel.inc"
 
 // The AVX-512 tile: 12 rows x 32 columns, two 16-lane vectors per row.
 __attribute__((target("avx512f"))) void micro_avx512(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc,
@@ -207,73 +150,19 @@ __attribute__((target("avx512f"))) void micro_avx512(int kc, const float* a, con
   }
 }
 
-// dots_block_avx2 with 16-lane accumulators: the same order over K for every output, so
-// results don't depend on the batch here either (they differ from the AVX2 set's in rounding).
-template <int WR, int XR>
-__attribute__((target("avx512f"))) inline void dots_block_avx512(int K, const float* X, ptrdiff_t ldx, const float* W,
-                                                                  ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                                  bool accumulate, const float* prefetch = nullptr,
-                                                                  int pk0 = 0, int pk1 = 0) {
-  __m512 acc[WR][XR];
-  for (int w = 0; w < WR; w++)
-    for (int x = 0; x < XR; x++) acc[w][x] = _mm512_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    if (prefetch && k >= pk0 && k < pk1)
-      for (int w = 0; w < WR; w++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + w * ldw + k), _MM_HINT_T0);
-    __m512 xs[XR];
-    for (int x = 0; x < XR; x++) xs[x] = _mm512_loadu_ps(X + x * ldx + k);
-    for (int w = 0; w < WR; w++) {
-      const __m512 wv = _mm512_loadu_ps(W + w * ldw + k);
-      for (int x = 0; x < XR; x++) acc[w][x] = _mm512_fmadd_ps(xs[x], wv, acc[w][x]);
-    }
-  }
-  for (int w = 0; w < WR; w++) {
-    for (int x = 0; x < XR; x++) {
-      float sum = hsum512(acc[w][x]);
-      for (int t = k; t < K; t++) sum += X[x * ldx + t] * W[w * ldw + t];
-      float& o = C[x * ldc + w];
-      o = accumulate ? o + sum : sum;
-    }
-  }
-}
-
-template <int WR>
-__attribute__((target("avx512f"))) inline void dots_rows_avx512(int M, int K, const float* X, ptrdiff_t ldx,
-                                                                 const float* W, ptrdiff_t ldw, float* C,
-                                                                 ptrdiff_t ldc, bool accumulate,
-                                                                 const float* prefetch = nullptr) {
-  constexpr int XR = 6;
-  // Every block of rows, the last short one included, fetches its share of the next block.
-  const int passes = (M + XR - 1) / XR;
-  for (int pass = 0, i = 0; i < M; pass++, i += XR) {
-    const int pk0 = (K * pass / passes) & ~15, pk1 = pass + 1 == passes ? K : (K * (pass + 1) / passes) & ~15;
-    const float* x = X + i * ldx;
-    float* c = C + i * ldc;
-    switch (std::min(XR, M - i)) {
-      case 6: dots_block_avx512<WR, 6>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-      case 5: dots_block_avx512<WR, 5>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-      case 4: dots_block_avx512<WR, 4>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-      case 3: dots_block_avx512<WR, 3>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-      case 2: dots_block_avx512<WR, 2>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-      case 1: dots_block_avx512<WR, 1>(K, x, ldx, W, ldw, c, ldc, accumulate, prefetch, pk0, pk1); break;
-    }
-  }
-}
-
-// As dots_avx2: one weight row at a time for few rows, four at a time for more.
-__attribute__((target("avx512f"))) void dots_avx512(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx,
-                                                     const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                     bool accumulate) {
-  int j = n0;
-  if (M > 3) {
-    for (; j + 4 <= n1; j += 4) {
-      const float* next = j + 8 <= n1 ? W + (j + 4) * ldw : nullptr;
-      dots_rows_avx512<4>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate, next);
-    }
-  }
-  for (; j < n1; j++) dots_rows_avx512<1>(M, K, X, ldx, W + j * ldw, ldw, C + j, ldc, accumulate);
-}
+// The decode dots of the AVX-512 set: 16-lane accumulators, blocks of 6 activation rows
+// (the same order over K for every output, so batch-invariant too; the rounding differs
+// from the AVX2 set's).
+#define DOTS_TARGET "avx512f"
+#define DOTS_ISA avx512
+#define DOTS_VEC __m512
+#define DOTS_LANES 16
+#define DOTS_XR 6
+#define DOTS_ZERO() _mm512_setzero_ps()
+#define DOTS_LOAD(p) _mm512_loadu_ps(p)
+#define DOTS_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define DOTS_HSUM(v) hsum512(v)
+#include "dots_kernel.inc"
 #endif
 
 #ifdef RETNET_X86

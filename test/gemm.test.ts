@@ -3,18 +3,11 @@
 // this CPU picks and again with each other set it can run (RETNET_CPU_ISA, in a child process).
 import { spawnSync } from 'child_process';
 import * as path from 'path';
-import { addon } from '../lib/native';
+import { addon, type NativeAddon } from '../lib/native';
 import { Rng } from '../lib/random';
 
-interface Case {
-  M: number;
-  N: number;
-  K: number;
-  aTransposed: boolean;
-  bTransposed: boolean;
-  accumulate: boolean;
-  precision: 'fp32' | 'bf16';
-}
+// One product: the addon's gemm options, precision given.
+type Case = Required<Parameters<NativeAddon['gemm']>[3]>;
 
 // x rounded to the nearest bf16 (ties to even), as the bf16 products round their inputs.
 const bits = new Uint32Array(1);
