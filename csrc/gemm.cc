@@ -116,6 +116,21 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int kc, const float* a, cons
 #define DOTS_HSUM(v) hsum256(v)
 #include "dots_kernel.inc"
 
+// Writes (or adds) an AVX-512 tile of accumulators to C.
+__attribute__((target("avx512f"))) inline void store_tile_avx512(__m512 (&acc)[kMR512][2], float* c, ptrdiff_t ldc,
+                                                                  bool accumulate) {
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR512; i++) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
+    }
+    _mm512_storeu_ps(ci, acc[i][0]);
+    _mm512_storeu_ps(ci + 16, acc[i][1]);
+  }
+}
+
 // The AVX-512 tile: 12 rows x 32 columns, two 16-lane vectors per row.
 __attribute__((target("avx512f"))) void micro_avx512(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc,
                                                       bool accumulate) {
@@ -138,16 +153,7 @@ __attribute__((target("avx512f"))) void micro_avx512(int kc, const float* a, con
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < kMR512; i++) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
-    }
-    _mm512_storeu_ps(ci, acc[i][0]);
-    _mm512_storeu_ps(ci + 16, acc[i][1]);
-  }
+  store_tile_avx512(acc, c, ldc, accumulate);
 }
 
 // The decode dots of the AVX-512 set: 16-lane accumulators, blocks of 6 activation rows
@@ -344,16 +350,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_bf16_avx512(int kp, con
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
     }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < kMR512; i++) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
-    }
-    _mm512_storeu_ps(ci, acc[i][0]);
-    _mm512_storeu_ps(ci + 16, acc[i][1]);
-  }
+  store_tile_avx512(acc, c, ldc, accumulate);
 }
 #endif
 
