@@ -41,7 +41,7 @@ export interface LossOptions {
    * pass through the layers. The gradients are the same, bit for bit. Default false.
    */
   checkpointActivations?: boolean;
-  /** What the linear products round their inputs to: 'fp32' (default) or 'bf16' (see Precision). */
+  /** What the layers' linear products round their inputs to: 'fp32' (default) or 'bf16' (see Precision). */
   precision?: Precision;
 }
 

@@ -67,7 +67,7 @@ export interface NativeTrainOptions {
   seed: number;
   /** Recompute each layer's activations in the backward instead of keeping them (absent: false). */
   checkpointActivations?: boolean;
-  /** What the linear products round their inputs to (absent: 'fp32'); see Precision. */
+  /** What the layers' linear products round their inputs to (absent: 'fp32'); see Precision. */
   precision?: Precision;
 }
 
@@ -132,7 +132,7 @@ export interface NativeAddon {
       bTransposed: boolean;
       accumulate: boolean;
       /** What the inputs are rounded to before the products (default 'fp32'). */
-      precision?: 'fp32' | 'bf16';
+      precision?: Precision;
     },
   ): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;

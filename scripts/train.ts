@@ -49,7 +49,7 @@ const USAGE = `usage: retnet train [options]
   --chunk-size N      chunk size for chunkwise (default ${DEFAULTS.chunkSize})
   --checkpoint-activations
                       recompute each layer's activations in the backward (less memory, ~1/4 more time)
-  --precision P       fp32 | bf16: what the linear products of training round their inputs to (default fp32)
+  --precision P       fp32 | bf16: what the layers' linear products round their inputs to in training (default fp32)
   --lr X              peak learning rate (default ${DEFAULTS.lr})
   --out DIR           checkpoint directory (default ${DEFAULTS.out})
   --resume            continue the checkpoint in --out (its model shape and options; --steps may extend it)
