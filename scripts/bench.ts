@@ -394,7 +394,8 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.what === 'train' || o.what === 'all') {
-    console.log(`\ntrain (forward + backward + AdamW, one step; bf16: the linear products' inputs${info.bf16Dot ? ', on AVX512-BF16' : ' rounded, fp32 arithmetic (no AVX512-BF16)'})`);
+    const bf16How = info.bf16Dot ? 'on AVX512-BF16' : 'rounded, fp32 arithmetic (no AVX512-BF16)';
+    console.log(`\ntrain (forward + backward + AdamW, one step; bf16: the layers' linear products, ${bf16How}; the head stays fp32)`);
     for (const preset of o.presets) {
       for (const [batch, seqLen] of o.trainShapes) {
         for (const mode of o.trainModes) {
