@@ -73,3 +73,35 @@ test('a model with compact decode weights cannot be trained; bad formats are err
   await expect(RetNet.fromStateDict(config, weights, { weights: 'fp8' as 'int8' })).rejects.toThrow(/weights must be/);
   model.dispose();
 });
+
+test('weights-loss: the recurrent loss equals the parallel forward cross-entropy (f32), and compact formats stay close', async () => {
+  const { recurrentLoss, spreadWindows } = await import('../scripts/weights-loss');
+  const stream = Int32Array.from({ length: 400 }, () => Math.floor(rand() * 300));
+  const windows = spreadWindows(stream, 3, 17);
+  expect(windows.map((w) => w[0])).toEqual([stream[0], stream[191], stream[383]]);
+  const f32 = await RetNet.fromStateDict(config, weights);
+  const { logits } = await f32.forward(windows.map((w) => Array.from(w)), { mode: 'parallel' });
+  const V = config.vocab_size;
+  let expected = 0;
+  windows.forEach((w, b) => {
+    for (let t = 0; t + 1 < w.length; t++) {
+      const row = logits.subarray((b * w.length + t) * V, (b * w.length + t + 1) * V);
+      const max = row.reduce((m, x) => Math.max(m, x), -Infinity);
+      const lse = max + Math.log(row.reduce((s, x) => s + Math.exp(x - max), 0));
+      expected += lse - row[w[t + 1]];
+    }
+  });
+  expected /= 3 * 16;
+  const loss = await recurrentLoss(f32, windows);
+  expect(Math.abs(loss - expected)).toBeLessThan(1e-5 * expected);
+  for (const format of ['bf16', 'int8'] as const) {
+    const compact = await RetNet.fromStateDict(config, weights, { weights: format });
+    const compactLoss = await recurrentLoss(compact, windows);
+    expect(compactLoss).not.toBe(loss);
+    expect(Math.abs(compactLoss - loss)).toBeLessThan(2e-2 * loss);
+    compact.dispose();
+  }
+  await expect(recurrentLoss(f32, [windows[0], windows[1].subarray(1)])).rejects.toThrow('same length');
+  expect(() => spreadWindows(stream, 2, 500)).toThrow('fewer than one window');
+  f32.dispose();
+});
