@@ -12,7 +12,8 @@ import { integerFlag } from './flags';
 const USAGE = `usage: node dist/scripts/weights-loss.js [DIR] [options]
   DIR               checkpoint directory (default runs/brown)
   --data FILE...    UTF-8 text files the run trained on (default: the Brown corpus)
-  --weights LIST    formats to compare, comma-separated (default f32,bf16,int8)
+  --weights LIST    formats to compare, comma-separated (default f32,bf16,int8); each line's
+                    change is relative to the first format listed
   --windows N       validation windows, decoded as one batch (default 16)
   --length N        tokens per window (default 256)`;
 
