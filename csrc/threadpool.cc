@@ -29,9 +29,11 @@ int configured_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
-// Workers spin briefly for the next region before sleeping: a decode step runs dozens of
-// short regions back to back, and a futex wake per region would cost more than the work.
-constexpr auto kSpin = std::chrono::microseconds(100);
+// Workers spin for the next region before sleeping: a decode step runs dozens of short
+// regions back to back, and a futex wake costs more than many of them. Long enough to span
+// the gap between two decode steps (the promise's round trip through JS, 0.1-0.6 ms here),
+// so a token stream never sleeps the worker.
+constexpr auto kSpin = std::chrono::microseconds(2000);
 
 class Pool {
  public:
@@ -64,16 +66,18 @@ class Pool {
     grain_ = grain;
     next_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    open_.store(true);
     {
       std::lock_guard<std::mutex> lock(mu_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     work();
-    // Pause-spin for the stragglers, then yield: on an oversubscribed machine the worker we
-    // wait for may need this core.
-    for (int i = 0; active_.load(std::memory_order_acquire) != 0; i++) {
+    // Every piece is claimed: close the region, so a worker that has not joined yet (one the
+    // OS has not scheduled, say) stays out, and wait only for those inside. Pause-spin, then
+    // yield: on an oversubscribed machine the worker we wait for may need this core.
+    open_.store(false);
+    for (int i = 0; inside_.load() != 0; i++) {
       if (i < 2000) {
         RETNET_PAUSE();
       } else {
@@ -127,8 +131,12 @@ class Pool {
       }
       seen = generation_.load(std::memory_order_acquire);
       if (shutdown_) return;
-      work();
-      active_.fetch_sub(1, std::memory_order_release);
+      // Join only an open region. seq_cst with run()'s close: either run() sees this
+      // thread inside, or this thread sees the region closed and leaves its fields alone.
+      // A worker that joins late may find a later region open; helping that one is fine.
+      inside_.fetch_add(1);
+      if (open_.load()) work();
+      inside_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -141,7 +149,8 @@ class Pool {
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
   size_t n_ = 0, grain_ = 1;
   std::atomic<size_t> next_{0};
-  std::atomic<int> active_{0};
+  std::atomic<bool> open_{false};
+  std::atomic<int> inside_{0};
   std::atomic<int> sleeping_{0};
   std::atomic<uint64_t> generation_{0};
   bool shutdown_ = false;
