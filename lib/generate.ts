@@ -1,6 +1,7 @@
 // The text generation loop over a decode session: prefill, then sample -> yield -> step.
 
 import { Sampler, SamplingOptions, formatValue, validateSamplingOptions } from './sampling';
+import type { StepOptions } from './session';
 import { Tokenizer, checkTokenId } from './tokenizer';
 
 /** A stateful decoder over a model (the native-backed session implements this). */
@@ -10,8 +11,11 @@ export interface DecodeSession {
   readonly position: number;
   /** Consumes `tokens` (one row per batch entry); logits [batch, V] are for the next token. */
   prefill(tokens: number[][]): Promise<{ logits: Float32Array }>;
-  /** Consumes one token per batch entry; logits [batch, V] are for the next token. */
-  step(tokenIds: number[]): Promise<{ logits: Float32Array }>;
+  /**
+   * Consumes one token per batch entry; logits [batch, V] are for the next token, written into
+   * `options.logits` where the session supports it and it is given.
+   */
+  step(tokenIds: number[], options?: StepOptions): Promise<{ logits: Float32Array }>;
   dispose(): void;
 }
 
@@ -159,6 +163,8 @@ export async function* generateFromSession(
   const endOfText = (): string => stopFilter.push(decoder.flush()) + stopFilter.finish();
   const history = promptTokens.slice();
   let { logits } = await session.prefill([promptTokens]);
+  // The sampler reads each step's logits before the next step, so one buffer serves them all.
+  const stepLogits = new Float32Array(logits.length);
   for (let produced = 1; ; produced++) {
     throwIfAborted(signal);
     const vocabLogits = logits.length > tokenizer.vocabSize ? logits.subarray(0, tokenizer.vocabSize) : logits;
@@ -179,7 +185,7 @@ export async function* generateFromSession(
     }
     yield { token, text };
     throwIfAborted(signal);
-    ({ logits } = await session.step([token]));
+    ({ logits } = await session.step([token], { logits: stepLogits }));
   }
 }
 

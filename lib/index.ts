@@ -2,7 +2,7 @@
 export { RetNet } from './model';
 export type { ForwardMode, ForwardOptions, ModelOptions, CreateOptions, GenerateRequest } from './model';
 export { Session } from './session';
-export type { PrefillMode, PrefillOptions } from './session';
+export type { PrefillMode, PrefillOptions, StepOptions } from './session';
 export type { RetNetConfig, Activation } from './config';
 export { resolveConfig, parameterShapes, CONFIG_DEFAULTS } from './config';
 export type { TokenBatch, TokenInput } from './tokens';

@@ -7,7 +7,7 @@ import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } f
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
 import { NativeDevice, NativeModel, Precision, WeightFormat, addon } from './native';
 import { TensorEntry, openSafetensors, writeFileAtomic, writeSafetensorsFile } from './safetensors';
-import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
+import { PrefillMode, Session, SessionOwner, StepOptions, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer } from './tokenizer';
@@ -375,7 +375,7 @@ export class RetNet implements SessionOwner {
         return session.position;
       },
       prefill: (tokens: number[][]) => session.prefill(tokens, { mode: prefillMode }),
-      step: (ids: number[]) => session.step(ids),
+      step: (ids: number[], stepOptions?: StepOptions) => session.step(ids, stepOptions),
       dispose: () => session.dispose(),
     };
     try {

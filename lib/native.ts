@@ -75,7 +75,8 @@ export interface NativeModel {
   forward(tokens: Int32Array, batch: number, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   createState(batch: number): NativeState;
   prefill(state: NativeState, tokens: Int32Array, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
-  step(state: NativeState, tokens: Int32Array): Promise<Float32Array>;
+  /** With `logits` (batch * V floats), fills and resolves that buffer instead of a new one. */
+  step(state: NativeState, tokens: Int32Array, logits?: Float32Array): Promise<Float32Array>;
   /** Decode steps read bf16 / int8 copies of the projection weights ('f32': the weights themselves). */
   setDecodeWeights(format: WeightFormat): Promise<void>;
   /** One decode step for several states (rows in order); logits [sum of batches, V]. */

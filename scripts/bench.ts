@@ -202,9 +202,11 @@ async function runDecode(
   await session.prefill(prompt, { mode: 'chunkwise', chunkSize });
   const prefillSeconds = seconds(start);
   const ids = Array.from({ length: batch }, (_, b) => (b * 13 + 1) % V);
-  for (let i = 0; i < 4; i++) await session.step(ids);
+  // One logits buffer for every step, as generate() does.
+  const logits = new Float32Array(batch * V);
+  for (let i = 0; i < 4; i++) await session.step(ids, { logits });
   start = process.hrtime.bigint();
-  for (let i = 0; i < steps; i++) await session.step(ids);
+  for (let i = 0; i < steps; i++) await session.step(ids, { logits });
   const stepSeconds = seconds(start) / steps;
   const stepBytes = decodeStepBytes(model.config, batch, weights);
   session.dispose();

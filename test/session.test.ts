@@ -227,3 +227,26 @@ test('one batched step over several sessions equals stepping each alone', async 
   expect(() => native.stepBatch(together, Int32Array.from([1]))).toThrow(/one token per row/);
   for (const s of [...alone, ...together]) s.dispose();
 });
+
+test('step fills options.logits in place with the numbers a new array would hold', async () => {
+  const tokens = randomTokens(5, 2, 8);
+  const a = model.createSession({ batch: 2 });
+  const b = model.createSession({ batch: 2 });
+  await a.prefill(tokens);
+  await b.prefill(tokens);
+  const buffer = new Float32Array(2 * model.vocabSize).fill(Number.NaN);
+  for (const ids of [[1, 2], [3, 4]]) {
+    const fresh = await a.step(ids);
+    const filled = await b.step(ids, { logits: buffer });
+    expect(filled.logits).toBe(buffer);
+    expect(Array.from(buffer)).toEqual(Array.from(fresh.logits));
+  }
+  expect(() => b.step([1, 2], { logits: new Float32Array(model.vocabSize) })).toThrow(/options\.logits must be a Float32Array of batch \* vocab/);
+  expect(() => b.step([1, 2], { logits: new Float64Array(2 * model.vocabSize) as unknown as Float32Array })).toThrow(/options\.logits/);
+  const native = model.native();
+  const state = native.createState(2);
+  expect(() => native.step(state, Int32Array.from([1, 2]), new Float32Array(3))).toThrow(/logits buffer has 3 floats; the step writes batch \* vocab/);
+  expect(() => native.step(state, Int32Array.from([1, 2]), new Int32Array(2 * model.vocabSize) as unknown as Float32Array)).toThrow(/logits/);
+  a.dispose();
+  b.dispose();
+});
