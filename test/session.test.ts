@@ -247,6 +247,11 @@ test('step fills options.logits in place with the numbers a new array would hold
   const state = native.createState(2);
   expect(() => native.step(state, Int32Array.from([1, 2]), new Float32Array(3))).toThrow(/logits buffer has 3 floats; the step writes batch \* vocab/);
   expect(() => native.step(state, Int32Array.from([1, 2]), new Int32Array(2 * model.vocabSize) as unknown as Float32Array)).toThrow(/logits/);
+  // Detached while the step runs: the copy on completion refuses it rather than writing freed memory.
+  const moved = new Float32Array(2 * model.vocabSize);
+  const pending = native.step(state, Int32Array.from([1, 2]), moved);
+  structuredClone(moved.buffer, { transfer: [moved.buffer] });
+  await expect(pending).rejects.toThrow(/detached during the call/);
   a.dispose();
   b.dispose();
 });
