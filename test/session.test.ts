@@ -169,12 +169,21 @@ test('save then load round-trips exactly (directory and single file)', async () 
 });
 
 test('the event loop stays responsive while native work runs', async () => {
-  const big = randomTokens(9, 4, 256);
-  let ticks = 0;
-  const timer = setInterval(() => ticks++, 1);
-  await model.forward(big, { mode: 'recurrent' });
-  clearInterval(timer);
-  expect(ticks).toBeGreaterThan(2);
+  // A blocking call would let no timer fire before it resolves. The work is grown until it
+  // lasts long enough that a free event loop must tick several times, however fast the machine.
+  for (let T = 256; ; T *= 2) {
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    const start = performance.now();
+    await model.forward(randomTokens(9, 4, T), { mode: 'recurrent' });
+    const elapsedMs = performance.now() - start;
+    clearInterval(timer);
+    if (elapsedMs >= 50 || T >= 1 << 16) {
+      expect(elapsedMs).toBeGreaterThanOrEqual(50);
+      expect(ticks).toBeGreaterThan(2);
+      return;
+    }
+  }
 });
 
 test('the addon works inside worker_threads', async () => {
