@@ -26,6 +26,9 @@ export interface DecodeFigure {
   tokensPerSecond: number;
   msPerToken: number;
   stepBytes: number;
+  /** DRAM read bandwidth probed in the same process right after the timed steps: this VM's
+   * bandwidth swings within minutes, so the fraction is taken against a reading of that moment. */
+  bandwidthGBps: number;
   rooflineFraction: number;
   peakRssBytes: number;
 }
@@ -192,7 +195,6 @@ async function runDecode(
   context: number,
   steps: number,
   chunkSize: number,
-  bandwidth: number,
 ): Promise<DecodeFigure> {
   const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
   const V = model.config.vocab_size;
@@ -209,6 +211,9 @@ async function runDecode(
   for (let i = 0; i < steps; i++) await session.step(ids, { logits });
   const stepSeconds = seconds(start) / steps;
   const stepBytes = decodeStepBytes(model.config, batch, weights);
+  // Read before the probe, whose buffer would count in it.
+  const peakRssBytes = process.resourceUsage().maxRSS * 1024;
+  const bandwidth = await addon().benchKernel('bandwidth', { megabytes: 256, reps: 5 });
   session.dispose();
   model.dispose();
   return {
@@ -220,8 +225,9 @@ async function runDecode(
     tokensPerSecond: batch / stepSeconds,
     msPerToken: stepSeconds * 1000,
     stepBytes,
+    bandwidthGBps: bandwidth,
     rooflineFraction: stepBytes / (bandwidth * 1e9) / stepSeconds,
-    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+    peakRssBytes,
   };
 }
 
@@ -363,7 +369,7 @@ export async function main(argv: string[]): Promise<void> {
     const [, kind, ...rest] = argv;
     const result =
       kind === 'decode'
-        ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]), Number(rest[6]))
+        ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
         : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
@@ -383,12 +389,12 @@ export async function main(argv: string[]): Promise<void> {
       for (const weights of o.weights) {
         for (const batch of o.batches) {
           for (const context of o.contexts) {
-            const f = inChild<DecodeFigure>(['decode', preset, weights, String(batch), String(context), String(o.steps), String(o.chunkSize), String(bandwidth)]);
+            const f = inChild<DecodeFigure>(['decode', preset, weights, String(batch), String(context), String(o.steps), String(o.chunkSize)]);
             decode.push(f);
             console.log(
               `${preset.padEnd(7)} ${weights.padEnd(4)} b=${String(batch).padStart(2)} ctx=${String(context).padStart(5)}  prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(6)} tok/s` +
                 `  decode ${f.msPerToken.toFixed(2).padStart(7)} ms/step ${f.tokensPerSecond.toFixed(1).padStart(7)} tok/s` +
-                `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step  peak RSS ${mib(f.peakRssBytes)}`,
+                `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step at ${f.bandwidthGBps.toFixed(1)} GB/s  peak RSS ${mib(f.peakRssBytes)}`,
             );
           }
         }

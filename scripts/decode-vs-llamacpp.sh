@@ -77,8 +77,8 @@ echo "preset $PRESET, contexts $CONTEXTS, $REPEATS repeats, $STEPS steps, $THREA
 IFS=',' read -r -a CTX <<<"$CONTEXTS"
 for ((r = 1; r <= REPEATS; r++)); do
   for c in "${CTX[@]}"; do
-    # ours: the bench's per-configuration child (no bandwidth/FMA probe; the 0 only feeds rooflineFraction)
-    line=$(node dist/scripts/bench.js --child decode "$PRESET" "$OUR_WEIGHTS" 1 "$c" "$STEPS" "$CHUNK" 0 | tail -n 1)
+    # ours: the bench's per-configuration child (its peak RSS is read before its bandwidth probe)
+    line=$(node dist/scripts/bench.js --child decode "$PRESET" "$OUR_WEIGHTS" 1 "$c" "$STEPS" "$CHUNK" | tail -n 1)
     node -e 'const f=JSON.parse(process.argv[1]);f.impl="retnet";f.repeat=+process.argv[2];console.log(JSON.stringify(f))' "$line" "$r" >>"$OUT"
     echo "repeat $r ctx $c  ours      prefill $(node -p "JSON.parse(process.argv[1]).prefillTokensPerSecond.toFixed(0)" "$line") tok/s  decode $(node -p "JSON.parse(process.argv[1]).tokensPerSecond.toFixed(1)" "$line") tok/s" >&2
     # llama.cpp

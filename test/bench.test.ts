@@ -18,10 +18,11 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
   expect(report.memoryBandwidthGBps).toBeGreaterThan(0);
   expect(report.decode).toHaveLength(2);
   for (const f of report.decode) {
-    for (const key of ['preset', 'weights', 'batch', 'context', 'prefillTokensPerSecond', 'tokensPerSecond', 'msPerToken', 'rooflineFraction', 'peakRssBytes']) {
+    for (const key of ['preset', 'weights', 'batch', 'context', 'prefillTokensPerSecond', 'tokensPerSecond', 'msPerToken', 'bandwidthGBps', 'rooflineFraction', 'peakRssBytes']) {
       expect(f).toHaveProperty(key);
     }
     expect(f.tokensPerSecond).toBeGreaterThan(0);
+    expect(f.bandwidthGBps).toBeGreaterThan(0);
   }
   expect(report.train.map((f: { mode: string; precision: string; checkpointActivations: boolean }) => `${f.mode} ${f.precision} ${f.checkpointActivations}`)).toEqual([
     'parallel fp32 false',
