@@ -8,6 +8,7 @@ import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
 import { addon, type Precision, type TrainMode, type WeightFormat } from '../lib/native';
+import { Sampler, type SamplingOptions } from '../lib/sampling';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
   // The byte-level model `npm start` trains.
@@ -43,6 +44,12 @@ export interface TrainFigure {
   chunkSize: number;
   tokensPerSecond: number;
   peakRssBytes: number;
+}
+
+export interface SamplingFigure {
+  options: SamplingOptions;
+  vocabSize: number;
+  msPerToken: number;
 }
 
 export interface KernelFigure {
@@ -185,6 +192,29 @@ export function stepWeightCount(config: RetNetConfig): number {
     count += shape.reduce((a, b) => a * b, 1);
   }
   return count;
+}
+
+/**
+ * The sampler's time per token (on the JS thread, between decode steps), on logits spread
+ * evenly over [-4, 4): flatter than a trained model's, so top-p keeps many candidates.
+ */
+function samplingFigures(vocabSize: number): SamplingFigure[] {
+  const logits = new Float32Array(vocabSize);
+  let state = 1;
+  for (let i = 0; i < vocabSize; i++) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    logits[i] = (state / 2 ** 32) * 8 - 4;
+  }
+  const history = [1, 2, 3];
+  const cases: SamplingOptions[] = [{ temperature: 0 }, {}, { topK: 40 }, { topP: 0.9 }, { topK: 40, topP: 0.95, repetitionPenalty: 1.1 }];
+  return cases.map((options) => {
+    const sampler = new Sampler({ ...options, seed: 1 });
+    for (let i = 0; i < 5; i++) sampler.sample(logits, history);
+    const draws = 100;
+    const start = process.hrtime.bigint();
+    for (let i = 0; i < draws; i++) sampler.sample(logits, history);
+    return { options, vocabSize, msPerToken: (seconds(start) * 1000) / draws };
+  });
 }
 
 /** One decode configuration, in this process (a child of the bench). */
@@ -381,6 +411,7 @@ export async function main(argv: string[]): Promise<void> {
   const peak = await native.benchKernel('fma_peak', { reps: 3 });
   console.log(`retnet bench: ${info.threads} threads, gemm ${info.gemm}; measured DRAM read ${bandwidth.toFixed(1)} GB/s, FMA peak ${peak.toFixed(0)} GFLOP/s`);
   const decode: DecodeFigure[] = [];
+  let sampling: SamplingFigure[] = [];
   const train: TrainFigure[] = [];
   let kernelFigures: KernelFigure[] = [];
   if (o.what === 'decode' || o.what === 'all') {
@@ -400,6 +431,9 @@ export async function main(argv: string[]): Promise<void> {
         }
       }
     }
+    sampling = samplingFigures(PRESETS[o.presets[0]].vocab_size);
+    console.log(`\nsampling (JS thread, per token, vocab ${sampling[0].vocabSize}, logits uniform in [-4, 4))`);
+    for (const f of sampling) console.log(`${JSON.stringify(f.options).padEnd(56)} ${f.msPerToken.toFixed(3).padStart(7)} ms`);
   }
   if (o.what === 'train' || o.what === 'all') {
     const bf16How = info.bf16Dot ? 'on AVX512-BF16' : 'rounded, fp32 arithmetic (no AVX512-BF16)';
@@ -429,7 +463,7 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.json) {
-    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, train, kernels: kernelFigures };
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, sampling, train, kernels: kernelFigures };
     fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
     console.log(`\nwrote ${o.json}`);
   }

@@ -17,6 +17,8 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
   const report = JSON.parse(fs.readFileSync(out, 'utf8'));
   expect(report.memoryBandwidthGBps).toBeGreaterThan(0);
   expect(report.decode).toHaveLength(2);
+  expect(report.sampling.length).toBeGreaterThan(0);
+  for (const f of report.sampling) expect(f.msPerToken).toBeGreaterThan(0);
   for (const f of report.decode) {
     for (const key of ['preset', 'weights', 'batch', 'context', 'prefillTokensPerSecond', 'tokensPerSecond', 'msPerToken', 'bandwidthGBps', 'rooflineFraction', 'peakRssBytes']) {
       expect(f).toHaveProperty(key);

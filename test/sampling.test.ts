@@ -225,18 +225,6 @@ describe('Sampler', () => {
     expect(() => sampler.sample(Float32Array.of(0, NaN), [])).toThrow(/logits\[1\] is NaN/);
     expect(() => sampler.sample(Float32Array.of(0, 1), [0, 5])).toThrow(/history\[1\] = 5/);
   });
-
-  test('is fast enough for a 32000-id vocabulary', () => {
-    const logits = testLogits(32000, 11);
-    const configs: SamplingOptions[] = [{ topK: 40 }, { topP: 0.9 }, {}, { temperature: 0, repetitionPenalty: 1.1 }];
-    const started = process.hrtime.bigint();
-    for (const options of configs) {
-      const sampler = new Sampler({ ...options, seed: 1 });
-      for (let i = 0; i < 50; i++) sampler.sample(logits, [1, 2, 3]);
-    }
-    const perSampleMs = Number(process.hrtime.bigint() - started) / 1e6 / (configs.length * 50);
-    expect(perSampleMs).toBeLessThan(20);
-  });
 });
 
 describe('validateSamplingOptions', () => {
