@@ -27,8 +27,9 @@ export interface DecodeFigure {
   tokensPerSecond: number;
   msPerToken: number;
   stepBytes: number;
-  /** DRAM read bandwidth probed in the same process right after the timed steps: this VM's
-   * bandwidth swings within minutes, so the fraction is taken against a reading of that moment. */
+  /** DRAM read bandwidth at the time of the timed steps: the better of a probe just before the
+   * figure's child starts and one in the child right after its steps (this VM's bandwidth
+   * swings within minutes, so the fraction is taken against readings of that moment). */
   bandwidthGBps: number;
   rooflineFraction: number;
   peakRssBytes: number;
@@ -286,6 +287,12 @@ async function runTrain(
   return { preset, mode, precision, checkpointActivations, batch, seqLen, chunkSize, tokensPerSecond: (batch * seqLen) / perStep, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
 }
 
+/** The figure's roofline against the better of its own probe and one taken before its child. */
+function againstBetterProbe(f: DecodeFigure, probeBeforeGBps: number): DecodeFigure {
+  const bandwidthGBps = Math.max(f.bandwidthGBps, probeBeforeGBps);
+  return { ...f, bandwidthGBps, rooflineFraction: f.stepBytes / (bandwidthGBps * 1e9) / (f.msPerToken / 1000) };
+}
+
 /** Runs one configuration in a fresh node process and parses its JSON line. */
 function inChild<T>(args: string[]): T {
   const out = execFileSync(process.execPath, [__filename, '--child', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
@@ -420,7 +427,11 @@ export async function main(argv: string[]): Promise<void> {
       for (const weights of o.weights) {
         for (const batch of o.batches) {
           for (const context of o.contexts) {
-            const f = inChild<DecodeFigure>(['decode', preset, weights, String(batch), String(context), String(o.steps), String(o.chunkSize)]);
+            const probeBefore = await native.benchKernel('bandwidth', { megabytes: 256, reps: 5 });
+            const f = againstBetterProbe(
+              inChild<DecodeFigure>(['decode', preset, weights, String(batch), String(context), String(o.steps), String(o.chunkSize)]),
+              probeBefore,
+            );
             decode.push(f);
             console.log(
               `${preset.padEnd(7)} ${weights.padEnd(4)} b=${String(batch).padStart(2)} ctx=${String(context).padStart(5)}  prefill ${f.prefillTokensPerSecond.toFixed(0).padStart(6)} tok/s` +
