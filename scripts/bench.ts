@@ -218,6 +218,11 @@ function samplingFigures(vocabSize: number): SamplingFigure[] {
   });
 }
 
+/** The floor (the step's bytes at the probed bandwidth) over the step's measured time. */
+function rooflineFraction(stepBytes: number, bandwidthGBps: number, stepSeconds: number): number {
+  return stepBytes / (bandwidthGBps * 1e9) / stepSeconds;
+}
+
 /** One decode configuration, in this process (a child of the bench). */
 async function runDecode(
   preset: string,
@@ -257,7 +262,7 @@ async function runDecode(
     msPerToken: stepSeconds * 1000,
     stepBytes,
     bandwidthGBps: bandwidth,
-    rooflineFraction: stepBytes / (bandwidth * 1e9) / stepSeconds,
+    rooflineFraction: rooflineFraction(stepBytes, bandwidth, stepSeconds),
     peakRssBytes,
   };
 }
@@ -290,7 +295,7 @@ async function runTrain(
 /** The figure's roofline against the better of its own probe and one taken before its child. */
 function againstBetterProbe(f: DecodeFigure, probeBeforeGBps: number): DecodeFigure {
   const bandwidthGBps = Math.max(f.bandwidthGBps, probeBeforeGBps);
-  return { ...f, bandwidthGBps, rooflineFraction: f.stepBytes / (bandwidthGBps * 1e9) / (f.msPerToken / 1000) };
+  return { ...f, bandwidthGBps, rooflineFraction: rooflineFraction(f.stepBytes, bandwidthGBps, f.msPerToken / 1000) };
 }
 
 /** Runs one configuration in a fresh node process and parses its JSON line. */
