@@ -76,6 +76,7 @@ interface Options {
   chunkSize: number;
   json?: string;
   plot?: string;
+  help?: boolean;
 }
 
 const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,bf16,int8] [--batch 1,4,16,64]
@@ -111,6 +112,10 @@ export function parseBenchArgs(argv: string[]): Options {
     const arg = argv[i];
     if (arg === 'decode' || arg === 'train' || arg === 'kernels' || arg === 'all') {
       o.what = arg;
+      continue;
+    }
+    if (arg === '--help' || arg === '-h') {
+      o.help = true;
       continue;
     }
     const value = argv[++i];
@@ -417,6 +422,10 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   const o = parseBenchArgs(argv);
+  if (o.help) {
+    console.log(USAGE);
+    return;
+  }
   const info = buildInfo();
   const native = addon();
   const bandwidth = await native.benchKernel('bandwidth', { megabytes: 1024, reps: 5 });

@@ -17,7 +17,7 @@ commands:
   train       train a byte-level model (retnet train --help)
   generate    continue a prompt with a saved model (retnet generate --help)
   serve       an OpenAI-compatible completions server for a saved model (retnet serve --help)
-  bench       decode / train / kernel benchmarks (retnet bench [decode|train|kernels|all] ...)`;
+  bench       decode / train / kernel benchmarks (retnet bench --help)`;
 
 const GENERATE_USAGE = `usage: retnet generate --model DIR [options]
 

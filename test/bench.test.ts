@@ -50,6 +50,9 @@ test('decode step bytes count weights once and state per row', () => {
   expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
   expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);
   expect(() => parseBenchArgs(['--precision', 'fp16'])).toThrow(/unknown precision fp16/);
+  expect(parseBenchArgs(['decode', '--help']).help).toBe(true);
+  expect(parseBenchArgs(['-h']).help).toBe(true);
+  expect(parseBenchArgs(['decode']).help).toBeUndefined();
 });
 
 test('the decode-product kernel bench times linear_rowwise and rejects empty shapes', async () => {
