@@ -55,8 +55,20 @@ const { exp } = Math;
 
 // randomInt's range must be below 2^48.
 const RANDOM_SEED_BOUND = 2 ** 48 - 1;
-/** Weight floors (relative to the max weight, 1) tried before sorting every candidate for top-p. */
-const NUCLEUS_WEIGHT_FLOORS = [1e-4, 1e-8];
+/**
+ * Top-p buckets candidates by weight, 16 per halving below the max (weight 1) and the last one
+ * for everything under 2^-63, read off the float64 bits: the key (sign, exponent, 4 mantissa
+ * bits) grows with the weight, so each bucket holds a contiguous range of weights.
+ */
+const NUCLEUS_BUCKETS = 1024;
+const WEIGHT_ONE_KEY = 0x3ff0; // the top 16 bits of 1.0
+/** Index of a float64's high 32-bit word within its two Uint32 halves. */
+const HIGH_WORD = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1 ? 1 : 0;
+
+function nucleusBucket(highWord: number): number {
+  const bucket = WEIGHT_ONE_KEY - (highWord >>> 16);
+  return bucket < NUCLEUS_BUCKETS ? bucket : NUCLEUS_BUCKETS - 1;
+}
 
 /**
  * Picks next tokens from logits. One Sampler holds one PRNG stream: the same options and seed
@@ -74,7 +86,9 @@ export class Sampler {
   private scores = new Float64Array(0);
   private candidates = new Int32Array(0);
   private weights = new Float64Array(0);
+  private weightWords = new Uint32Array(0);
   private sortedWeights = new Float64Array(0);
+  private readonly bucketMass = new Float64Array(NUCLEUS_BUCKETS);
 
   constructor(options: SamplingOptions = {}) {
     validateSamplingOptions(options);
@@ -124,6 +138,7 @@ export class Sampler {
       this.scores = new Float64Array(vocabSize);
       this.candidates = new Int32Array(vocabSize);
       this.weights = new Float64Array(vocabSize);
+      this.weightWords = new Uint32Array(this.weights.buffer);
       this.sortedWeights = new Float64Array(vocabSize);
     }
     const scores = this.scores;
@@ -197,25 +212,32 @@ export class Sampler {
   private drawFromNucleus(candidateCount: number, total: number): number {
     const candidates = this.candidates;
     const weights = this.weights;
+    const words = this.weightWords;
+    const bucketMass = this.bucketMass;
     const targetMass = this.topP * total;
-    // The nucleus is the heaviest prefix, so when the weights at or above a floor already reach the
-    // target mass, only those need sorting. Real logits put most of the vocabulary far below the max
-    // (weight 1), which makes this much cheaper than sorting everything; 0 keeps every candidate.
-    let floor = 0;
-    for (const candidateFloor of NUCLEUS_WEIGHT_FLOORS) {
-      let massAbove = 0;
-      for (let j = 0; j < candidateCount; j++) if (weights[j] >= candidateFloor) massAbove += weights[j];
-      if (massAbove >= targetMass) {
-        floor = candidateFloor;
-        break;
-      }
+    // The nucleus is the heaviest prefix: whole buckets from the heaviest down, then the part of
+    // the bucket where the mass is reached, which alone needs sorting. O(V) whatever the
+    // distribution (a flat one, from a high temperature say, used to mean sorting everything).
+    bucketMass.fill(0);
+    for (let j = 0; j < candidateCount; j++) bucketMass[nucleusBucket(words[2 * j + HIGH_WORD])] += weights[j];
+    // The last bucket with mass stops the walk too: rounding can leave the sum short of topP * total.
+    let lastWithMass = NUCLEUS_BUCKETS - 1;
+    while (lastWithMass > 0 && bucketMass[lastWithMass] === 0) lastWithMass--;
+    let boundary = 0;
+    let massAbove = 0;
+    for (; boundary < lastWithMass; boundary++) {
+      if (massAbove + bucketMass[boundary] >= targetMass) break;
+      massAbove += bucketMass[boundary];
     }
     let sortedCount = 0;
-    for (let j = 0; j < candidateCount; j++) if (weights[j] >= floor) this.sortedWeights[sortedCount++] = weights[j];
+    for (let j = 0; j < candidateCount; j++) {
+      if (nucleusBucket(words[2 * j + HIGH_WORD]) === boundary) this.sortedWeights[sortedCount++] = weights[j];
+    }
     const sorted = this.sortedWeights.subarray(0, sortedCount).sort();
-    // Walk down from the heaviest until the mass is reached; `cutoff` is the lightest kept weight.
+    // Walk down from the boundary bucket's heaviest until the mass is reached; `cutoff` is the
+    // lightest kept weight. Every heavier bucket's weights exceed it.
     let i = sortedCount;
-    let mass = 0;
+    let mass = massAbove;
     do {
       i--;
       mass += sorted[i];

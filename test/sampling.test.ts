@@ -120,10 +120,10 @@ describe('Sampler', () => {
     expect(combined[0]).toBeCloseTo(0.625, 1);
   });
 
-  test('topP keeps the same ids as a reference full sort, on large and tied vocabularies', () => {
+  test('topP keeps the same ids as a reference full sort, on large, flat and tied vocabularies', () => {
     /** Ids of the nucleus (heaviest first, lower id first among ties), with the margins around topP. */
-    function referenceNucleus(logits: Float32Array, topP: number): { ids: number[]; minProb: number } {
-      const probs = softmax(Array.from(logits));
+    function referenceNucleus(logits: Float32Array, topP: number, temperature: number): { ids: number[]; minProb: number } {
+      const probs = softmax(Array.from(logits), temperature);
       const order = Array.from(logits.keys()).sort((a, b) => probs[b] - probs[a] || a - b);
       const ids: number[] = [];
       let mass = 0;
@@ -139,14 +139,24 @@ describe('Sampler', () => {
     const large = testLogits(32000, 5); // most of the vocabulary is far below the peaks: the cheap path
     for (let i = 0; i < 25; i++) large[(i * 7919) % 32000] = 10 + (i % 5) * 0.3;
     const tied = testLogits(40, 6, true); // integer logits: many exact ties at the cutoff
-    const cases: Array<[Float32Array, number]> = [[large, 0.3], [large, 0.6], [tied, 0.5], [tied, 0.77]];
-    for (const [logits, topP] of cases) {
-      const { ids, minProb } = referenceNucleus(logits, topP);
+    // A smooth ramp, at temperature 4: hundreds of ids in the nucleus, dozens per weight bucket,
+    // the cutoff inside one.
+    const ramp = Float32Array.from({ length: 3000 }, (_, i) => -i * 0.008);
+    const cases: Array<[Float32Array, number, number]> = [
+      [large, 0.3, 1],
+      [large, 0.6, 1],
+      [tied, 0.5, 1],
+      [tied, 0.77, 1],
+      [ramp, 0.5, 4],
+      [ramp, 0.2, 4],
+    ];
+    for (const [logits, topP, temperature] of cases) {
+      const { ids, minProb } = referenceNucleus(logits, topP, temperature);
       expect(ids.length).toBeGreaterThan(1);
-      expect(minProb).toBeGreaterThan(0.01);
+      expect(minProb).toBeGreaterThan(0.001);
       // Enough draws that missing any kept id has probability below ids.length * e^-15.
       const draws = Math.ceil(15 / minProb);
-      const sampler = new Sampler({ topP, seed: 10 });
+      const sampler = new Sampler({ topP, temperature, seed: 10 });
       const seen = new Set<number>();
       for (let i = 0; i < draws; i++) seen.add(sampler.sample(logits, []));
       expect([...seen].sort((a, b) => a - b)).toEqual(ids);
