@@ -35,6 +35,25 @@ export interface DecodeFigure {
   peakRssBytes: number;
 }
 
+/**
+ * Batch-1 decode after the shortest and the longest context, timed in one process in
+ * alternating blocks of steps: separate children see the machine at different moments, and
+ * its bandwidth drifts more between them than the context changes a step.
+ */
+export interface ContextFigure {
+  preset: string;
+  weights: WeightFormat;
+  shortContext: number;
+  longContext: number;
+  rounds: number;
+  stepsPerRound: number;
+  /** Medians over the rounds. */
+  shortMsPerToken: number;
+  longMsPerToken: number;
+  /** Tokens/s after the long context over tokens/s after the short one: the median of the rounds' ratios. */
+  longOverShort: number;
+}
+
 export interface TrainFigure {
   preset: string;
   mode: 'parallel' | 'chunkwise';
@@ -272,6 +291,38 @@ async function runDecode(
   };
 }
 
+/** See ContextFigure: one model, a session per context, blocks of steps taken in turn. */
+async function runContexts(preset: string, weights: WeightFormat, shortContext: number, longContext: number, steps: number, chunkSize: number): Promise<ContextFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
+  const V = model.config.vocab_size;
+  const sessions = [];
+  for (const context of [shortContext, longContext]) {
+    const session = model.createSession({ batch: 1 });
+    await session.prefill([Array.from({ length: context }, (_, t) => (t * 7) % V)], { mode: 'chunkwise', chunkSize });
+    sessions.push(session);
+  }
+  const logits = new Float32Array(V);
+  const rounds = 30;
+  const stepsPerRound = Math.max(16, Math.ceil(steps / 4));
+  const ms: number[][] = [[], []];
+  for (let r = 0; r < rounds; r++) {
+    // Each round swaps which context goes first.
+    for (const which of r % 2 ? [1, 0] : [0, 1]) {
+      for (let i = 0; i < 2; i++) await sessions[which].step([1], { logits });
+      const start = process.hrtime.bigint();
+      for (let i = 0; i < stepsPerRound; i++) await sessions[which].step([1], { logits });
+      ms[which].push((seconds(start) * 1000) / stepsPerRound);
+    }
+  }
+  for (const session of sessions) session.dispose();
+  model.dispose();
+  const median = (a: number[]): number => a.slice().sort((x, y) => x - y)[a.length >> 1];
+  const [shortMsPerToken, longMsPerToken] = ms.map(median);
+  // Per round, so that drift between rounds cancels.
+  const longOverShort = median(ms[0].map((short, r) => short / ms[1][r]));
+  return { preset, weights, shortContext, longContext, rounds, stepsPerRound, shortMsPerToken, longMsPerToken, longOverShort };
+}
+
 /** One training configuration: forward + backward + AdamW per step, in this process. */
 async function runTrain(
   preset: string,
@@ -417,7 +468,9 @@ export async function main(argv: string[]): Promise<void> {
     const result =
       kind === 'decode'
         ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
-        : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
+        : kind === 'contexts'
+          ? await runContexts(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
+          : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -432,6 +485,7 @@ export async function main(argv: string[]): Promise<void> {
   const peak = await native.benchKernel('fma_peak', { reps: 3 });
   console.log(`retnet bench: ${info.threads} threads, gemm ${info.gemm}; measured DRAM read ${bandwidth.toFixed(1)} GB/s, FMA peak ${peak.toFixed(0)} GFLOP/s`);
   const decode: DecodeFigure[] = [];
+  const contexts: ContextFigure[] = [];
   let sampling: SamplingFigure[] = [];
   const train: TrainFigure[] = [];
   let kernelFigures: KernelFigure[] = [];
@@ -453,6 +507,16 @@ export async function main(argv: string[]): Promise<void> {
                 `  roofline ${(100 * f.rooflineFraction).toFixed(0).padStart(3)}% of ${(f.stepBytes / 1e6).toFixed(0)} MB/step at ${f.bandwidthGBps.toFixed(1)} GB/s  peak RSS ${mib(f.peakRssBytes)}`,
             );
           }
+        }
+        const shortContext = Math.min(...o.contexts);
+        const longContext = Math.max(...o.contexts);
+        if (o.batches.includes(1) && longContext > shortContext) {
+          const f = inChild<ContextFigure>(['contexts', preset, weights, String(shortContext), String(longContext), String(o.steps), String(o.chunkSize)]);
+          contexts.push(f);
+          console.log(
+            `${preset.padEnd(7)} ${weights.padEnd(4)} b= 1 ctx ${longContext} against ${shortContext}, ${f.rounds} alternating rounds of ${f.stepsPerRound} steps in one process:` +
+              ` ${f.longMsPerToken.toFixed(2)} against ${f.shortMsPerToken.toFixed(2)} ms/step (medians), tokens/s ${f.longOverShort.toFixed(3)}x (median of the rounds' ratios)`,
+          );
         }
       }
     }
@@ -488,7 +552,7 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.json) {
-    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, sampling, train, kernels: kernelFigures };
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, sampling, train, kernels: kernelFigures };
     fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
     console.log(`\nwrote ${o.json}`);
   }

@@ -11,12 +11,15 @@ import { addon } from '../lib/native';
 test('bench decode+train on the tiny preset writes the JSON report', () => {
   const script = path.join(__dirname, '..', 'dist', 'scripts', 'bench.js');
   const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-bench-')), 'bench.json');
-  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16', '--train-shapes', '1x32', '--checkpointing', 'off,on', '--precision', 'fp32,bf16', '--steps', '2', '--chunk-size', '8', '--json', out], {
+  execFileSync(process.execPath, [script, 'all', '--preset', 'tiny', '--batch', '1,2', '--context', '16,24', '--train-shapes', '1x32', '--checkpointing', 'off,on', '--precision', 'fp32,bf16', '--steps', '2', '--chunk-size', '8', '--json', out], {
     stdio: 'ignore',
   });
   const report = JSON.parse(fs.readFileSync(out, 'utf8'));
   expect(report.memoryBandwidthGBps).toBeGreaterThan(0);
-  expect(report.decode).toHaveLength(2);
+  expect(report.decode).toHaveLength(4);
+  expect(report.contexts).toHaveLength(1);
+  expect(report.contexts[0]).toMatchObject({ preset: 'tiny', weights: 'f32', shortContext: 16, longContext: 24 });
+  expect(report.contexts[0].longOverShort).toBeGreaterThan(0);
   expect(report.sampling.length).toBeGreaterThan(0);
   for (const f of report.sampling) expect(f.msPerToken).toBeGreaterThan(0);
   for (const f of report.decode) {
