@@ -438,13 +438,17 @@ describe('large vocabulary', () => {
     expect(worst).toBeLessThan(1e-4);
   });
 
-  // 70000 logits per row: the trainer's output head then runs in blocks of 239 rows (64 MiB of
-  // logits at a time), so 2 x 150 rows take two blocks, the first ending inside the second
-  // sequence. Each sequence alone fits one block: the batch must equal their average.
-  test('the output head in row blocks gives the loss and gradients of whole-batch rows', async () => {
-    const config = smallConfig({ vocab_size: 70000, decoder_embed_dim: 4, decoder_value_embed_dim: 4, decoder_retention_heads: 1, decoder_ffn_embed_dim: 4, decoder_layers: 1 });
+  // The trainer's output head runs in blocks of at most 64 MiB of logits: 239 rows at 70000
+  // logits per row, and whole 256s where that is 256 or more (512 rows at 32000). So 2 x 150
+  // and 2 x 300 rows take two blocks, the first ending inside the second sequence. Each
+  // sequence alone fits one block: the batch must equal their average.
+  test.each([
+    [70000, 150],
+    [32000, 300],
+  ])('the output head in row blocks gives the loss and gradients of whole-batch rows (vocabulary %d, 2 x %d rows)', async (vocab, length) => {
+    const config = smallConfig({ vocab_size: vocab, decoder_embed_dim: 4, decoder_value_embed_dim: 4, decoder_retention_heads: 1, decoder_ffn_embed_dim: 4, decoder_layers: 1 });
     const model = await RetNet.fromStateDict(config, randomWeights(config, 12, 0.7));
-    const tokens = randomTokens(13, 2, 150, config.vocab_size);
+    const tokens = randomTokens(13, 2, length, config.vocab_size);
     const both = await model.lossAndGradients(tokens, { mode: 'parallel' });
     const first = await model.lossAndGradients([tokens[0]], { mode: 'parallel' });
     const second = await model.lossAndGradients([tokens[1]], { mode: 'parallel' });
