@@ -136,7 +136,7 @@ describe('Sampler', () => {
       }
       return { ids: ids.sort((a, b) => a - b), minProb: Math.min(...ids.map((id) => probs[id] / mass)) };
     }
-    const large = testLogits(32000, 5); // most of the vocabulary is far below the peaks: the cheap path
+    const large = testLogits(32000, 5); // 25 peaks, most of the vocabulary far below them
     for (let i = 0; i < 25; i++) large[(i * 7919) % 32000] = 10 + (i % 5) * 0.3;
     const tied = testLogits(40, 6, true); // integer logits: many exact ties at the cutoff
     // A smooth ramp, at temperature 4: hundreds of ids in the nucleus, dozens per weight bucket,
