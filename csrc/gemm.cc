@@ -410,19 +410,27 @@ bool gemm_has_bf16_dot() { return kernels().micro_bf16 != nullptr; }
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) {
   if (M <= 0) return;
   constexpr int kBlock = 64;
-  // Blocks of output rows across the whole group, so one region covers every product.
-  std::vector<std::pair<int, int>> blocks;  // (product, first row)
-  for (int i = 0; i < count; i++)
-    for (int n0 = 0; n0 < outs[i].N; n0 += kBlock) blocks.emplace_back(i, n0);
+  // Blocks of output rows across the whole group, numbered product after product, so one
+  // region covers every product. Counted, not listed: a decode step allocates nothing.
+  auto blocks_of = [&](int i) { return (static_cast<size_t>(outs[i].N) + kBlock - 1) / kBlock; };
+  size_t total = 0;
+  for (int i = 0; i < count; i++) total += blocks_of(i);
   const Kernels& kern = kernels();
-  parallel_for(blocks.size(), 1, [&](size_t b0, size_t b1) {
-    for (size_t b = b0; b < b1; b++) {
-      const LinearOut& o = outs[blocks[b].first];
-      const int n0 = blocks[b].second;
+  parallel_for(total, 1, [&](size_t b0, size_t b1) {
+    int i = 0;
+    size_t first = b0;  // b0's index within product i
+    while (first >= blocks_of(i)) first -= blocks_of(i++);
+    for (size_t b = b0; b < b1; b++, first++) {
+      while (first == blocks_of(i)) {  // the next product with rows
+        i++;
+        first = 0;
+      }
+      const LinearOut& o = outs[i];
+      const int n0 = static_cast<int>(first) * kBlock, n1 = std::min(o.N, n0 + kBlock);
       if (o.compact) {
-        quantized_dots(*o.compact, M, n0, std::min(o.N, n0 + kBlock), X, o.Y, o.N);
+        quantized_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else {
-        kern.dots(M, n0, std::min(o.N, n0 + kBlock), K, X, K, o.W, K, o.Y, o.N, false);
+        kern.dots(M, n0, n1, K, X, K, o.W, K, o.Y, o.N, false);
       }
     }
   });

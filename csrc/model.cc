@@ -332,7 +332,8 @@ void Model::step(DecodeState& state, const int32_t* tokens, float* logits) const
   check_tokens(tokens, state.batch());
   auto& scratch = state.scratch_->ws;
   if (!scratch) scratch = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(state.batch()));
-  step_rows({&state}, *scratch, tokens, state.batch(), logits);
+  DecodeState* const one = &state;
+  step_rows(&one, 1, *scratch, tokens, state.batch(), logits);
 }
 
 void Model::step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const {
@@ -342,10 +343,10 @@ void Model::step_batch(const std::vector<DecodeState*>& states, const int32_t* t
   std::lock_guard<std::mutex> lock(batch_mu_);
   if (!batch_ws_ || batch_ws_->rows < static_cast<size_t>(rows))
     batch_ws_ = std::make_unique<Workspace>(ops_.get(), c_, static_cast<size_t>(rows));
-  step_rows(states, *batch_ws_, tokens, rows, logits);
+  step_rows(states.data(), states.size(), *batch_ws_, tokens, rows, logits);
 }
 
-void Model::step_rows(const std::vector<DecodeState*>& states, Workspace& ws, const int32_t* tokens, int rows,
+void Model::step_rows(DecodeState* const* states, size_t count, Workspace& ws, const int32_t* tokens, int rows,
                       float* logits) const {
   ops_->embed(tokens, rows, embed_, c_.D, c_.embed_scale, ws.x.data());
   if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), rows, c_.D, c_.eps);
@@ -353,7 +354,8 @@ void Model::step_rows(const std::vector<DecodeState*>& states, Workspace& ws, co
   ws.row_views.resize(static_cast<size_t>(c_.L) * rows);
   ws.positions.resize(rows);
   int r = 0;
-  for (DecodeState* s : states) {
+  for (size_t i = 0; i < count; i++) {
+    DecodeState* s = states[i];
     for (int b = 0; b < s->batch(); b++, r++) {
       ws.positions[r] = s->position[b];
       for (int l = 0; l < c_.L; l++) {
@@ -363,8 +365,8 @@ void Model::step_rows(const std::vector<DecodeState*>& states, Workspace& ws, co
     }
   }
   run_layers(ws, {rows, 1, c_.H, c_.dk(), c_.dv()}, ws.positions.data(), &ws.row_views, Mode::Recurrent, 1);
-  for (DecodeState* s : states)
-    for (int64_t& p : s->position) p += 1;
+  for (size_t i = 0; i < count; i++)
+    for (int64_t& p : states[i]->position) p += 1;
   logits_of_rows(ws, ws.x.data(), rows, true, logits);
 }
 

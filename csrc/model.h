@@ -102,7 +102,8 @@ class Model {
   void run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
                   const std::vector<StateView>* states, Mode mode, int C) const;
   void logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const;
-  void step_rows(const std::vector<DecodeState*>& states, Workspace& ws, const int32_t* tokens, int rows,
+  // The rows of `count` states, in order (a pointer and a count: a single step builds no vector).
+  void step_rows(DecodeState* const* states, size_t count, Workspace& ws, const int32_t* tokens, int rows,
                  float* logits) const;
 
   std::unique_ptr<Ops> ops_;

@@ -557,7 +557,9 @@ class CpuOps final : public Ops {
                            float k_scale, float direction) {
     const int width = d.H * d.dk;
     parallel_for(static_cast<size_t>(d.B) * d.T, 16, [&](size_t r0, size_t r1) {
-      std::vector<float> cs(d.dk);  // cos, sin per pair
+      // cos, sin per pair; per thread and kept, so a decode step allocates nothing
+      thread_local std::vector<float> cs;
+      if (cs.size() < static_cast<size_t>(d.dk)) cs.resize(d.dk);
       for (size_t r = r0; r < r1; r++) {
         const int b = static_cast<int>(r / d.T), t = static_cast<int>(r % d.T);
         const float pos = static_cast<float>(start[b] + t);

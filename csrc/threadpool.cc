@@ -52,7 +52,7 @@ class Pool {
 
   int threads() const { return threads_; }
 
-  void run(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+  void run(size_t n, size_t grain, const RangeFn& fn) {
     if (n == 0) return;
     grain = std::max<size_t>(grain, 1);
     // A region started from inside a region runs inline instead of deadlocking.
@@ -146,7 +146,7 @@ class Pool {
   std::mutex region_mu_;
   std::mutex mu_;
   std::condition_variable wake_;
-  const std::function<void(size_t, size_t)>* fn_ = nullptr;
+  const RangeFn* fn_ = nullptr;
   size_t n_ = 0, grain_ = 1;
   std::atomic<size_t> next_{0};
   std::atomic<bool> open_{false};
@@ -168,7 +168,7 @@ Pool& pool() {
 
 }  // namespace
 
-void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+void parallel_for(size_t n, size_t grain, RangeFn fn) {
   pool().run(n, grain, fn);
 }
 
