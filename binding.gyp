@@ -14,7 +14,8 @@
         "csrc/gemm.cc",
         "csrc/threadpool.cc",
         "csrc/bench.cc",
-        "csrc/quant.cc"
+        "csrc/quant.cc",
+        "csrc/sampler.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

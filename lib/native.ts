@@ -40,6 +40,20 @@ export interface NativeState {
   dispose(): void;
 }
 
+/** Sampling options as lib/sampling.ts resolves them (defaults filled in, validated). */
+export interface NativeSamplerOptions {
+  temperature: number;
+  topK: number;
+  topP: number;
+  repetitionPenalty: number;
+}
+
+/** A sampler and its PRNG stream (csrc/sampler.cc); sample() runs on the calling thread. */
+export interface NativeSampler {
+  /** One id from logits; `history` ids in [0, logits.length) are penalised once each. */
+  sample(logits: Float32Array, history: Int32Array): number;
+}
+
 export type TrainMode = 'parallel' | 'chunkwise';
 
 /** One micro-batch of trainStep: tokens [batch*length]; targets (-1 = ignore) and mask [batch*length] or null. */
@@ -115,6 +129,8 @@ export interface NativeModel {
 }
 
 export interface NativeAddon {
+  /** The seed is a safe integer: the same seed gives lib/random.ts's Rng stream. */
+  NativeSampler: new (options: NativeSamplerOptions, seed: number) => NativeSampler;
   /** Rejects with "retnet was built without CUDA" or "no CUDA device: <reason>" when 'cuda' cannot be used. */
   createModel(config: object, tensors: Record<string, Float32Array>, device?: NativeDevice): Promise<NativeModel>;
   buildInfo(): NativeBuildInfo;

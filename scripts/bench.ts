@@ -220,7 +220,7 @@ export function stepWeightCount(config: RetNetConfig): number {
 }
 
 /**
- * The sampler's time per token (on the JS thread, between decode steps), on logits spread
+ * The sampler's time per token (native, on the JS thread between decode steps), on logits spread
  * evenly over [-4, 4): flatter than a trained model's, so top-p keeps many candidates.
  */
 function samplingFigures(vocabSize: number): SamplingFigure[] {
@@ -521,7 +521,7 @@ export async function main(argv: string[]): Promise<void> {
       }
     }
     sampling = samplingFigures(PRESETS[o.presets[0]].vocab_size);
-    console.log(`\nsampling (JS thread, per token, vocab ${sampling[0].vocabSize}, logits uniform in [-4, 4))`);
+    console.log(`\nsampling (native on the JS thread, per token, vocab ${sampling[0].vocabSize}, logits uniform in [-4, 4))`);
     for (const f of sampling) console.log(`${JSON.stringify(f.options).padEnd(56)} ${f.msPerToken.toFixed(3).padStart(7)} ms`);
   }
   if (o.what === 'train' || o.what === 'all') {

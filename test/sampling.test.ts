@@ -1,4 +1,5 @@
 import { Sampler, SamplingOptions, validateSamplingOptions } from '../lib/sampling';
+import { ReferenceSampler } from './reference/sampling_ref';
 
 function softmax(logits: number[], temperature = 1): number[] {
   const max = Math.max(...logits);
@@ -229,11 +230,51 @@ describe('Sampler', () => {
     for (let i = 0; i < 50; i++) expect(new Sampler({ temperature: 1e-300, seed: i }).sample(Float32Array.of(1, 2), [])).toBe(1);
   });
 
+  test('draws the same tokens as the full-sort reference', () => {
+    let state = 17;
+    const uniform = (): number => {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      return state / 2 ** 32;
+    };
+    const pick = <T>(values: T[]): T => values[Math.floor(uniform() * values.length)];
+    let draws = 0;
+    for (let c = 0; c < 240; c++) {
+      // Vocabularies across the native sampler's 4-lane tails and 256-id draw blocks.
+      const vocabSize = c === 0 ? 32000 : 1 + Math.floor(uniform() * (c % 2 ? 40 : 1500));
+      const kind = c % 5;
+      const logits = new Float32Array(vocabSize);
+      for (let i = 0; i < vocabSize; i++) {
+        const u = uniform();
+        // random, integer ties, a ramp, a few peaks over a flat floor, a wide range
+        const value = [u * 8 - 4, Math.round(u * 6), -i * 0.01 * u, u < 0.01 ? 20 : u * 4, u * 200 - 100][kind];
+        logits[i] = uniform() < 0.02 ? -Infinity : value;
+      }
+      if (uniform() < 0.05) logits[Math.floor(uniform() * vocabSize)] = Infinity;
+      const history = Array.from({ length: Math.floor(uniform() * 12) }, () => Math.floor(uniform() * vocabSize));
+      const options = {
+        temperature: pick([0, 0.01, 0.5, 1, 3, 100]),
+        topK: uniform() < 0.3 ? 1 + Math.floor(uniform() * 60) : 0,
+        topP: pick([1e-9, 0.1, 0.5, 0.9, 0.999999, 1, 1]),
+        repetitionPenalty: pick([1, 1, 1.3, 0.7]),
+        seed: c,
+      };
+      const sampler = new Sampler(options);
+      const reference = new ReferenceSampler(options);
+      for (let d = 0; d < 12; d++, draws++) {
+        expect([c, sampler.sample(logits, history)]).toEqual([c, reference.sample(logits, history)]);
+      }
+    }
+    expect(draws).toBe(240 * 12);
+  });
+
   test('rejects bad logits and history', () => {
     const sampler = new Sampler({ repetitionPenalty: 1.2 });
     expect(() => sampler.sample(new Float32Array(0), [])).toThrow(/empty/);
     expect(() => sampler.sample(Float32Array.of(0, NaN), [])).toThrow(/logits\[1\] is NaN/);
     expect(() => sampler.sample(Float32Array.of(0, 1), [0, 5])).toThrow(/history\[1\] = 5/);
+    expect(() => sampler.sample(Float32Array.of(0, 1), [1.5])).toThrow(/history\[0\] = 1.5/);
+    expect(() => sampler.sample(Float32Array.of(0, 1), [2 ** 32])).toThrow(/history\[0\] = 4294967296/);
+    expect(() => sampler.sample([0, 1] as unknown as Float32Array, [])).toThrow(/logits must be a Float32Array/);
   });
 });
 
