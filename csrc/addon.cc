@@ -575,18 +575,27 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     });
   }
 
-  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches]) -> Promise<Float32Array [rows, V]>:
+  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[])
+  //   -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state, its batch * V floats)
+  //   -> Promise<outputs>, each filled with its state's rows:
   // one decode step for several sessions at once (continuous batching).
   Napi::Value StepBatch(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
     Napi::Int32Array tokens;
     std::vector<StateHandle> handles;
+    Napi::Array outputs;
+    const size_t V = static_cast<size_t>(m->config().V);
     try {
       if (!info[0].IsArray()) throw std::invalid_argument("states must be an array of NativeState");
       Napi::Array arr = info[0].As<Napi::Array>();
       if (arr.Length() == 0) throw std::invalid_argument("stepBatch needs at least one state");
       tokens = int32_arg(info[1], "tokens");
+      if (info.Length() > 2 && !info[2].IsUndefined()) {
+        if (!info[2].IsArray() || info[2].As<Napi::Array>().Length() != arr.Length())
+          throw std::invalid_argument("outputs must be an array with one Float32Array per state");
+        outputs = info[2].As<Napi::Array>();
+      }
       size_t rows = 0;
       for (uint32_t i = 0; i < arr.Length(); i++) {
         Napi::Value v = arr.Get(i);
@@ -595,6 +604,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
         for (const StateHandle& other : handles)
           if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
+        if (!outputs.IsEmpty()) {
+          const std::string name = "outputs[" + std::to_string(i) + "]";
+          const Napi::Float32Array o = float32_arg(outputs.Get(i), name.c_str());
+          if (o.ElementLength() != h.state->batch() * V)
+            throw std::invalid_argument("outputs[" + std::to_string(i) + "] must hold that state's batch * vocab = " +
+                                        std::to_string(h.state->batch() * V) + " floats");
+        }
         rows += h.state->batch();
         handles.push_back(h);
       }
@@ -620,7 +636,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       for (const StateHandle& h : handles) *h.busy = false;
       throw;
     }
-    auto out = std::make_shared<std::vector<float>>(tokens.ElementLength() * m->config().V);
+    const size_t n = tokens.ElementLength() * V;
+    std::shared_ptr<Napi::Reference<Napi::Array>> targets;
+    if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
+    // A fresh [rows, V] buffer per step would fault in its pages every time: 2 MB at batch 16.
+    auto out = targets ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
     const int32_t* tok = tokens.Data();
     auto* worker = new PromiseWorker(
         env,
@@ -636,7 +656,22 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           for (const StateHandle& h : handles) states.push_back(h.state.get());
           m->step_batch(states, tok, out->data());
         },
-        [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
+        [out, targets, handles, V](Napi::Env env) -> Napi::Value {
+          if (!targets) return to_js(env, std::move(*out));
+          // Filled here on the JS thread, as step's `logits`.
+          Napi::Array dsts = targets->Value();
+          const float* src = out->data();
+          for (uint32_t i = 0; i < handles.size(); i++) {
+            const size_t count = handles[i].state->batch() * V;
+            Napi::Value d = dsts.Get(i);
+            if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
+                d.As<Napi::Float32Array>().ElementLength() != count)
+              throw std::invalid_argument("outputs[" + std::to_string(i) + "] was replaced or detached during the call");
+            std::memcpy(d.As<Napi::Float32Array>().Data(), src, count * sizeof(float));
+            src += count;
+          }
+          return dsts;
+        });
     worker->keep(tokens);
     worker->keep(info[0]);
     worker->Queue();

@@ -95,6 +95,11 @@ export interface NativeModel {
   setDecodeWeights(format: WeightFormat): Promise<void>;
   /** One decode step for several states (rows in order); logits [sum of batches, V]. */
   stepBatch(states: NativeState[], tokens: Int32Array): Promise<Float32Array>;
+  /**
+   * The same, with each state's logits (its batch * V floats) written into `outputs[i]` on the JS
+   * thread when the step completes: no fresh buffer (and page faults) per step. Resolves `outputs`.
+   */
+  stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[]): Promise<Float32Array[]>;
   getParam(name: string): Float32Array;
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */

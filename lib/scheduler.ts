@@ -104,6 +104,8 @@ class Sequence implements DecodeSession {
   snapshotKey = '';
   /** The token the next decode step consumes. */
   nextToken = 0;
+  /** Where decode steps write this sequence's logits; it reads them before its next step. */
+  logits: Float32Array | undefined;
   private resolveWait: ((result: { logits: Float32Array }) => void) | undefined;
   private rejectWait: ((error: Error) => void) | undefined;
 
@@ -337,20 +339,22 @@ export class Scheduler {
     const count = batch.length;
     if (this.stepTokens.length < count) this.stepTokens = new Int32Array(count);
     const states = new Array<NativeState>(count);
+    const outputs = new Array<Float32Array>(count);
     for (let i = 0; i < count; i++) {
       const sequence = batch[i];
       sequence.phase = 'running';
       states[i] = sequence.state!;
+      sequence.logits ??= new Float32Array(this.owner.vocabSize);
+      outputs[i] = sequence.logits;
       this.stepTokens[i] = sequence.nextToken;
     }
     try {
-      const logits = await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count));
-      const vocabSize = this.owner.vocabSize;
+      await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count), outputs);
       this.decodeSteps++;
       this.decodedTokens += count;
       for (let i = 0; i < count; i++) {
         batch[i].position++;
-        batch[i].settle(logits.subarray(i * vocabSize, (i + 1) * vocabSize));
+        batch[i].settle(outputs[i]);
       }
     } catch (e) {
       for (const sequence of batch) sequence.fail(e as Error);

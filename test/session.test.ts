@@ -225,15 +225,31 @@ test('one batched step over several sessions equals stepping each alone', async 
     await native.prefill(alone[i], flat, prompts[i][0].length, 'chunkwise', 4);
     await native.prefill(together[i], flat, prompts[i][0].length, 'chunkwise', 4);
   }
-  for (let step = 0; step < 3; step++) {
+  const V = exactModel.config.vocab_size;
+  const outputs = prompts.map((p) => new Float32Array(p.length * V).fill(NaN));
+  for (let step = 0; step < 4; step++) {
     const ids = [[3 + step], [40 + step], [7, 200 - step], [1, 2, 3 + step]];
     const separate = await Promise.all(alone.map((s, i) => native.step(s, Int32Array.from(ids[i]))));
-    const batched = await native.stepBatch(together, Int32Array.from(ids.flat()));
-    expect(Array.from(batched)).toEqual(separate.flatMap((l) => Array.from(l)));
+    if (step % 2 === 0) {
+      const batched = await native.stepBatch(together, Int32Array.from(ids.flat()));
+      expect(Array.from(batched)).toEqual(separate.flatMap((l) => Array.from(l)));
+    } else {
+      // Into the caller's buffers, one per state.
+      expect(await native.stepBatch(together, Int32Array.from(ids.flat()), outputs)).toBe(outputs);
+      outputs.forEach((o, i) => expect(Array.from(o)).toEqual(Array.from(separate[i])));
+    }
   }
   expect(together.map((s) => s.positions())).toEqual(alone.map((s) => s.positions()));
   expect(() => native.stepBatch([together[0], together[0]], Int32Array.from([1, 2]))).toThrow(/appears twice/);
   expect(() => native.stepBatch(together, Int32Array.from([1]))).toThrow(/one token per row/);
+  const sixRows = Int32Array.from([1, 2, 3, 4, 5, 6, 7]);
+  expect(() => native.stepBatch(together, sixRows, outputs.slice(1))).toThrow(/one Float32Array per state/);
+  const short = [outputs[0], outputs[1], outputs[2], new Float32Array(V)];
+  expect(() => native.stepBatch(together, sixRows, short)).toThrow(/outputs\[3\] must hold that state's batch \* vocab = /);
+  const wrongType = [outputs[0], new Float64Array(V), outputs[2], outputs[3]] as unknown as Float32Array[];
+  expect(() => native.stepBatch(together, sixRows, wrongType)).toThrow(/outputs\[1\] must be a Float32Array/);
+  // A refused call leaves the states free for the next one.
+  await native.stepBatch(together, sixRows, outputs);
   for (const s of [...alone, ...together]) s.dispose();
 });
 
