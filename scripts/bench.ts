@@ -54,6 +54,21 @@ export interface ContextFigure {
   longOverShort: number;
 }
 
+/**
+ * End to end: `concurrency` model.generate() calls at once through the scheduler (batched
+ * steps, native sampling with generate's defaults, text decoding), each `maxTokens` tokens
+ * after a short prompt. Against the step-only figure it shows what serving adds to a step.
+ */
+export interface GenerateFigure {
+  preset: string;
+  weights: WeightFormat;
+  concurrency: number;
+  promptTokens: number;
+  maxTokens: number;
+  /** Generated tokens over the wall time, prefills included; the median of 3 rounds. */
+  tokensPerSecond: number;
+}
+
 export interface TrainFigure {
   preset: string;
   mode: 'parallel' | 'chunkwise';
@@ -323,6 +338,30 @@ async function runContexts(preset: string, weights: WeightFormat, shortContext: 
   return { preset, weights, shortContext, longContext, rounds, stepsPerRound, shortMsPerToken, longMsPerToken, longOverShort };
 }
 
+const GENERATE_PROMPT_TOKENS = 16;
+
+/** See GenerateFigure. */
+async function runGenerate(preset: string, weights: WeightFormat, concurrency: number, maxTokens: number): Promise<GenerateFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
+  const V = model.config.vocab_size;
+  const round = async (): Promise<number> => {
+    const start = process.hrtime.bigint();
+    let tokens = 0;
+    await Promise.all(
+      Array.from({ length: concurrency }, async (_, r) => {
+        const prompt = Array.from({ length: GENERATE_PROMPT_TOKENS }, (_, t) => (t * 7 + r * 31) % V);
+        const stream = model.generate(prompt, { maxTokens, seed: r });
+        for (let next = await stream.next(); !next.done; next = await stream.next()) tokens++;
+      }),
+    );
+    return tokens / seconds(start);
+  };
+  await round();
+  const rates = [await round(), await round(), await round()].sort((a, b) => a - b);
+  model.dispose();
+  return { preset, weights, concurrency, promptTokens: GENERATE_PROMPT_TOKENS, maxTokens, tokensPerSecond: rates[1] };
+}
+
 /** One training configuration: forward + backward + AdamW per step, in this process. */
 async function runTrain(
   preset: string,
@@ -470,7 +509,9 @@ export async function main(argv: string[]): Promise<void> {
         ? await runDecode(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
         : kind === 'contexts'
           ? await runContexts(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
-          : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
+          : kind === 'generate'
+            ? await runGenerate(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
+            : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -486,6 +527,7 @@ export async function main(argv: string[]): Promise<void> {
   console.log(`retnet bench: ${info.threads} threads, gemm ${info.gemm}; measured DRAM read ${bandwidth.toFixed(1)} GB/s, FMA peak ${peak.toFixed(0)} GFLOP/s`);
   const decode: DecodeFigure[] = [];
   const contexts: ContextFigure[] = [];
+  const generate: GenerateFigure[] = [];
   let sampling: SamplingFigure[] = [];
   const train: TrainFigure[] = [];
   let kernelFigures: KernelFigure[] = [];
@@ -516,6 +558,16 @@ export async function main(argv: string[]): Promise<void> {
           console.log(
             `${preset.padEnd(7)} ${weights.padEnd(4)} b= 1 ctx ${longContext} against ${shortContext}, ${f.rounds} alternating rounds of ${f.stepsPerRound} steps in one process:` +
               ` ${f.longMsPerToken.toFixed(2)} against ${f.shortMsPerToken.toFixed(2)} ms/step (medians), tokens/s ${f.longOverShort.toFixed(3)}x (median of the rounds' ratios)`,
+          );
+        }
+        for (const batch of o.batches) {
+          const f = inChild<GenerateFigure>(['generate', preset, weights, String(batch), String(o.steps)]);
+          generate.push(f);
+          const step = decode.find((d) => d.preset === preset && d.weights === weights && d.batch === batch && d.context === shortContext);
+          const against = step ? ` (${(f.tokensPerSecond / step.tokensPerSecond).toFixed(2)}x the b=${batch} ctx=${shortContext} steps alone)` : '';
+          console.log(
+            `${preset.padEnd(7)} ${weights.padEnd(4)} generate(): ${String(batch).padStart(2)} concurrent, ${f.promptTokens}-token prompts, ${f.maxTokens} tokens each:` +
+              ` ${f.tokensPerSecond.toFixed(1)} tok/s${against}`,
           );
         }
       }
@@ -552,7 +604,7 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.json) {
-    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, sampling, train, kernels: kernelFigures };
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, generate, sampling, train, kernels: kernelFigures };
     fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
     console.log(`\nwrote ${o.json}`);
   }

@@ -20,6 +20,11 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
   expect(report.contexts).toHaveLength(1);
   expect(report.contexts[0]).toMatchObject({ preset: 'tiny', weights: 'f32', shortContext: 16, longContext: 24 });
   expect(report.contexts[0].longOverShort).toBeGreaterThan(0);
+  expect(report.generate.map((f: { concurrency: number; maxTokens: number }) => [f.concurrency, f.maxTokens])).toEqual([
+    [1, 2],
+    [2, 2],
+  ]);
+  for (const f of report.generate) expect(f.tokensPerSecond).toBeGreaterThan(0);
   expect(report.sampling.length).toBeGreaterThan(0);
   for (const f of report.sampling) expect(f.msPerToken).toBeGreaterThan(0);
   for (const f of report.decode) {
