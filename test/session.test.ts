@@ -250,6 +250,12 @@ test('one batched step over several sessions equals stepping each alone', async 
   expect(() => native.stepBatch(together, sixRows, wrongType)).toThrow(/outputs\[1\] must be a Float32Array/);
   // A refused call leaves the states free for the next one.
   await native.stepBatch(together, sixRows, outputs);
+  // A buffer detached while the step runs fails the call, not the process.
+  const detachable = outputs.map((o) => new Float32Array(o.length));
+  const pending = native.stepBatch(together, sixRows, detachable);
+  structuredClone(detachable[2].buffer, { transfer: [detachable[2].buffer] });
+  await expect(pending).rejects.toThrow(/outputs\[2\] was replaced or detached/);
+  await native.stepBatch(together, sixRows, outputs);
   for (const s of [...alone, ...together]) s.dispose();
 });
 
