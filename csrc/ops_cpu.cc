@@ -187,7 +187,15 @@ __attribute__((target("avx2,fma"))) void sigmoid_avx2(const float* x, float* out
     const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(x + i)));
     _mm256_storeu_ps(out + i, _mm256_div_ps(one, _mm256_add_ps(one, e)));
   }
-  sigmoid_generic(x + i, out + i, n - i);
+  // The tail through the same lanes: where an element falls in a piece of work (which depends
+  // on how many rows a call has) must not change its value, or a row's numbers would depend
+  // on its batch.
+  if (i < n) {
+    float in[8] = {}, tail[8];
+    std::memcpy(in, x + i, (n - i) * sizeof(float));
+    sigmoid_avx2(in, tail, 8);
+    std::memcpy(out + i, tail, (n - i) * sizeof(float));
+  }
 }
 #endif
 void sigmoid(const float* x, float* out, size_t n) {
