@@ -398,6 +398,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("prefill", &NativeModel::Prefill),
                         InstanceMethod("step", &NativeModel::Step),
                         InstanceMethod("stepBatch", &NativeModel::StepBatch),
+                        InstanceMethod("prefillBatch", &NativeModel::PrefillBatch),
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
@@ -575,28 +576,30 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     });
   }
 
-  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[])
-  //   -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state, its batch * V floats)
-  //   -> Promise<outputs>, each filled with its state's rows:
-  // one decode step for several sessions at once (continuous batching).
-  Napi::Value StepBatch(const Napi::CallbackInfo& info) {
+  // A call on several states at once, each owning `rows_of(state)` logits rows: claims every
+  // state (or none) and the model for reading, runs `work` on a worker and resolves the logits
+  // [sum of rows, V], or with `outputs` (one Float32Array per state, its rows * V floats) fills
+  // those on the JS thread and resolves `outputs`. `check(total rows)` validates the
+  // the rest of the call before anything is claimed.
+  using StatesWork = std::function<void(const Model&, const std::vector<DecodeState*>&, float*)>;
+  Napi::Value RunOnStates(const Napi::CallbackInfo& info, const Napi::Value& states_arg, const Napi::Value& outputs_arg,
+                          const std::function<int(const DecodeState&)>& rows_of,
+                          const std::function<void(size_t)>& check, StatesWork work) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    Napi::Int32Array tokens;
     std::vector<StateHandle> handles;
     Napi::Array outputs;
     const size_t V = static_cast<size_t>(m->config().V);
+    size_t rows = 0;
     try {
-      if (!info[0].IsArray()) throw std::invalid_argument("states must be an array of NativeState");
-      Napi::Array arr = info[0].As<Napi::Array>();
-      if (arr.Length() == 0) throw std::invalid_argument("stepBatch needs at least one state");
-      tokens = int32_arg(info[1], "tokens");
-      if (info.Length() > 2 && !info[2].IsUndefined()) {
-        if (!info[2].IsArray() || info[2].As<Napi::Array>().Length() != arr.Length())
+      if (!states_arg.IsArray()) throw std::invalid_argument("states must be an array of NativeState");
+      Napi::Array arr = states_arg.As<Napi::Array>();
+      if (arr.Length() == 0) throw std::invalid_argument("needs at least one state");
+      if (!outputs_arg.IsUndefined()) {
+        if (!outputs_arg.IsArray() || outputs_arg.As<Napi::Array>().Length() != arr.Length())
           throw std::invalid_argument("outputs must be an array with one Float32Array per state");
-        outputs = info[2].As<Napi::Array>();
+        outputs = outputs_arg.As<Napi::Array>();
       }
-      size_t rows = 0;
       for (uint32_t i = 0; i < arr.Length(); i++) {
         Napi::Value v = arr.Get(i);
         if (!v.IsObject()) throw std::invalid_argument("states[" + std::to_string(i) + "] is not a NativeState");
@@ -604,24 +607,22 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
         for (const StateHandle& other : handles)
           if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
+        const size_t own = rows_of(*h.state);
         if (!outputs.IsEmpty()) {
           const std::string name = "outputs[" + std::to_string(i) + "]";
           const Napi::Float32Array o = float32_arg(outputs.Get(i), name.c_str());
-          if (o.ElementLength() != h.state->batch() * V)
-            throw std::invalid_argument("outputs[" + std::to_string(i) + "] must hold that state's batch * vocab = " +
-                                        std::to_string(h.state->batch() * V) + " floats");
+          if (o.ElementLength() != own * V)
+            throw std::invalid_argument(name + " must hold that state's rows * vocab = " + std::to_string(own * V) + " floats");
         }
-        rows += h.state->batch();
+        rows += own;
         handles.push_back(h);
       }
-      if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
-      m->check_tokens(tokens.Data(), tokens.ElementLength());
+      check(rows);
     } catch (const Napi::Error&) {
       throw;
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    // Claim every state, or none.
     for (size_t i = 0; i < handles.size(); i++) {
       bool expected = false;
       if (!handles[i].busy->compare_exchange_strong(expected, true)) {
@@ -636,15 +637,16 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       for (const StateHandle& h : handles) *h.busy = false;
       throw;
     }
-    const size_t n = tokens.ElementLength() * V;
+    std::vector<size_t> row_counts;
+    for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
+    const size_t n = rows * V;
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
     if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
-    // A fresh [rows, V] buffer per step would fault in its pages every time: 2 MB at batch 16.
+    // A fresh [rows, V] buffer per call would fault in its pages every time: 2 MB at 16 rows.
     auto out = targets ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
-    const int32_t* tok = tokens.Data();
     auto* worker = new PromiseWorker(
         env,
-        [m, handles, out, tok, guard] {
+        [m, handles, out, guard, work] {
           ReadClaim claim{guard};
           struct Release {
             const std::vector<StateHandle>& hs;
@@ -654,15 +656,15 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           } release{handles};
           std::vector<DecodeState*> states;
           for (const StateHandle& h : handles) states.push_back(h.state.get());
-          m->step_batch(states, tok, out->data());
+          work(*m, states, out->data());
         },
-        [out, targets, handles, V](Napi::Env env) -> Napi::Value {
+        [out, targets, row_counts, V](Napi::Env env) -> Napi::Value {
           if (!targets) return to_js(env, std::move(*out));
           // Filled here on the JS thread, as step's `logits`.
           Napi::Array dsts = targets->Value();
           const float* src = out->data();
-          for (uint32_t i = 0; i < handles.size(); i++) {
-            const size_t count = handles[i].state->batch() * V;
+          for (uint32_t i = 0; i < row_counts.size(); i++) {
+            const size_t count = row_counts[i] * V;
             Napi::Value d = dsts.Get(i);
             if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
                 d.As<Napi::Float32Array>().ElementLength() != count)
@@ -672,10 +674,75 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           }
           return dsts;
         });
-    worker->keep(tokens);
-    worker->keep(info[0]);
+    worker->keep(states_arg);
+    for (size_t i = 0; i < info.Length(); i++)
+      if (info[i].IsTypedArray()) worker->keep(info[i]);
     worker->Queue();
     return worker->promise();
+  }
+
+  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[])
+  //   -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state, its batch * V floats)
+  //   -> Promise<outputs>, each filled with its state's rows:
+  // one decode step for several sessions at once (continuous batching).
+  Napi::Value StepBatch(const Napi::CallbackInfo& info) {
+    Napi::Int32Array tokens;
+    try {
+      tokens = int32_arg(info[1], "tokens");
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    const int32_t* tok = tokens.Data();
+    auto m = model(info.Env());
+    return RunOnStates(
+        info, info[0], info[2], [](const DecodeState& s) { return s.batch(); },
+        [&](size_t rows) {
+          if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
+          m->check_tokens(tok, rows);
+        },
+        [tok](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
+          model.step_batch(states, tok, logits);
+        });
+  }
+
+  // prefillBatch(states: NativeState[] (batch 1), tokens: Int32Array, lengths: Int32Array, mode, chunk,
+  //   outputs?: Float32Array[]) -> as stepBatch, one logits row per state: state i consumes the
+  // next lengths[i] tokens (Model::prefill_batch: the products over every state's rows at once).
+  Napi::Value PrefillBatch(const Napi::CallbackInfo& info) {
+    Napi::Int32Array tokens, lengths;
+    Mode mode;
+    int C;
+    try {
+      tokens = int32_arg(info[1], "tokens");
+      lengths = int32_arg(info[2], "lengths");
+      mode = parse_mode(info[3]);
+      C = to_int(info[4], "chunkSize");
+      if (C < 1) throw std::invalid_argument("chunkSize must be >= 1");
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    auto m = model(info.Env());
+    const int32_t* tok = tokens.Data();
+    auto length_list = std::make_shared<std::vector<int>>(lengths.Data(), lengths.Data() + lengths.ElementLength());
+    return RunOnStates(
+        info, info[0], info[5],
+        [](const DecodeState& s) {
+          if (s.batch() != 1) throw std::invalid_argument("prefillBatch takes batch-1 states");
+          return 1;
+        },
+        [&](size_t rows) {
+          if (length_list->size() != rows) throw std::invalid_argument("prefillBatch takes one length per state");
+          size_t total = 0;
+          for (int n : *length_list) {
+            if (n < 1) throw std::invalid_argument("prefillBatch lengths must be >= 1");
+            total += n;
+          }
+          if (tokens.ElementLength() != total) throw std::invalid_argument("prefillBatch tokens must hold the sum of lengths");
+          m->check_tokens(tok, total);
+        },
+        [tok, length_list, mode, C](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
+          model.prefill_batch(states, tok, *length_list, mode, C, logits);
+        });
   }
 
   // step(state, tokens: Int32Array [B], logits?: Float32Array [B*V]) -> Promise<Float32Array [B,V]>:

@@ -445,7 +445,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
   }
   const bool bf16 = precision == Precision::BF16;
   // Few rows against a K-contiguous weight: stream the weight once (decode steps).
-  if (!bf16 && M <= 4 && A.cs == 1 && B.rs == 1) {
+  if (!bf16 && M <= kGemmDotsMaxRows && A.cs == 1 && B.rs == 1) {
     gemm_dots(M, N, K, A, B, C, ldc, accumulate);
     return;
   }

@@ -19,6 +19,10 @@ inline MatView transposed(const float* p, ptrdiff_t ld) { return {p, 1, ld}; }
 // What a product's inputs are rounded to before they are multiplied; sums are fp32 either way.
 enum class Precision { F32, BF16 };
 
+// Up to this many rows (fp32, A row-major, B K-contiguous) gemm streams B once with dot
+// products instead of packing it; a row's sums then come in another order than with more rows.
+constexpr int kGemmDotsMaxRows = 4;
+
 // C[M, N] (row-major, leading dim ldc) = A[M, K] * B[K, N], or += when accumulate.
 // Uses the thread pool; must not be called from inside a parallel region for speed
 // (it still works there, single-threaded). BF16 uses the CPU's bf16 dot product where it has

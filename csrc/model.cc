@@ -179,7 +179,8 @@ void Model::check_tokens(const int32_t* tokens, size_t n) const {
 
 // Embedding output in ws.x must be ready; runs every layer over the rows of d.
 void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
-                       const std::vector<StateView>* states, Mode mode, int C) const {
+                       const std::vector<StateView>* states, Mode mode, int C,
+                       const std::vector<Segment>* segments) const {
   Ops& ops = *ops_;
   const ModelConfig& c = c_;
   const int R = d.B * d.T;
@@ -209,20 +210,33 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       in = ws.h.data();
     }
     project(R, c.D, in, {{w.q, c.D, ws.q.data()}, {w.k, c.D, ws.k.data()}, {w.v, c.Dv, ws.v.data()}, {w.g, c.Dv, ws.g.data()}});
-    ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
-    // Recurrent: states holds L*B per-row views (layer-major); otherwise one view per layer.
-    const StateView* state = states ? &(*states)[mode == Mode::Recurrent ? static_cast<size_t>(l) * d.B : l] : nullptr;
-    const int chunk = mode == Mode::Parallel ? d.T : C;
-    if (mode == Mode::Recurrent) {
-      ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, state);
-    } else if (state) {
-      // A prefill: the chunk algorithm computing the recurrent form, then the state hand-off.
-      ops.retention_chunked_recurrent(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, *state);
-      ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
+    if (segments) {
+      // A batched prefill: each state's rows as prefill() would run them alone.
+      for (const Segment& s : *segments) {
+        const RetentionDims ds{1, s.T, d.H, d.dk, d.dv};
+        const size_t qk = static_cast<size_t>(s.row0) * c.D, vo = static_cast<size_t>(s.row0) * c.Dv;
+        const StateView view = s.state->layer(c, l);
+        ops.rotate_qk(ws.q.data() + qk, ws.k.data() + qk, ds, s.state->position.data(), angle_, k_scale);
+        ops.retention_chunked_recurrent(ws.q.data() + qk, ws.k.data() + qk, ws.v.data() + vo, ws.o.data() + vo, ds,
+                                        decay_, mode == Mode::Parallel ? s.T : C, view);
+        ops.retention_absorb(ws.k.data() + qk, ws.v.data() + vo, ds, decay_, view);
+      }
     } else {
-      // A full-sequence forward: the torchscale form's own scalars (spec §5, §7).
-      const float clamp = mode == Mode::Parallel ? kParallelClampMax : std::numeric_limits<float>::infinity();
-      ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, clamp, nullptr);
+      ops.rotate_qk(ws.q.data(), ws.k.data(), d, start, angle_, k_scale);
+      // Recurrent: states holds L*B per-row views (layer-major); otherwise one view per layer.
+      const StateView* state = states ? &(*states)[mode == Mode::Recurrent ? static_cast<size_t>(l) * d.B : l] : nullptr;
+      const int chunk = mode == Mode::Parallel ? d.T : C;
+      if (mode == Mode::Recurrent) {
+        ops.retention_step(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, state);
+      } else if (state) {
+        // A prefill: the chunk algorithm computing the recurrent form, then the state hand-off.
+        ops.retention_chunked_recurrent(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, *state);
+        ops.retention_absorb(ws.k.data(), ws.v.data(), d, decay_, *state);
+      } else {
+        // A full-sequence forward: the torchscale form's own scalars (spec §5, §7).
+        const float clamp = mode == Mode::Parallel ? kParallelClampMax : std::numeric_limits<float>::infinity();
+        ops.retention_chunked(ws.q.data(), ws.k.data(), ws.v.data(), ws.o.data(), d, decay_, chunk, clamp, nullptr);
+      }
     }
     ops.groupnorm_gate(ws.o.data(), ws.g.data(), ws.a.data(), R, c.H, c.dv(), c.eps);
     project(R, c.Dv, ws.a.data(), {{w.out, c.D, ws.h.data()}});
@@ -318,14 +332,65 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
     run_layers(ws, {B, n, c_.H, c_.dk(), c_.dv()}, state.position.data(), &views, mode, C);
     for (int b = 0; b < B; b++) state.position[b] += n;
     if (t0 + n == T) {
-      // Gather each row's last position and project only those.
-      Buffer last_x(ops_.get(), static_cast<size_t>(B) * c_.D);
-      for (int b = 0; b < B; b++)
-        ops_->copy(last_x.data() + static_cast<size_t>(b) * c_.D,
-                   ws.x.data() + (static_cast<size_t>(b) * n + n - 1) * c_.D, c_.D);
-      logits_of_rows(ws, last_x.data(), B, true, logits);
+      std::vector<int> row_ends(B);
+      for (int b = 0; b < B; b++) row_ends[b] = (b + 1) * n;
+      logits_of_last_rows(ws, row_ends, logits);
     }
   }
+}
+
+void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t* tokens,
+                          const std::vector<int>& lengths, Mode mode, int C, float* logits) const {
+  if (states.size() != lengths.size()) throw std::invalid_argument("prefill_batch: one length per state");
+  size_t rows = 0;
+  for (size_t i = 0; i < states.size(); i++) {
+    if (states[i]->batch() != 1) throw std::invalid_argument("prefill_batch takes batch-1 states");
+    if (lengths[i] < 1) throw std::invalid_argument("prefill_batch: every state needs at least one token");
+    rows += lengths[i];
+  }
+  check_tokens(tokens, rows);
+  const int segment = mode == Mode::Parallel ? std::numeric_limits<int>::max() : std::max(C, kPrefillSegment / C * C);
+  // Alone, prefill() cuts a prompt longer than a segment, and products of a few rows sum in
+  // another order (kGemmDotsMaxRows): those states, and every state in the recurrent form,
+  // run alone, so that each state's numbers never depend on the others.
+  std::vector<Segment> together;
+  std::vector<size_t> members, offsets;  // together[g] is states[members[g]], its tokens at offsets[g]
+  int row0 = 0;
+  for (size_t i = 0, offset = 0; i < states.size(); offset += lengths[i], i++) {
+    const bool alone = mode == Mode::Recurrent || !ops_->has_chunked_recurrent() || lengths[i] > segment ||
+                       lengths[i] <= kGemmDotsMaxRows;
+    if (alone) {
+      prefill(*states[i], tokens + offset, lengths[i], mode, C, logits + i * c_.V);
+    } else {
+      together.push_back({row0, lengths[i], states[i]});
+      members.push_back(i);
+      offsets.push_back(offset);
+      row0 += lengths[i];
+    }
+  }
+  if (together.empty()) return;
+  Workspace ws(ops_.get(), c_, static_cast<size_t>(row0));
+  std::vector<int32_t> grouped(row0);
+  std::vector<int> row_ends;
+  for (size_t g = 0; g < together.size(); g++) {
+    std::memcpy(grouped.data() + together[g].row0, tokens + offsets[g], together[g].T * sizeof(int32_t));
+    row_ends.push_back(together[g].row0 + together[g].T);
+  }
+  ops_->embed(grouped.data(), row0, embed_, c_.D, c_.embed_scale, ws.x.data());
+  if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), row0, c_.D, c_.eps);
+  run_layers(ws, {1, row0, c_.H, c_.dk(), c_.dv()}, nullptr, nullptr, mode, C, &together);
+  for (const Segment& s : together) s.state->position[0] += s.T;
+  std::vector<float> grouped_logits(together.size() * static_cast<size_t>(c_.V));
+  logits_of_last_rows(ws, row_ends, grouped_logits.data());
+  for (size_t g = 0; g < together.size(); g++)
+    std::memcpy(logits + members[g] * c_.V, grouped_logits.data() + g * c_.V, c_.V * sizeof(float));
+}
+
+void Model::logits_of_last_rows(Workspace& ws, const std::vector<int>& row_ends, float* logits) const {
+  Buffer last_x(ops_.get(), row_ends.size() * c_.D);
+  for (size_t i = 0; i < row_ends.size(); i++)
+    ops_->copy(last_x.data() + i * c_.D, ws.x.data() + static_cast<size_t>(row_ends[i] - 1) * c_.D, c_.D);
+  logits_of_rows(ws, last_x.data(), static_cast<int>(row_ends.size()), true, logits);
 }
 
 void Model::step(DecodeState& state, const int32_t* tokens, float* logits) const {

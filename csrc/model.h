@@ -78,6 +78,12 @@ class Model {
   // Runs the prompt through the model from the state's positions, leaves the recurrent
   // state after it, and writes the next-token logits [B, V] (host).
   void prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const;
+  // Prefills several batch-1 states at once: state i consumes lengths[i] tokens (tokens holds
+  // them one state after another) and gets its next-token logits in row i of [count, V]. The
+  // products run over every state's rows together (weights streamed once), retention per
+  // state, so each state ends exactly as prefill() alone would leave it.
+  void prefill_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, const std::vector<int>& lengths,
+                     Mode mode, int C, float* logits) const;
   // One token per row: next-token logits [B, V] (host).
   void step(DecodeState& state, const int32_t* tokens, float* logits) const;
   // One decode step for several states at once (continuous batching): rows are the states'
@@ -99,8 +105,18 @@ class Model {
   struct Layer {
     const float *q, *k, *v, *g, *out, *ret_ln, *fc1, *fc2, *gate, *ffn_ln;
   };
+  // One state's rows [row0, row0 + T) within a batched prefill's workspace.
+  struct Segment {
+    int row0, T;
+    DecodeState* state;
+  };
+  // With `segments`, the rows are those states' prompts one after another (d covers them all);
+  // rotation and retention then run per segment.
   void run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
-                  const std::vector<StateView>* states, Mode mode, int C) const;
+                  const std::vector<StateView>* states, Mode mode, int C,
+                  const std::vector<Segment>* segments = nullptr) const;
+  // The rows at `row_ends[i] - 1` of x, normed and projected into logits row i (batch-invariant).
+  void logits_of_last_rows(Workspace& ws, const std::vector<int>& row_ends, float* logits) const;
   void logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const;
   // The rows of `count` states, in order (a pointer and a count: a single step builds no vector).
   void step_rows(DecodeState* const* states, size_t count, Workspace& ws, const int32_t* tokens, int rows,

@@ -100,6 +100,20 @@ export interface NativeModel {
    * thread when the step completes: no fresh buffer (and page faults) per step. Resolves `outputs`.
    */
   stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[]): Promise<Float32Array[]>;
+  /**
+   * Prefills batch-1 states at once: state i consumes the next lengths[i] of `tokens`, and
+   * outputs[i] (V floats) gets its next-token logits, written on the JS thread at completion.
+   * The products run over every state's rows together, retention per state: each state ends
+   * bit for bit as prefill() alone would leave it. Resolves `outputs`.
+   */
+  prefillBatch(
+    states: NativeState[],
+    tokens: Int32Array,
+    lengths: Int32Array,
+    mode: NativeMode,
+    chunkSize: number,
+    outputs: Float32Array[],
+  ): Promise<Float32Array[]>;
   getParam(name: string): Float32Array;
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */

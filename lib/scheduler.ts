@@ -324,7 +324,7 @@ export class Scheduler {
       while (this.ready.length > 0 || this.prefilling.length > 0) {
         if (this.ready.length > 0) await this.decodeStep();
         let budget = this.prefillChunkTokens;
-        while (budget > 0 && this.prefilling.length > 0) budget -= await this.prefillPiece(this.prefilling[0]);
+        while (budget > 0 && this.prefilling.length > 0) budget -= await this.prefillPieces(budget);
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
     } finally {
@@ -364,45 +364,85 @@ export class Scheduler {
   }
 
   /**
-   * Prefills the next piece of `sequence`'s prompt; resolves how many tokens that took. Pieces end
-   * at multiples of prefillChunkTokens (and where the prefix cache takes a snapshot), so a prompt
-   * is cut the same way however many other requests are running.
+   * Prefills the next piece of waiting prompts, in order, until `budget` tokens are taken (at
+   * least one piece), in one native call per prefill mode: the products of every piece run
+   * together, each state as if alone. Resolves how many tokens that took. Pieces end at
+   * multiples of prefillChunkTokens (and where the prefix cache takes a snapshot), so a prompt
+   * is cut the same way however many other requests are running. A prompt not started yet
+   * waits for a call that caches no prefix: it may start from that prefix.
    */
-  private async prefillPiece(sequence: Sequence): Promise<number> {
-    const prompt = sequence.prompt;
-    let start = 0;
-    let end = 0;
-    let logits: Float32Array;
-    try {
-      if (!sequence.session) this.startFromPrefixCache(sequence);
-      start = sequence.prefilled;
-      end = Math.min(prompt.length, (Math.floor(start / this.prefillChunkTokens) + 1) * this.prefillChunkTokens);
+  private async prefillPieces(budget: number): Promise<number> {
+    const pieces: Array<{ sequence: Sequence; start: number; end: number }> = [];
+    let taken = 0;
+    let snapshotting = false;
+    for (const sequence of [...this.prefilling]) {
+      if (taken >= budget) break;
+      if (!sequence.session) {
+        if (snapshotting) break;
+        try {
+          this.startFromPrefixCache(sequence);
+        } catch (e) {
+          this.removeFromLists(sequence);
+          sequence.fail(e as Error);
+          continue;
+        }
+      }
+      const start = sequence.prefilled;
+      let end = Math.min(sequence.prompt.length, (Math.floor(start / this.prefillChunkTokens) + 1) * this.prefillChunkTokens);
       if (sequence.snapshotAt > start && sequence.snapshotAt < end) end = sequence.snapshotAt;
+      snapshotting ||= end === sequence.snapshotAt;
       sequence.phase = 'running';
-      ({ logits } = await sequence.session!.prefill(
-        { data: prompt.subarray(start, end), shape: [1, end - start] },
-        { mode: sequence.options.prefillMode ?? 'chunkwise' },
-      ));
-    } catch (e) {
-      this.removeFromLists(sequence);
-      sequence.fail(e as Error);
-      return Math.max(1, end - start);
+      pieces.push({ sequence, start, end });
+      taken += end - start;
     }
-    this.prefillTokens += end - start;
+    for (const mode of new Set(pieces.map((p) => p.sequence.options.prefillMode ?? 'chunkwise'))) {
+      const group = pieces.filter((p) => (p.sequence.options.prefillMode ?? 'chunkwise') === mode);
+      const tokens = new Int32Array(group.reduce((n, p) => n + p.end - p.start, 0));
+      let offset = 0;
+      for (const p of group) {
+        tokens.set(p.sequence.prompt.subarray(p.start, p.end), offset);
+        offset += p.end - p.start;
+      }
+      const outputs = group.map((p) => (p.sequence.logits ??= new Float32Array(this.owner.vocabSize)));
+      try {
+        await this.owner.native().prefillBatch(
+          group.map((p) => p.sequence.state!),
+          tokens,
+          Int32Array.from(group, (p) => p.end - p.start),
+          mode,
+          this.owner.defaultChunkSize,
+          outputs,
+        );
+      } catch (e) {
+        for (const { sequence } of group) {
+          this.removeFromLists(sequence);
+          sequence.fail(e as Error);
+        }
+        continue;
+      }
+      for (const piece of group) {
+        this.prefillTokens += piece.end - piece.start;
+        this.finishPiece(piece.sequence, piece.end);
+      }
+    }
+    return Math.max(1, taken);
+  }
+
+  /** After a prefilled piece that ends at `end`: the prefix snapshot, then the first logits or the next piece. */
+  private finishPiece(sequence: Sequence, end: number): void {
     sequence.prefilled = end;
     sequence.position = end;
-    if (sequence.released) return end - start;
+    if (sequence.released) return;
     if (end === sequence.snapshotAt && !this.disposed) this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
-    if (end === prompt.length) {
+    if (end === sequence.prompt.length) {
       this.prefilling.splice(this.prefilling.indexOf(sequence), 1);
-      sequence.settle(logits);
+      sequence.settle(sequence.logits!);
     } else {
       sequence.phase = 'prefill';
       // An abort during the piece found it running; stop before the next one.
       const { signal } = sequence.options;
       if (signal?.aborted) this.cancelWaiting(sequence, abortError(signal));
     }
-    return end - start;
   }
 
   /**

@@ -245,7 +245,7 @@ test('one batched step over several sessions equals stepping each alone', async 
   const sixRows = Int32Array.from([1, 2, 3, 4, 5, 6, 7]);
   expect(() => native.stepBatch(together, sixRows, outputs.slice(1))).toThrow(/one Float32Array per state/);
   const short = [outputs[0], outputs[1], outputs[2], new Float32Array(V)];
-  expect(() => native.stepBatch(together, sixRows, short)).toThrow(/outputs\[3\] must hold that state's batch \* vocab = /);
+  expect(() => native.stepBatch(together, sixRows, short)).toThrow(/outputs\[3\] must hold that state's rows \* vocab = 768 floats/);
   const wrongType = [outputs[0], new Float64Array(V), outputs[2], outputs[3]] as unknown as Float32Array[];
   expect(() => native.stepBatch(together, sixRows, wrongType)).toThrow(/outputs\[1\] must be a Float32Array/);
   // A refused call leaves the states free for the next one.
@@ -257,6 +257,70 @@ test('one batched step over several sessions equals stepping each alone', async 
   await expect(pending).rejects.toThrow(/outputs\[2\] was replaced or detached/);
   await native.stepBatch(together, sixRows, outputs);
   for (const s of [...alone, ...together]) s.dispose();
+});
+
+test.each(['chunkwise', 'parallel', 'recurrent'] as const)('prefillBatch (%s) leaves every state bit for bit as prefill alone', async (mode) => {
+  // Swish GLU of width F = 1001: rows' gates not a multiple of the vector width, so how a call's
+  // elements split into pieces must not matter; a K split in blocks; prompts of a few tokens
+  // (their products sum in another order) and one longer than a prefill segment run alone
+  // inside the call.
+  const wide = await RetNet.create({ ...CONFIG, decoder_embed_dim: 64, decoder_value_embed_dim: 96, decoder_ffn_embed_dim: 1001, activation_fn: 'swish' as const }, { seed: 3 });
+  const native = wide.native();
+  const V = wide.config.vocab_size;
+  const lengths = mode === 'recurrent' ? [7, 3, 12] : [7, 3, 16, 1, 40, 5, 9, 2100];
+  const prompts = lengths.map((n, i) => Int32Array.from(randomTokens(40 + i, 1, n)[0]));
+  const alone = prompts.map(() => native.createState(1));
+  const together = prompts.map(() => native.createState(1));
+  // Both start after a first prompt, so rotation positions are not all zero.
+  for (const s of [...alone, ...together]) await native.prefill(s, Int32Array.of(9, 8, 7), 3, 'chunkwise', 8);
+  const soloLogits = [];
+  for (let i = 0; i < prompts.length; i++) soloLogits.push(Array.from(await native.prefill(alone[i], prompts[i], lengths[i], mode, 8)));
+  const outputs = prompts.map(() => new Float32Array(V));
+  const all = new Int32Array(lengths.reduce((a, b) => a + b));
+  prompts.reduce((offset, p) => (all.set(p, offset), offset + p.length), 0);
+  expect(await native.prefillBatch(together, all, Int32Array.from(lengths), mode, 8, outputs)).toBe(outputs);
+  for (let i = 0; i < prompts.length; i++) {
+    expect([i, Array.from(outputs[i])]).toEqual([i, soloLogits[i]]);
+    const [a, b] = [alone[i].exportState(), together[i].exportState()];
+    expect([i, b.positions, Array.from(b.kv), Array.from(b.scale)]).toEqual([i, a.positions, Array.from(a.kv), Array.from(a.scale)]);
+  }
+  // And a decode step over all of them at once equals each alone.
+  const next = Int32Array.from(lengths, (_, i) => (i * 37 + 5) % V);
+  const stepped = await native.stepBatch(together, next);
+  for (let i = 0; i < prompts.length; i++) {
+    const own = Array.from(await native.step(alone[i], next.subarray(i, i + 1)));
+    expect([i, Array.from(stepped.subarray(i * V, (i + 1) * V))]).toEqual([i, own]);
+  }
+  for (const s of [...alone, ...together]) s.dispose();
+  wide.dispose();
+});
+
+test('prefillBatch rejects bad calls before claiming any state', async () => {
+  const native = exactModel.native();
+  const V = exactModel.config.vocab_size;
+  const states = [native.createState(1), native.createState(1)];
+  const outputs = [new Float32Array(V), new Float32Array(V)];
+  const tokens = Int32Array.from([1, 2, 3, 4, 5]);
+  const call = (lengths: number[], overrides: { states?: unknown; tokens?: Int32Array; outputs?: unknown } = {}) => () =>
+    native.prefillBatch(
+      (overrides.states ?? states) as never,
+      overrides.tokens ?? tokens,
+      Int32Array.from(lengths),
+      'chunkwise',
+      8,
+      (overrides.outputs ?? outputs) as never,
+    );
+  expect(call([2])).toThrow(/one length per state/);
+  expect(call([2, 2])).toThrow(/sum of lengths/);
+  expect(call([5, 0])).toThrow(/lengths must be >= 1/);
+  expect(call([2, 3], { tokens: Int32Array.from([1, 2, 3, 4, 999]) })).toThrow(/999/);
+  expect(call([2, 3], { outputs: [outputs[0]] })).toThrow(/one Float32Array per state/);
+  expect(call([2, 3], { outputs: [outputs[0], new Float32Array(3)] })).toThrow(/outputs\[1\] must hold/);
+  const two = native.createState(2);
+  expect(call([2, 3], { states: [states[0], two] })).toThrow(/batch-1 states/);
+  await native.prefillBatch(states, tokens, Int32Array.from([2, 3]), 'chunkwise', 8, outputs);
+  expect(states.map((s) => s.positions())).toEqual([[2], [3]]);
+  for (const s of [...states, two]) s.dispose();
 });
 
 test('step fills options.logits in place with the numbers a new array would hold', async () => {
