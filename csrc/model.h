@@ -81,7 +81,8 @@ class Model {
   // Prefills several batch-1 states at once: state i consumes lengths[i] tokens (tokens holds
   // them one state after another) and gets its next-token logits in row i of [count, V]. The
   // products run over every state's rows together (weights streamed once), retention per
-  // state, so each state ends exactly as prefill() alone would leave it.
+  // state, so (with the CPU's batch-invariant row sums) each state ends exactly as prefill()
+  // alone would leave it.
   void prefill_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, const std::vector<int>& lengths,
                      Mode mode, int C, float* logits) const;
   // One token per row: next-token logits [B, V] (host).

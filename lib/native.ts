@@ -103,8 +103,8 @@ export interface NativeModel {
   /**
    * Prefills batch-1 states at once: state i consumes the next lengths[i] of `tokens`, and
    * outputs[i] (V floats) gets its next-token logits, written on the JS thread at completion.
-   * The products run over every state's rows together, retention per state: each state ends
-   * bit for bit as prefill() alone would leave it. Resolves `outputs`.
+   * The products run over every state's rows together, retention per state: on the CPU each
+   * state ends bit for bit as prefill() alone would leave it. Resolves `outputs`.
    */
   prefillBatch(
     states: NativeState[],

@@ -175,6 +175,15 @@ export async function checkFixture(name: string): Promise<ParityRow[]> {
         ...(await gpu.step(full[1].clone(), next.subarray(B))),
       ];
       add('stepBatch = step alone (CUDA, exact)', maxAbsDiff(batched[1], alone), 0);
+
+      // Two batch-1 prompts of different lengths (prefixes of row 0) prefilled in one call, against the CPU's.
+      const V = cpuModel.config.vocab_size;
+      const lengths = Int32Array.from([half, T - 1]);
+      const joined = Int32Array.from([...tokens.subarray(0, half), ...tokens.subarray(0, T - 1)]);
+      const batchedPrefill = await Promise.all(
+        both.map((m) => m.prefillBatch([m.createState(1), m.createState(1)], joined, lengths, mode, C, [new Float32Array(V), new Float32Array(V)])),
+      );
+      add('prefillBatch logits', Math.max(...batchedPrefill[1].map((l, i) => maxAbsDiff(l, batchedPrefill[0][i]))), LOGITS_ABS);
     }
 
     // Loss and gradients in both training forms.
