@@ -576,13 +576,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     });
   }
 
-  // A call on several states at once, each owning `rows_of(state)` logits rows: claims every
-  // state (or none) and the model for reading, runs `work` on a worker and resolves the logits
-  // [sum of rows, V], or with `outputs` (one Float32Array per state, its rows * V floats) fills
-  // those on the JS thread and resolves `outputs`. `check(total rows)` validates the
-  // the rest of the call before anything is claimed.
+  // A call (named `call` in its errors) on several states at once, each owning
+  // `rows_of(state)` logits rows: claims every state (or none) and the model for reading, runs
+  // `work` on a worker and resolves the logits [sum of rows, V], or with `outputs` (one
+  // Float32Array per state, its rows * V floats) fills those on the JS thread and resolves
+  // `outputs`. `check(total rows)` validates the rest of the call before anything is claimed.
   using StatesWork = std::function<void(const Model&, const std::vector<DecodeState*>&, float*)>;
-  Napi::Value RunOnStates(const Napi::CallbackInfo& info, const Napi::Value& states_arg, const Napi::Value& outputs_arg,
+  Napi::Value RunOnStates(const char* call, const Napi::CallbackInfo& info, const Napi::Value& states_arg,
+                          const Napi::Value& outputs_arg,
                           const std::function<int(const DecodeState&)>& rows_of,
                           const std::function<void(size_t)>& check, StatesWork work) {
     Napi::Env env = info.Env();
@@ -592,9 +593,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const size_t V = static_cast<size_t>(m->config().V);
     size_t rows = 0;
     try {
-      if (!states_arg.IsArray()) throw std::invalid_argument("states must be an array of NativeState");
+      if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
       Napi::Array arr = states_arg.As<Napi::Array>();
-      if (arr.Length() == 0) throw std::invalid_argument("needs at least one state");
+      if (arr.Length() == 0) throw std::invalid_argument(std::string(call) + " needs at least one state");
       if (!outputs_arg.IsUndefined()) {
         if (!outputs_arg.IsArray() || outputs_arg.As<Napi::Array>().Length() != arr.Length())
           throw std::invalid_argument("outputs must be an array with one Float32Array per state");
@@ -695,7 +696,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const int32_t* tok = tokens.Data();
     auto m = model(info.Env());
     return RunOnStates(
-        info, info[0], info[2], [](const DecodeState& s) { return s.batch(); },
+        "stepBatch", info, info[0], info[2], [](const DecodeState& s) { return s.batch(); },
         [&](size_t rows) {
           if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
           m->check_tokens(tok, rows);
@@ -725,7 +726,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const int32_t* tok = tokens.Data();
     auto length_list = std::make_shared<std::vector<int>>(lengths.Data(), lengths.Data() + lengths.ElementLength());
     return RunOnStates(
-        info, info[0], info[5],
+        "prefillBatch", info, info[0], info[5],
         [](const DecodeState& s) {
           if (s.batch() != 1) throw std::invalid_argument("prefillBatch takes batch-1 states");
           return 1;

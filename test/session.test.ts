@@ -310,6 +310,7 @@ test('prefillBatch rejects bad calls before claiming any state', async () => {
       8,
       (overrides.outputs ?? outputs) as never,
     );
+  expect(call([], { states: [] })).toThrow(/prefillBatch needs at least one state/);
   expect(call([2])).toThrow(/one length per state/);
   expect(call([2, 2])).toThrow(/sum of lengths/);
   expect(call([5, 0])).toThrow(/lengths must be >= 1/);
