@@ -341,16 +341,18 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     StateHandle& h = handle(info.Env());
     if (*h.busy) throw Napi::Error::New(info.Env(), "decode state is busy with another call");
     StateHandle c{h.model, std::make_shared<DecodeState>(*h.model, h.state->batch())};
-    c.state->copy_from(*h.state, h.model->ops());
+    c.state->copy_from(*h.state);
     return Wrap(info.Env(), c);
   }
   Napi::Value Export(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     StateHandle& h = handle(env);
     if (*h.busy) throw Napi::Error::New(env, "decode state is busy with another call");
-    std::vector<float> kv(h.state->kv.size()), scale(h.state->scale.size());
-    h.model->ops()->download(kv.data(), h.state->kv.data(), kv.size());
-    h.model->ops()->download(scale.data(), h.state->scale.data(), scale.size());
+    std::vector<float> kv(h.state->kv_size()), scale(h.state->scale_size());  // zeros until materialized
+    if (h.state->materialized()) {
+      h.model->ops()->download(kv.data(), h.state->kv(), kv.size());
+      h.model->ops()->download(scale.data(), h.state->scale(), scale.size());
+    }
     Napi::Object out = Napi::Object::New(env);
     out.Set("kv", to_js(env, std::move(kv)));
     out.Set("scale", to_js(env, std::move(scale)));
@@ -365,7 +367,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
       Napi::Float32Array kv = float32_arg(info[0], "kv");
       Napi::Float32Array scale = float32_arg(info[1], "scale");
       Napi::Array pos = info[2].As<Napi::Array>();
-      if (kv.ElementLength() != h.state->kv.size() || scale.ElementLength() != h.state->scale.size() ||
+      if (kv.ElementLength() != h.state->kv_size() || scale.ElementLength() != h.state->scale_size() ||
           pos.Length() != h.state->position.size())
         throw std::invalid_argument("state sizes do not match this model and batch");
       for (size_t i = 0; i < kv.ElementLength(); i++)
@@ -373,8 +375,9 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
       for (size_t i = 0; i < scale.ElementLength(); i++)
         if (!(scale[i] >= 0) || !std::isfinite(scale[i])) throw std::invalid_argument("state scale must be finite and >= 0");
       for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = static_cast<int64_t>(to_int(pos.Get(i), "position"));
-      h.model->ops()->upload(h.state->kv.data(), kv.Data(), kv.ElementLength());
-      h.model->ops()->upload(h.state->scale.data(), scale.Data(), scale.ElementLength());
+      h.state->materialize();
+      h.model->ops()->upload(h.state->kv(), kv.Data(), kv.ElementLength());
+      h.model->ops()->upload(h.state->scale(), scale.Data(), scale.ElementLength());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }

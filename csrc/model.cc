@@ -47,24 +47,71 @@ struct DecodeState::Scratch {
   std::unique_ptr<Model::Workspace> ws;
 };
 
+Buffer StatePool::take(Ops* ops, size_t n) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < free_.size(); i++) {
+      if (free_[i].size() != n) continue;
+      Buffer memory = std::move(free_[i]);
+      free_.erase(free_.begin() + static_cast<ptrdiff_t>(i));
+      bytes_ -= n * sizeof(float);
+      ops->fill(memory.data(), 0.f, n);
+      return memory;
+    }
+  }
+  return Buffer(ops, n);  // zeroed by alloc
+}
+
+void StatePool::give(Buffer&& memory) {
+  const size_t bytes = memory.size() * sizeof(float);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (bytes_ + bytes > kMaxBytes) return;  // `memory` is freed by the caller's buffer
+  bytes_ += bytes;
+  free_.push_back(std::move(memory));
+}
+
+void StatePool::clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.clear();
+  bytes_ = 0;
+}
+
 DecodeState::DecodeState(const Model& model, int batch)
-    : position(batch, 0), batch_(batch), scratch_(std::make_shared<Scratch>()) {
+    : position(batch, 0),
+      ops_(model.ops()),
+      pool_(model.state_pool_),
+      batch_(batch),
+      scratch_(std::make_shared<Scratch>()) {
   const ModelConfig& c = model.config();
   const size_t per_layer = static_cast<size_t>(batch) * c.H;
-  kv = Buffer(model.ops(), c.L * per_layer * c.dv() * c.dk());
-  scale = Buffer(model.ops(), c.L * per_layer);
+  kv_size_ = c.L * per_layer * c.dv() * c.dk();
+  scale_size_ = c.L * per_layer;
+}
+
+DecodeState::~DecodeState() {
+  if (materialized()) pool_->give(std::move(memory_));
+}
+
+void DecodeState::materialize() {
+  if (!materialized()) memory_ = pool_->take(ops_, kv_size_ + scale_size_);
 }
 
 StateView DecodeState::layer(const ModelConfig& c, int l) const {
+  if (!materialized()) throw std::logic_error("decode state read before materialize()");
   const size_t per_layer = static_cast<size_t>(batch_) * c.H;
-  return {kv.data() + l * per_layer * c.dv() * c.dk(), scale.data() + l * per_layer};
+  return {kv() + l * per_layer * c.dv() * c.dk(), scale() + l * per_layer};
 }
 
-void DecodeState::copy_from(const DecodeState& other, Ops* ops) {
-  if (other.batch_ != batch_ || other.kv.size() != kv.size()) throw std::invalid_argument("state shapes differ");
+void DecodeState::copy_from(const DecodeState& other) {
+  if (other.batch_ != batch_ || other.kv_size_ != kv_size_) throw std::invalid_argument("state shapes differ");
   position = other.position;
-  ops->copy(kv.data(), other.kv.data(), kv.size());
-  ops->copy(scale.data(), other.scale.data(), scale.size());
+  if (!other.materialized()) {
+    if (materialized()) pool_->give(std::move(memory_));
+    memory_ = Buffer();
+    return;
+  }
+  materialize();
+  ops_->copy(memory_.data(), other.memory_.data(), kv_size_ + scale_size_);
 }
 
 Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::move(ops)), c_(config) {
@@ -112,7 +159,7 @@ Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::mo
   decay_ = at("retnet_rel_pos.decay");
 }
 
-Model::~Model() = default;
+Model::~Model() { state_pool_->clear(); }
 
 const ParamInfo* Model::find_param(const std::string& name) const {
   for (const ParamInfo& p : params_)
@@ -315,6 +362,7 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
     }
     return;
   }
+  state.materialize();
   std::vector<StateView> views;
   for (int l = 0; l < c_.L; l++) views.push_back(state.layer(c_, l));
   const int segment = mode == Mode::Parallel ? T : std::max(C, kPrefillSegment / C * C);
@@ -362,6 +410,7 @@ void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t
     if (alone) {
       prefill(*states[i], tokens + offset, lengths[i], mode, C, logits + i * c_.V);
     } else {
+      states[i]->materialize();
       together.push_back({row0, lengths[i], states[i]});
       members.push_back(i);
       offsets.push_back(offset);
@@ -421,6 +470,7 @@ void Model::step_rows(DecodeState* const* states, size_t count, Workspace& ws, c
   int r = 0;
   for (size_t i = 0; i < count; i++) {
     DecodeState* s = states[i];
+    s->materialize();
     for (int b = 0; b < s->batch(); b++, r++) {
       ws.positions[r] = s->position[b];
       for (int l = 0; l < c_.L; l++) {

@@ -41,20 +41,52 @@ struct ParamInfo {
 class Model;
 class Trainer;
 
-// A recurrent decode state for B rows: O(1) in context length.
+// Memory of released decode states, handed to new states of the same size. A fresh state's
+// pages fault in one by one (on the development VM ~45 ms for a medium batch-1 state, 28 MB);
+// a reused one costs a fill. Keeps at most kMaxBytes; any thread may take or give.
+class StatePool {
+ public:
+  static constexpr size_t kMaxBytes = size_t{512} << 20;
+  // `n` floats, zeroed.
+  Buffer take(Ops* ops, size_t n);
+  void give(Buffer&& memory);
+  void clear();
+
+ private:
+  std::mutex mu_;
+  std::vector<Buffer> free_;
+  size_t bytes_ = 0;
+};
+
+// A recurrent decode state for B rows: O(1) in context length. It takes its memory on first
+// use (materialize), which decode calls do on their worker thread: creating a state costs the
+// caller's thread nothing, and until then the state is all zeros.
 class DecodeState {
  public:
   DecodeState(const Model& model, int batch);
+  ~DecodeState();
+  DecodeState(const DecodeState&) = delete;
+  DecodeState& operator=(const DecodeState&) = delete;
   int batch() const { return batch_; }
   std::vector<int64_t> position;  // tokens consumed, per row
-  Buffer kv;                      // [L, B, H, dv, dk]
-  Buffer scale;                   // [L, B, H]
+  void materialize();
+  bool materialized() const { return memory_.data() != nullptr; }
+  // Valid once materialized: kv [L, B, H, dv, dk], then scale [L, B, H], in one block.
+  float* kv() const { return memory_.data(); }
+  float* scale() const { return memory_.data() + kv_size_; }
+  size_t kv_size() const { return kv_size_; }
+  size_t scale_size() const { return scale_size_; }
   StateView layer(const ModelConfig& c, int l) const;
-  void copy_from(const DecodeState& other, Ops* ops);
+  // Becomes a copy of `other` (unmaterialized, all zeros, when `other` is).
+  void copy_from(const DecodeState& other);
 
  private:
   friend class Model;
+  Ops* ops_;
+  std::shared_ptr<StatePool> pool_;
   int batch_;
+  size_t kv_size_, scale_size_;
+  Buffer memory_;
   struct Scratch;
   std::shared_ptr<Scratch> scratch_;  // step workspace, allocated once per state
 };
@@ -103,6 +135,7 @@ class Model {
 
  private:
   friend class Trainer;  // the training forward/backward reads the layer weights and updates the arena
+  friend class DecodeState;  // takes and gives back its memory through state_pool_
   struct Layer {
     const float *q, *k, *v, *g, *out, *ret_ln, *fc1, *fc2, *gate, *ffn_ln;
   };
@@ -133,6 +166,7 @@ class Model {
   std::vector<float> angle_host_, decay_host_;
   WeightFormat decode_format_ = WeightFormat::F32;
   std::unordered_map<const float*, QuantizedMatrix> compact_;  // by fp32 weight
+  std::shared_ptr<StatePool> state_pool_ = std::make_shared<StatePool>();
   // Workspace of step_batch, grown to the largest batch seen.
   mutable std::mutex batch_mu_;
   mutable std::unique_ptr<Workspace> batch_ws_;

@@ -83,6 +83,32 @@ test('a saved and restored session continues identically; clone is independent',
   for (const s of [session, restored, clone]) s.dispose();
 });
 
+test('a state takes its memory on first use, and memory given back by a disposed state starts from zero', async () => {
+  const tokens = randomTokens(4, 1, 20);
+  const first = model.createSession();
+  const { logits: expected } = await first.prefill(tokens);
+  const firstSaved = await first.save();
+  first.dispose(); // its memory goes to the model's pool; the next state of this size takes it
+  const reused = model.createSession();
+  const { logits } = await reused.prefill(tokens);
+  expect(Array.from(logits)).toEqual(Array.from(expected));
+  expect(Buffer.compare(await reused.save(), firstSaved)).toBe(0);
+
+  // Never used: saves as zeros at position 0, and a clone or a restored copy runs like it.
+  const fresh = model.createSession();
+  const saved = await fresh.save();
+  const clone = await fresh.clone();
+  const restored = model.restoreSession(saved);
+  expect(restored.position).toBe(0);
+  const stateFloats = new Float32Array(Uint8Array.from(saved.subarray(16 + saved.readUInt32LE(8))).buffer);
+  expect(stateFloats.length).toBeGreaterThan(0);
+  expect(stateFloats.every((x) => x === 0)).toBe(true);
+  const [a, b, c] = await Promise.all([fresh.step([42]), clone.step([42]), restored.step([42])]);
+  expect(Array.from(b.logits)).toEqual(Array.from(a.logits));
+  expect(Array.from(c.logits)).toEqual(Array.from(a.logits));
+  for (const s of [reused, fresh, clone, restored]) s.dispose();
+});
+
 test('restoreSession rejects corrupt or mismatched buffers', async () => {
   const session = model.createSession();
   await session.prefill([[1, 2, 3]]);
