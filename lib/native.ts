@@ -36,6 +36,8 @@ export interface NativeState {
   positions(): number[];
   clone(): NativeState;
   exportState(): { kv: Float32Array; scale: Float32Array; positions: number[] };
+  /** `prefix`, then exportState's kv and scale as float32 bytes, assembled off the JS thread. */
+  saveState(prefix: Uint8Array): Promise<Buffer>;
   importState(kv: Float32Array, scale: Float32Array, positions: number[]): void;
   dispose(): void;
 }

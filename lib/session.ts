@@ -110,16 +110,16 @@ export class Session implements DecodeSession {
    */
   async save(): Promise<Buffer> {
     return this.enqueue(async (state) => {
-      const { kv, scale, positions } = state.exportState();
-      const header = Buffer.from(JSON.stringify({ ...this.owner.stateLayout(), batch: this.batch, positions }), 'utf8');
-      const out = Buffer.alloc(8 + 4 + header.length + 4 + kv.byteLength + scale.byteLength);
-      let off = out.write(STATE_MAGIC, 0, 'latin1');
-      off = out.writeUInt32LE(header.length, off);
-      off += header.copy(out, off);
-      off = out.writeUInt32LE(0, off); // reserved
-      off += Buffer.from(kv.buffer, kv.byteOffset, kv.byteLength).copy(out, off);
-      Buffer.from(scale.buffer, scale.byteOffset, scale.byteLength).copy(out, off);
-      return out;
+      const json = JSON.stringify({ ...this.owner.stateLayout(), batch: this.batch, positions: state.positions() });
+      // Padded with spaces (still JSON) so that the floats start 4-byte aligned.
+      const header = Buffer.from(json.padEnd(json.length + ((4 - (Buffer.byteLength(json) % 4)) % 4)), 'utf8');
+      const prefix = Buffer.alloc(8 + 4 + header.length + 4);
+      let off = prefix.write(STATE_MAGIC, 0, 'latin1');
+      off = prefix.writeUInt32LE(header.length, off);
+      off += header.copy(prefix, off);
+      prefix.writeUInt32LE(0, off); // reserved
+      // The state's floats follow, copied in on a worker (a medium state is 28 MB).
+      return state.saveState(prefix);
     });
   }
 
@@ -174,8 +174,15 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
   if (buf.length !== dataStart + 4 * (kvCount + scaleCount)) {
     throw new Error(`restoreSession: expected ${dataStart + 4 * (kvCount + scaleCount)} bytes, got ${buf.length}`);
   }
-  const floats = new Float32Array(kvCount + scaleCount);
-  Buffer.from(floats.buffer).set(buf.subarray(dataStart));
+  // A view where the floats are aligned (as save() writes them), else a copy.
+  const offset = buf.byteOffset + dataStart;
+  let floats: Float32Array;
+  if (offset % 4 === 0) {
+    floats = new Float32Array(buf.buffer, offset, kvCount + scaleCount);
+  } else {
+    floats = new Float32Array(kvCount + scaleCount);
+    Buffer.from(floats.buffer).set(buf.subarray(dataStart));
+  }
   const state = owner.native().createState(batch);
   try {
     state.importState(floats.subarray(0, kvCount), floats.subarray(kvCount), header.positions);

@@ -109,6 +109,23 @@ test('a state takes its memory on first use, and memory given back by a disposed
   for (const s of [reused, fresh, clone, restored]) s.dispose();
 });
 
+test('save() writes its floats 4-byte aligned; restoreSession reads a save at any byte offset', async () => {
+  const session = model.createSession();
+  await session.prefill(randomTokens(5, 1, 9));
+  const saved = await session.save();
+  expect((16 + saved.readUInt32LE(8)) % 4).toBe(0);
+  const shifted = Buffer.alloc(saved.length + 3);
+  saved.copy(shifted, 3);
+  const [a, b] = [model.restoreSession(saved), model.restoreSession(shifted.subarray(3))];
+  const [x, y, z] = await Promise.all([session.step([11]), a.step([11]), b.step([11])]);
+  expect(Array.from(y.logits)).toEqual(Array.from(x.logits));
+  expect(Array.from(z.logits)).toEqual(Array.from(x.logits));
+  // The native call behind save() takes whole floats of prefix only.
+  const state = (session as unknown as { state: { saveState(prefix: Uint8Array): Promise<Buffer> } }).state;
+  expect(() => state.saveState(new Uint8Array(3))).toThrow(/multiple of 4 bytes/);
+  for (const s of [session, a, b]) s.dispose();
+});
+
 test('restoreSession rejects corrupt or mismatched buffers', async () => {
   const session = model.createSession();
   await session.prefill([[1, 2, 3]]);
