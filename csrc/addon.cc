@@ -299,6 +299,76 @@ struct Constructors {
   Napi::FunctionReference model, state, sampler;
 };
 
+// new NativeSampler({ temperature, topK, topP, repetitionPenalty }, seed): one sampler and its
+// PRNG stream. sample(logits, history) runs on the calling thread: at vocabulary 32000 it takes
+// tens of microseconds, about what queueing a worker would cost. stepBatch may also draw with
+// it on its worker (busy meanwhile).
+class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeSampler", {InstanceMethod("sample", &NativeSampler::Sample)});
+  }
+
+  explicit NativeSampler(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeSampler>(info) {
+    Napi::Env env = info.Env();
+    try {
+      if (!info[0].IsObject()) throw std::invalid_argument("sampler options must be an object");
+      Napi::Object o = info[0].As<Napi::Object>();
+      const auto number = [&](const char* key) {
+        const Napi::Value v = o.Get(key);
+        if (!v.IsNumber()) throw std::invalid_argument(std::string(key) + " must be a number");
+        return v.As<Napi::Number>().DoubleValue();
+      };
+      SamplerOptions options;
+      options.temperature = number("temperature");
+      const double top_k = number("topK");
+      if (!(top_k >= 0 && top_k <= 9007199254740991.0 && top_k == std::floor(top_k)))
+        throw std::invalid_argument("topK must be an integer >= 0");
+      options.top_k = static_cast<size_t>(top_k);
+      options.top_p = number("topP");
+      options.repetition_penalty = number("repetitionPenalty");
+      if (!info[1].IsNumber()) throw std::invalid_argument("seed must be a number");
+      const double seed = info[1].As<Napi::Number>().DoubleValue();
+      if (!(std::fabs(seed) <= 9007199254740991.0 && seed == std::floor(seed)))
+        throw std::invalid_argument("seed must be a safe integer");
+      sampler_ = std::make_shared<Sampler>(options, static_cast<int64_t>(seed));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+  }
+
+ // For a draw on a worker: the sampler, and its busy flag, already set by the caller.
+  struct Claim {
+    std::shared_ptr<Sampler> sampler;
+    std::shared_ptr<std::atomic<bool>> busy;
+  };
+  // Marks the sampler busy, or returns an empty Claim when it is.
+  Claim claim() {
+    bool expected = false;
+    if (!busy_->compare_exchange_strong(expected, true)) return {};
+    return {sampler_, busy_};
+  }
+
+ private:
+  Napi::Value Sample(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (*busy_) throw Napi::Error::New(env, "sampler is busy with a stepBatch call");
+    try {
+      Napi::Float32Array logits = float32_arg(info[0], "logits");
+      Napi::Int32Array history = int32_arg(info[1], "history");
+      return Napi::Number::New(env, sampler_->sample(logits.Data(), logits.ElementLength(), history.Data(),
+                                                     history.ElementLength()));
+    } catch (const std::bad_alloc&) {
+      throw Napi::Error::New(env, "out of memory");
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+  }
+
+  std::shared_ptr<Sampler> sampler_;
+  std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+};
+
 // A decode state plus the model it belongs to; busy guards against two calls at once.
 struct StateHandle {
   std::shared_ptr<const Model> model;
@@ -631,9 +701,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // `work` on a worker and resolves the logits [sum of rows, V], or with `outputs` (one
   // Float32Array per state, its rows * V floats) fills those on the JS thread and resolves
   // `outputs`. `check(total rows)` validates the rest of the call before anything is claimed.
+  // With `sampling` (needs `outputs`; see stepBatch) the worker also draws the next token of
+  // each batch-1 state given a sampler, and that state's output is left as it was.
   using StatesWork = std::function<void(const Model&, const std::vector<DecodeState*>&, float*)>;
   Napi::Value RunOnStates(const char* call, const Napi::CallbackInfo& info, const Napi::Value& states_arg,
-                          const Napi::Value& outputs_arg,
+                          const Napi::Value& outputs_arg, const Napi::Value& sampling_arg,
                           const std::function<int(const DecodeState&)>& rows_of,
                           const std::function<void(size_t)>& check, StatesWork work) {
     Napi::Env env = info.Env();
@@ -642,6 +714,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Napi::Array outputs;
     const size_t V = static_cast<size_t>(m->config().V);
     size_t rows = 0;
+    // One per state; an empty one (no sampler) means that state's row is not drawn.
+    struct RowDraw {
+      NativeSampler* wrap = nullptr;
+      std::vector<int32_t> history;  // copied: JS may change its array while the worker reads
+      size_t vocab = 0;
+    };
+    std::vector<RowDraw> draws;
+    Napi::Int32Array sampled;
     try {
       if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
       Napi::Array arr = states_arg.As<Napi::Array>();
@@ -668,6 +748,38 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         rows += own;
         handles.push_back(h);
       }
+      if (!sampling_arg.IsUndefined()) {
+        if (outputs.IsEmpty()) throw std::invalid_argument("sampling needs outputs");
+        if (!sampling_arg.IsObject()) throw std::invalid_argument("sampling must be an object");
+        Napi::Object o = sampling_arg.As<Napi::Object>();
+        const Napi::Value samplers = o.Get("samplers"), histories = o.Get("histories");
+        if (!samplers.IsArray() || samplers.As<Napi::Array>().Length() != arr.Length() || !histories.IsArray() ||
+            histories.As<Napi::Array>().Length() != arr.Length())
+          throw std::invalid_argument("sampling.samplers and sampling.histories need one entry per state");
+        const Napi::Int32Array vocab = int32_arg(o.Get("vocab"), "sampling.vocab");
+        sampled = int32_arg(o.Get("sampled"), "sampling.sampled");
+        if (vocab.ElementLength() != arr.Length() || sampled.ElementLength() != arr.Length())
+          throw std::invalid_argument("sampling.vocab and sampling.sampled need one entry per state");
+        draws.resize(arr.Length());
+        for (uint32_t i = 0; i < arr.Length(); i++) {
+          const Napi::Value sv = samplers.As<Napi::Array>().Get(i);
+          if (sv.IsNull() || sv.IsUndefined()) continue;
+          const std::string name = "sampling.samplers[" + std::to_string(i) + "]";
+          if (!sv.IsObject() || !sv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->sampler.Value()))
+            throw std::invalid_argument(name + " is not a NativeSampler");
+          if (handles[i].state->batch() != 1) throw std::invalid_argument(name + ": only batch-1 states are sampled");
+          if (vocab[i] < 1 || static_cast<size_t>(vocab[i]) > V)
+            throw std::invalid_argument("sampling.vocab[" + std::to_string(i) + "] must be in [1, " + std::to_string(V) + "]");
+          const std::string hname = "sampling.histories[" + std::to_string(i) + "]";
+          const Napi::Int32Array history = int32_arg(histories.As<Napi::Array>().Get(i), hname.c_str());
+          RowDraw& d = draws[i];
+          d.wrap = Napi::ObjectWrap<NativeSampler>::Unwrap(sv.As<Napi::Object>());
+          for (const RowDraw& other : draws)
+            if (&other != &d && other.wrap == d.wrap) throw std::invalid_argument(name + " appears twice");
+          d.history.assign(history.Data(), history.Data() + history.ElementLength());
+          d.vocab = static_cast<size_t>(vocab[i]);
+        }
+      }
       check(rows);
     } catch (const Napi::Error&) {
       throw;
@@ -681,47 +793,91 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         throw Napi::Error::New(env, "decode state " + std::to_string(i) + " is busy with another call");
       }
     }
+    // What the worker draws with: the claimed samplers (busy until it ends) and the histories.
+    struct Draw {
+      NativeSampler::Claim sampler;
+      std::vector<int32_t> history;
+      size_t vocab;
+      size_t row;  // in the logits
+      int32_t token = -1;
+    };
+    auto picks = std::make_shared<std::vector<Draw>>();
+    auto release_samplers = [picks] {
+      for (Draw& d : *picks) *d.sampler.busy = false;
+    };
+    for (size_t i = 0, row = 0; i < draws.size(); row += rows_of(*handles[i].state), i++) {
+      if (!draws[i].wrap) continue;
+      NativeSampler::Claim c = draws[i].wrap->claim();
+      if (!c.sampler) {
+        release_samplers();
+        for (const StateHandle& h : handles) *h.busy = false;
+        throw Napi::Error::New(env, "sampling.samplers[" + std::to_string(i) + "] is busy with another call");
+      }
+      picks->push_back({std::move(c), std::move(draws[i].history), draws[i].vocab, row});
+    }
     std::shared_ptr<AccessGuard> guard;
     try {
       guard = claim_read(env);
     } catch (...) {
+      release_samplers();
       for (const StateHandle& h : handles) *h.busy = false;
       throw;
     }
     std::vector<size_t> row_counts;
     for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
+    std::vector<bool> drawn(handles.size(), false);
+    for (size_t i = 0; i < draws.size(); i++) drawn[i] = draws[i].wrap != nullptr;
     const size_t n = rows * V;
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
     if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
+    std::shared_ptr<Napi::Reference<Napi::Int32Array>> sampled_ref;
+    if (!sampled.IsEmpty()) sampled_ref = std::make_shared<Napi::Reference<Napi::Int32Array>>(Napi::Persistent(sampled));
     // A fresh [rows, V] buffer per call would fault in its pages every time: 2 MB at 16 rows.
     auto out = targets ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
     auto* worker = new PromiseWorker(
         env,
-        [m, handles, out, guard, work] {
+        [m, handles, out, guard, work, picks, V] {
           ReadClaim claim{guard};
           struct Release {
             const std::vector<StateHandle>& hs;
+            std::vector<Draw>& draws;
             ~Release() {
               for (const StateHandle& h : hs) *h.busy = false;
+              for (Draw& d : draws) *d.sampler.busy = false;
             }
-          } release{handles};
+          } release{handles, *picks};
           std::vector<DecodeState*> states;
           for (const StateHandle& h : handles) states.push_back(h.state.get());
           work(*m, states, out->data());
+          // The draws of a batch take about as long as a small model's step: both threads.
+          parallel_for(picks->size(), 1, [&](size_t d0, size_t d1) {
+            for (size_t d = d0; d < d1; d++) {
+              Draw& p = (*picks)[d];
+              p.token = p.sampler.sampler->sample(out->data() + p.row * V, p.vocab, p.history.data(), p.history.size());
+            }
+          });
         },
-        [out, targets, row_counts, V](Napi::Env env) -> Napi::Value {
+        [out, targets, row_counts, V, picks, drawn, sampled_ref](Napi::Env env) -> Napi::Value {
           if (!targets) return to_js(env, std::move(*out));
           // Filled here on the JS thread, as step's `logits`.
           Napi::Array dsts = targets->Value();
           const float* src = out->data();
           for (uint32_t i = 0; i < row_counts.size(); i++) {
             const size_t count = row_counts[i] * V;
-            Napi::Value d = dsts.Get(i);
-            if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
-                d.As<Napi::Float32Array>().ElementLength() != count)
-              throw std::invalid_argument("outputs[" + std::to_string(i) + "] was replaced or detached during the call");
-            std::memcpy(d.As<Napi::Float32Array>().Data(), src, count * sizeof(float));
+            if (!drawn[i]) {
+              Napi::Value d = dsts.Get(i);
+              if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
+                  d.As<Napi::Float32Array>().ElementLength() != count)
+                throw std::invalid_argument("outputs[" + std::to_string(i) + "] was replaced or detached during the call");
+              std::memcpy(d.As<Napi::Float32Array>().Data(), src, count * sizeof(float));
+            }
             src += count;
+          }
+          if (sampled_ref) {
+            Napi::Int32Array dst = sampled_ref->Value();
+            if (dst.ElementLength() != row_counts.size())
+              throw std::invalid_argument("sampling.sampled was detached during the call");
+            for (size_t i = 0, d = 0; i < row_counts.size(); i++) dst[i] = drawn[i] ? (*picks)[d++].token : -1;
           }
           return dsts;
         });
@@ -732,10 +888,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
-  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[])
-  //   -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state, its batch * V floats)
-  //   -> Promise<outputs>, each filled with its state's rows:
-  // one decode step for several sessions at once (continuous batching).
+  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[],
+  //   sampling?: { samplers: (NativeSampler | null)[], histories: Int32Array[], vocab: Int32Array,
+  //   sampled: Int32Array }) -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state,
+  //   its batch * V floats) -> Promise<outputs>, each filled with its state's rows:
+  // one decode step for several sessions at once (continuous batching). With `sampling` (one
+  // entry per state), a batch-1 state given a sampler gets its next token drawn on the worker
+  // from its logits' first vocab[i] ids with histories[i] (as NativeSampler.sample would), into
+  // sampled[i] (-1 for the others), instead of its logits in outputs[i].
   Napi::Value StepBatch(const Napi::CallbackInfo& info) {
     Napi::Int32Array tokens;
     try {
@@ -746,7 +906,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const int32_t* tok = tokens.Data();
     auto m = model(info.Env());
     return RunOnStates(
-        "stepBatch", info, info[0], info[2], [](const DecodeState& s) { return s.batch(); },
+        "stepBatch", info, info[0], info[2], info[3], [](const DecodeState& s) { return s.batch(); },
         [&](size_t rows) {
           if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
           m->check_tokens(tok, rows);
@@ -776,7 +936,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const int32_t* tok = tokens.Data();
     auto length_list = std::make_shared<std::vector<int>>(lengths.Data(), lengths.Data() + lengths.ElementLength());
     return RunOnStates(
-        "prefillBatch", info, info[0], info[5],
+        "prefillBatch", info, info[0], info[5], info.Env().Undefined(),
         [](const DecodeState& s) {
           if (s.batch() != 1) throw std::invalid_argument("prefillBatch takes batch-1 states");
           return 1;
@@ -1201,61 +1361,6 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   worker->Queue();
   return worker->promise();
 }
-
-// new NativeSampler({ temperature, topK, topP, repetitionPenalty }, seed): one sampler and its
-// PRNG stream. sample(logits, history) runs on the calling thread: at vocabulary 32000 it takes
-// tens of microseconds, about what queueing a worker would cost.
-class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
- public:
-  static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "NativeSampler", {InstanceMethod("sample", &NativeSampler::Sample)});
-  }
-
-  explicit NativeSampler(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeSampler>(info) {
-    Napi::Env env = info.Env();
-    try {
-      if (!info[0].IsObject()) throw std::invalid_argument("sampler options must be an object");
-      Napi::Object o = info[0].As<Napi::Object>();
-      const auto number = [&](const char* key) {
-        const Napi::Value v = o.Get(key);
-        if (!v.IsNumber()) throw std::invalid_argument(std::string(key) + " must be a number");
-        return v.As<Napi::Number>().DoubleValue();
-      };
-      SamplerOptions options;
-      options.temperature = number("temperature");
-      const double top_k = number("topK");
-      if (!(top_k >= 0 && top_k <= 9007199254740991.0 && top_k == std::floor(top_k)))
-        throw std::invalid_argument("topK must be an integer >= 0");
-      options.top_k = static_cast<size_t>(top_k);
-      options.top_p = number("topP");
-      options.repetition_penalty = number("repetitionPenalty");
-      if (!info[1].IsNumber()) throw std::invalid_argument("seed must be a number");
-      const double seed = info[1].As<Napi::Number>().DoubleValue();
-      if (!(std::fabs(seed) <= 9007199254740991.0 && seed == std::floor(seed)))
-        throw std::invalid_argument("seed must be a safe integer");
-      sampler_ = std::make_unique<Sampler>(options, static_cast<int64_t>(seed));
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(env, e.what());
-    }
-  }
-
- private:
-  Napi::Value Sample(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    try {
-      Napi::Float32Array logits = float32_arg(info[0], "logits");
-      Napi::Int32Array history = int32_arg(info[1], "history");
-      return Napi::Number::New(env, sampler_->sample(logits.Data(), logits.ElementLength(), history.Data(),
-                                                     history.ElementLength()));
-    } catch (const std::bad_alloc&) {
-      throw Napi::Error::New(env, "out of memory");
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(env, e.what());
-    }
-  }
-
-  std::unique_ptr<Sampler> sampler_;
-};
 
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());

@@ -4,6 +4,24 @@ import { Sampler, SamplingOptions, formatValue, validateSamplingOptions } from '
 import type { StepOptions } from './session';
 import { Tokenizer, checkTokenId } from './tokenizer';
 
+/** A draw a decode step may make itself, off the JS thread, with the generator's sampler. */
+export interface StepSampling {
+  sampler: Sampler;
+  /** The ids so far, the step's input token included. */
+  history: number[];
+  /** Draw among the ids below this (the tokenizer's vocabulary). */
+  vocabSize: number;
+}
+
+export interface DecodeStepOptions extends StepOptions {
+  /**
+   * Where the session supports it (the scheduler's batched steps), the step draws the next token
+   * with this and resolves it as `token`, as sampler.sample on the logits would, and may leave
+   * `logits` unwritten.
+   */
+  sample?: StepSampling;
+}
+
 /** A stateful decoder over a model (the native-backed session implements this). */
 export interface DecodeSession {
   readonly batch: number;
@@ -15,7 +33,7 @@ export interface DecodeSession {
    * Consumes one token per batch entry; logits [batch, V] are for the next token, written into
    * `options.logits` where the session supports it and it is given.
    */
-  step(tokenIds: number[], options?: StepOptions): Promise<{ logits: Float32Array }>;
+  step(tokenIds: number[], options?: DecodeStepOptions): Promise<{ logits: Float32Array; token?: number }>;
   dispose(): void;
 }
 
@@ -165,10 +183,12 @@ export async function* generateFromSession(
   let { logits } = await session.prefill([promptTokens]);
   // The sampler reads each step's logits before the next step, so one buffer serves them all.
   const stepLogits = new Float32Array(logits.length);
+  const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize };
+  let drawn: number | undefined; // by the last step itself
   for (let produced = 1; ; produced++) {
     throwIfAborted(signal);
     const vocabLogits = logits.length > tokenizer.vocabSize ? logits.subarray(0, tokenizer.vocabSize) : logits;
-    const token = sampler.sample(vocabLogits, history);
+    const token = drawn ?? sampler.sample(vocabLogits, history);
     history.push(token);
     if (stopTokens.has(token)) {
       yield { token, text: endOfText() };
@@ -185,7 +205,7 @@ export async function* generateFromSession(
     }
     yield { token, text };
     throwIfAborted(signal);
-    ({ logits } = await session.step([token], { logits: stepLogits }));
+    ({ logits, token: drawn } = await session.step([token], { logits: stepLogits, sample: draw }));
   }
 }
 

@@ -50,6 +50,19 @@ export interface NativeSamplerOptions {
   repetitionPenalty: number;
 }
 
+/**
+ * Draws stepBatch makes on its worker, one entry per state: a batch-1 state with a sampler gets
+ * its next token drawn from its logits' first vocab[i] ids with histories[i] penalised (as
+ * sampler.sample would), written to sampled[i] when the step completes (-1 for states without
+ * a sampler); its outputs[i] is then left as it was. A sampler is busy until the step ends.
+ */
+export interface NativeStepSampling {
+  samplers: (NativeSampler | null)[];
+  histories: Int32Array[];
+  vocab: Int32Array;
+  sampled: Int32Array;
+}
+
 /** A sampler and its PRNG stream (csrc/sampler.cc); sample() runs on the calling thread. */
 export interface NativeSampler {
   /** One id from logits; `history` ids in [0, logits.length) are penalised once each. */
@@ -101,7 +114,7 @@ export interface NativeModel {
    * The same, with each state's logits (its batch * V floats) written into `outputs[i]` on the JS
    * thread when the step completes: no fresh buffer (and page faults) per step. Resolves `outputs`.
    */
-  stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[]): Promise<Float32Array[]>;
+  stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[], sampling?: NativeStepSampling): Promise<Float32Array[]>;
   /**
    * Prefills batch-1 states at once: state i consumes the next lengths[i] of `tokens`, and
    * outputs[i] (V floats) gets its next-token logits, written on the JS thread at completion.

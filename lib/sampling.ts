@@ -92,6 +92,14 @@ export class Sampler {
     return this.native.sample(logits, this.penalizes ? this.checkedHistory(history, logits.length) : NO_HISTORY);
   }
 
+  /**
+   * @internal What a native step needs to draw as sample(logits.subarray(0, vocabSize), history)
+   * would: the native sampler (its PRNG stream is this one) and the checked history.
+   */
+  drawArgs(history: ArrayLike<number>, vocabSize: number): { sampler: NativeSampler; history: Int32Array } {
+    return { sampler: this.native, history: this.penalizes ? this.checkedHistory(history, vocabSize) : NO_HISTORY };
+  }
+
   /** history as int32 ids, each checked first (an Int32Array would wrap or truncate a bad one). */
   private checkedHistory(history: ArrayLike<number>, vocabSize: number): Int32Array {
     if (this.historyIds.length < history.length) this.historyIds = new Int32Array(Math.max(history.length, 2 * this.historyIds.length));

@@ -4,8 +4,8 @@
 // prompt delays the running sequences by at most one piece per step. Each request keeps its own
 // sampler, seed, stop sequences and AbortSignal: sampling runs in generateFromSession, and only
 // the model calls go through the scheduler.
-import { DecodeSession, GenerateChunk, GenerateOptions, generateFromSession } from './generate';
-import type { NativeState } from './native';
+import { DecodeSession, DecodeStepOptions, GenerateChunk, GenerateOptions, StepSampling, generateFromSession } from './generate';
+import type { NativeSampler, NativeState, NativeStepSampling } from './native';
 import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
 import { PrefillMode, Session, SessionOwner, checkPrefillOptions } from './session';
 import type { Tokenizer } from './tokenizer';
@@ -69,6 +69,7 @@ const DEFAULTS = {
   prefixCacheEntries: 16,
   autoPrefixTokens: 64,
 };
+const NO_IDS = new Int32Array(0);
 /** Prefix keys remembered for automatic caching (a key is ~60 bytes). */
 const SEEN_PREFIX_LIMIT = 4096;
 
@@ -106,7 +107,9 @@ class Sequence implements DecodeSession {
   nextToken = 0;
   /** Where decode steps write this sequence's logits; it reads them before its next step. */
   logits: Float32Array | undefined;
-  private resolveWait: ((result: { logits: Float32Array }) => void) | undefined;
+  /** The draw the next decode step makes for this sequence (its generator's sampler), if any. */
+  draw: StepSampling | undefined;
+  private resolveWait: ((result: { logits: Float32Array; token?: number }) => void) | undefined;
   private rejectWait: ((error: Error) => void) | undefined;
 
   constructor(
@@ -122,8 +125,9 @@ class Sequence implements DecodeSession {
     return result;
   }
 
-  step(tokenIds: number[]): Promise<{ logits: Float32Array }> {
+  step(tokenIds: number[], options?: DecodeStepOptions): Promise<{ logits: Float32Array; token?: number }> {
     const result = this.wait();
+    this.draw = options?.sample;
     this.scheduler.enqueueStep(this, tokenIds[0]);
     return result;
   }
@@ -132,11 +136,11 @@ class Sequence implements DecodeSession {
     this.scheduler.release(this);
   }
 
-  settle(logits: Float32Array): void {
+  settle(logits: Float32Array, token?: number): void {
     const resolve = this.resolveWait;
     this.resolveWait = this.rejectWait = undefined;
     this.phase = 'idle';
-    resolve?.({ logits });
+    resolve?.(token === undefined ? { logits } : { logits, token });
   }
 
   fail(error: Error): void {
@@ -146,7 +150,7 @@ class Sequence implements DecodeSession {
     reject?.(error);
   }
 
-  private wait(): Promise<{ logits: Float32Array }> {
+  private wait(): Promise<{ logits: Float32Array; token?: number }> {
     return new Promise((resolve, reject) => {
       this.resolveWait = resolve;
       this.rejectWait = reject;
@@ -340,21 +344,37 @@ export class Scheduler {
     if (this.stepTokens.length < count) this.stepTokens = new Int32Array(count);
     const states = new Array<NativeState>(count);
     const outputs = new Array<Float32Array>(count);
-    for (let i = 0; i < count; i++) {
-      const sequence = batch[i];
-      sequence.phase = 'running';
-      states[i] = sequence.state!;
-      sequence.logits ??= new Float32Array(this.owner.vocabSize);
-      outputs[i] = sequence.logits;
-      this.stepTokens[i] = sequence.nextToken;
-    }
+    let sampling: NativeStepSampling | undefined;
     try {
-      await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count), outputs);
+      for (let i = 0; i < count; i++) {
+        const sequence = batch[i];
+        sequence.phase = 'running';
+        states[i] = sequence.state!;
+        sequence.logits ??= new Float32Array(this.owner.vocabSize);
+        outputs[i] = sequence.logits;
+        this.stepTokens[i] = sequence.nextToken;
+        // Draws run on the step's worker, both threads, rather than one by one on this thread.
+        if (sequence.draw) {
+          sampling ??= {
+            samplers: new Array<NativeSampler | null>(count).fill(null),
+            histories: new Array<Int32Array>(count).fill(NO_IDS),
+            vocab: new Int32Array(count).fill(1),
+            sampled: new Int32Array(count),
+          };
+          const { sampler, history } = sequence.draw.sampler.drawArgs(sequence.draw.history, sequence.draw.vocabSize);
+          sampling.samplers[i] = sampler;
+          sampling.histories[i] = history;
+          sampling.vocab[i] = sequence.draw.vocabSize;
+          sequence.draw = undefined;
+        }
+      }
+      await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count), outputs, sampling);
       this.decodeSteps++;
       this.decodedTokens += count;
       for (let i = 0; i < count; i++) {
         batch[i].position++;
-        batch[i].settle(outputs[i]);
+        const token = sampling && sampling.samplers[i] ? sampling.sampled[i] : undefined;
+        batch[i].settle(outputs[i], token);
       }
     } catch (e) {
       for (const sequence of batch) sequence.fail(e as Error);
