@@ -412,7 +412,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     StateHandle& h = handle(info.Env());
     if (*h.busy) throw Napi::Error::New(info.Env(), "decode state is busy with another call");
     StateHandle c{h.model, std::make_shared<DecodeState>(*h.model, h.state->batch())};
-    c.state->copy_from(*h.state);
+    c.state->share_from(*h.state);  // copied on a worker when either is written
     return Wrap(info.Env(), c);
   }
   // The state's kv and scale into host memory: zeros while the state has no memory.
@@ -492,7 +492,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
       for (size_t i = 0; i < scale.ElementLength(); i++)
         if (!(scale[i] >= 0) || !std::isfinite(scale[i])) throw std::invalid_argument("state scale must be finite and >= 0");
       for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = static_cast<int64_t>(to_int(pos.Get(i), "position"));
-      h.state->materialize();
+      h.state->make_writable();
       h.model->ops()->upload(h.state->kv(), kv.Data(), kv.ElementLength());
       h.model->ops()->upload(h.state->scale(), scale.Data(), scale.ElementLength());
     } catch (const std::exception& e) {

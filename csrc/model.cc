@@ -47,19 +47,28 @@ struct DecodeState::Scratch {
   std::unique_ptr<Model::Workspace> ws;
 };
 
-Buffer StatePool::take(Ops* ops, size_t n) {
+std::shared_ptr<Buffer> StatePool::take(Ops* ops, size_t n, bool zeroed) {
+  Buffer memory;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < free_.size(); i++) {
       if (free_[i].size() != n) continue;
-      Buffer memory = std::move(free_[i]);
+      memory = std::move(free_[i]);
       free_.erase(free_.begin() + static_cast<ptrdiff_t>(i));
       bytes_ -= n * sizeof(float);
-      ops->fill(memory.data(), 0.f, n);
-      return memory;
+      break;
     }
   }
-  return Buffer(ops, n);  // zeroed by alloc
+  if (memory.data()) {
+    if (zeroed) ops->fill(memory.data(), 0.f, n);
+  } else {
+    memory = Buffer(ops, n);  // zeroed by alloc
+  }
+  auto pool = shared_from_this();
+  return std::shared_ptr<Buffer>(new Buffer(std::move(memory)), [pool](Buffer* b) {
+    pool->give(std::move(*b));
+    delete b;
+  });
 }
 
 void StatePool::give(Buffer&& memory) {
@@ -88,30 +97,26 @@ DecodeState::DecodeState(const Model& model, int batch)
   scale_size_ = c.L * per_layer;
 }
 
-DecodeState::~DecodeState() {
-  if (materialized()) pool_->give(std::move(memory_));
-}
-
-void DecodeState::materialize() {
-  if (!materialized()) memory_ = pool_->take(ops_, kv_size_ + scale_size_);
+void DecodeState::make_writable() {
+  // Shared memory is never written: a state sharing it copies it first. (use_count is exact
+  // enough here: clones are made only of states no call is using.)
+  if (memory_ && memory_.use_count() == 1) return;
+  const size_t n = kv_size_ + scale_size_;
+  std::shared_ptr<Buffer> own = pool_->take(ops_, n, !memory_);
+  if (memory_) ops_->copy(own->data(), memory_->data(), n);
+  memory_ = std::move(own);
 }
 
 StateView DecodeState::layer(const ModelConfig& c, int l) const {
-  if (!materialized()) throw std::logic_error("decode state read before materialize()");
+  if (!materialized()) throw std::logic_error("decode state read before make_writable()");
   const size_t per_layer = static_cast<size_t>(batch_) * c.H;
   return {kv() + l * per_layer * c.dv() * c.dk(), scale() + l * per_layer};
 }
 
-void DecodeState::copy_from(const DecodeState& other) {
+void DecodeState::share_from(const DecodeState& other) {
   if (other.batch_ != batch_ || other.kv_size_ != kv_size_) throw std::invalid_argument("state shapes differ");
   position = other.position;
-  if (!other.materialized()) {
-    if (materialized()) pool_->give(std::move(memory_));
-    memory_ = Buffer();
-    return;
-  }
-  materialize();
-  ops_->copy(memory_.data(), other.memory_.data(), kv_size_ + scale_size_);
+  memory_ = other.memory_;
 }
 
 Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::move(ops)), c_(config) {
@@ -362,7 +367,7 @@ void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode,
     }
     return;
   }
-  state.materialize();
+  state.make_writable();
   std::vector<StateView> views;
   for (int l = 0; l < c_.L; l++) views.push_back(state.layer(c_, l));
   const int segment = mode == Mode::Parallel ? T : std::max(C, kPrefillSegment / C * C);
@@ -410,7 +415,7 @@ void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t
     if (alone) {
       prefill(*states[i], tokens + offset, lengths[i], mode, C, logits + i * c_.V);
     } else {
-      states[i]->materialize();
+      states[i]->make_writable();
       together.push_back({row0, lengths[i], states[i]});
       members.push_back(i);
       offsets.push_back(offset);
@@ -470,7 +475,7 @@ void Model::step_rows(DecodeState* const* states, size_t count, Workspace& ws, c
   int r = 0;
   for (size_t i = 0; i < count; i++) {
     DecodeState* s = states[i];
-    s->materialize();
+    s->make_writable();
     for (int b = 0; b < s->batch(); b++, r++) {
       ws.positions[r] = s->position[b];
       for (int l = 0; l < c_.L; l++) {

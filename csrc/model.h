@@ -43,42 +43,44 @@ class Trainer;
 
 // Memory of released decode states, handed to new states of the same size. A fresh state's
 // pages fault in one by one (on the development VM ~45 ms for a medium batch-1 state, 28 MB);
-// a reused one costs a fill. Keeps at most kMaxBytes; any thread may take or give.
-class StatePool {
+// a reused one costs a fill or a copy. Keeps at most kMaxBytes; any thread may take or give.
+class StatePool : public std::enable_shared_from_this<StatePool> {
  public:
   static constexpr size_t kMaxBytes = size_t{512} << 20;
-  // `n` floats, zeroed.
-  Buffer take(Ops* ops, size_t n);
-  void give(Buffer&& memory);
+  // `n` floats, zeroed when `zeroed`; going back to the pool when the last owner drops it.
+  std::shared_ptr<Buffer> take(Ops* ops, size_t n, bool zeroed);
   void clear();
 
  private:
+  void give(Buffer&& memory);
   std::mutex mu_;
   std::vector<Buffer> free_;
   size_t bytes_ = 0;
 };
 
-// A recurrent decode state for B rows: O(1) in context length. It takes its memory on first
-// use (materialize), which decode calls do on their worker thread: creating a state costs the
-// caller's thread nothing, and until then the state is all zeros.
+// A recurrent decode state for B rows: O(1) in context length. Its memory is taken on first
+// write, and a clone shares its source's memory until either of them is written (copy on
+// write); model calls make their states writable on their worker, so creating or cloning a
+// state costs the JS thread nothing. A state with no memory is all zeros.
 class DecodeState {
  public:
   DecodeState(const Model& model, int batch);
-  ~DecodeState();
   DecodeState(const DecodeState&) = delete;
   DecodeState& operator=(const DecodeState&) = delete;
   int batch() const { return batch_; }
   std::vector<int64_t> position;  // tokens consumed, per row
-  void materialize();
-  bool materialized() const { return memory_.data() != nullptr; }
+  // Memory of this state's own, zeroed or copied from what it shared.
+  void make_writable();
+  bool materialized() const { return memory_ != nullptr; }
   // Valid once materialized: kv [L, B, H, dv, dk], then scale [L, B, H], in one block.
-  float* kv() const { return memory_.data(); }
-  float* scale() const { return memory_.data() + kv_size_; }
+  float* kv() const { return memory_->data(); }
+  float* scale() const { return memory_->data() + kv_size_; }
   size_t kv_size() const { return kv_size_; }
   size_t scale_size() const { return scale_size_; }
+  // Views for a model call; the state must be writable.
   StateView layer(const ModelConfig& c, int l) const;
-  // Becomes a copy of `other` (unmaterialized, all zeros, when `other` is).
-  void copy_from(const DecodeState& other);
+  // Becomes a copy of `other`, sharing its memory until one of them is written.
+  void share_from(const DecodeState& other);
 
  private:
   friend class Model;
@@ -86,7 +88,7 @@ class DecodeState {
   std::shared_ptr<StatePool> pool_;
   int batch_;
   size_t kv_size_, scale_size_;
-  Buffer memory_;
+  std::shared_ptr<Buffer> memory_;
   struct Scratch;
   std::shared_ptr<Scratch> scratch_;  // step workspace, allocated once per state
 };
@@ -135,7 +137,7 @@ class Model {
 
  private:
   friend class Trainer;  // the training forward/backward reads the layer weights and updates the arena
-  friend class DecodeState;  // takes and gives back its memory through state_pool_
+  friend class DecodeState;  // takes its memory from state_pool_
   struct Layer {
     const float *q, *k, *v, *g, *out, *ret_ln, *fc1, *fc2, *gate, *ffn_ln;
   };

@@ -109,6 +109,24 @@ test('a state takes its memory on first use, and memory given back by a disposed
   for (const s of [reused, fresh, clone, restored]) s.dispose();
 });
 
+test('a clone shares its source until either is written, then each keeps its own state', async () => {
+  const source = model.createSession();
+  await source.prefill(randomTokens(6, 1, 15));
+  const before = await source.save();
+  const clone = await source.clone();
+  const grandchild = await clone.clone();
+  await source.step([3]); // the source copies the shared memory before writing
+  expect(Buffer.compare(await clone.save(), before)).toBe(0);
+  await clone.step([4]);
+  expect(Buffer.compare(await grandchild.save(), before)).toBe(0);
+  // The clone, stepped with 4, continues as a restored copy of `before` does.
+  const restored = model.restoreSession(before);
+  await restored.step([4]);
+  const [x, y] = await Promise.all([clone.step([9]), restored.step([9])]);
+  expect(Array.from(x.logits)).toEqual(Array.from(y.logits));
+  for (const s of [source, clone, grandchild, restored]) s.dispose();
+});
+
 test('save() writes its floats 4-byte aligned; restoreSession reads a save at any byte offset', async () => {
   const session = model.createSession();
   await session.prefill(randomTokens(5, 1, 9));
