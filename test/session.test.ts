@@ -5,6 +5,7 @@ import * as path from 'path';
 import { Worker } from 'worker_threads';
 
 import { RetNet, Session } from '../lib';
+import { type NativeState, type NativeStepSampling, addon } from '../lib/native';
 import { maxAbsDiff } from './helpers/fixtures';
 import { mulberry32 } from './reference/retnet_ref';
 
@@ -315,6 +316,67 @@ test('one batched step over several sessions equals stepping each alone', async 
   await expect(pending).rejects.toThrow(/outputs\[2\] was replaced or detached/);
   await native.stepBatch(together, sixRows, outputs);
   for (const s of [...alone, ...together]) s.dispose();
+});
+
+test("stepBatch's draws on its worker equal NativeSampler.sample's; malformed sampling is refused", async () => {
+  const native = model.native();
+  const V = model.config.vocab_size;
+  const options = { temperature: 0.9, topK: 50, topP: 0.95, repetitionPenalty: 1.2 };
+  // Ids below 200, the vocabulary the draws take (a penalised history id must lie in it).
+  const prompts = [randomTokens(30, 1, 6), randomTokens(31, 1, 11), randomTokens(32, 1, 4)].map((p) => [p[0].map((t) => t % 200)]);
+  const prefilled = async (): Promise<NativeState[]> =>
+    Promise.all(
+      prompts.map(async (p) => {
+        const state = native.createState(1);
+        await native.prefill(state, Int32Array.from(p[0]), p[0].length, 'chunkwise', 4);
+        return state;
+      }),
+    );
+  const [alone, together] = [await prefilled(), await prefilled()];
+  // States 0 and 2 draw on the worker (seeds 5 and 6, among the first 200 ids); state 1 does not.
+  const jsSamplers = [new (addon().NativeSampler)(options, 5), new (addon().NativeSampler)(options, 6)];
+  const workerSamplers = [new (addon().NativeSampler)(options, 5), null, new (addon().NativeSampler)(options, 6)];
+  const histories = prompts.map((p) => p[0].slice());
+  const outputs = prompts.map(() => new Float32Array(V).fill(NaN));
+  let ids = [17, 18, 19];
+  for (let step = 0; step < 5; step++) {
+    const separate = await Promise.all(alone.map((s, i) => native.step(s, Int32Array.from([ids[i]]))));
+    histories.forEach((h, i) => h.push(ids[i]));
+    const expected = [0, 2].map((i, j) => jsSamplers[j].sample(separate[i].subarray(0, 200), Int32Array.from(histories[i])));
+    const sampling = {
+      samplers: workerSamplers,
+      histories: histories.map((h) => Int32Array.from(h)),
+      vocab: Int32Array.from([200, V, 200]),
+      sampled: new Int32Array(3),
+    };
+    await native.stepBatch(together, Int32Array.from(ids), outputs, sampling);
+    expect(Array.from(sampling.sampled)).toEqual([expected[0], -1, expected[1]]);
+    expect(Array.from(outputs[1])).toEqual(Array.from(separate[1]));
+    expect(outputs[0].every(Number.isNaN)).toBe(true); // a drawn state's logits are not copied back
+    ids = [expected[0], (ids[1] * 7) % V, expected[1]];
+  }
+  const tokens = Int32Array.from([1, 2, 3]);
+  const ok = { samplers: workerSamplers, histories: prompts.map(() => new Int32Array(0)), vocab: Int32Array.from([V, V, V]), sampled: new Int32Array(3) };
+  const refused: Array<[object, RegExp]> = [
+    [{ ...ok, samplers: workerSamplers.slice(1) }, /one entry per state/],
+    [{ ...ok, vocab: Int32Array.from([V, V, V + 1]) }, /sampling.vocab\[2\] must be in \[1, 256\]/],
+    [{ ...ok, samplers: [workerSamplers[0], null, {}] }, /sampling.samplers\[2\] is not a NativeSampler/],
+    [{ ...ok, samplers: [workerSamplers[0], null, workerSamplers[0]] }, /sampling.samplers\[2\] appears twice/],
+    [{ ...ok, histories: [new Int32Array(0), new Int32Array(0), [1, 2]] }, /sampling.histories\[2\] must be an Int32Array/],
+    [{ ...ok, sampled: undefined }, /sampling.sampled must be an Int32Array/],
+  ];
+  for (const [sampling, message] of refused) {
+    expect(() => native.stepBatch(together, tokens, outputs, sampling as NativeStepSampling)).toThrow(message);
+  }
+  expect(() => native.stepBatch(together, tokens, undefined as unknown as Float32Array[], ok)).toThrow(/sampling needs outputs/);
+  const wide = native.createState(2);
+  expect(() => native.stepBatch([wide], Int32Array.from([1, 2]), [new Float32Array(2 * V)], { ...ok, samplers: [workerSamplers[0]], histories: [new Int32Array(0)], vocab: Int32Array.from([V]), sampled: new Int32Array(1) })).toThrow(
+    /only batch-1 states are sampled/,
+  );
+  // Refused calls leave the states and samplers free.
+  await native.stepBatch(together, tokens, outputs, ok);
+  expect(ok.sampled.every((t, i) => (i === 1 ? t === -1 : t >= 0 && t < V))).toBe(true);
+  for (const s of [...alone, ...together, wide]) s.dispose();
 });
 
 test.each(['chunkwise', 'parallel', 'recurrent'] as const)('prefillBatch (%s) leaves every state bit for bit as prefill alone', async (mode) => {
