@@ -129,11 +129,64 @@ __attribute__((target("avx512f"))) inline void row_dots_avx512(const QuantizedMa
   }
 }
 
+// A batch: WR weight rows against XR activation rows at once, so that each decoded weight
+// vector feeds XR multiply-adds and each activation load WR (one weight row at a time, a
+// batch-16 bf16 step ran slower than fp32's). Every output is summed exactly as
+// row_dots_avx512 sums it, so the numbers do not depend on the batch.
+template <int WR, int XR, typename Load>
+__attribute__((target("avx512f"))) inline void block_dots_avx512(const QuantizedMatrix& q, int j, int K,
+                                                                  const float* X, float* out, ptrdiff_t ldy) {
+  Load loads[WR];
+  for (int w = 0; w < WR; w++) loads[w] = Load::row(q, static_cast<size_t>(j + w) * K);
+  __m512 acc[WR][XR];
+  for (int w = 0; w < WR; w++)
+    for (int x = 0; x < XR; x++) acc[w][x] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xs[XR];
+    for (int x = 0; x < XR; x++) xs[x] = _mm512_loadu_ps(X + x * K + k);
+    for (int w = 0; w < WR; w++) {
+      const __m512 wv = loads[w](k);
+      for (int x = 0; x < XR; x++) acc[w][x] = _mm512_fmadd_ps(xs[x], wv, acc[w][x]);
+    }
+  }
+  for (int w = 0; w < WR; w++) {
+    const size_t row = static_cast<size_t>(j + w) * K;
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[j + w] : 1.0f;
+    for (int x = 0; x < XR; x++) {
+      float s = hsum512(acc[w][x]);
+      for (int t = k; t < K; t++) s += X[x * K + t] * weight_at(q, row + t);
+      out[x * ldy + w] = s * scale;
+    }
+  }
+}
+
+// The block of `rows` (<= XR) activation rows, with the XR it was compiled for.
+template <int WR, int XR, typename Load>
+__attribute__((target("avx512f"))) inline void rows_block_avx512(int rows, const QuantizedMatrix& q, int j, int K,
+                                                                  const float* X, float* out, ptrdiff_t ldy) {
+  if (rows == XR) {
+    block_dots_avx512<WR, XR, Load>(q, j, K, X, out, ldy);
+  } else if constexpr (XR > 1) {
+    rows_block_avx512<WR, XR - 1, Load>(rows, q, j, K, X, out, ldy);
+  }
+}
+
 template <typename Load>
 __attribute__((target("avx512f"))) void dots_avx512(const QuantizedMatrix& q, int M, int n0, int n1, const float* X,
                                                      float* Y, ptrdiff_t ldy) {
   const int K = q.K;
-  for (int j = n0; j < n1; j++) {
+  int j = n0;
+  // A batch of 8 or more: four weight rows at a time, the activation rows six at a time.
+  // Fewer rows are bound by the weights' bytes, which one row at a time (a single stream)
+  // reads faster: medium bf16 at batch 4 took 22.2 ms/step with the blocks against 19.1.
+  constexpr int kWR = 4, kXR = 6, kMinRows = 8;
+  if (M >= kMinRows) {
+    for (; j + kWR <= n1; j += kWR)
+      for (int i = 0; i < M; i += kXR)
+        rows_block_avx512<kWR, kXR, Load>(std::min(kXR, M - i), q, j, K, X + i * K, Y + i * ldy + j, ldy);
+  }
+  for (; j < n1; j++) {
     const size_t row = static_cast<size_t>(j) * K;
     const Load load = Load::row(q, row);
     const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;

@@ -49,9 +49,17 @@ test.each([
   compact.dispose();
 });
 
-// 11 rows: a full pass of the widest row block (8 rows with AVX-512, 4 with AVX2) and a tail.
-test.each(['bf16', 'int8'] as const)('%s decode is batch-invariant too', async (format) => {
-  const model = await RetNet.fromStateDict(config, weights, { weights: format });
+// 11 rows: with AVX-512, blocks of 4 weight rows by 6 and 5 activation rows, and the single
+// weight rows left of a 300-row output; with AVX2, 4-row passes and a tail. The second config's
+// widths are not multiples of 16, so every sum also has a scalar tail.
+const oddConfig = resolveConfig({ ...config, decoder_embed_dim: 40, decoder_value_embed_dim: 56, decoder_ffn_embed_dim: 88 });
+test.each([
+  ['bf16', 'widths in 16s', config],
+  ['int8', 'widths in 16s', config],
+  ['bf16', 'odd widths', oddConfig],
+  ['int8', 'odd widths', oddConfig],
+] as const)('%s decode is batch-invariant too (%s)', async (format, _widths, cfg) => {
+  const model = await RetNet.fromStateDict(cfg, cfg === config ? weights : randomWeights(cfg, 4), { weights: format });
   const native = model.native();
   const rows = 11;
   const states = Array.from({ length: rows }, () => native.createState(1));
