@@ -337,7 +337,7 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
     }
   }
 
- // For a draw on a worker: the sampler, and its busy flag, already set by the caller.
+  // For a draw on a worker: the sampler, and its busy flag, already set by the caller.
   struct Claim {
     std::shared_ptr<Sampler> sampler;
     std::shared_ptr<std::atomic<bool>> busy;
@@ -367,6 +367,12 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
 
   std::shared_ptr<Sampler> sampler_;
   std::shared_ptr<std::atomic<bool>> busy_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+// Clears a busy flag when a worker's work ends, however it ends.
+struct BusyRelease {
+  std::atomic<bool>* flag;
+  ~BusyRelease() { *flag = false; }
 };
 
 // A decode state plus the model it belongs to; busy guards against two calls at once.
@@ -458,10 +464,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     auto* worker = new PromiseWorker(
         env,
         [h, prefix, out, floats] {
-          struct Release {
-            std::atomic<bool>* b;
-            ~Release() { *b = false; }
-          } release{h.busy.get()};
+          BusyRelease release{h.busy.get()};
           out->resize(floats);
           std::copy(prefix->begin(), prefix->end(), out->begin());
           float* kv = out->data() + prefix->size();
@@ -651,10 +654,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         env,
         [h, out, work, guard] {
           ReadClaim claim{guard};
-          struct Release {
-            std::atomic<bool>* b;
-            ~Release() { *b = false; }
-          } release{h.busy.get()};
+          BusyRelease release{h.busy.get()};
           work(*h.model, *h.state, out->data());
         },
         [out, target, n](Napi::Env env) -> Napi::Value {
@@ -714,13 +714,15 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Napi::Array outputs;
     const size_t V = static_cast<size_t>(m->config().V);
     size_t rows = 0;
-    // One per state; an empty one (no sampler) means that state's row is not drawn.
-    struct RowDraw {
-      NativeSampler* wrap = nullptr;
-      std::vector<int32_t> history;  // copied: JS may change its array while the worker reads
-      size_t vocab = 0;
+    // With `sampling`, one per state; a state given no sampler is not drawn.
+    struct Draw {
+      NativeSampler* wrap = nullptr;  // JS thread only
+      NativeSampler::Claim sampler;   // claimed (busy) until the worker ends
+      std::vector<int32_t> history;   // copied: JS may change its array while the worker reads
+      size_t vocab = 0, row = 0;      // row: in the logits
+      int32_t token = -1;
     };
-    std::vector<RowDraw> draws;
+    auto draws = std::make_shared<std::vector<Draw>>();
     Napi::Int32Array sampled;
     try {
       if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
@@ -760,8 +762,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         sampled = int32_arg(o.Get("sampled"), "sampling.sampled");
         if (vocab.ElementLength() != arr.Length() || sampled.ElementLength() != arr.Length())
           throw std::invalid_argument("sampling.vocab and sampling.sampled need one entry per state");
-        draws.resize(arr.Length());
-        for (uint32_t i = 0; i < arr.Length(); i++) {
+        draws->resize(arr.Length());
+        for (uint32_t i = 0, row = 0; i < arr.Length(); row += rows_of(*handles[i].state), i++) {
           const Napi::Value sv = samplers.As<Napi::Array>().Get(i);
           if (sv.IsNull() || sv.IsUndefined()) continue;
           const std::string name = "sampling.samplers[" + std::to_string(i) + "]";
@@ -772,12 +774,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
             throw std::invalid_argument("sampling.vocab[" + std::to_string(i) + "] must be in [1, " + std::to_string(V) + "]");
           const std::string hname = "sampling.histories[" + std::to_string(i) + "]";
           const Napi::Int32Array history = int32_arg(histories.As<Napi::Array>().Get(i), hname.c_str());
-          RowDraw& d = draws[i];
+          Draw& d = (*draws)[i];
           d.wrap = Napi::ObjectWrap<NativeSampler>::Unwrap(sv.As<Napi::Object>());
-          for (const RowDraw& other : draws)
+          for (const Draw& other : *draws)
             if (&other != &d && other.wrap == d.wrap) throw std::invalid_argument(name + " appears twice");
           d.history.assign(history.Data(), history.Data() + history.ElementLength());
           d.vocab = static_cast<size_t>(vocab[i]);
+          d.row = row;
         }
       }
       check(rows);
@@ -793,27 +796,19 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         throw Napi::Error::New(env, "decode state " + std::to_string(i) + " is busy with another call");
       }
     }
-    // What the worker draws with: the claimed samplers (busy until it ends) and the histories.
-    struct Draw {
-      NativeSampler::Claim sampler;
-      std::vector<int32_t> history;
-      size_t vocab;
-      size_t row;  // in the logits
-      int32_t token = -1;
+    auto release_samplers = [draws] {
+      for (Draw& d : *draws)
+        if (d.sampler.busy) *d.sampler.busy = false;
     };
-    auto picks = std::make_shared<std::vector<Draw>>();
-    auto release_samplers = [picks] {
-      for (Draw& d : *picks) *d.sampler.busy = false;
-    };
-    for (size_t i = 0, row = 0; i < draws.size(); row += rows_of(*handles[i].state), i++) {
-      if (!draws[i].wrap) continue;
-      NativeSampler::Claim c = draws[i].wrap->claim();
-      if (!c.sampler) {
+    for (size_t i = 0; i < draws->size(); i++) {
+      Draw& d = (*draws)[i];
+      if (!d.wrap) continue;
+      d.sampler = d.wrap->claim();
+      if (!d.sampler.sampler) {
         release_samplers();
         for (const StateHandle& h : handles) *h.busy = false;
         throw Napi::Error::New(env, "sampling.samplers[" + std::to_string(i) + "] is busy with another call");
       }
-      picks->push_back({std::move(c), std::move(draws[i].history), draws[i].vocab, row});
     }
     std::shared_ptr<AccessGuard> guard;
     try {
@@ -825,8 +820,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     std::vector<size_t> row_counts;
     for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
-    std::vector<bool> drawn(handles.size(), false);
-    for (size_t i = 0; i < draws.size(); i++) drawn[i] = draws[i].wrap != nullptr;
     const size_t n = rows * V;
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
     if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
@@ -836,35 +829,36 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto out = targets ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
     auto* worker = new PromiseWorker(
         env,
-        [m, handles, out, guard, work, picks, V] {
+        [m, handles, out, guard, work, draws, release_samplers, V] {
           ReadClaim claim{guard};
           struct Release {
             const std::vector<StateHandle>& hs;
-            std::vector<Draw>& draws;
+            const decltype(release_samplers)& samplers;
             ~Release() {
               for (const StateHandle& h : hs) *h.busy = false;
-              for (Draw& d : draws) *d.sampler.busy = false;
+              samplers();
             }
-          } release{handles, *picks};
+          } release{handles, release_samplers};
           std::vector<DecodeState*> states;
           for (const StateHandle& h : handles) states.push_back(h.state.get());
           work(*m, states, out->data());
           // The draws of a batch take about as long as a small model's step: both threads.
-          parallel_for(picks->size(), 1, [&](size_t d0, size_t d1) {
-            for (size_t d = d0; d < d1; d++) {
-              Draw& p = (*picks)[d];
-              p.token = p.sampler.sampler->sample(out->data() + p.row * V, p.vocab, p.history.data(), p.history.size());
+          parallel_for(draws->size(), 1, [&](size_t d0, size_t d1) {
+            for (size_t i = d0; i < d1; i++) {
+              Draw& d = (*draws)[i];
+              if (d.sampler.sampler)
+                d.token = d.sampler.sampler->sample(out->data() + d.row * V, d.vocab, d.history.data(), d.history.size());
             }
           });
         },
-        [out, targets, row_counts, V, picks, drawn, sampled_ref](Napi::Env env) -> Napi::Value {
+        [out, targets, row_counts, V, draws, sampled_ref](Napi::Env env) -> Napi::Value {
           if (!targets) return to_js(env, std::move(*out));
           // Filled here on the JS thread, as step's `logits`.
           Napi::Array dsts = targets->Value();
           const float* src = out->data();
           for (uint32_t i = 0; i < row_counts.size(); i++) {
             const size_t count = row_counts[i] * V;
-            if (!drawn[i]) {
+            if (draws->empty() || !(*draws)[i].sampler.sampler) {
               Napi::Value d = dsts.Get(i);
               if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
                   d.As<Napi::Float32Array>().ElementLength() != count)
@@ -877,7 +871,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
             Napi::Int32Array dst = sampled_ref->Value();
             if (dst.ElementLength() != row_counts.size())
               throw std::invalid_argument("sampling.sampled was detached during the call");
-            for (size_t i = 0, d = 0; i < row_counts.size(); i++) dst[i] = drawn[i] ? (*picks)[d++].token : -1;
+            for (size_t i = 0; i < row_counts.size(); i++) dst[i] = (*draws)[i].token;
           }
           return dsts;
         });

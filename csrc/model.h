@@ -69,7 +69,7 @@ class DecodeState {
   DecodeState& operator=(const DecodeState&) = delete;
   int batch() const { return batch_; }
   std::vector<int64_t> position;  // tokens consumed, per row
-  // Memory of this state's own, zeroed or copied from what it shared.
+  // Gives the state memory of its own: zeroed, or a copy of the memory it shared.
   void make_writable();
   bool materialized() const { return memory_ != nullptr; }
   // Valid once materialized: kv [L, B, H, dv, dk], then scale [L, B, H], in one block.
