@@ -2,8 +2,9 @@
 // per token. A request joins the batch at the first step after its prompt is prefilled and leaves
 // when it finishes or is aborted; prompts are prefilled in pieces between decode steps, so a long
 // prompt delays the running sequences by at most one piece per step. Each request keeps its own
-// sampler, seed, stop sequences and AbortSignal: sampling runs in generateFromSession, and only
-// the model calls go through the scheduler.
+// sampler, seed, stop sequences and AbortSignal in generateFromSession; only the model calls go
+// through the scheduler, and each decode step also draws every sequence's next token with that
+// sequence's sampler, on the step's worker.
 import { DecodeSession, DecodeStepOptions, GenerateChunk, GenerateOptions, StepSampling, generateFromSession } from './generate';
 import type { NativeSampler, NativeState, NativeStepSampling } from './native';
 import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
