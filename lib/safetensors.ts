@@ -76,7 +76,7 @@ function decodeToFloat32(bytes: Uint8Array, dtype: string, count: number, out: F
       return out;
     case 'BF16': {
       // bfloat16 is the top half of a float32 bit pattern.
-      const outBits = new Uint32Array(out.buffer);
+      const outBits = new Uint32Array(out.buffer, out.byteOffset, count);
       for (let i = 0; i < count; i++) outBits[i] = view.getUint16(2 * i, true) << 16;
       return out;
     }

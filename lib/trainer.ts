@@ -41,7 +41,7 @@ export interface TrainerOptions {
   clipNorm?: number;
   /** Micro-batches accumulated into one step, an integer >= 1. Default 1. */
   gradAccumulation?: number;
-  /** Retention form for training and evaluation. Default 'parallel'. */
+  /** Retention form for training and evaluation. Default: 'chunkwise' if the model's config sets chunkwise_recurrent, else 'parallel' (as forward() and torchscale). */
   mode?: TrainMode;
   /** Chunk size for 'chunkwise'. Default: the model's recurrent_chunk_size. */
   chunkSize?: number;
@@ -222,7 +222,7 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
   if (!Number.isSafeInteger(gradAccumulation) || gradAccumulation < 1) {
     throw optionError('gradAccumulation', 'an integer >= 1', o.gradAccumulation);
   }
-  const mode = o.mode ?? 'parallel';
+  const mode = o.mode ?? (model.config.chunkwise_recurrent ? 'chunkwise' : 'parallel');
   if (mode !== 'parallel' && mode !== 'chunkwise') throw optionError('mode', "'parallel' or 'chunkwise'", o.mode);
   const chunkSize = o.chunkSize ?? model.config.recurrent_chunk_size;
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw optionError('chunkSize', 'an integer >= 1', o.chunkSize);

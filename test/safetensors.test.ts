@@ -284,6 +284,10 @@ describe('openSafetensors', () => {
     fs.writeFileSync(file, buildFile({ h: { dtype: 'BF16', shape: [2], data_offsets: [0, 4] } }, new Uint8Array([0x80, 0x3f, 0x00, 0xc0])));
     const reader = await openSafetensors(file);
     expect(Array.from(await reader.read('h'))).toEqual([1, -2]);
+    // Into a view that starts inside its buffer: the values land in the view, nothing before it moves.
+    const backing = new Float32Array([7, 7, 7, 7, 7]);
+    expect(Array.from(await reader.read('h', backing.subarray(2)))).toEqual([1, -2]);
+    expect(Array.from(backing)).toEqual([7, 7, 1, -2, 7]);
     await reader.close();
     fs.writeFileSync(file, buildFile({ x: { dtype: 'F32', shape: [2], data_offsets: [0, 8] } }, new Uint8Array(4)));
     await expect(openSafetensors(file)).rejects.toThrow(`${file}: invalid safetensors file: tensor "x": shape [2] needs more bytes`);

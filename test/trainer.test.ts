@@ -86,6 +86,16 @@ describe('Trainer options', () => {
     expect(defaultNoDecay(model)).toEqual(o.noDecay);
   });
 
+  test("the default mode follows the config's chunkwise_recurrent, as forward() does", async () => {
+    const chunkwiseModel = await RetNet.create({ ...TINY, chunkwise_recurrent: true }, { seed: 1 });
+    try {
+      expect(resolveTrainerOptions(chunkwiseModel, { lr: 1e-3, totalSteps: 10 }).mode).toBe('chunkwise');
+      expect(resolveTrainerOptions(chunkwiseModel, { lr: 1e-3, totalSteps: 10, mode: 'parallel' }).mode).toBe('parallel');
+    } finally {
+      chunkwiseModel.dispose();
+    }
+  });
+
   test.each<[Partial<TrainerOptions> & Record<string, unknown>, RegExp]>([
     [{ lr: 0 }, /lr must be a finite number > 0, got 0/],
     [{ lr: NaN }, /lr must be/],
