@@ -171,7 +171,7 @@ export class RetNet implements SessionOwner {
         let embed: Float32Array | undefined;
         for (const weight of plan) {
           const into = weight.name === EMBED && keepEmbed ? undefined : scratch;
-          const stored = weight.from === 'stored' ? await reader.read(weight.name, into) : undefined;
+          const stored = weight.from === 'stored' ? await reader.read(weight.storedAs ?? weight.name, into) : undefined;
           const values = plannedValues(config, weight, stored, embed, weightsPath);
           if (weight.name === EMBED) embed = values;
           yield [weight.name, values];

@@ -54,12 +54,15 @@ export interface PlannedWeight {
   name: string;
   /** stored: read from the source; computed: a buffer derived from the config; tied: the embedding. */
   from: 'stored' | 'computed' | 'tied';
+  /** The source tensor a stored weight is read from, when not `name` (a tied embedding stored only as the output projection). */
+  storedAs?: string;
 }
 
 /**
  * Checks the tensor names and shapes a source offers against the parameters `config` implies,
  * and returns every parameter and buffer in state_dict order with where its values come from.
- * Absent buffers are computed; an absent output projection is allowed only when tied.
+ * Absent buffers are computed; an absent output projection is allowed only when tied, and a
+ * tied model stored with only its output projection reads the embedding from that.
  * Throws an Error naming `source` and the tensor for anything missing, extra or misshapen.
  */
 export function planWeights(config: RetNetConfig, shapes: Map<string, readonly number[]>, source: string): PlannedWeight[] {
@@ -70,7 +73,20 @@ export function planWeights(config: RetNetConfig, shapes: Map<string, readonly n
     fail(source, `unexpected tensor(s) ${listNames(unknown)} for this config`);
   }
   const plan: PlannedWeight[] = [];
+  const embedOnlyAsOutput = config.share_decoder_input_output_embed && !shapes.has(EMBED) && shapes.has(OUTPUT);
   for (const [name, shape] of expected) {
+    if (name === EMBED && embedOnlyAsOutput) {
+      const stored = shapes.get(OUTPUT)!;
+      if (!sameShape(stored, shape)) {
+        fail(source, `tensor ${JSON.stringify(OUTPUT)} has shape ${JSON.stringify(stored)}, expected ${JSON.stringify(shape)}`);
+      }
+      plan.push({ name, from: 'stored', storedAs: OUTPUT });
+      continue;
+    }
+    if (name === OUTPUT && embedOnlyAsOutput) {
+      plan.push({ name, from: 'tied' });
+      continue;
+    }
     const stored = shapes.get(name);
     if (stored === undefined) {
       if ((BUFFER_NAMES as readonly string[]).includes(name)) plan.push({ name, from: 'computed' });
@@ -133,7 +149,7 @@ export function checkWeights(
   const shapes = new Map([...tensors].map(([name, entry]) => [name, entry.shape]));
   const weights = new Map<string, Float32Array>();
   for (const weight of planWeights(config, shapes, source)) {
-    weights.set(weight.name, plannedValues(config, weight, tensors.get(weight.name)?.data, weights.get(EMBED), source));
+    weights.set(weight.name, plannedValues(config, weight, tensors.get(weight.storedAs ?? weight.name)?.data, weights.get(EMBED), source));
   }
   return weights;
 }

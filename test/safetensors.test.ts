@@ -12,6 +12,7 @@ import {
   writeFileAtomic,
 } from '../lib/safetensors';
 import { checkWeights } from '../lib/weights';
+import { RetNet } from '../lib/model';
 
 const FIXTURES = path.join(__dirname, 'data', 'fixtures');
 const FIXTURE_NAMES = fs
@@ -401,6 +402,39 @@ describe('checkWeights', () => {
     expect(weights.get('output_projection.weight')).toBe(weights.get('embed_tokens.weight'));
     expect(weights.get('retnet_rel_pos.decay')).toEqual(decayBuffer(dims(config).H));
     expect(weights.get('retnet_rel_pos.angle')).toEqual(angleBuffer(dims(config).dk));
+  });
+
+  it('reads a tied embedding stored only as the output projection', () => {
+    const tensors = copyOf(tiedName);
+    const embed = (tensors.get('embed_tokens.weight') as TensorEntry).data;
+    tensors.delete('embed_tokens.weight');
+    const weights = checkWeights(fixtureConfig(tiedName), tensors, 'm');
+    expect(weights.get('embed_tokens.weight')).toEqual(embed);
+    expect(weights.get('output_projection.weight')).toBe(weights.get('embed_tokens.weight'));
+    // Untied, the embedding is still required.
+    const untied = copyOf(untiedName);
+    untied.delete('embed_tokens.weight');
+    expect(() => checkWeights(fixtureConfig(untiedName), untied, 'm')).toThrow(/missing tensor "embed_tokens.weight"/);
+  });
+
+  it('RetNet.load takes a tied file holding only the output projection', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-tied-'));
+    const tensors = [...copyOf(tiedName)]
+      .filter(([name]) => name !== 'embed_tokens.weight')
+      .map(([name, entry]) => ({ name, shape: entry.shape, data: entry.data }));
+    const file = path.join(dir, 'model.safetensors');
+    fs.writeFileSync(file, serializeSafetensors(tensors, { config: JSON.stringify(fixtureConfig(tiedName)) }));
+    const [full, outputOnly] = await Promise.all([RetNet.load(path.join(FIXTURES, tiedName)), RetNet.load(file)]);
+    try {
+      const tokens = [[1, 5, 9, 150, 3]];
+      const a = await full.forward(tokens, { mode: 'parallel' });
+      const b = await outputOnly.forward(tokens, { mode: 'parallel' });
+      expect(b.logits).toEqual(a.logits);
+    } finally {
+      full.dispose();
+      outputOnly.dispose();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('rejects a tied model whose two copies differ', () => {
