@@ -124,6 +124,14 @@ Napi::Int32Array int32_arg(const Napi::Value& v, const char* what) {
   return v.As<Napi::Int32Array>();
 }
 
+// Token ids are copied when the call is made, then checked and read from the copy: the
+// caller may refill its array while the worker runs (a loader reusing one buffer), and ids
+// checked in the array but read after a refill indexed the embedding out of bounds.
+using Ids = std::shared_ptr<const std::vector<int32_t>>;
+Ids copy_ids(const Napi::Int32Array& a) {
+  return std::make_shared<const std::vector<int32_t>>(a.Data(), a.Data() + a.ElementLength());
+}
+
 Napi::Float32Array float32_arg(const Napi::Value& v, const char* what) {
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
     throw std::invalid_argument(std::string(what) + " must be a Float32Array");
@@ -223,26 +231,36 @@ std::vector<ParamSource> param_sources(const Napi::Value& v, std::vector<Napi::V
   return sources;
 }
 
-// One training batch from JS values; `keep` pins the arrays while a worker reads them.
-TrainBatch parse_batch(const Napi::Value& tokens_v, const Napi::Value& batch_v, const Napi::Value& length_v,
-                       const Napi::Value& targets_v, const Napi::Value& mask_v, std::vector<Napi::Value>& keep) {
+// One training batch, copied out of its JS arrays (as copy_ids, for the same reason): `view`
+// points into the copies.
+struct OwnedBatch {
+  std::vector<int32_t> tokens, targets;
+  std::vector<float> mask;
+  TrainBatch view{};
+};
+using Batch = std::shared_ptr<const OwnedBatch>;
+
+Batch parse_batch(const Napi::Value& tokens_v, const Napi::Value& batch_v, const Napi::Value& length_v,
+                  const Napi::Value& targets_v, const Napi::Value& mask_v) {
   Napi::Int32Array tokens = int32_arg(tokens_v, "tokens");
-  TrainBatch b{tokens.Data(), to_int(batch_v, "batch"), to_int(length_v, "length"), nullptr, nullptr};
-  if (b.B < 1 || b.T < 1) throw std::invalid_argument("batch and length must be >= 1");
-  const size_t n = static_cast<size_t>(b.B) * b.T;
+  auto b = std::make_shared<OwnedBatch>();
+  b->view = TrainBatch{nullptr, to_int(batch_v, "batch"), to_int(length_v, "length"), nullptr, nullptr};
+  if (b->view.B < 1 || b->view.T < 1) throw std::invalid_argument("batch and length must be >= 1");
+  const size_t n = static_cast<size_t>(b->view.B) * b->view.T;
   if (tokens.ElementLength() != n) throw std::invalid_argument("tokens length is not batch * length");
-  keep.push_back(tokens);
+  b->tokens.assign(tokens.Data(), tokens.Data() + n);
+  b->view.tokens = b->tokens.data();
   if (!targets_v.IsNull() && !targets_v.IsUndefined()) {
     Napi::Int32Array targets = int32_arg(targets_v, "targets");
     if (targets.ElementLength() != n) throw std::invalid_argument("targets length is not batch * length");
-    b.targets = targets.Data();
-    keep.push_back(targets);
+    b->targets.assign(targets.Data(), targets.Data() + n);
+    b->view.targets = b->targets.data();
   }
   if (!mask_v.IsNull() && !mask_v.IsUndefined()) {
     Napi::Float32Array mask = float32_arg(mask_v, "mask");
     if (mask.ElementLength() != n) throw std::invalid_argument("mask length is not batch * length");
-    b.mask = mask.Data();
-    keep.push_back(mask);
+    b->mask.assign(mask.Data(), mask.Data() + n);
+    b->view.mask = b->mask.data();
   }
   return b;
 }
@@ -583,33 +601,32 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    Napi::Int32Array tokens;
+    Ids ids;
     int B, T, C;
     Mode mode;
     try {
-      tokens = int32_arg(info[0], "tokens");
+      Napi::Int32Array tokens = int32_arg(info[0], "tokens");
       B = to_int(info[1], "batch");
       T = to_int(info[2], "length");
       mode = parse_mode(info[3]);
       C = to_int(info[4], "chunkSize");
       if (B < 1 || T < 1 || C < 1) throw std::invalid_argument("batch, length and chunkSize must be >= 1");
       if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
-      m->check_tokens(tokens.Data(), tokens.ElementLength());
+      ids = copy_ids(tokens);
+      m->check_tokens(ids->data(), ids->size());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
     auto out = std::make_shared<std::vector<float>>();
-    const int32_t* tok = tokens.Data();
     auto guard = claim_read(env);
     auto* worker = new PromiseWorker(
         env,
-        [m, out, tok, B, T, C, mode, guard] {
+        [m, out, ids, B, T, C, mode, guard] {
           ReadClaim claim{guard};
           out->resize(static_cast<size_t>(B) * T * m->config().V);
-          m->forward(tok, B, T, mode, C, out->data());
+          m->forward(ids->data(), B, T, mode, C, out->data());
         },
         [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
-    worker->keep(tokens);
     worker->Queue();
     return worker->promise();
   }
@@ -629,7 +646,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   // Shared by prefill and step: claims the state, runs `work`, releases it, resolves logits:
   // a new Float32Array, or `into` (checked by the caller to hold batch * V) filled in place.
-  Napi::Value RunOnState(Napi::Env env, const Napi::Value& state_arg, Napi::Int32Array tokens,
+  Napi::Value RunOnState(Napi::Env env, const Napi::Value& state_arg,
                          std::function<void(const Model&, DecodeState&, float*)> work,
                          Napi::Float32Array into = Napi::Float32Array()) {
     auto m = model(env);
@@ -665,7 +682,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           std::memcpy(dst.Data(), out->data(), n * sizeof(float));
           return dst;
         });
-    worker->keep(tokens);
     worker->keep(state_arg);
     worker->Queue();
     return worker->promise();
@@ -674,11 +690,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // prefill(state, tokens: Int32Array [B*T], T, mode, chunk) -> Promise<Float32Array [B,V]>
   Napi::Value Prefill(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Napi::Int32Array tokens;
+    Ids ids;
     int T, C;
     Mode mode;
     try {
-      tokens = int32_arg(info[1], "tokens");
+      Napi::Int32Array tokens = int32_arg(info[1], "tokens");
       T = to_int(info[2], "length");
       mode = parse_mode(info[3]);
       C = to_int(info[4], "chunkSize");
@@ -686,13 +702,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
       const int B = ns->handle(env).state->batch();
       if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
-      model(env)->check_tokens(tokens.Data(), tokens.ElementLength());
+      ids = copy_ids(tokens);
+      model(env)->check_tokens(ids->data(), ids->size());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    const int32_t* tok = tokens.Data();
-    return RunOnState(env, info[0], tokens, [tok, T, mode, C](const Model& m, DecodeState& s, float* logits) {
-      m.prefill(s, tok, T, mode, C, logits);
+    return RunOnState(env, info[0], [ids, T, mode, C](const Model& m, DecodeState& s, float* logits) {
+      m.prefill(s, ids->data(), T, mode, C, logits);
     });
   }
 
@@ -891,22 +907,21 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // from its logits' first vocab[i] ids with histories[i] (as NativeSampler.sample would), into
   // sampled[i] (-1 for the others), instead of its logits in outputs[i].
   Napi::Value StepBatch(const Napi::CallbackInfo& info) {
-    Napi::Int32Array tokens;
+    Ids ids;
     try {
-      tokens = int32_arg(info[1], "tokens");
+      ids = copy_ids(int32_arg(info[1], "tokens"));
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }
-    const int32_t* tok = tokens.Data();
     auto m = model(info.Env());
     return RunOnStates(
         "stepBatch", info, info[0], info[2], info[3], [](const DecodeState& s) { return s.batch(); },
         [&](size_t rows) {
-          if (tokens.ElementLength() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
-          m->check_tokens(tok, rows);
+          if (ids->size() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
+          m->check_tokens(ids->data(), rows);
         },
-        [tok](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
-          model.step_batch(states, tok, logits);
+        [ids](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
+          model.step_batch(states, ids->data(), logits);
         });
   }
 
@@ -914,11 +929,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   //   outputs?: Float32Array[]) -> as stepBatch, one logits row per state: state i consumes the
   // next lengths[i] tokens (Model::prefill_batch: the products over every state's rows at once).
   Napi::Value PrefillBatch(const Napi::CallbackInfo& info) {
-    Napi::Int32Array tokens, lengths;
+    Ids ids;
+    Napi::Int32Array lengths;
     Mode mode;
     int C;
     try {
-      tokens = int32_arg(info[1], "tokens");
+      ids = copy_ids(int32_arg(info[1], "tokens"));
       lengths = int32_arg(info[2], "lengths");
       mode = parse_mode(info[3]);
       C = to_int(info[4], "chunkSize");
@@ -927,7 +943,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       throw Napi::Error::New(info.Env(), e.what());
     }
     auto m = model(info.Env());
-    const int32_t* tok = tokens.Data();
     auto length_list = std::make_shared<std::vector<int>>(lengths.Data(), lengths.Data() + lengths.ElementLength());
     return RunOnStates(
         "prefillBatch", info, info[0], info[5], info.Env().Undefined(),
@@ -942,11 +957,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
             if (n < 1) throw std::invalid_argument("prefillBatch lengths must be >= 1");
             total += n;
           }
-          if (tokens.ElementLength() != total) throw std::invalid_argument("prefillBatch tokens must hold the sum of lengths");
-          m->check_tokens(tok, total);
+          if (ids->size() != total) throw std::invalid_argument("prefillBatch tokens must hold the sum of lengths");
+          m->check_tokens(ids->data(), total);
         },
-        [tok, length_list, mode, C](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
-          model.prefill_batch(states, tok, *length_list, mode, C, logits);
+        [ids, length_list, mode, C](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
+          model.prefill_batch(states, ids->data(), *length_list, mode, C, logits);
         });
   }
 
@@ -954,14 +969,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // with `logits`, fills and resolves that buffer instead of a new one.
   Napi::Value Step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Napi::Int32Array tokens;
+    Ids ids;
     Napi::Float32Array into;
     try {
-      tokens = int32_arg(info[1], "tokens");
+      ids = copy_ids(int32_arg(info[1], "tokens"));
       NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
-      if (tokens.ElementLength() != static_cast<size_t>(ns->handle(env).state->batch()))
+      if (ids->size() != static_cast<size_t>(ns->handle(env).state->batch()))
         throw std::invalid_argument("step takes one token per batch row");
-      model(env)->check_tokens(tokens.Data(), tokens.ElementLength());
+      model(env)->check_tokens(ids->data(), ids->size());
       if (info.Length() > 2 && !info[2].IsUndefined()) {
         into = float32_arg(info[2], "logits");
         const size_t n = static_cast<size_t>(ns->handle(env).state->batch()) * model(env)->config().V;
@@ -971,9 +986,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    const int32_t* tok = tokens.Data();
     return RunOnState(
-        env, info[0], tokens, [tok](const Model& m, DecodeState& s, float* logits) { m.step(s, tok, logits); }, into);
+        env, info[0], [ids](const Model& m, DecodeState& s, float* logits) { m.step(s, ids->data(), logits); }, into);
   }
 
   Napi::Value GetParam(const Napi::CallbackInfo& info) {
@@ -1074,15 +1088,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value LossAndGradients(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    std::vector<Napi::Value> keep;
-    TrainBatch batch;
+    Batch batch;
     PassOptions pass;
     uint64_t seed;
     try {
-      batch = parse_batch(info[0], info[1], info[2], info[5], info[6], keep);
+      batch = parse_batch(info[0], info[1], info[2], info[5], info[6]);
       pass = parse_pass(info[3], info[4], info[8], info[9]);
       seed = parse_seed(info[7]);
-      trainer()->check_batch(batch);
+      trainer()->check_batch(batch->view);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
@@ -1098,7 +1111,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         [m, trainer_ptr, guard, batch, pass, seed, result] {
           WriteClaim claim{guard};
           trainer_ptr->zero_gradients();
-          result->loss = trainer_ptr->accumulate_gradients(batch, pass, 1.0f, seed);
+          result->loss = trainer_ptr->accumulate_gradients(batch->view, pass, 1.0f, seed);
           for (const ParamInfo& p : m->params()) {
             if (is_buffer_param(p)) continue;
             std::vector<float> g(p.size);
@@ -1115,7 +1128,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           out.Set("grads", grads);
           return out;
         });
-    for (const Napi::Value& v : keep) worker->keep(v);
     worker->Queue();
     return worker->promise();
   }
@@ -1124,7 +1136,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value TrainStep(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    std::vector<Napi::Value> keep;
+    std::vector<Batch> owned;
     std::vector<TrainBatch> micro;
     PassOptions pass;
     OptimizerOptions opt;
@@ -1134,8 +1146,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       for (uint32_t i = 0; i < arr.Length(); i++) {
         if (!arr.Get(i).IsObject()) throw std::invalid_argument("each micro-batch must be an object");
         Napi::Object o = arr.Get(i).As<Napi::Object>();
-        micro.push_back(parse_batch(o.Get("tokens"), o.Get("batch"), o.Get("length"), get_or_null(o, "targets"),
-                                    get_or_null(o, "mask"), keep));
+        owned.push_back(parse_batch(o.Get("tokens"), o.Get("batch"), o.Get("length"), get_or_null(o, "targets"),
+                                    get_or_null(o, "mask")));
+        micro.push_back(owned.back()->view);
       }
       if (!info[1].IsObject()) throw std::invalid_argument("trainStep options must be an object");
       Napi::Object o = info[1].As<Napi::Object>();
@@ -1177,7 +1190,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto result = std::make_shared<StepResult>();
     auto* worker = new PromiseWorker(
         env,
-        [trainer_ptr, guard, micro, pass, opt, result] {
+        [trainer_ptr, guard, owned, micro, pass, opt, result] {
           WriteClaim claim{guard};
           *result = trainer_ptr->step(micro, pass, opt);
         },
@@ -1188,7 +1201,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           out.Set("tokens", static_cast<double>(result->tokens));
           return out;
         });
-    for (const Napi::Value& v : keep) worker->keep(v);
     worker->Queue();
     return worker->promise();
   }

@@ -52,6 +52,9 @@ export function toTokenBatch(tokens: TokenInput, vocabSize: number): TokenBatch 
   if (tokens.data.length !== B * T) {
     throw new Error(`tokens.data has ${tokens.data.length} ids but shape [${B}, ${T}] needs ${B * T}`);
   }
-  for (let i = 0; i < tokens.data.length; i++) checkId(tokens.data[i], Math.floor(i / T), i % T, vocabSize);
-  return { data: tokens.data, shape: [B, T] };
+  // A copy, checked: the call uses the ids it was given even if the caller refills its array
+  // before the (queued) native call reads them.
+  const data = tokens.data.slice();
+  for (let i = 0; i < data.length; i++) checkId(data[i], Math.floor(i / T), i % T, vocabSize);
+  return { data, shape: [B, T] };
 }

@@ -3,7 +3,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
-import { RetNet, buildInfo } from '../lib';
+import { RetNet, Trainer, buildInfo } from '../lib';
 import { parseSafetensors, serializeSafetensors } from '../lib/safetensors';
 import { FIXTURES_DIR } from './helpers/fixtures';
 
@@ -54,6 +54,40 @@ describe('tokens', () => {
     s.dispose();
     expect(() => s.step([1, 2])).toThrow(/disposed/);
     expect(() => model.createSession({ batch: 0 })).toThrow(/batch must be/);
+  });
+
+  test('a call uses the ids it was given, even when the caller refills its array before the call runs', async () => {
+    const data = new Int32Array([10, 20, 30]);
+    const expected = await model.forward([[10, 20, 30]]);
+    const pending = model.forward({ data, shape: [1, 3] });
+    data.fill(49);
+    expect((await pending).logits).toEqual(expected.logits);
+
+    const session = model.createSession();
+    const prefilled = session.prefill({ data, shape: [1, 3] });
+    data.fill(7);
+    const alone = model.createSession();
+    try {
+      expect((await prefilled).logits).toEqual((await alone.prefill([[49, 49, 49]])).logits);
+    } finally {
+      session.dispose();
+      alone.dispose();
+    }
+  });
+
+  test('a training step uses the ids it was given: a refill past the vocabulary does not reach the worker', async () => {
+    const trainee = await RetNet.create(CONFIG, { seed: 2 });
+    const same = await RetNet.create(CONFIG, { seed: 2 });
+    try {
+      const tokens = Int32Array.from({ length: 4 * 16 }, (_, i) => (i * 7) % 50);
+      const expected = await new Trainer(same, { lr: 1e-3, totalSteps: 1 }).step({ data: tokens.slice(), shape: [4, 16] });
+      const pending = new Trainer(trainee, { lr: 1e-3, totalSteps: 1 }).step({ data: tokens, shape: [4, 16] });
+      tokens.fill(1 << 30); // a loader refilling its buffer, here with ids no embedding row has
+      expect((await pending).loss).toBe(expected.loss);
+    } finally {
+      trainee.dispose();
+      same.dispose();
+    }
   });
 
   test('generation options and prompts', async () => {
