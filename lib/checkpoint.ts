@@ -3,10 +3,13 @@
 //   optimizer.safetensors             AdamW moments m and v (flat, native order) and the step count
 //   trainer.json                      step, trainer options, dataset position, loss history
 //
-// A checkpoint replaces the previous one as a whole: it is written into `<dir>.tmp`, then the old
-// directory moves to `<dir>.old`, the new one moves into place and the old one is deleted. A
-// crash at any point leaves either the old or the new checkpoint complete, and
+// A checkpoint replaces the previous one as a whole: it is written into `<dir>.retnet-tmp`, then
+// the old directory moves to `<dir>.retnet-old`, the new one moves into place and the old one is
+// deleted. A crash at any point leaves either the old or the new checkpoint complete, and
 // recoverCheckpoint() (run by every save and load) puts it back at `<dir>`.
+//
+// Nothing else is ever replaced or removed: a save refuses a `<dir>` holding anything but
+// checkpoint files, and recovery touches only sibling directories of checkpoint files.
 
 import { promises as fsp } from 'fs';
 import * as path from 'path';
@@ -38,9 +41,38 @@ export interface LoadedCheckpoint {
   optimizer: { step: number; m: Float32Array; v: Float32Array };
 }
 
+const CHECKPOINT_FILES = new Set(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE]);
+/** What writeFileAtomic leaves of a checkpoint file when a crash interrupts it. */
+const PARTIAL_FILE = /^\.(config\.json|model\.safetensors|optimizer\.safetensors|trainer\.json)\.\d+\.[0-9a-f]+\.tmp$/;
+
 function siblings(dir: string): { temp: string; old: string } {
   const resolved = path.resolve(dir);
-  return { temp: `${resolved}.tmp`, old: `${resolved}.old` };
+  return { temp: `${resolved}.retnet-tmp`, old: `${resolved}.retnet-old` };
+}
+
+/**
+ * Whether `location` is a directory holding nothing but checkpoint files (or partial writes of
+ * them; an empty directory counts): the only kind a save may replace or a recovery remove.
+ */
+async function holdsOnlyCheckpointFiles(location: string): Promise<boolean> {
+  try {
+    const entries = await fsp.readdir(location, { withFileTypes: true });
+    return entries.every((e) => e.isFile() && (CHECKPOINT_FILES.has(e.name) || PARTIAL_FILE.test(e.name)));
+  } catch {
+    return false;
+  }
+}
+
+/** Throws unless `dir` is absent or a directory a checkpoint may replace (see holdsOnlyCheckpointFiles). */
+export async function checkCheckpointTarget(dir: string): Promise<void> {
+  const target = path.resolve(dir);
+  if (!(await exists(target))) return;
+  if (!(await holdsOnlyCheckpointFiles(target))) {
+    throw new Error(
+      `checkpoint: ${target} exists and holds more than a training checkpoint's files ` +
+        `(${[...CHECKPOINT_FILES].join(', ')}); refusing to replace it: choose an empty or new directory`,
+    );
+  }
 }
 
 async function exists(location: string): Promise<boolean> {
@@ -64,18 +96,21 @@ async function syncDirectory(dir: string): Promise<void> {
 }
 
 /**
- * Restores `<dir>` after an interrupted save: a complete `<dir>.tmp` wins (it is the newer
- * checkpoint), then `<dir>.old`; leftovers next to a present `<dir>` are removed.
+ * Restores `<dir>` after an interrupted save: a complete `<dir>.retnet-tmp` wins (it is the newer
+ * checkpoint), then `<dir>.retnet-old`; leftovers next to a present `<dir>` are removed. A
+ * sibling holding anything but checkpoint files is left alone.
  */
 export async function recoverCheckpoint(dir: string): Promise<void> {
   const target = path.resolve(dir);
   const { temp, old } = siblings(dir);
+  const tempIsOurs = await holdsOnlyCheckpointFiles(temp);
+  const oldIsOurs = await holdsOnlyCheckpointFiles(old);
   if (!(await exists(target))) {
-    if (await exists(path.join(temp, TRAINER_FILE))) await fsp.rename(temp, target);
-    else if (await exists(old)) await fsp.rename(old, target);
+    if (tempIsOurs && (await exists(path.join(temp, TRAINER_FILE)))) await fsp.rename(temp, target);
+    else if (oldIsOurs && (await exists(path.join(old, TRAINER_FILE)))) await fsp.rename(old, target);
   }
-  await fsp.rm(temp, { recursive: true, force: true });
-  await fsp.rm(old, { recursive: true, force: true });
+  if (tempIsOurs) await fsp.rm(temp, { recursive: true, force: true });
+  if (oldIsOurs) await fsp.rm(old, { recursive: true, force: true });
   await syncDirectory(path.dirname(target));
 }
 
@@ -110,6 +145,11 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
     const { temp, old } = siblings(dir);
     await fsp.mkdir(path.dirname(target), { recursive: true });
     await recoverCheckpoint(dir);
+    await checkCheckpointTarget(dir);
+    // Recovery removed the siblings this library leaves; one still there is someone else's.
+    for (const sibling of [temp, old]) {
+      if (await exists(sibling)) throw new Error(`saveCheckpoint: ${sibling} is in the way (not a checkpoint this library left); move it away`);
+    }
     try {
       await fsp.mkdir(temp);
       await model.save(temp);

@@ -6,7 +6,7 @@
 
 import { performance } from 'perf_hooks';
 
-import { loadCheckpoint, saveCheckpoint } from './checkpoint';
+import { checkCheckpointTarget, loadCheckpoint, saveCheckpoint } from './checkpoint';
 import { parameterShapes } from './config';
 import type { Dataset, DatasetState } from './dataset';
 import type { RetNet } from './model';
@@ -383,6 +383,8 @@ export class Trainer {
    */
   async fit(dataset: Dataset, options: FitOptions): Promise<FitSummary> {
     const o = checkFitOptions(options, this.options.totalSteps);
+    // Before any step: a run should not train for an hour, then refuse its first checkpoint.
+    if (o.checkpointDir !== undefined) await checkCheckpointTarget(o.checkpointDir);
     const startStep = this.steps;
     const started = performance.now();
     const elapsed = () => (performance.now() - started) / 1000;

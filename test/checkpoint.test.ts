@@ -111,10 +111,10 @@ test('recovery after a crash: a partial temp dir is dropped, the old checkpoint 
   const expected = await lossesAfterResume(dir, 2);
 
   // The state a crash between the two renames leaves: the old checkpoint moved aside, an incomplete new one.
-  fs.renameSync(dir, `${dir}.old`);
-  fs.mkdirSync(`${dir}.tmp`);
-  fs.copyFileSync(path.join(`${dir}.old`, 'config.json'), path.join(`${dir}.tmp`, 'config.json'));
-  fs.writeFileSync(path.join(`${dir}.tmp`, 'model.safetensors'), Buffer.alloc(100));
+  fs.renameSync(dir, `${dir}.retnet-old`);
+  fs.mkdirSync(`${dir}.retnet-tmp`);
+  fs.copyFileSync(path.join(`${dir}.retnet-old`, 'config.json'), path.join(`${dir}.retnet-tmp`, 'config.json'));
+  fs.writeFileSync(path.join(`${dir}.retnet-tmp`, 'model.safetensors'), Buffer.alloc(100));
 
   expect(await lossesAfterResume(dir, 2)).toEqual(expected);
   expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
@@ -130,8 +130,8 @@ test('recovery after a crash: a complete temp dir (the newer checkpoint) is prom
   const expected = await lossesAfterResume(path.join(workDir, 'newer'), 2);
 
   // Crash after the old checkpoint moved aside and the new one was complete, before it moved in.
-  fs.renameSync(dir, `${dir}.old`);
-  fs.renameSync(path.join(workDir, 'newer'), `${dir}.tmp`);
+  fs.renameSync(dir, `${dir}.retnet-old`);
+  fs.renameSync(path.join(workDir, 'newer'), `${dir}.retnet-tmp`);
   await recoverCheckpoint(dir);
   expect(fs.readdirSync(workDir)).toEqual(['ckpt']);
   const promoted = await loadCheckpoint(dir);
@@ -152,4 +152,47 @@ test('clear errors for a missing or foreign checkpoint', async () => {
   await expect(saveCheckpoint(dir, { model: other, trainer })).rejects.toThrow(/different model/);
   other.dispose();
   model.dispose();
+});
+
+test('a save refuses a directory holding anything but checkpoint files, and a file', async () => {
+  const run = await trained(1);
+  const dir = path.join(workDir, 'runs');
+  fs.mkdirSync(path.join(dir, 'other-run'), { recursive: true });
+  fs.writeFileSync(path.join(dir, 'notes.txt'), 'mine');
+  await expect(saveCheckpoint(dir, run)).rejects.toThrow(/holds more than a training checkpoint's files .*; refusing to replace it/);
+  expect(fs.readdirSync(dir).sort()).toEqual(['notes.txt', 'other-run']);
+  const file = path.join(workDir, 'mymodel.safetensors');
+  fs.writeFileSync(file, 'a saved model');
+  await expect(saveCheckpoint(file, run)).rejects.toThrow(/refusing to replace it/);
+  expect(fs.readFileSync(file, 'utf8')).toBe('a saved model');
+  // fit() checks before its first step.
+  await expect(run.trainer.fit(data(), { steps: 3, batchSize: 4, checkpointDir: dir })).rejects.toThrow(/refusing to replace it/);
+  expect(run.trainer.stepCount).toBe(1);
+  // An empty directory, or a checkpoint, is replaced.
+  fs.mkdirSync(path.join(workDir, 'empty'));
+  await saveCheckpoint(path.join(workDir, 'empty'), run);
+  await saveCheckpoint(path.join(workDir, 'empty'), run);
+  expect(fs.readdirSync(path.join(workDir, 'empty')).sort()).toEqual(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE].sort());
+  run.model.dispose();
+});
+
+test("saving and loading leave the user's own <dir>.old and <dir>.tmp alone", async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(1);
+  await saveCheckpoint(dir, run);
+  fs.cpSync(dir, `${dir}.old`, { recursive: true }); // a backup
+  fs.mkdirSync(`${dir}.tmp`);
+  fs.writeFileSync(path.join(`${dir}.tmp`, 'scratch'), 'x');
+  // A directory under our sibling's name that is not ours stays too, and stops a save rather than be replaced.
+  fs.mkdirSync(`${dir}.retnet-old`);
+  fs.writeFileSync(path.join(`${dir}.retnet-old`, 'notes.txt'), 'x');
+  await expect(saveCheckpoint(dir, run)).rejects.toThrow(/ckpt\.retnet-old is in the way/);
+  (await loadCheckpoint(dir)).model.dispose();
+  await recoverCheckpoint(dir);
+  expect(fs.readdirSync(workDir).sort()).toEqual(['ckpt', 'ckpt.old', 'ckpt.retnet-old', 'ckpt.tmp']);
+  fs.rmSync(`${dir}.retnet-old`, { recursive: true });
+  await saveCheckpoint(dir, run);
+  expect(fs.readdirSync(workDir).sort()).toEqual(['ckpt', 'ckpt.old', 'ckpt.tmp']);
+  expect(fs.readdirSync(`${dir}.old`).length).toBe(4);
+  run.model.dispose();
 });
