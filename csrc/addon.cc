@@ -69,6 +69,17 @@ class PromiseWorker : public Napi::AsyncWorker {
   std::vector<Napi::Reference<Napi::Value>> kept_;
 };
 
+// An allocation on the JS thread, sized by the caller's arguments: failing is an Error that
+// says what needed the memory, not std::terminate.
+template <typename F>
+auto or_out_of_memory(Napi::Env env, const std::string& what, F&& allocate) -> decltype(allocate()) {
+  try {
+    return allocate();
+  } catch (const std::bad_alloc&) {
+    throw Napi::Error::New(env, "out of memory: " + what);
+  }
+}
+
 // A host float array handed to JS without a copy.
 Napi::Float32Array to_js(Napi::Env env, std::vector<float>&& data) {
   auto* owned = new std::vector<float>(std::move(data));
@@ -435,7 +446,9 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   Napi::Value Clone(const Napi::CallbackInfo& info) {
     StateHandle& h = handle(info.Env());
     if (*h.busy) throw Napi::Error::New(info.Env(), "decode state is busy with another call");
-    StateHandle c{h.model, std::make_shared<DecodeState>(*h.model, h.state->batch())};
+    StateHandle c{h.model, or_out_of_memory(info.Env(), "a clone of a decode state", [&] {
+                    return std::make_shared<DecodeState>(*h.model, h.state->batch());
+                  })};
     c.state->share_from(*h.state);  // copied on a worker when either is written
     return Wrap(info.Env(), c);
   }
@@ -641,7 +654,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    return NativeState::Wrap(env, StateHandle{m, std::make_shared<DecodeState>(*m, batch)});
+    auto state = or_out_of_memory(env, "a decode state of batch " + std::to_string(batch),
+                                  [&] { return std::make_shared<DecodeState>(*m, batch); });
+    return NativeState::Wrap(env, StateHandle{m, state});
   }
 
   // Shared by prefill and step: claims the state, runs `work`, releases it, resolves logits:
@@ -654,6 +669,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(state_arg.As<Napi::Object>());
     StateHandle h = ns->handle(env);
     if (h.model != m) throw Napi::Error::New(env, "state belongs to another model");
+    const size_t n = static_cast<size_t>(h.state->batch()) * m->config().V;
+    std::shared_ptr<Napi::Reference<Napi::Float32Array>> target;
+    if (!into.IsEmpty()) target = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(into));
+    auto out = or_out_of_memory(env, "logits of " + std::to_string(h.state->batch()) + " rows", [&] {
+      return target ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
+    });
     bool expected = false;
     if (!h.busy->compare_exchange_strong(expected, true)) throw Napi::Error::New(env, "decode state is busy with another call");
     std::shared_ptr<AccessGuard> guard;
@@ -663,10 +684,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       *h.busy = false;
       throw;
     }
-    const size_t n = static_cast<size_t>(h.state->batch()) * m->config().V;
-    std::shared_ptr<Napi::Reference<Napi::Float32Array>> target;
-    if (!into.IsEmpty()) target = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(into));
-    auto out = target ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
     auto* worker = new PromiseWorker(
         env,
         [h, out, work, guard] {
@@ -740,6 +757,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     };
     auto draws = std::make_shared<std::vector<Draw>>();
     Napi::Int32Array sampled;
+    std::shared_ptr<std::vector<float>> out;
     try {
       if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
       Napi::Array arr = states_arg.As<Napi::Array>();
@@ -800,6 +818,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         }
       }
       check(rows);
+      // A fresh [rows, V] buffer per call would fault in its pages every time: 2 MB at 16 rows.
+      out = or_out_of_memory(env, std::string(call) + " logits of " + std::to_string(rows) + " rows", [&] {
+        return outputs.IsEmpty() ? std::make_shared<std::vector<float>>(rows * V) : reused_buffer(rows * V);
+      });
     } catch (const Napi::Error&) {
       throw;
     } catch (const std::exception& e) {
@@ -836,13 +858,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     std::vector<size_t> row_counts;
     for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
-    const size_t n = rows * V;
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
     if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
     std::shared_ptr<Napi::Reference<Napi::Int32Array>> sampled_ref;
     if (!sampled.IsEmpty()) sampled_ref = std::make_shared<Napi::Reference<Napi::Int32Array>>(Napi::Persistent(sampled));
-    // A fresh [rows, V] buffer per call would fault in its pages every time: 2 MB at 16 rows.
-    auto out = targets ? reused_buffer(n) : std::make_shared<std::vector<float>>(n);
     auto* worker = new PromiseWorker(
         env,
         [m, handles, out, guard, work, draws, release_samplers, V] {
@@ -997,7 +1016,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     const ParamInfo* p = m->find_param(name);
     if (!p) throw Napi::Error::New(env, "unknown parameter " + name);
     ReadClaim claim{claim_read(env)};
-    std::vector<float> data(p->size);
+    auto data = or_out_of_memory(env, "parameter " + name, [&] { return std::vector<float>(p->size); });
     m->get_param(name, data.data(), data.size());
     return to_js(env, std::move(data));
   }
@@ -1210,7 +1229,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Napi::Env env = info.Env();
     auto m = model(env);
     WriteClaim claim{claim_write(env)};
-    std::vector<float> mv(m->parameter_floats()), vv(m->parameter_floats());
+    std::vector<float> mv, vv;
+    or_out_of_memory(env, "the optimizer state's copy", [&] {
+      mv.resize(m->parameter_floats());
+      vv.resize(m->parameter_floats());
+      return 0;
+    });
     trainer()->get_optimizer_state(mv.data(), vv.data());
     Napi::Object out = Napi::Object::New(env);
     out.Set("step", static_cast<double>(trainer()->optimizer_step()));

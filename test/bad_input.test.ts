@@ -1,4 +1,5 @@
 // Bad input at every public entry point is a thrown Error naming the problem.
+import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -245,4 +246,28 @@ test('a disposed model throws instead of crashing', async () => {
   m.dispose();
   await expect(m.forward([[1]])).rejects.toThrow(/disposed/);
   expect(() => m.createSession()).toThrow(/disposed/);
+});
+
+test('an allocation too large for the process is an Error, not an abort', () => {
+  // In a child capped at 4 GB of address space, so the failure is certain and harmless.
+  const lib = JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'));
+  const script = `
+    const { RetNet } = require(${lib});
+    (async () => {
+      const model = await RetNet.create(${JSON.stringify(CONFIG)}, { seed: 1 });
+      try { model.createSession({ batch: 2 ** 31 - 1 }); } catch (e) { console.log(e.message); }
+      const wide = model.createSession({ batch: 2 ** 24 });
+      try { await wide.prefill({ data: new Int32Array(2 ** 24), shape: [2 ** 24, 1] }); } catch (e) { console.log(e.message); }
+      wide.dispose();
+      const session = model.createSession();
+      await session.prefill([[1, 2]]);
+      console.log('still serving');
+    })();`;
+  const out = execFileSync('bash', ['-c', 'ulimit -v 4000000 && exec "$0" -e "$1"', process.execPath, script], { encoding: 'utf8' });
+  expect(out.split('\n')).toEqual([
+    'out of memory: a decode state of batch 2147483647',
+    'out of memory: logits of 16777216 rows',
+    'still serving',
+    '',
+  ]);
 });
