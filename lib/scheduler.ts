@@ -159,6 +159,11 @@ class Sequence implements DecodeSession {
   }
 }
 
+/** What a dropped stream's finalizer needs: its sequence, once it has one (never the stream itself). */
+interface AbandonTicket {
+  sequence?: Sequence;
+}
+
 export class Scheduler {
   private maxConcurrent = DEFAULTS.maxConcurrent;
   private maxQueue = DEFAULTS.maxQueue;
@@ -177,6 +182,11 @@ export class Scheduler {
   private stepTokens = new Int32Array(0);
   private looping = false;
   private disposed = false;
+  // A stream suspended at a token its consumer never asks past holds a slot that only its
+  // finally block frees; when the consumer drops the stream instead, this frees it.
+  private readonly abandoned = new FinalizationRegistry<AbandonTicket>((ticket) => {
+    if (ticket.sequence) this.release(ticket.sequence);
+  });
 
   private decodeSteps = 0;
   private decodedTokens = 0;
@@ -222,9 +232,22 @@ export class Scheduler {
   /**
    * Streams the continuation of `promptTokens` like generateFromSession, with this request's model
    * calls batched with the other running requests. Fails with a SchedulerFullError when every slot
-   * is busy and the queue is full.
+   * is busy and the queue is full. A stream dropped without being finished or closed (return())
+   * gives its slot back when it is garbage-collected.
    */
-  async *generate(promptTokens: number[], tokenizer: Tokenizer, options: ScheduledGenerateOptions = {}): AsyncGenerator<GenerateChunk> {
+  generate(promptTokens: number[], tokenizer: Tokenizer, options: ScheduledGenerateOptions = {}): AsyncGenerator<GenerateChunk> {
+    const ticket: AbandonTicket = {};
+    const stream = this.stream(promptTokens, tokenizer, options, ticket);
+    this.abandoned.register(stream, ticket, ticket);
+    return stream;
+  }
+
+  private async *stream(
+    promptTokens: number[],
+    tokenizer: Tokenizer,
+    options: ScheduledGenerateOptions,
+    ticket: AbandonTicket,
+  ): AsyncGenerator<GenerateChunk> {
     if (this.disposed) throw new Error('the scheduler was disposed');
     checkPrefillOptions({ mode: options.prefillMode }, this.owner.defaultChunkSize);
     const { cachePrefixTokens } = options;
@@ -234,6 +257,7 @@ export class Scheduler {
       );
     }
     const sequence = new Sequence(this, Int32Array.from(promptTokens), options);
+    ticket.sequence = sequence;
     const { signal } = options;
     const onAbort = (): void => this.cancelWaiting(sequence, abortError(signal!));
     signal?.addEventListener('abort', onAbort, { once: true });
@@ -242,6 +266,7 @@ export class Scheduler {
     } finally {
       signal?.removeEventListener('abort', onAbort);
       this.release(sequence);
+      this.abandoned.unregister(ticket);
     }
   }
 

@@ -1,5 +1,8 @@
 // The batcher behind model.generate(): batched decoding matches each request alone, aborts free
 // their slot and state, and the concurrency and queue caps fail cleanly.
+import { execFileSync } from 'child_process';
+import * as path from 'path';
+
 import { RetNet, SchedulerFullError } from '../lib';
 import { BYTE_MODEL_CONFIG as CONFIG, randomPrompt, tokensOf } from './helpers/byte_model';
 
@@ -128,4 +131,25 @@ test('disposing the model fails waiting requests and refuses new ones', async ()
   await expect(waiting).rejects.toThrow(/disposed/);
   await expect(running.next()).rejects.toThrow(/disposed/);
   await expect(model.generateText([1, 2])).rejects.toThrow(/disposed/);
+});
+
+test('a stream dropped after its first token gives its slot back once collected', () => {
+  // In a child with --expose-gc: a collection is what frees the slot.
+  const lib = JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'));
+  const script = `
+    const { RetNet } = require(${lib});
+    (async () => {
+      const model = await RetNet.create(${JSON.stringify(CONFIG)}, { seed: 3 });
+      model.scheduler({ maxConcurrent: 2, maxQueue: 4 });
+      for (let i = 0; i < 2; i++) await model.generate([1, 2, 3], { maxTokens: 50 }).next(); // then dropped
+      console.log('active', model.scheduler().stats().active);
+      for (let i = 0; i < 5; i++) { gc(); await new Promise((resolve) => setTimeout(resolve, 10)); }
+      console.log('active', model.scheduler().stats().active);
+      let tokens = 0;
+      for await (const _ of model.generate([1, 2, 3], { maxTokens: 4 })) tokens++;
+      console.log('tokens', tokens);
+      model.dispose();
+    })();`;
+  const out = execFileSync(process.execPath, ['--expose-gc', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+  expect(out.split('\n')).toEqual(['active 2', 'active 0', 'tokens 4', '']);
 });
