@@ -6,7 +6,7 @@ import * as path from 'path';
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
 import { NativeDevice, NativeModel, Precision, WeightFormat, addon } from './native';
-import { TensorEntry, openSafetensors, writeFileAtomic, writeSafetensorsFile } from './safetensors';
+import { TensorEntry, openSafetensors, safetensorsWriter, writeFilesAtomic, writeSafetensorsFile } from './safetensors';
 import { PrefillMode, Session, SessionOwner, StepOptions, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
@@ -415,7 +415,7 @@ export class RetNet implements SessionOwner {
   /**
    * Writes safetensors with torchscale names and the config in __metadata__.config.
    * A path ending in .safetensors is one file; anything else is a directory with
-   * config.json + model.safetensors. Each file is written atomically (temp + rename).
+   * config.json + model.safetensors. Both are written in full before either replaces its predecessor.
    */
   async save(location: string): Promise<void> {
     const nativeModel = this.native();
@@ -435,8 +435,12 @@ export class RetNet implements SessionOwner {
       return;
     }
     await fsp.mkdir(location, { recursive: true });
-    await writeSafetensorsFile(path.join(location, WEIGHTS_FILE), tensors, values, metadata);
-    await writeFileAtomic(path.join(location, CONFIG_FILE), Buffer.from(JSON.stringify(this.config, null, 2) + '\n'));
+    // Both files written before either replaces its predecessor: a failure never pairs new
+    // weights with an old config.
+    await writeFilesAtomic([
+      { path: path.join(location, WEIGHTS_FILE), data: safetensorsWriter(tensors, values, metadata) },
+      { path: path.join(location, CONFIG_FILE), data: Buffer.from(JSON.stringify(this.config, null, 2) + '\n') },
+    ]);
   }
 
   /** Frees native memory now (sessions keep what they need until disposed). */

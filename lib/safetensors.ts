@@ -360,9 +360,22 @@ export function serializeSafetensors(
   return Buffer.concat([header, ...tensors.map(({ name, shape, data }) => tensorBytes(name, shape, data))]);
 }
 
+/** What writes F32 tensors as a safetensors file, asking `values` for one tensor at a time. */
+export function safetensorsWriter(
+  tensors: Array<{ name: string; shape: number[] }>,
+  values: (name: string) => Float32Array,
+  metadata?: Record<string, string>,
+): (handle: fsp.FileHandle) => Promise<void> {
+  const header = safetensorsHeader(tensors, metadata);
+  return async (handle) => {
+    await handle.writeFile(header);
+    for (const { name, shape } of tensors) await handle.writeFile(tensorBytes(name, shape, values(name)));
+  };
+}
+
 /**
- * Writes F32 tensors as a safetensors file, atomically (writeFileAtomic), asking `values` for
- * one tensor at a time so the whole file is never held in memory.
+ * Writes F32 tensors as a safetensors file, atomically (writeFileAtomic), one tensor at a time
+ * so the whole file is never held in memory.
  */
 export async function writeSafetensorsFile(
   filePath: string,
@@ -370,22 +383,14 @@ export async function writeSafetensorsFile(
   values: (name: string) => Float32Array,
   metadata?: Record<string, string>,
 ): Promise<void> {
-  const header = safetensorsHeader(tensors, metadata);
-  await writeFileAtomic(filePath, async (handle) => {
-    await handle.writeFile(header);
-    for (const { name, shape } of tensors) await handle.writeFile(tensorBytes(name, shape, values(name)));
-  });
+  await writeFileAtomic(filePath, safetensorsWriter(tensors, values, metadata));
 }
 
-/**
- * Writes `data` (or whatever `data(handle)` writes) to `filePath` so that readers see either
- * the old file or the complete new one: write a temp file in the same directory, fsync it,
- * then rename over the target. On any failure the temp file is removed and the previous file
- * is left untouched.
- */
-export async function writeFileAtomic(filePath: string, data: Buffer | Uint8Array | ((handle: fsp.FileHandle) => Promise<void>)): Promise<void> {
-  const directory = path.dirname(filePath);
-  const tempPath = path.join(directory, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+type FileData = Buffer | Uint8Array | ((handle: fsp.FileHandle) => Promise<void>);
+
+/** Writes `data` to a new temp file beside `filePath` and fsyncs it; removes it on failure. */
+async function writeTemp(filePath: string, data: FileData): Promise<string> {
+  const tempPath = path.join(path.dirname(filePath), `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   try {
     const handle = await fsp.open(tempPath, 'wx');
     try {
@@ -395,11 +400,37 @@ export async function writeFileAtomic(filePath: string, data: Buffer | Uint8Arra
     } finally {
       await handle.close();
     }
-    await fsp.rename(tempPath, filePath);
+    return tempPath;
   } catch (err) {
     await fsp.rm(tempPath, { force: true }).catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * Writes files that belong together (a model's config.json and weights): every one is written
+ * in full to a temp file first, and only then are they renamed over their targets, so a failure
+ * while writing (a full disk, an exception from `data`) leaves every previous file as it was.
+ */
+export async function writeFilesAtomic(files: Array<{ path: string; data: FileData }>): Promise<void> {
+  const temps: string[] = [];
+  try {
+    for (const file of files) temps.push(await writeTemp(file.path, file.data));
+    for (let i = 0; i < files.length; i++) await fsp.rename(temps[i], files[i].path);
+  } catch (err) {
+    await Promise.all(temps.map((temp) => fsp.rm(temp, { force: true }).catch(() => undefined)));
+    throw err;
+  }
+}
+
+/**
+ * Writes `data` (or whatever `data(handle)` writes) to `filePath` so that readers see either
+ * the old file or the complete new one: write a temp file in the same directory, fsync it,
+ * then rename over the target. On any failure the temp file is removed and the previous file
+ * is left untouched.
+ */
+export async function writeFileAtomic(filePath: string, data: FileData): Promise<void> {
+  await writeFilesAtomic([{ path: filePath, data }]);
 }
 
 export async function readSafetensorsFile(filePath: string): Promise<ParsedSafetensors> {

@@ -222,6 +222,28 @@ describe('files', () => {
     expect(fs.readdirSync(dir).filter((n) => n.includes('.tmp'))).toEqual([]);
   });
 
+  test('a save to a directory that fails on its second file leaves the previous pair loadable', async () => {
+    const target = path.join(dir, 'pair');
+    await model.save(target);
+    const deeper = await RetNet.create({ ...CONFIG, decoder_layers: 2 }, { seed: 4 });
+    // The disk fills up as config.json is written, after the weights.
+    const realOpen = fs.promises.open;
+    const spy = jest.spyOn(fs.promises, 'open').mockImplementation(async (file, ...rest) => {
+      if (String(file).includes('config.json')) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+      return realOpen(file, ...(rest as [string]));
+    });
+    try {
+      await expect(deeper.save(target)).rejects.toThrow(/ENOSPC/);
+    } finally {
+      spy.mockRestore();
+      deeper.dispose();
+    }
+    expect(fs.readdirSync(target).sort()).toEqual(['config.json', 'model.safetensors']);
+    const loaded = await RetNet.load(target);
+    expect(loaded.config.decoder_layers).toBe(1);
+    loaded.dispose();
+  });
+
   test('weights changed during a save fail it and leave the previous file intact', async () => {
     const m = await RetNet.create(CONFIG, { seed: 3 });
     const file = path.join(dir, 'moving.safetensors');
