@@ -12,6 +12,7 @@ import type { TensorEntry } from './safetensors';
 export const EMBED = 'embed_tokens.weight';
 export const OUTPUT = 'output_projection.weight';
 const ANGLE = 'retnet_rel_pos.angle';
+const DECAY = 'retnet_rel_pos.decay';
 
 function fail(source: string, problem: string): never {
   throw new Error(`${source}: ${problem}`);
@@ -121,6 +122,20 @@ export function plannedValues(
   const badIndex = firstNonFinite(data);
   if (badIndex >= 0) {
     fail(source, `tensor ${JSON.stringify(name)} has a non-finite value (${data[badIndex]}) at flat index ${badIndex}`);
+  }
+  // The buffers are functions of the config in torchscale; a stored one that is not shaped like
+  // one (a decay > 0 makes γ > 1 and the state grow without bound; the rotation reads one
+  // angle per pair) would give non-finite or silently wrong logits.
+  if (name === DECAY) {
+    const bad = data.findIndex((d) => !(d <= 0));
+    if (bad >= 0) fail(source, `tensor ${JSON.stringify(name)} holds ${data[bad]} at index ${bad}: each head's decay is log γ <= 0`);
+  }
+  if (name === ANGLE) {
+    for (let j = 0; j + 1 < data.length; j += 2) {
+      if (data[j] !== data[j + 1]) {
+        fail(source, `tensor ${JSON.stringify(name)} differs within the pair at indices ${j}, ${j + 1} (${data[j]}, ${data[j + 1]}): each rotation pair has one angle`);
+      }
+    }
   }
   if (name === OUTPUT && config.share_decoder_input_output_embed) {
     const differsAt = firstDifference(data, embed as Float32Array);

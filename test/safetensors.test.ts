@@ -437,6 +437,19 @@ describe('checkWeights', () => {
     }
   });
 
+  it('rejects stored buffers no torchscale config makes: a decay above 0, an angle pair that differs', () => {
+    const withDecay = copyOf(untiedName);
+    const decay = withDecay.get('retnet_rel_pos.decay') as TensorEntry;
+    withDecay.set('retnet_rel_pos.decay', { ...decay, data: decay.data.map((d, i) => (i === 1 ? 3 : d)) });
+    expect(() => checkWeights(fixtureConfig(untiedName), withDecay, 'm')).toThrow(
+      'm: tensor "retnet_rel_pos.decay" holds 3 at index 1: each head\'s decay is log γ <= 0',
+    );
+    const withAngle = copyOf(untiedName);
+    const angle = withAngle.get('retnet_rel_pos.angle') as TensorEntry;
+    withAngle.set('retnet_rel_pos.angle', { ...angle, data: angle.data.map((a, i) => (i === 5 ? a * 2 : a)) });
+    expect(() => checkWeights(fixtureConfig(untiedName), withAngle, 'm')).toThrow(/"retnet_rel_pos.angle" differs within the pair at indices 4, 5/);
+  });
+
   it('rejects a tied model whose two copies differ', () => {
     const tensors = copyOf(tiedName);
     const out = tensors.get('output_projection.weight') as TensorEntry;
