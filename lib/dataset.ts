@@ -44,7 +44,10 @@ export class Dataset {
   private rng: Rng;
   private batchesDrawn = 0;
 
-  /** A dataset over one token stream (ids are not checked here; the model checks them). */
+  /**
+   * A dataset over one token stream of integer ids >= 0 (text: Dataset.fromText). The model
+   * checks them against its vocabulary when it trains.
+   */
   constructor(tokens: ArrayLike<number>, options: DatasetOptions) {
     const { seqLen } = options;
     const validationFraction = options.validationFraction ?? DEFAULT_VALIDATION_FRACTION;
@@ -56,7 +59,17 @@ export class Dataset {
       throw new Error(`Dataset: validationFraction must be a number in [0, 1), got ${String(validationFraction)}`);
     }
     if (!Number.isSafeInteger(seed)) throw new Error(`Dataset: seed must be a safe integer, got ${String(seed)}`);
-    const stream = Int32Array.from(tokens);
+    if (typeof tokens === 'string' || typeof (tokens as { length?: unknown })?.length !== 'number') {
+      throw new Error('Dataset: tokens must be an array of token ids (for text, use Dataset.fromText)');
+    }
+    const stream = new Int32Array(tokens.length);
+    for (let i = 0; i < tokens.length; i++) {
+      const id = tokens[i];
+      if (!(Number.isInteger(id) && id >= 0 && id <= 0x7fffffff)) {
+        throw new Error(`Dataset: token ${i} is ${String(id)}, not an integer id in [0, 2^31)`);
+      }
+      stream[i] = id;
+    }
     const validationLength = Math.floor(stream.length * validationFraction);
     const trainLength = stream.length - validationLength;
     if (trainLength < seqLen) {

@@ -89,6 +89,15 @@ describe('Dataset', () => {
     expect(() => ds.setState({ seed: 1, seqLen: 16, rng: [1, 2, 3, 4], batchesDrawn: 0 })).toThrow(/seqLen 16 .* seqLen 8/);
     expect(() => ds.setState({ seed: 1, seqLen: 8, rng: [0, 0, 0, 0], batchesDrawn: 0 })).toThrow(/all zero/);
   });
+
+  test('token ids are integers >= 0, never coerced', () => {
+    const ids = Array.from({ length: 20 }, (_, i) => i);
+    expect(new Dataset(Int32Array.from(ids), { seqLen: 4, validationFraction: 0 }).trainTokens).toEqual(Int32Array.from(ids));
+    expect(() => new Dataset(TEXT as unknown as number[], { seqLen: 4 })).toThrow(/must be an array of token ids \(for text, use Dataset.fromText\)/);
+    for (const [bad, shown] of [[65.9, '65.9'], [-1, '-1'], [2 ** 32 + 67, '4294967363'], [NaN, 'NaN']] as const) {
+      expect(() => new Dataset([...ids, bad], { seqLen: 4, validationFraction: 0 })).toThrow(`Dataset: token 20 is ${shown}, not an integer id in [0, 2^31)`);
+    }
+  });
 });
 
 describe('Brown corpus', () => {
