@@ -120,11 +120,24 @@ export function resolveConfig(input: unknown): RetNetConfig {
   if ((D / H) % 2 !== 0) {
     throw configError(`key dim decoder_embed_dim / decoder_retention_heads = ${D / H} must be even (rotation pairs)`);
   }
-  if (config.multiway === true) throw configError('multiway=True is not supported');
-  if (typeof config.moe_freq === 'number' && config.moe_freq > 0) throw configError('moe_freq > 0 is not supported');
+  if (config.multiway !== undefined && config.multiway !== false) {
+    throw configError(`multiway must be false (multiway=True is not supported), got ${JSON.stringify(config.multiway)}`);
+  }
+  if (config.moe_freq !== undefined && config.moe_freq !== 0) {
+    throw configError(`moe_freq must be 0 (MoE layers are not supported), got ${JSON.stringify(config.moe_freq)}`);
+  }
   if (config.no_output_layer) throw configError('no_output_layer=True is not supported (the runtime needs logits)');
+  for (const [name, shape] of parameterShapes(config)) {
+    const values = shape.reduce((a, b) => a * b, 1);
+    if (values > MAX_TENSOR_VALUES) {
+      throw configError(`${name} would hold ${shape.join(' x ')} = ${values} values, more than one tensor can here (2^32)`);
+    }
+  }
   return config;
 }
+
+/** The most values one tensor may hold: weights pass through JS typed arrays on load and save. */
+const MAX_TENSOR_VALUES = 2 ** 32;
 
 /** Derived sizes used everywhere (spec notation). */
 export interface Dims {

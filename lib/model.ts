@@ -13,7 +13,7 @@ import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
 import { isTypedArray } from './typed';
-import { EMBED, OUTPUT, checkWeights, generateWeights, largestParameter, planWeights, plannedValues } from './weights';
+import { EMBED, OUTPUT, checkWeights, generateWeights, largestParameter, largestShape, planWeights, plannedValues } from './weights';
 
 export type ForwardMode = PrefillMode;
 
@@ -166,7 +166,7 @@ export class RetNet implements SessionOwner {
       // Every tensor passes through one buffer, except an embedding a stored tied output
       // projection is compared with later.
       const keepEmbed = plan.some((w) => w.name === OUTPUT && w.from === 'stored') && config.share_decoder_input_output_embed;
-      const scratch = new Float32Array(Math.max(0, ...[...reader.shapes.values()].map((shape) => shape.reduce((a, b) => a * b, 1))));
+      const scratch = new Float32Array(largestShape(reader.shapes.values()));
       async function* checked(): AsyncGenerator<[string, Float32Array]> {
         let embed: Float32Array | undefined;
         for (const weight of plan) {
@@ -236,7 +236,13 @@ export class RetNet implements SessionOwner {
     if (weightFormat !== 'f32' && weightFormat !== 'bf16' && weightFormat !== 'int8') {
       throw new Error(`weights must be 'f32', 'bf16' or 'int8', got ${JSON.stringify(options.weights)}`);
     }
-    const nativeModel = await addon().createModel(config, {}, resolveDevice(options.device));
+    const nativeModel = await addon()
+      .createModel(config, {}, resolveDevice(options.device))
+      .catch((e: Error) => {
+        if (!/out of memory/.test(e.message)) throw e;
+        const gib = (countParameters(config) * 4) / 2 ** 30;
+        throw new Error(`${e.message}: a model of ${countParameters(config)} parameters needs ${gib.toFixed(1)} GiB for its fp32 weights`);
+      });
     try {
       for await (const [name, data] of weights) {
         // A tied output projection is the embedding itself in the native core.

@@ -195,8 +195,15 @@ export function initWeights(config: RetNetConfig, seed: number): Map<string, Flo
 }
 
 /** Values in the largest parameter of `config`: the size of a buffer every tensor fits in. */
+/** The most values any of `shapes` holds (0 for none); a loop, since a deep model has more tensors than a spread may pass. */
+export function largestShape(shapes: Iterable<readonly number[]>): number {
+  let largest = 0;
+  for (const shape of shapes) largest = Math.max(largest, shape.reduce((a, b) => a * b, 1));
+  return largest;
+}
+
 export function largestParameter(config: RetNetConfig): number {
-  return Math.max(...parameterShapes(config).map(([, shape]) => shape.reduce((a, b) => a * b, 1)));
+  return largestShape(parameterShapes(config).map(([, shape]) => shape));
 }
 
 /**

@@ -112,6 +112,9 @@ describe('configs', () => {
     [{ ...CONFIG, layernorm_eps: -1 }, /layernorm_eps/],
     [{ ...CONFIG, decoder_layers: 2.5 }, /decoder_layers/],
     [{ decoder_layers: 1 }, /vocab_size is required/],
+    [{ ...CONFIG, multiway: 'true' }, /multiway must be false .*got "true"/],
+    [{ ...CONFIG, moe_freq: 2 }, /moe_freq must be 0/],
+    [{ ...CONFIG, vocab_size: 2 ** 20, decoder_embed_dim: 2 ** 20 }, /embed_tokens.weight would hold 1048576 x 1048576 = 1099511627776 values, more than one tensor can here/],
   ])('create(%j) throws', async (config, message) => {
     await expect(RetNet.create(config as typeof CONFIG)).rejects.toThrow(message);
   });
@@ -281,6 +284,8 @@ test('an allocation too large for the process is an Error, not an abort', () => 
       const wide = model.createSession({ batch: 2 ** 24 });
       try { await wide.prefill({ data: new Int32Array(2 ** 24), shape: [2 ** 24, 1] }); } catch (e) { console.log(e.message); }
       wide.dispose();
+      const big = { ...${JSON.stringify(CONFIG)}, decoder_embed_dim: 1024, decoder_value_embed_dim: 1024, decoder_ffn_embed_dim: 1024, decoder_layers: 200 };
+      try { await RetNet.create(big); } catch (e) { console.log(e.message); }
       const session = model.createSession();
       await session.prefill([[1, 2]]);
       console.log('still serving');
@@ -289,6 +294,7 @@ test('an allocation too large for the process is an Error, not an abort', () => 
   expect(out.split('\n')).toEqual([
     'out of memory: a decode state of batch 2147483647',
     'out of memory: logits of 16777216 rows',
+    'out of memory: a model of 1678234624 parameters needs 6.3 GiB for its fp32 weights',
     'still serving',
     '',
   ]);
