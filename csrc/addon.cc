@@ -129,6 +129,14 @@ int to_int(const Napi::Value& v, const char* what) {
   return static_cast<int>(d);
 }
 
+// A decode position: any integer a double holds exactly (a long session passes 2^31 tokens).
+int64_t to_position(const Napi::Value& v) {
+  if (!v.IsNumber()) throw std::invalid_argument("position must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d == std::floor(d)) || d < 0 || d > 9007199254740991.0) throw std::invalid_argument("position must be a non-negative integer");
+  return static_cast<int64_t>(d);
+}
+
 Napi::Int32Array int32_arg(const Napi::Value& v, const char* what) {
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
     throw std::invalid_argument(std::string(what) + " must be an Int32Array");
@@ -517,6 +525,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     try {
       Napi::Float32Array kv = float32_arg(info[0], "kv");
       Napi::Float32Array scale = float32_arg(info[1], "scale");
+      if (!info[2].IsArray()) throw std::invalid_argument("positions must be an array");
       Napi::Array pos = info[2].As<Napi::Array>();
       if (kv.ElementLength() != h.state->kv_size() || scale.ElementLength() != h.state->scale_size() ||
           pos.Length() != h.state->position.size())
@@ -525,7 +534,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
         if (!std::isfinite(kv[i])) throw std::invalid_argument("state holds a non-finite value");
       for (size_t i = 0; i < scale.ElementLength(); i++)
         if (!(scale[i] >= 0) || !std::isfinite(scale[i])) throw std::invalid_argument("state scale must be finite and >= 0");
-      for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = static_cast<int64_t>(to_int(pos.Get(i), "position"));
+      for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = to_position(pos.Get(i));
       h.state->make_writable();
       h.model->ops()->upload(h.state->kv(), kv.Data(), kv.ElementLength());
       h.model->ops()->upload(h.state->scale(), scale.Data(), scale.ElementLength());

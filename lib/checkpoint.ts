@@ -181,6 +181,11 @@ export async function loadCheckpoint(dir: string): Promise<LoadedCheckpoint> {
   if (state?.format !== FORMAT || state.version !== FORMAT_VERSION) {
     throw new Error(`loadCheckpoint: ${trainerPath} is not a version ${FORMAT_VERSION} ${FORMAT}`);
   }
+  const { history } = state;
+  if (!Number.isSafeInteger(state.step) || state.step < 0 || state.options === null || typeof state.options !== 'object' ||
+      history === null || typeof history !== 'object' || !Array.isArray(history.steps) || !Array.isArray(history.validation)) {
+    throw new Error(`loadCheckpoint: ${trainerPath} is damaged: it needs step (an integer >= 0), options and history { steps, validation }`);
+  }
   const optimizerPath = path.join(target, OPTIMIZER_FILE);
   const parsed = await readSafetensorsFile(optimizerPath);
   const m = parsed.tensors.get('m')?.data;

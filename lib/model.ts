@@ -10,9 +10,9 @@ import { TensorEntry, openSafetensors, safetensorsWriter, writeFilesAtomic, writ
 import { PrefillMode, Session, SessionOwner, StepOptions, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
-import { ByteTokenizer, Tokenizer } from './tokenizer';
+import { ByteTokenizer, Tokenizer, checkTokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
-import { isTypedArray } from './typed';
+import { isTypedArray, optionsObject } from './typed';
 import { EMBED, OUTPUT, checkWeights, generateWeights, largestParameter, largestShape, planWeights, plannedValues } from './weights';
 
 export type ForwardMode = PrefillMode;
@@ -124,6 +124,7 @@ export class RetNet implements SessionOwner {
    * .safetensors file whose __metadata__.config holds the config JSON.
    */
   static async load(location: string, options: ModelOptions = {}): Promise<RetNet> {
+    options = optionsObject(options, 'RetNet.load');
     checkDevice(options.device);
     let stat;
     try {
@@ -189,6 +190,7 @@ export class RetNet implements SessionOwner {
 
   /** A fresh model with torchscale's initialisation. */
   static async create(config: Partial<RetNetConfig> & { vocab_size: number }, options: CreateOptions = {}): Promise<RetNet> {
+    options = optionsObject(options, 'RetNet.create');
     checkDevice(options.device);
     const resolved = resolveConfig(config);
     const seed = options.seed ?? 0;
@@ -236,6 +238,7 @@ export class RetNet implements SessionOwner {
     if (weightFormat !== 'f32' && weightFormat !== 'bf16' && weightFormat !== 'int8') {
       throw new Error(`weights must be 'f32', 'bf16' or 'int8', got ${JSON.stringify(options.weights)}`);
     }
+    if (options.tokenizer !== undefined) checkTokenizer(options.tokenizer, config.vocab_size);
     const nativeModel = await addon()
       .createModel(config, {}, resolveDevice(options.device))
       .catch((e: Error) => {
@@ -284,6 +287,7 @@ export class RetNet implements SessionOwner {
 
   /** Logits [B, T, V] for every position of `tokens`. */
   async forward(tokens: TokenInput, options: ForwardOptions = {}): Promise<{ logits: Float32Array; shape: [number, number, number] }> {
+    options = optionsObject(options, 'forward');
     const batch = toTokenBatch(tokens, this.config.vocab_size);
     const { mode, chunkSize } = checkPrefillOptions(
       { mode: options.mode ?? (this.config.chunkwise_recurrent ? 'chunkwise' : 'parallel'), chunkSize: options.chunkSize },
@@ -299,6 +303,7 @@ export class RetNet implements SessionOwner {
    * torchscale names (a tied model reports the summed gradient under embed_tokens.weight only).
    */
   async lossAndGradients(tokens: TokenInput, options: LossOptions = {}): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
+    options = optionsObject(options, 'lossAndGradients');
     const batch = toTokenBatch(tokens, this.config.vocab_size);
     const mode = options.mode ?? (this.config.chunkwise_recurrent ? 'chunkwise' : 'parallel');
     if (mode !== 'parallel' && mode !== 'chunkwise') {
@@ -349,6 +354,7 @@ export class RetNet implements SessionOwner {
 
   /** A decode session with its own recurrent state for `batch` rows. */
   createSession(options: { batch?: number } = {}): Session {
+    options = optionsObject(options, 'createSession');
     const batch = options.batch ?? 1;
     if (!Number.isInteger(batch) || batch < 1) throw new Error(`batch must be an integer >= 1, got ${String(options.batch)}`);
     return new Session(this, this.native().createState(batch), batch);
@@ -361,11 +367,16 @@ export class RetNet implements SessionOwner {
   }
 
   /** Streams generated tokens and their text. `prompt` is text (needs a tokenizer) or token ids. */
-  async *generate(prompt: string | number[], options: GenerateRequest = {}): AsyncGenerator<GenerateChunk> {
+  async *generate(prompt: string | ArrayLike<number>, options: GenerateRequest = {}): AsyncGenerator<GenerateChunk> {
+    options = optionsObject(options, 'generate');
     const tokenizer = this.requireTokenizer();
     validateGenerateOptions(options);
-    const promptTokens = typeof prompt === 'string' ? tokenizer.encode(prompt) : prompt;
-    if (!Array.isArray(promptTokens) || promptTokens.length === 0) throw new Error('generate: the prompt is empty');
+    const encoded: unknown = typeof prompt === 'string' ? tokenizer.encode(prompt) : prompt;
+    if (!Array.isArray(encoded) && !ArrayBuffer.isView(encoded)) {
+      throw new Error(`generate: the prompt must be text or an array of token ids, got ${encoded === null ? 'null' : typeof encoded}`);
+    }
+    const promptTokens = Array.from(encoded as ArrayLike<number>);
+    if (promptTokens.length === 0) throw new Error('generate: the prompt is empty');
     toTokenBatch([promptTokens], this.config.vocab_size);
     // ---- serving: concurrent calls share batched decode steps (lib/scheduler.ts) ----
     if (options.batching !== false) {
@@ -403,7 +414,7 @@ export class RetNet implements SessionOwner {
   // ---- end serving ----
 
   /** generate() collected into one string. */
-  async generateText(prompt: string | number[], options: GenerateRequest = {}): Promise<string> {
+  async generateText(prompt: string | ArrayLike<number>, options: GenerateRequest = {}): Promise<string> {
     return collectText(this.generate(prompt, options));
   }
 

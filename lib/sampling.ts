@@ -23,7 +23,13 @@ function optionError(field: string, requirement: string, value: unknown): Error 
 
 /** Renders a user-supplied value for an error message. */
 export function formatValue(value: unknown): string {
-  return typeof value === 'number' ? String(value) : JSON.stringify(value) ?? String(value);
+  if (typeof value === 'number') return String(value);
+  if (typeof value === 'bigint') return `${value}n (a BigInt)`;
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return Object.prototype.toString.call(value); // a cycle, or a BigInt inside
+  }
 }
 
 function isFiniteNumber(value: unknown): value is number {

@@ -3,6 +3,7 @@
 import type { DecodeSession } from './generate';
 import type { NativeModel, NativeState } from './native';
 import { TokenInput, toTokenBatch } from './tokens';
+import { optionsObject } from './typed';
 
 export type PrefillMode = 'parallel' | 'chunkwise' | 'recurrent';
 
@@ -41,7 +42,8 @@ export function checkPrefillOptions(options: PrefillOptions, defaultChunk: numbe
   if (!Number.isInteger(chunkSize) || chunkSize < 1) {
     throw new Error(`chunkSize must be an integer >= 1, got ${JSON.stringify(options.chunkSize)}`);
   }
-  return { mode, chunkSize };
+  // A chunk longer than any sequence is one chunk: the native side takes a 32-bit size.
+  return { mode, chunkSize: Math.min(chunkSize, 2 ** 31 - 1) };
 }
 
 export class Session implements DecodeSession {
@@ -70,6 +72,7 @@ export class Session implements DecodeSession {
 
   /** Runs the prompt [batch, T] through the model; resolves the next-token logits [batch, V]. */
   prefill(tokens: TokenInput, options: PrefillOptions = {}): Promise<{ logits: Float32Array }> {
+    options = optionsObject(options, 'prefill');
     const batch = toTokenBatch(tokens, this.owner.vocabSize);
     if (batch.shape[0] !== this.batch) {
       throw new Error(`prefill: tokens have batch ${batch.shape[0]} but the session has batch ${this.batch}`);
@@ -85,9 +88,13 @@ export class Session implements DecodeSession {
    * `options.logits` filled in place. Reusing one buffer across a token stream spares a
    * fresh allocation per step (page faults: 2-8 % of a base-preset step on the 2-core VM).
    */
-  step(tokenIds: number[], options: StepOptions = {}): Promise<{ logits: Float32Array }> {
-    if (!Array.isArray(tokenIds) || tokenIds.length !== this.batch) {
-      throw new Error(`step: expected ${this.batch} token id(s), one per batch row`);
+  step(tokenIds: ArrayLike<number>, options: StepOptions = {}): Promise<{ logits: Float32Array }> {
+    options = optionsObject(options, 'step');
+    if (!Array.isArray(tokenIds) && !ArrayBuffer.isView(tokenIds)) {
+      throw new Error(`step: token ids must be an array (one id per batch row), got ${tokenIds === null ? 'null' : typeof tokenIds}`);
+    }
+    if (tokenIds.length !== this.batch) {
+      throw new Error(`step: expected ${this.batch} token id(s), one per batch row, got ${tokenIds.length}`);
     }
     const into = options.logits;
     // By tag, not instanceof: arrays the addon makes belong to the main realm, not a vm context's.
@@ -95,7 +102,7 @@ export class Session implements DecodeSession {
     if (into !== undefined && (!isFloat32 || into.length !== this.batch * this.owner.vocabSize)) {
       throw new Error(`step: options.logits must be a Float32Array of batch * vocab = ${this.batch * this.owner.vocabSize} floats`);
     }
-    const batch = toTokenBatch([tokenIds], this.owner.vocabSize);
+    const batch = toTokenBatch([Array.from(tokenIds)], this.owner.vocabSize);
     return this.enqueue(async (state) => ({ logits: await this.owner.native().step(state, batch.data, into) }));
   }
 
@@ -158,6 +165,7 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
   } catch {
     throw new Error('restoreSession: header is not valid JSON');
   }
+  if (header === null || typeof header !== 'object' || Array.isArray(header)) throw new Error('restoreSession: header is not a JSON object');
   const layout = owner.stateLayout();
   for (const key of ['layers', 'heads', 'keyDim', 'valueDim'] as const) {
     if (header[key] !== layout[key]) {

@@ -20,6 +20,17 @@ export interface Tokenizer {
   createStreamDecoder(): StreamDecoder;
 }
 
+/** Throws unless `tokenizer` has the Tokenizer methods and a vocabSize in [1, modelVocab]. */
+export function checkTokenizer(tokenizer: unknown, modelVocab: number): void {
+  const t = tokenizer as Partial<Tokenizer> | null;
+  if (t === null || typeof t !== 'object' || typeof t.encode !== 'function' || typeof t.decode !== 'function' || typeof t.createStreamDecoder !== 'function') {
+    throw new Error('tokenizer must be an object with encode, decode and createStreamDecoder methods');
+  }
+  if (!Number.isInteger(t.vocabSize) || (t.vocabSize as number) < 1 || (t.vocabSize as number) > modelVocab) {
+    throw new Error(`tokenizer.vocabSize must be an integer in [1, ${modelVocab}] (the model's vocab_size), got ${String(t.vocabSize)}`);
+  }
+}
+
 export interface ByteTokenizerOptions {
   /** Total ids, >= 256. Ids 256 and up are specials (e.g. an end-of-sequence id). Default 256. */
   vocabSize?: number;

@@ -1,5 +1,6 @@
 // Token batch validation: every entry point that takes tokens goes through here, so a
 // bad id, a ragged batch or an empty sequence is an Error naming the problem.
+import { formatValue } from './sampling';
 import { isTypedArray } from './typed';
 
 /** A batch of token ids in row-major [B, T] order. */
@@ -12,7 +13,7 @@ export type TokenInput = number[][] | TokenBatch;
 
 function checkId(id: unknown, b: number, t: number, vocabSize: number): void {
   if (typeof id !== 'number' || !Number.isInteger(id)) {
-    throw new Error(`token at [${b}][${t}] must be an integer, got ${String(id)}`);
+    throw new Error(`token at [${b}][${t}] must be an integer, got ${formatValue(id)}`);
   }
   if (id < 0 || id >= vocabSize) {
     throw new Error(`token id ${id} at [${b}][${t}] is outside the vocabulary [0, ${vocabSize})`);

@@ -12,6 +12,7 @@ import type { Dataset, DatasetState } from './dataset';
 import type { RetNet } from './model';
 import type { NativeMicroBatch, Precision, TrainMode } from './native';
 import { TokenBatch, TokenInput, toTokenBatch } from './tokens';
+import { optionsObject } from './typed';
 
 export type LrSchedule = 'cosine' | 'linear' | 'constant';
 export type { TrainMode };
@@ -310,6 +311,7 @@ export class Trainer {
   private readonly history: TrainingHistory = { steps: [], validation: [] };
 
   constructor(model: RetNet, options: TrainerOptions) {
+    options = optionsObject(options, 'Trainer');
     this.model = model;
     this.options = resolveTrainerOptions(model, options);
   }
@@ -382,6 +384,7 @@ export class Trainer {
    * Throws if the loss stops being finite (the weights are then unusable).
    */
   async fit(dataset: Dataset, options: FitOptions): Promise<FitSummary> {
+    options = optionsObject(options, 'fit');
     const o = checkFitOptions(options, this.options.totalSteps);
     // Before any step: a run should not train for an hour, then refuse its first checkpoint.
     if (o.checkpointDir !== undefined) await checkCheckpointTarget(o.checkpointDir);

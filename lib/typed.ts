@@ -9,3 +9,15 @@ export function isTypedArray(value: unknown, kind: 'Uint8Array'): value is Uint8
 export function isTypedArray(value: unknown, kind: TypedArrayKind): boolean {
   return ArrayBuffer.isView(value) && Object.prototype.toString.call(value) === `[object ${kind}]`;
 }
+
+/**
+ * A public method's options argument: absent and null both mean "no options"; anything else
+ * but an object is an Error naming the call (not a TypeError from reading a field of it).
+ */
+export function optionsObject<T extends object>(options: T | null | undefined, call: string): T {
+  if (options === undefined || options === null) return {} as T;
+  if (typeof options !== 'object' || Array.isArray(options)) {
+    throw new Error(`${call}: options must be an object, got ${Array.isArray(options) ? 'an array' : typeof options}`);
+  }
+  return options;
+}

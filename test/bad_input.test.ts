@@ -91,6 +91,39 @@ describe('tokens', () => {
     }
   });
 
+  test('null options mean none; prompts and step ids may be typed arrays; BigInt ids and fake signals are named', async () => {
+    const bytes = await RetNet.create({ ...CONFIG, vocab_size: 256 }, null as never);
+    try {
+      expect((await bytes.forward([[1, 2]], null as never)).shape).toEqual([1, 2, 256]);
+      const session = bytes.createSession(null as never);
+      await session.prefill([[1, 2]], null as never);
+      await session.step(Int32Array.of(3), null as never);
+      expect(() => session.step('3' as never)).toThrow('step: token ids must be an array (one id per batch row), got string');
+      expect(() => session.step([1, 2])).toThrow('step: expected 1 token id(s), one per batch row, got 2');
+      session.dispose();
+      const greedy = { maxTokens: 3, temperature: 0 };
+      expect(await bytes.generateText(Int32Array.of(72, 105), greedy)).toBe(await bytes.generateText([72, 105], greedy));
+      expect(await bytes.generateText([72, 105], null as never)).toEqual(expect.any(String));
+      await expect(bytes.generateText({} as never)).rejects.toThrow('generate: the prompt must be text or an array of token ids, got object');
+      await expect(bytes.generateText([1, 2n] as never)).rejects.toThrow('token at [0][1] must be an integer, got 2n (a BigInt)');
+      await expect(bytes.generateText([1], { seed: 2n } as never)).rejects.toThrow(/seed must be .*got 2n \(a BigInt\)/);
+      await expect(bytes.generateText([1], { signal: { aborted: false } } as never)).rejects.toThrow(/signal must be an AbortSignal/);
+      await expect(bytes.forward([[1]], 'parallel' as never)).rejects.toThrow('forward: options must be an object, got string');
+    } finally {
+      bytes.dispose();
+    }
+  });
+
+  test("a tokenizer that doesn't fit the model is refused when the model is made", async () => {
+    const tokenizer = { vocabSize: 1000, encode: () => [1], decode: () => '', createStreamDecoder: () => ({ push: () => '', flush: () => '' }) };
+    await expect(RetNet.create({ ...CONFIG, vocab_size: 300 }, { tokenizer })).rejects.toThrow(
+      "tokenizer.vocabSize must be an integer in [1, 300] (the model's vocab_size), got 1000",
+    );
+    await expect(RetNet.create({ ...CONFIG, vocab_size: 300 }, { tokenizer: { vocabSize: 5 } as never })).rejects.toThrow(
+      'tokenizer must be an object with encode, decode and createStreamDecoder methods',
+    );
+  });
+
   test('generation options and prompts', async () => {
     await expect(model.generateText('hi')).rejects.toThrow(/smaller than the byte tokenizer/);
     const bytes = await RetNet.create({ ...CONFIG, vocab_size: 256 });

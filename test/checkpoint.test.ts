@@ -196,3 +196,16 @@ test("saving and loading leave the user's own <dir>.old and <dir>.tmp alone", as
   expect(fs.readdirSync(`${dir}.old`).length).toBe(4);
   run.model.dispose();
 });
+
+test('a trainer.json missing its history is a named error', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(1);
+  await saveCheckpoint(dir, run);
+  const file = path.join(dir, TRAINER_FILE);
+  const state = JSON.parse(fs.readFileSync(file, 'utf8'));
+  for (const damaged of [{ ...state, history: undefined }, { ...state, history: { steps: 5, validation: [] } }, { ...state, step: -1 }]) {
+    fs.writeFileSync(file, JSON.stringify(damaged));
+    await expect(Trainer.resume(dir)).rejects.toThrow(/trainer\.json is damaged: it needs step \(an integer >= 0\), options and history/);
+  }
+  run.model.dispose();
+});

@@ -157,6 +157,32 @@ test('restoreSession rejects corrupt or mismatched buffers', async () => {
   session.dispose();
 });
 
+/** A saved session with its header's JSON replaced by `edit` of it (the header padded to 4 bytes, as save() writes it). */
+function withHeader(saved: Buffer, edit: (header: Record<string, unknown>) => unknown): Buffer {
+  const length = saved.readUInt32LE(8);
+  let json = JSON.stringify(edit(JSON.parse(saved.toString('utf8', 12, 12 + length))));
+  while (Buffer.byteLength(json) % 4) json += ' ';
+  const prefix = Buffer.alloc(12);
+  prefix.write('RNSTATE1', 0, 'latin1');
+  prefix.writeUInt32LE(Buffer.byteLength(json), 8);
+  return Buffer.concat([prefix, Buffer.from(json), saved.subarray(12 + length)]);
+}
+
+test('a session past position 2^31 saves and restores; a header that is not an object is an error', async () => {
+  const session = model.createSession();
+  await session.prefill([[1, 2, 3]]);
+  const saved = await session.save();
+  const late = model.restoreSession(withHeader(saved, (h) => ({ ...h, positions: [2 ** 31 - 1] })));
+  await late.step([5]);
+  expect(late.position).toBe(2 ** 31);
+  const again = model.restoreSession(await late.save());
+  expect(again.position).toBe(2 ** 31);
+  for (const header of [null, [1, 2]]) {
+    expect(() => model.restoreSession(withHeader(saved, () => header))).toThrow('restoreSession: header is not a JSON object');
+  }
+  for (const s of [session, late, again]) s.dispose();
+});
+
 test('session memory does not grow with context: saved size is independent of position', async () => {
   const stateBytes = async (tokens: number): Promise<number> => {
     const s = model.createSession();
