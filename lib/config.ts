@@ -107,8 +107,10 @@ export function resolveConfig(input: unknown): RetNetConfig {
     throw configError(`activation_fn must be "gelu", "swish" or "relu", got ${JSON.stringify(config.activation_fn)}`);
   }
   const eps = config.layernorm_eps;
-  if (typeof eps !== 'number' || !(eps > 0) || !Number.isFinite(eps)) {
-    throw configError(`layernorm_eps must be a positive finite number, got ${JSON.stringify(eps)}`);
+  // ε = 0 is torchscale's too (spec §10: the three forms then agree); a norm of an all-zero
+  // vector is then 0/0, as there.
+  if (typeof eps !== 'number' || !(eps >= 0) || !Number.isFinite(eps)) {
+    throw configError(`layernorm_eps must be a finite number >= 0, got ${JSON.stringify(eps)}`);
   }
   const D = config.decoder_embed_dim;
   const Dv = config.decoder_value_embed_dim;

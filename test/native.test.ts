@@ -129,9 +129,9 @@ describe('native core vs the float64 reference on random configs', () => {
     model.dispose();
   });
 
-  test('with layernorm_eps ~ 0 all three modes agree to float32 noise', async () => {
+  test('with layernorm_eps 0 or ~0 all three modes agree to float32 noise', async () => {
     for (let seed = 0; seed < 4; seed++) {
-      const config = randomConfig(100 + seed, { layernorm_eps: 1e-30 });
+      const config = randomConfig(100 + seed, { layernorm_eps: seed % 2 ? 0 : 1e-30 });
       const model = await RetNet.fromStateDict(config, randomWeights(config, seed));
       const rand = mulberry32(seed);
       const T = 40;
