@@ -13,7 +13,7 @@ import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer, checkTokenizer } from './tokenizer';
 import { TokenInput, toTokenBatch } from './tokens';
 import { isTypedArray, optionsObject } from './typed';
-import { EMBED, OUTPUT, checkWeights, generateWeights, largestParameter, largestShape, planWeights, plannedValues } from './weights';
+import { EMBED, OUTPUT, checkWeights, generateWeightsYielding, largestParameter, largestShape, planWeights, plannedValues } from './weights';
 
 export type ForwardMode = PrefillMode;
 
@@ -197,7 +197,7 @@ export class RetNet implements SessionOwner {
     if (!Number.isSafeInteger(seed)) throw new Error(`seed must be a safe integer, got ${String(options.seed)}`);
     const scratch = new Float32Array(largestParameter(resolved));
     try {
-      return await RetNet.fromWeights(resolved, generateWeights(resolved, seed, { scratch }), options);
+      return await RetNet.fromWeights(resolved, generateWeightsYielding(resolved, seed, { scratch }), options);
     } finally {
       releaseScratch(scratch);
     }

@@ -194,7 +194,6 @@ export function initWeights(config: RetNetConfig, seed: number): Map<string, Flo
   return new Map(generateWeights(config, seed));
 }
 
-/** Values in the largest parameter of `config`: the size of a buffer every tensor fits in. */
 /** The most values any of `shapes` holds (0 for none); a loop, since a deep model has more tensors than a spread may pass. */
 export function largestShape(shapes: Iterable<readonly number[]>): number {
   let largest = 0;
@@ -202,8 +201,64 @@ export function largestShape(shapes: Iterable<readonly number[]>): number {
   return largest;
 }
 
+/** Values in the largest parameter of `config`: the size of a buffer every tensor fits in. */
 export function largestParameter(config: RetNetConfig): number {
   return largestShape(parameterShapes(config).map(([, shape]) => shape));
+}
+
+/** One parameter of initWeights: its values, and how to draw [from, to) of them from the stream (absent: already set). */
+interface InitStep {
+  name: string;
+  values: Float32Array;
+  draw?: (from: number, to: number) => void;
+}
+
+/**
+ * initWeights' parameters in state_dict order, each drawn by the consumer before it asks for the
+ * next (one Rng stream: draws must happen in order, and a parameter's range may be split).
+ */
+function* initSteps(config: RetNetConfig, seed: number, scratch: Float32Array | undefined): Generator<InitStep> {
+  const { D, L } = dims(config);
+  const rng = new Rng(seed);
+  const deepnormDivisor = Math.pow(8 * L, 1 / 4);
+  const tied = config.share_decoder_input_output_embed;
+  if (scratch && scratch.length < largestParameter(config)) throw new Error('generateWeights: scratch is smaller than the largest parameter');
+  let embed: Float32Array | undefined;
+  for (const [name, shape] of parameterShapes(config)) {
+    if ((BUFFER_NAMES as readonly string[]).includes(name)) {
+      yield { name, values: computedBuffer(config, name) };
+      continue;
+    }
+    if (name === OUTPUT && tied) {
+      yield { name, values: embed as Float32Array };
+      continue;
+    }
+    const count = shape.reduce((a, b) => a * b, 1);
+    const values = scratch && !(name === EMBED && tied) ? scratch.subarray(0, count) : new Float32Array(count);
+    let fill: (out: Float32Array) => void;
+    if (name === EMBED || name === OUTPUT) {
+      fill = (out) => fillNormal(out, Math.pow(D, -0.5), rng);
+    } else if (/\.(q_proj|k_proj|v_proj|g_proj)\.weight$/.test(name)) {
+      fill = (out) => fillUniform(out, xavierBound(shape, Math.pow(2, -2.5)), rng);
+    } else if (name.endsWith('.out_proj.weight')) {
+      fill = (out) => fillUniform(out, xavierBound(shape, Math.pow(2, -1)), rng);
+    } else if (/\.ffn\.(fc1|gate|fc2)\.weight$/.test(name)) {
+      // nn.Linear's default kaiming_uniform_(a=√5) reduces to U(±1/√fan_in).
+      fill = (out) => fillUniform(out, 1 / Math.sqrt(shape[1]), rng);
+    } else if (/(^|\.)(layer_norm|layernorm_embedding|retention_layer_norm|final_layer_norm)\.weight$/.test(name)) {
+      fill = (out) => out.fill(1);
+    } else {
+      throw new Error(`initWeights: no initialisation rule for parameter ${JSON.stringify(name)}`);
+    }
+    const deepnorm = config.deepnorm && /fc1|fc2|out_proj|v_proj/.test(name);
+    const draw = (from: number, to: number): void => {
+      const out = values.subarray(from, to);
+      fill(out);
+      if (deepnorm) for (let i = 0; i < out.length; i++) out[i] /= deepnormDivisor;
+    };
+    if (name === EMBED) embed = values;
+    yield { name, values, draw };
+  }
 }
 
 /**
@@ -212,42 +267,29 @@ export function largestParameter(config: RetNetConfig): number {
  * the next is generated, so a loader that copies each one never holds more than the largest.
  */
 export function* generateWeights(config: RetNetConfig, seed: number, options: { scratch?: Float32Array } = {}): Generator<[string, Float32Array]> {
-  const { D, L } = dims(config);
-  const rng = new Rng(seed);
-  const deepnormDivisor = Math.pow(8 * L, 1 / 4);
-  const tied = config.share_decoder_input_output_embed;
-  const { scratch } = options;
-  if (scratch && scratch.length < largestParameter(config)) throw new Error('generateWeights: scratch is smaller than the largest parameter');
-  let embed: Float32Array | undefined;
-  for (const [name, shape] of parameterShapes(config)) {
-    if ((BUFFER_NAMES as readonly string[]).includes(name)) {
-      yield [name, computedBuffer(config, name)];
-      continue;
+  for (const { name, values, draw } of initSteps(config, seed, options.scratch)) {
+    draw?.(0, values.length);
+    yield [name, values];
+  }
+}
+
+/** Values drawn between two turns of the event loop (a few milliseconds of drawing). */
+const DRAW_SLICE = 1 << 18;
+
+/**
+ * generateWeights (the same values) drawing each tensor a slice at a time with a turn of the
+ * event loop between slices: a large embedding took most of a second on the JS thread.
+ */
+export async function* generateWeightsYielding(
+  config: RetNetConfig,
+  seed: number,
+  options: { scratch?: Float32Array } = {},
+): AsyncGenerator<[string, Float32Array]> {
+  for (const { name, values, draw } of initSteps(config, seed, options.scratch)) {
+    for (let from = 0; draw && from < values.length; from += DRAW_SLICE) {
+      draw(from, Math.min(values.length, from + DRAW_SLICE));
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
-    if (name === OUTPUT && tied) {
-      yield [name, embed as Float32Array];
-      continue;
-    }
-    const count = shape.reduce((a, b) => a * b, 1);
-    const values = scratch && !(name === EMBED && tied) ? scratch.subarray(0, count) : new Float32Array(count);
-    if (name === EMBED || name === OUTPUT) {
-      fillNormal(values, Math.pow(D, -0.5), rng);
-    } else if (/\.(q_proj|k_proj|v_proj|g_proj)\.weight$/.test(name)) {
-      fillUniform(values, xavierBound(shape, Math.pow(2, -2.5)), rng);
-    } else if (name.endsWith('.out_proj.weight')) {
-      fillUniform(values, xavierBound(shape, Math.pow(2, -1)), rng);
-    } else if (/\.ffn\.(fc1|gate|fc2)\.weight$/.test(name)) {
-      // nn.Linear's default kaiming_uniform_(a=√5) reduces to U(±1/√fan_in).
-      fillUniform(values, 1 / Math.sqrt(shape[1]), rng);
-    } else if (/(^|\.)(layer_norm|layernorm_embedding|retention_layer_norm|final_layer_norm)\.weight$/.test(name)) {
-      values.fill(1);
-    } else {
-      throw new Error(`initWeights: no initialisation rule for parameter ${JSON.stringify(name)}`);
-    }
-    if (config.deepnorm && /fc1|fc2|out_proj|v_proj/.test(name)) {
-      for (let i = 0; i < values.length; i++) values[i] /= deepnormDivisor;
-    }
-    if (name === EMBED) embed = values;
     yield [name, values];
   }
 }

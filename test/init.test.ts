@@ -1,6 +1,7 @@
 import { angleBuffer, decayBuffer, parameterShapes, resolveConfig, RetNetConfig } from '../lib/config';
 import { Rng } from '../lib/random';
 import { TensorEntry } from '../lib/safetensors';
+import { RetNet } from '../lib/model';
 import { checkWeights, initWeights } from '../lib/weights';
 
 const D = 64;
@@ -180,5 +181,21 @@ describe('initWeights', () => {
     const untied = initWeights(cfg, 9);
     expect(sameValues(get(tied, 'embed_tokens.weight'), get(untied, 'embed_tokens.weight'))).toBe(true);
     expect(sameValues(get(tied, 'layers.0.retention.q_proj.weight'), get(untied, 'layers.0.retention.q_proj.weight'))).toBe(false);
+  });
+});
+
+describe('RetNet.create', () => {
+  it('has initWeights values, though it draws large tensors a slice at a time between event-loop turns', async () => {
+    // A 4096 x 128 embedding spans two slices, deepnorm rescales some, and the tied output follows the embedding.
+    for (const overrides of [{}, { deepnorm: true, share_decoder_input_output_embed: true }]) {
+      const cfg = config({ vocab_size: 4096, decoder_embed_dim: 128, ...overrides });
+      const model = await RetNet.create(cfg, { seed: 77 });
+      try {
+        const created = model.stateDict();
+        for (const [name, values] of initWeights(cfg, 77)) expect([name, sameValues(created.get(name)!, values)]).toEqual([name, true]);
+      } finally {
+        model.dispose();
+      }
+    }
   });
 });
