@@ -557,6 +557,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeModel",
                        {InstanceMethod("forward", &NativeModel::Forward),
+                        InstanceMethod("lossSum", &NativeModel::LossSum),
                         InstanceMethod("createState", &NativeModel::CreateState),
                         InstanceMethod("prefill", &NativeModel::Prefill),
                         InstanceMethod("step", &NativeModel::Step),
@@ -649,6 +650,39 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           m->forward(ids->data(), B, T, mode, C, out->data());
         },
         [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
+    worker->Queue();
+    return worker->promise();
+  }
+
+  // lossSum(tokens: Int32Array, B, T (>= 2), mode, chunk) -> Promise<number>: Model::next_token_loss_sum.
+  Napi::Value LossSum(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto m = model(env);
+    Ids ids;
+    int B, T, C;
+    Mode mode;
+    try {
+      Napi::Int32Array tokens = int32_arg(info[0], "tokens");
+      B = to_int(info[1], "batch");
+      T = to_int(info[2], "length");
+      mode = parse_mode(info[3]);
+      C = to_int(info[4], "chunkSize");
+      if (B < 1 || T < 2 || C < 1) throw std::invalid_argument("lossSum needs batch >= 1, length >= 2 and chunkSize >= 1");
+      if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
+      ids = copy_ids(tokens);
+      m->check_tokens(ids->data(), ids->size());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto result = std::make_shared<double>(0);
+    auto guard = claim_read(env);
+    auto* worker = new PromiseWorker(
+        env,
+        [m, ids, B, T, C, mode, guard, result] {
+          ReadClaim claim{guard};
+          *result = m->next_token_loss_sum(ids->data(), B, T, mode, C);
+        },
+        [result](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *result); });
     worker->Queue();
     return worker->promise();
   }

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "threadpool.h"
+
 namespace retnet {
 namespace {
 
@@ -354,6 +356,27 @@ void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float
   const std::vector<int64_t> start(B, 0);
   run_layers(ws, {B, T, c_.H, c_.dk(), c_.dv()}, start.data(), nullptr, mode, C);
   logits_of_rows(ws, ws.x.data(), static_cast<int>(R), false, logits);
+}
+
+double Model::next_token_loss_sum(const int32_t* tokens, int B, int T, Mode mode, int C) const {
+  std::vector<float> logits(static_cast<size_t>(B) * T * c_.V);
+  forward(tokens, B, T, mode, C, logits.data());
+  const size_t V = c_.V, per_row = T - 1;
+  // One float64 loss per position, summed in order after: the total does not depend on the split.
+  std::vector<double> losses(static_cast<size_t>(B) * per_row);
+  parallel_for(losses.size(), 16, [&](size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1; r++) {
+      const size_t b = r / per_row, t = r % per_row;
+      const float* x = logits.data() + (b * T + t) * V;
+      const float max = *std::max_element(x, x + V);
+      double sum = 0;
+      for (size_t v = 0; v < V; v++) sum += std::exp(static_cast<double>(x[v]) - max);
+      losses[r] = max + std::log(sum) - x[tokens[b * T + t + 1]];
+    }
+  });
+  double total = 0;
+  for (double loss : losses) total += loss;
+  return total;
 }
 
 void Model::prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const {

@@ -109,6 +109,9 @@ class Model {
 
   // logits [B, T, V] (host) for tokens [B, T] in the given form; C is the chunk size.
   void forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const;
+  // Σ over b and t < T-1 of -log softmax(logits[b, t])[tokens[b, t+1]]: what an evaluation
+  // averages, without handing the [B, T, V] logits out.
+  double next_token_loss_sum(const int32_t* tokens, int B, int T, Mode mode, int C) const;
   // Runs the prompt through the model from the state's positions, leaves the recurrent
   // state after it, and writes the next-token logits [B, V] (host).
   void prefill(DecodeState& state, const int32_t* tokens, int T, Mode mode, int C, float* logits) const;

@@ -102,6 +102,8 @@ export interface NativeTrainOptions {
 
 export interface NativeModel {
   forward(tokens: Int32Array, batch: number, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
+  /** Σ of next-token cross-entropy over every row and position but the last (length >= 2), on a worker. */
+  lossSum(tokens: Int32Array, batch: number, length: number, mode: NativeMode, chunkSize: number): Promise<number>;
   createState(batch: number): NativeState;
   prefill(state: NativeState, tokens: Int32Array, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   /** With `logits` (batch * V floats), fills and resolves that buffer instead of a new one. */

@@ -160,12 +160,27 @@ describe('Trainer', () => {
     model.dispose();
   });
 
-  test('evaluate (forward + cross-entropy in TS) agrees with the native loss', async () => {
+  test("evaluate (forward + cross-entropy on the worker) agrees with the training pass's loss and with forward's logits", async () => {
     const model = await tinyModel();
     const trainer = new Trainer(model, { lr: 1e-3, totalSteps: 10 });
     const batch = tinyData().nextBatch(4);
     const { loss } = await model.lossAndGradients(batch, { mode: 'parallel' });
-    expect(await trainer.evaluate([batch])).toBeCloseTo(loss, 4);
+    const evaluated = await trainer.evaluate([batch]);
+    expect(evaluated).toBeCloseTo(loss, 4);
+    // The reference: cross-entropy in float64 from forward()'s logits.
+    const { logits } = await model.forward(batch, { mode: 'parallel' });
+    const [B, T] = batch.shape;
+    const V = model.vocabSize;
+    let total = 0;
+    for (let b = 0; b < B; b++) {
+      for (let t = 0; t < T - 1; t++) {
+        const row = logits.subarray((b * T + t) * V, (b * T + t + 1) * V);
+        const max = Math.max(...row);
+        const sum = row.reduce((s, x) => s + Math.exp(x - max), 0);
+        total += max + Math.log(sum) - row[batch.data[b * T + t + 1]];
+      }
+    }
+    expect(evaluated).toBeCloseTo(total / (B * (T - 1)), 10);
     model.dispose();
   });
 
