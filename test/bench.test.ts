@@ -24,7 +24,11 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
     [1, 2],
     [2, 2],
   ]);
-  for (const f of report.generate) expect(f.tokensPerSecond).toBeGreaterThan(0);
+  for (const f of report.generate) {
+    expect(f.tokensPerSecond).toBeGreaterThan(0);
+    expect(f.stepsTokensPerSecond).toBeGreaterThan(0);
+    expect(f.againstSteps).toBeGreaterThan(0);
+  }
   expect(report.sampling.length).toBeGreaterThan(0);
   for (const f of report.sampling) expect(f.msPerToken).toBeGreaterThan(0);
   for (const f of report.decode) {
