@@ -52,7 +52,8 @@ const USAGE = `usage: retnet train [options]
   --precision P       fp32 | bf16: what the layers' linear products round their inputs to in training (default fp32)
   --lr X              peak learning rate (default ${DEFAULTS.lr})
   --out DIR           checkpoint directory (default ${DEFAULTS.out})
-  --resume            continue the checkpoint in --out (its model shape and options; --steps may extend it)
+  --resume            continue the checkpoint in --out (its model shape, options, seq-len and data order;
+                      --steps may extend it; give --batch again if it was not the default)
   --seed N            seed of initialisation and data order (default ${DEFAULTS.seed})
   --eval-every N      validation every N steps, 0 = only at the end (default ${DEFAULTS.evalEvery})
   --prompt TEXT       prompt of the sample printed at the end (default "${DEFAULTS.prompt}")
@@ -143,10 +144,19 @@ export async function train(argv: string[]): Promise<void> {
   }
   const log = (message: string) => process.stderr.write(message + '\n');
 
-  const datasetOptions = { seqLen: flags.seqLen, validationFraction: 0.05, seed: flags.seed };
-  const dataset = flags.data
-    ? await Dataset.fromFiles(flags.data, datasetOptions)
-    : Dataset.fromText(await loadBrownCorpus(), datasetOptions);
+  // A resumed run keeps its saved schedule unless --steps asks for a different length, and its
+  // data windows (the checkpoint's seqLen and seed), so the batches continue where they stopped.
+  const resumed = flags.resume ? await Trainer.resume(flags.out, flags.stepsGiven ? { totalSteps: flags.steps } : {}) : undefined;
+  const saved = resumed?.datasetState;
+  const datasetOptions = { seqLen: saved?.seqLen ?? flags.seqLen, validationFraction: 0.05, seed: saved?.seed ?? flags.seed };
+  let dataset: Dataset;
+  try {
+    dataset = flags.data ? await Dataset.fromFiles(flags.data, datasetOptions) : Dataset.fromText(await loadBrownCorpus(), datasetOptions);
+    if (saved) dataset.setState(saved);
+  } catch (e) {
+    resumed?.model.dispose();
+    throw e;
+  }
   log(
     `data: ${flags.data ? flags.data.join(', ') : 'Brown corpus'}: ` +
       `${dataset.trainTokens.length} training bytes, ${dataset.validationTokens.length} validation bytes`,
@@ -154,11 +164,8 @@ export async function train(argv: string[]): Promise<void> {
 
   let model: RetNet;
   let trainer: Trainer;
-  if (flags.resume) {
-    // A resumed run keeps its saved schedule unless --steps asks for a different length.
-    const resumed = await Trainer.resume(flags.out, flags.stepsGiven ? { totalSteps: flags.steps } : {});
+  if (resumed) {
     ({ model, trainer } = resumed);
-    if (resumed.datasetState) dataset.setState(resumed.datasetState);
     log(`resumed ${flags.out} at step ${trainer.stepCount}`);
   } else {
     model = await RetNet.create(
@@ -189,7 +196,7 @@ export async function train(argv: string[]): Promise<void> {
   log(
     `model: ${model.parameterCount.toLocaleString('en-US')} parameters (L=${model.config.decoder_layers}, ` +
       `D=${model.config.decoder_embed_dim}, H=${model.config.decoder_retention_heads}), ` +
-      `${totalSteps} steps of ${flags.batch}x${flags.seqLen} bytes, ${trainer.options.mode}, ${trainer.options.precision} products`,
+      `${totalSteps} steps of ${flags.batch}x${dataset.seqLen} bytes, ${trainer.options.mode}, ${trainer.options.precision} products`,
   );
 
   const controller = new AbortController();
