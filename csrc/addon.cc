@@ -988,8 +988,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   // prefillBatch(states: NativeState[] (batch 1), tokens: Int32Array, lengths: Int32Array, mode, chunk,
-  //   outputs?: Float32Array[]) -> as stepBatch, one logits row per state: state i consumes the
-  // next lengths[i] tokens (Model::prefill_batch: the products over every state's rows at once).
+  //   outputs?: Float32Array[], sampling?) -> as stepBatch, one logits row per state: state i consumes
+  // the next lengths[i] tokens (Model::prefill_batch: the products over every state's rows at once).
   Napi::Value PrefillBatch(const Napi::CallbackInfo& info) {
     Ids ids;
     Napi::Int32Array lengths;
@@ -1007,7 +1007,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     auto m = model(info.Env());
     auto length_list = std::make_shared<std::vector<int>>(lengths.Data(), lengths.Data() + lengths.ElementLength());
     return RunOnStates(
-        "prefillBatch", info, info[0], info[5], info.Env().Undefined(),
+        "prefillBatch", info, info[0], info[5], info[6],
         [](const DecodeState& s) {
           if (s.batch() != 1) throw std::invalid_argument("prefillBatch takes batch-1 states");
           return 1;

@@ -1,7 +1,7 @@
 // The text generation loop over a decode session: prefill, then sample -> yield -> step.
 
 import { Sampler, SamplingOptions, formatValue, validateSamplingOptions } from './sampling';
-import type { StepOptions } from './session';
+import type { PrefillOptions, StepOptions } from './session';
 import { Tokenizer, checkTokenId } from './tokenizer';
 
 /** A draw a decode step may make itself, off the JS thread, with the generator's sampler. */
@@ -27,8 +27,11 @@ export interface DecodeSession {
   readonly batch: number;
   /** Number of tokens the session has consumed so far. */
   readonly position: number;
-  /** Consumes `tokens` (one row per batch entry); logits [batch, V] are for the next token. */
-  prefill(tokens: number[][]): Promise<{ logits: Float32Array }>;
+  /**
+   * Consumes `tokens` (one row per batch entry); logits [batch, V] are for the next token. With
+   * `options.sample`, a session may draw that token itself, as step's does.
+   */
+  prefill(tokens: number[][], options?: PrefillOptions & Pick<DecodeStepOptions, 'sample'>): Promise<{ logits: Float32Array; token?: number }>;
   /**
    * Consumes one token per batch entry; logits [batch, V] are for the next token, written into
    * `options.logits` where the session supports it and it is given.
@@ -181,11 +184,11 @@ export async function* generateFromSession(
   const stopFilter = new StopSequenceFilter(stops);
   const endOfText = (): string => stopFilter.push(decoder.flush()) + stopFilter.finish();
   const history = promptTokens.slice();
-  let { logits } = await session.prefill([promptTokens]);
+  const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize };
+  // drawn: the token the last session call drew itself, where it could.
+  let { logits, token: drawn } = await session.prefill([promptTokens], { sample: draw });
   // The sampler reads each step's logits before the next step, so one buffer serves them all.
   const stepLogits = new Float32Array(logits.length);
-  const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize };
-  let drawn: number | undefined; // by the last step itself
   for (let produced = 1; ; produced++) {
     throwIfAborted(signal);
     const vocabLogits = logits.length > tokenizer.vocabSize ? logits.subarray(0, tokenizer.vocabSize) : logits;

@@ -121,7 +121,8 @@ export interface NativeModel {
    * Prefills batch-1 states at once: state i consumes the next lengths[i] of `tokens`, and
    * outputs[i] (V floats) gets its next-token logits, written on the JS thread at completion.
    * The products run over every state's rows together, retention per state: on the CPU each
-   * state ends bit for bit as prefill() alone would leave it. Resolves `outputs`.
+   * state ends bit for bit as prefill() alone would leave it. Resolves `outputs`. `sampling`
+   * draws a state's next token on the worker instead, as stepBatch's does.
    */
   prefillBatch(
     states: NativeState[],
@@ -130,6 +131,7 @@ export interface NativeModel {
     mode: NativeMode,
     chunkSize: number,
     outputs: Float32Array[],
+    sampling?: NativeStepSampling,
   ): Promise<Float32Array[]>;
   getParam(name: string): Float32Array;
   paramNames(): string[];

@@ -8,7 +8,7 @@
 import { DecodeSession, DecodeStepOptions, GenerateChunk, GenerateOptions, StepSampling, generateFromSession } from './generate';
 import type { NativeSampler, NativeState, NativeStepSampling } from './native';
 import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
-import { PrefillMode, Session, SessionOwner, checkPrefillOptions } from './session';
+import { PrefillMode, PrefillOptions, Session, SessionOwner, checkPrefillOptions } from './session';
 import type { Tokenizer } from './tokenizer';
 
 export interface SchedulerOptions {
@@ -120,8 +120,9 @@ class Sequence implements DecodeSession {
   ) {}
 
   // The prompt is the one given at construction; its pieces are prefilled as views of it.
-  prefill(): Promise<{ logits: Float32Array }> {
+  prefill(_tokens?: number[][], options?: PrefillOptions & Pick<DecodeStepOptions, 'sample'>): Promise<{ logits: Float32Array; token?: number }> {
     const result = this.wait();
+    this.draw = options?.sample;
     this.scheduler.admit(this);
     return result;
   }
@@ -157,6 +158,36 @@ class Sequence implements DecodeSession {
       this.rejectWait = reject;
     });
   }
+}
+
+/**
+ * The `sampling` of a stepBatch / prefillBatch call over `sequences`: each one with a pending
+ * draw that `draws` picks has its next token drawn on the call's worker (both threads, instead
+ * of one by one on this thread) and its draw taken. Undefined when none draws.
+ */
+function drawsOnWorker(sequences: Sequence[], draws: (sequence: Sequence, i: number) => boolean): NativeStepSampling | undefined {
+  let sampling: NativeStepSampling | undefined;
+  sequences.forEach((sequence, i) => {
+    const draw = sequence.draw;
+    if (!draw || !draws(sequence, i)) return;
+    sampling ??= {
+      samplers: new Array<NativeSampler | null>(sequences.length).fill(null),
+      histories: new Array<Int32Array>(sequences.length).fill(NO_IDS),
+      vocab: new Int32Array(sequences.length).fill(1),
+      sampled: new Int32Array(sequences.length),
+    };
+    const { sampler, history } = draw.sampler.drawArgs(draw.history, draw.vocabSize);
+    sampling.samplers[i] = sampler;
+    sampling.histories[i] = history;
+    sampling.vocab[i] = draw.vocabSize;
+    sequence.draw = undefined;
+  });
+  return sampling;
+}
+
+/** The token call `sampling` drew for sequence `i`, if it drew one. */
+function drawnToken(sampling: NativeStepSampling | undefined, i: number): number | undefined {
+  return sampling?.samplers[i] ? sampling.sampled[i] : undefined;
 }
 
 /** What a dropped stream's finalizer needs: its sequence, once it has one (never the stream itself). */
@@ -370,7 +401,6 @@ export class Scheduler {
     if (this.stepTokens.length < count) this.stepTokens = new Int32Array(count);
     const states = new Array<NativeState>(count);
     const outputs = new Array<Float32Array>(count);
-    let sampling: NativeStepSampling | undefined;
     try {
       for (let i = 0; i < count; i++) {
         const sequence = batch[i];
@@ -379,28 +409,14 @@ export class Scheduler {
         sequence.logits ??= new Float32Array(this.owner.vocabSize);
         outputs[i] = sequence.logits;
         this.stepTokens[i] = sequence.nextToken;
-        // Draws run on the step's worker, both threads, rather than one by one on this thread.
-        if (sequence.draw) {
-          sampling ??= {
-            samplers: new Array<NativeSampler | null>(count).fill(null),
-            histories: new Array<Int32Array>(count).fill(NO_IDS),
-            vocab: new Int32Array(count).fill(1),
-            sampled: new Int32Array(count),
-          };
-          const { sampler, history } = sequence.draw.sampler.drawArgs(sequence.draw.history, sequence.draw.vocabSize);
-          sampling.samplers[i] = sampler;
-          sampling.histories[i] = history;
-          sampling.vocab[i] = sequence.draw.vocabSize;
-          sequence.draw = undefined;
-        }
       }
+      const sampling = drawsOnWorker(batch, () => true);
       await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count), outputs, sampling);
       this.decodeSteps++;
       this.decodedTokens += count;
       for (let i = 0; i < count; i++) {
         batch[i].position++;
-        const token = sampling && sampling.samplers[i] ? sampling.sampled[i] : undefined;
-        batch[i].settle(outputs[i], token);
+        batch[i].settle(outputs[i], drawnToken(sampling, i));
       }
     } catch (e) {
       for (const sequence of batch) sequence.fail(e as Error);
@@ -450,6 +466,11 @@ export class Scheduler {
         offset += p.end - p.start;
       }
       const outputs = group.map((p) => (p.sequence.logits ??= new Float32Array(this.owner.vocabSize)));
+      // A piece that ends its prompt draws the first token too.
+      const sampling = drawsOnWorker(
+        group.map((p) => p.sequence),
+        (sequence, i) => group[i].end === sequence.prompt.length,
+      );
       try {
         await this.owner.native().prefillBatch(
           group.map((p) => p.sequence.state!),
@@ -458,6 +479,7 @@ export class Scheduler {
           mode,
           this.owner.defaultChunkSize,
           outputs,
+          sampling,
         );
       } catch (e) {
         for (const { sequence } of group) {
@@ -466,23 +488,26 @@ export class Scheduler {
         }
         continue;
       }
-      for (const piece of group) {
+      group.forEach((piece, i) => {
         this.prefillTokens += piece.end - piece.start;
-        this.finishPiece(piece.sequence, piece.end);
-      }
+        this.finishPiece(piece.sequence, piece.end, drawnToken(sampling, i));
+      });
     }
     return Math.max(1, taken);
   }
 
-  /** After a prefilled piece that ends at `end`: the prefix snapshot, then the first logits or the next piece. */
-  private finishPiece(sequence: Sequence, end: number): void {
+  /**
+   * After a prefilled piece that ends at `end`: the prefix snapshot, then the first logits (and
+   * `token`, when the piece drew it) or the next piece.
+   */
+  private finishPiece(sequence: Sequence, end: number, token: number | undefined): void {
     sequence.prefilled = end;
     sequence.position = end;
     if (sequence.released) return;
     if (end === sequence.snapshotAt && !this.disposed) this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
     if (end === sequence.prompt.length) {
       this.prefilling.splice(this.prefilling.indexOf(sequence), 1);
-      sequence.settle(sequence.logits!);
+      sequence.settle(sequence.logits!, token);
     } else {
       sequence.phase = 'prefill';
       // An abort during the piece found it running; stop before the next one.
