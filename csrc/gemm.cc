@@ -42,10 +42,10 @@ void micro_generic(int kc, const float* a, const float* b, float* c, ptrdiff_t l
     for (int j = 0; j < kNR; j++) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
-// Dot products of a few rows of X against rows of W, both K-contiguous: the decode path,
-// which streams every weight row once per call whatever the batch.
-void dots_generic(int M, int n0, int n1, int K, const float* X, ptrdiff_t ldx, const float* W, ptrdiff_t ldw, float* C,
-                  ptrdiff_t ldc, bool accumulate) {
+// Dot products of a few rows of X against rows n0..n1 of W (which has n_rows), both
+// K-contiguous: the decode path, which streams every weight row once per call whatever the batch.
+void dots_generic(int M, int n0, int n1, int n_rows, int K, const float* X, ptrdiff_t ldx, const float* W, ptrdiff_t ldw,
+                  float* C, ptrdiff_t ldc, bool accumulate) {
   for (int j = n0; j < n1; j++) {
     const float* w = W + j * ldw;
     for (int i = 0; i < M; i++) {
@@ -397,7 +397,7 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
   const size_t blocks = (N + 63) / 64;
   parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
     const int n0 = static_cast<int>(b0 * 64), n1 = std::min(N, static_cast<int>(b1 * 64));
-    kern.dots(M, n0, n1, K, A.p, A.rs, B.p, B.cs, C, ldc, accumulate);
+    kern.dots(M, n0, n1, N, K, A.p, A.rs, B.p, B.cs, C, ldc, accumulate);
   });
 }
 
@@ -430,7 +430,7 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
       if (o.compact) {
         quantized_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else {
-        kern.dots(M, n0, n1, K, X, K, o.W, K, o.Y, o.N, false);
+        kern.dots(M, n0, n1, o.N, K, X, K, o.W, K, o.Y, o.N, false);
       }
     }
   });
