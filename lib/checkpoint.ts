@@ -66,7 +66,9 @@ async function holdsOnlyCheckpointFiles(location: string): Promise<boolean> {
 /** Throws unless `dir` is absent or a directory a checkpoint may replace (see holdsOnlyCheckpointFiles). */
 export async function checkCheckpointTarget(dir: string): Promise<void> {
   const target = path.resolve(dir);
-  if (!(await exists(target))) return;
+  const stat = await fsp.stat(target).catch(() => undefined);
+  if (stat === undefined) return;
+  if (!stat.isDirectory()) throw new Error(`checkpoint: ${target} is a file, not a checkpoint directory; refusing to replace it`);
   if (!(await holdsOnlyCheckpointFiles(target))) {
     throw new Error(
       `checkpoint: ${target} exists and holds more than a training checkpoint's files ` +

@@ -1,6 +1,7 @@
 // The text generation loop over a decode session: prefill, then sample -> yield -> step.
 
-import { Sampler, SamplingOptions, formatValue, validateSamplingOptions } from './sampling';
+import { Sampler, SamplingOptions, validateSamplingOptions } from './sampling';
+import { formatValue } from './typed';
 import type { PrefillOptions, StepOptions } from './session';
 import { Tokenizer, checkTokenId } from './tokenizer';
 

@@ -212,6 +212,7 @@ export class RetNet implements SessionOwner {
     weights: Map<string, Float32Array>,
     options: ModelOptions = {},
   ): Promise<RetNet> {
+    options = optionsObject(options, 'RetNet.fromStateDict');
     checkDevice(options.device);
     const resolved = resolveConfig(config);
     const shapes = new Map(parameterShapes(resolved));

@@ -3,6 +3,7 @@
 import { randomInt } from 'node:crypto';
 
 import { addon, type NativeSampler } from './native';
+import { formatValue } from './typed';
 
 export interface SamplingOptions {
   /** Softmax temperature, >= 0. 0 means greedy argmax (lowest id wins ties). Default 1. */
@@ -19,17 +20,6 @@ export interface SamplingOptions {
 
 function optionError(field: string, requirement: string, value: unknown): Error {
   return new Error(`invalid sampling option: ${field} must be ${requirement}, got ${formatValue(value)}`);
-}
-
-/** Renders a user-supplied value for an error message. */
-export function formatValue(value: unknown): string {
-  if (typeof value === 'number') return String(value);
-  if (typeof value === 'bigint') return `${value}n (a BigInt)`;
-  try {
-    return JSON.stringify(value) ?? String(value);
-  } catch {
-    return Object.prototype.toString.call(value); // a cycle, or a BigInt inside
-  }
 }
 
 function isFiniteNumber(value: unknown): value is number {

@@ -1,7 +1,6 @@
 // Token batch validation: every entry point that takes tokens goes through here, so a
 // bad id, a ragged batch or an empty sequence is an Error naming the problem.
-import { formatValue } from './sampling';
-import { isTypedArray } from './typed';
+import { formatValue, isTypedArray } from './typed';
 
 /** A batch of token ids in row-major [B, T] order. */
 export interface TokenBatch {

@@ -1,5 +1,6 @@
-// Realm-independent typed-array checks: arrays made by the addon or in another context
-// (a vm, a test sandbox) fail `instanceof` although they are the real thing.
+// Checks of what callers pass in: typed arrays by tag (arrays made by the addon or in another
+// context, a vm or a test sandbox, fail `instanceof` although they are the real thing), options
+// objects, and how a value is shown in an error.
 
 export type TypedArrayKind = 'Float32Array' | 'Int32Array' | 'Uint8Array';
 
@@ -20,4 +21,15 @@ export function optionsObject<T extends object>(options: T | null | undefined, c
     throw new Error(`${call}: options must be an object, got ${Array.isArray(options) ? 'an array' : typeof options}`);
   }
   return options;
+}
+
+/** Renders a user-supplied value for an error message. */
+export function formatValue(value: unknown): string {
+  if (typeof value === 'number') return String(value);
+  if (typeof value === 'bigint') return `${value}n (a BigInt)`;
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return Object.prototype.toString.call(value); // a cycle, or a BigInt inside
+  }
 }

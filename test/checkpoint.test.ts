@@ -163,7 +163,7 @@ test('a save refuses a directory holding anything but checkpoint files, and a fi
   expect(fs.readdirSync(dir).sort()).toEqual(['notes.txt', 'other-run']);
   const file = path.join(workDir, 'mymodel.safetensors');
   fs.writeFileSync(file, 'a saved model');
-  await expect(saveCheckpoint(file, run)).rejects.toThrow(/refusing to replace it/);
+  await expect(saveCheckpoint(file, run)).rejects.toThrow(/is a file, not a checkpoint directory; refusing to replace it/);
   expect(fs.readFileSync(file, 'utf8')).toBe('a saved model');
   // fit() checks before its first step.
   await expect(run.trainer.fit(data(), { steps: 3, batchSize: 4, checkpointDir: dir })).rejects.toThrow(/refusing to replace it/);
