@@ -620,34 +620,41 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return model_;
   }
 
+  // The arguments of forward and lossSum: (tokens: Int32Array [B*T], B, T, mode, chunk), the ids
+  // copied and checked; `min_length` is the shortest T the call takes.
+  struct SequenceArgs {
+    Ids ids;
+    int B, T, C;
+    Mode mode;
+  };
+  SequenceArgs parse_sequences(const Napi::CallbackInfo& info, const Model& m, int min_length) {
+    try {
+      Napi::Int32Array tokens = int32_arg(info[0], "tokens");
+      SequenceArgs a{nullptr, to_int(info[1], "batch"), to_int(info[2], "length"), to_int(info[4], "chunkSize"), parse_mode(info[3])};
+      if (a.B < 1 || a.T < min_length || a.C < 1)
+        throw std::invalid_argument("batch and chunkSize must be >= 1 and length >= " + std::to_string(min_length));
+      if (tokens.ElementLength() != static_cast<size_t>(a.B) * a.T) throw std::invalid_argument("tokens length is not batch * length");
+      a.ids = copy_ids(tokens);
+      m.check_tokens(a.ids->data(), a.ids->size());
+      return a;
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+
   // forward(tokens: Int32Array, B, T, mode, chunk) -> Promise<Float32Array [B,T,V]>
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    Ids ids;
-    int B, T, C;
-    Mode mode;
-    try {
-      Napi::Int32Array tokens = int32_arg(info[0], "tokens");
-      B = to_int(info[1], "batch");
-      T = to_int(info[2], "length");
-      mode = parse_mode(info[3]);
-      C = to_int(info[4], "chunkSize");
-      if (B < 1 || T < 1 || C < 1) throw std::invalid_argument("batch, length and chunkSize must be >= 1");
-      if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
-      ids = copy_ids(tokens);
-      m->check_tokens(ids->data(), ids->size());
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(env, e.what());
-    }
+    const SequenceArgs a = parse_sequences(info, *m, 1);
     auto out = std::make_shared<std::vector<float>>();
     auto guard = claim_read(env);
     auto* worker = new PromiseWorker(
         env,
-        [m, out, ids, B, T, C, mode, guard] {
+        [m, out, a, guard] {
           ReadClaim claim{guard};
-          out->resize(static_cast<size_t>(B) * T * m->config().V);
-          m->forward(ids->data(), B, T, mode, C, out->data());
+          out->resize(static_cast<size_t>(a.B) * a.T * m->config().V);
+          m->forward(a.ids->data(), a.B, a.T, a.mode, a.C, out->data());
         },
         [out](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*out)); });
     worker->Queue();
@@ -658,29 +665,14 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value LossSum(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    Ids ids;
-    int B, T, C;
-    Mode mode;
-    try {
-      Napi::Int32Array tokens = int32_arg(info[0], "tokens");
-      B = to_int(info[1], "batch");
-      T = to_int(info[2], "length");
-      mode = parse_mode(info[3]);
-      C = to_int(info[4], "chunkSize");
-      if (B < 1 || T < 2 || C < 1) throw std::invalid_argument("lossSum needs batch >= 1, length >= 2 and chunkSize >= 1");
-      if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
-      ids = copy_ids(tokens);
-      m->check_tokens(ids->data(), ids->size());
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(env, e.what());
-    }
+    const SequenceArgs a = parse_sequences(info, *m, 2);
     auto result = std::make_shared<double>(0);
     auto guard = claim_read(env);
     auto* worker = new PromiseWorker(
         env,
-        [m, ids, B, T, C, mode, guard, result] {
+        [m, a, guard, result] {
           ReadClaim claim{guard};
-          *result = m->next_token_loss_sum(ids->data(), B, T, mode, C);
+          *result = m->next_token_loss_sum(a.ids->data(), a.B, a.T, a.mode, a.C);
         },
         [result](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *result); });
     worker->Queue();
