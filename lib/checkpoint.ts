@@ -11,7 +11,7 @@
 // Nothing else is ever replaced or removed: a save refuses a `<dir>` holding anything but
 // checkpoint files, and recovery touches only sibling directories of checkpoint files.
 
-import { promises as fsp } from 'fs';
+import { constants as fsConstants, promises as fsp } from 'fs';
 import * as path from 'path';
 
 import type { Dataset, DatasetState } from './dataset';
@@ -63,17 +63,43 @@ async function holdsOnlyCheckpointFiles(location: string): Promise<boolean> {
   }
 }
 
-/** Throws unless `dir` is absent or a directory a checkpoint may replace (see holdsOnlyCheckpointFiles). */
+/**
+ * Throws unless a checkpoint can be written to `dir`: it is absent, with a parent directory
+ * this process can write (made here if missing), or an empty directory, or a checkpoint (a
+ * trainer.json among checkpoint files only). A saved model's directory (config.json and weights
+ * without trainer.json) is not replaced.
+ */
 export async function checkCheckpointTarget(dir: string): Promise<void> {
   const target = path.resolve(dir);
   const stat = await fsp.stat(target).catch(() => undefined);
-  if (stat === undefined) return;
+  if (stat === undefined) {
+    const parent = path.dirname(target);
+    try {
+      await fsp.mkdir(parent, { recursive: true });
+      await fsp.access(parent, fsConstants.W_OK);
+    } catch (e) {
+      throw new Error(`checkpoint: cannot write ${target}: ${(e as Error).message}`);
+    }
+    return;
+  }
   if (!stat.isDirectory()) throw new Error(`checkpoint: ${target} is a file, not a checkpoint directory; refusing to replace it`);
-  if (!(await holdsOnlyCheckpointFiles(target))) {
+  const entries = await fsp.readdir(target);
+  if (entries.length === 0) return;
+  if (!(await holdsOnlyCheckpointFiles(target)) || !entries.includes(TRAINER_FILE)) {
     throw new Error(
-      `checkpoint: ${target} exists and holds more than a training checkpoint's files ` +
-        `(${[...CHECKPOINT_FILES].join(', ')}); refusing to replace it: choose an empty or new directory`,
+      `checkpoint: ${target} holds files that are not a training checkpoint (a saved model, or other work); ` +
+        'refusing to replace it: choose an empty or new directory',
     );
+  }
+}
+
+/** The step of the checkpoint in `dir`, or undefined where there is none. */
+export async function checkpointStep(dir: string): Promise<number | undefined> {
+  try {
+    const state = JSON.parse(await fsp.readFile(path.join(path.resolve(dir), TRAINER_FILE), 'utf8')) as Partial<TrainerCheckpointState>;
+    return state?.format === FORMAT && Number.isSafeInteger(state.step) ? state.step : undefined;
+  } catch {
+    return undefined;
   }
 }
 

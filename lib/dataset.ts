@@ -103,15 +103,23 @@ export class Dataset {
     return new Dataset(tokens, options);
   }
 
-  /** UTF-8 text files, concatenated in the given order. */
+  /** UTF-8 text files, concatenated in the given order. A file that is not UTF-8 is an Error naming it. */
   static async fromFiles(files: string[], options: DatasetOptions): Promise<Dataset> {
     if (!Array.isArray(files) || files.length === 0) throw new Error('Dataset.fromFiles: no files given');
+    const utf8 = new TextDecoder('utf-8', { fatal: true });
     const texts = await Promise.all(
       files.map(async (file) => {
+        let bytes: Buffer;
         try {
-          return await fsp.readFile(file, 'utf8');
+          bytes = await fsp.readFile(file);
         } catch (e) {
           throw new Error(`Dataset.fromFiles: cannot read ${file} (${(e as Error).message})`);
+        }
+        // Invalid bytes would become U+FFFD, three bytes of training text each.
+        try {
+          return utf8.decode(bytes);
+        } catch {
+          throw new Error(`Dataset.fromFiles: ${file} is not UTF-8 text`);
         }
       }),
     );

@@ -388,9 +388,11 @@ export class Trainer {
       report({ kind: 'eval', validationLoss: loss });
       return loss;
     };
+    let checkpointedAt = startStep;
     const checkpoint = async () => {
       if (o.checkpointDir === undefined) return;
       await saveCheckpoint(o.checkpointDir, { model: this.model, trainer: this, dataset });
+      checkpointedAt = this.steps;
       report({ kind: 'checkpoint', checkpointDir: o.checkpointDir });
     };
 
@@ -403,7 +405,16 @@ export class Trainer {
         break;
       }
       const batch = dataset.nextBatch(o.batchSize);
-      const result = await this.step(batch);
+      let result: StepResult;
+      try {
+        result = await this.step(batch);
+      } catch (e) {
+        // A failed step (a non-finite gradient) leaves the weights and moments as they were:
+        // the run up to it is saved before the error goes up.
+        if (o.checkpointDir === undefined || this.steps === checkpointedAt) throw e;
+        await checkpoint();
+        throw new Error(`${(e as Error).message}; the run up to step ${this.steps} is saved in ${o.checkpointDir}`, { cause: e });
+      }
       if (!Number.isFinite(result.loss)) {
         throw new Error(`training diverged at step ${result.step}: loss ${result.loss} (try a lower lr or clipNorm)`);
       }

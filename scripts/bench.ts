@@ -3,6 +3,7 @@
 // Each decode/train configuration runs in its own child process so its peak RSS is its own.
 import { execFileSync } from 'child_process';
 import * as fs from 'fs';
+import * as path from 'path';
 
 import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
@@ -125,10 +126,22 @@ const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,med
   [--checkpointing off,on] [--precision fp32,bf16] [--steps 64] [--chunk-size 128]
   [--json FILE] [--plot FILE.svg]`;
 
-function positiveList(value: string, flag: string): number[] {
+/** Comma-separated integers in [1, max]. */
+function positiveList(value: string, flag: string, max: number): number[] {
   const out = value.split(',').map(Number);
-  if (out.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`${flag} takes comma-separated positive integers`);
+  if (out.some((n) => !Number.isInteger(n) || n < 1 || n > max)) throw new Error(`${flag} takes comma-separated integers in [1, ${max}]`);
   return out;
+}
+
+/** The bench runs for minutes to hours before it writes its files: their directories are checked first. */
+function checkOutputPath(file: string, flag: string): void {
+  const dir = path.dirname(path.resolve(file));
+  try {
+    if (!fs.statSync(dir).isDirectory()) throw new Error('not a directory');
+    fs.accessSync(dir, fs.constants.W_OK);
+  } catch (e) {
+    throw new Error(`${flag}: cannot write ${file} (${dir}: ${(e as Error).message})`);
+  }
 }
 
 export function parseBenchArgs(argv: string[]): Options {
@@ -171,10 +184,10 @@ export function parseBenchArgs(argv: string[]): Options {
         for (const w of o.weights) if (!['f32', 'bf16', 'int8'].includes(w)) throw new Error(`--weights: unknown format ${w} (f32, bf16, int8)`);
         break;
       case '--batch':
-        o.batches = positiveList(value, arg);
+        o.batches = positiveList(value, arg, 4096);
         break;
       case '--context':
-        o.contexts = positiveList(value, arg);
+        o.contexts = positiveList(value, arg, 1 << 20);
         break;
       case '--train-shapes':
         o.trainShapes = value.split(',').map((s) => {
@@ -198,10 +211,10 @@ export function parseBenchArgs(argv: string[]): Options {
         for (const p of o.precisions) if (p !== 'fp32' && p !== 'bf16') throw new Error(`--precision: unknown precision ${p} (fp32, bf16)`);
         break;
       case '--steps':
-        o.steps = positiveList(value, arg)[0];
+        o.steps = positiveList(value, arg, 1 << 20)[0];
         break;
       case '--chunk-size':
-        o.chunkSize = positiveList(value, arg)[0];
+        o.chunkSize = positiveList(value, arg, 1 << 20)[0];
         break;
       case '--json':
         o.json = value;
@@ -554,6 +567,8 @@ export async function main(argv: string[]): Promise<void> {
     console.log(USAGE);
     return;
   }
+  if (o.json) checkOutputPath(o.json, '--json');
+  if (o.plot) checkOutputPath(o.plot, '--plot');
   const info = buildInfo();
   const native = addon();
   const bandwidth = await native.benchKernel('bandwidth', { megabytes: 1024, reps: 5 });

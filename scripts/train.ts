@@ -2,10 +2,12 @@
 // reports validation loss in nats/byte, saves a checkpoint and prints a generated sample with the
 // decode speed. Ctrl-C stops after the current step and still saves the checkpoint.
 
+import { promises as fsp } from 'fs';
 import * as path from 'path';
 import { performance } from 'perf_hooks';
 import { parseArgs } from 'util';
 
+import { checkpointStep } from '../lib/checkpoint';
 import { Dataset, loadBrownCorpus } from '../lib/dataset';
 import { RetNet } from '../lib/model';
 import { ProgressLine, formatDuration } from '../lib/progress';
@@ -29,6 +31,7 @@ const DEFAULTS = {
   out: path.join('runs', 'brown'),
   seed: 0,
   evalEvery: 200,
+  checkpointEvery: 200,
   evalBatches: 16,
   prompt: 'The jury said',
   sampleBytes: 200,
@@ -51,13 +54,20 @@ const USAGE = `usage: retnet train [options]
                       recompute each layer's activations in the backward (less memory, ~1/4 more time)
   --precision P       fp32 | bf16: what the layers' linear products round their inputs to in training (default fp32)
   --lr X              peak learning rate (default ${DEFAULTS.lr})
-  --out DIR           checkpoint directory (default ${DEFAULTS.out})
+  --out DIR           checkpoint directory (default ${DEFAULTS.out}); a checkpoint already there is
+                      moved aside to DIR.replaced-<time> unless --resume continues it
   --resume            continue the checkpoint in --out (its model shape, options, seq-len and data order;
                       --steps may extend it; give --batch again if it was not the default)
   --seed N            seed of initialisation and data order (default ${DEFAULTS.seed})
   --eval-every N      validation every N steps, 0 = only at the end (default ${DEFAULTS.evalEvery})
+  --checkpoint-every N
+                      a checkpoint every N steps, 0 = only at the end (default ${DEFAULTS.checkpointEvery});
+                      Ctrl-C or SIGTERM stops after the step in progress and writes one too
   --prompt TEXT       prompt of the sample printed at the end (default "${DEFAULTS.prompt}")
   -h, --help          show this help`;
+
+/** Flags a resumed run takes from its checkpoint (model shape, options, data windows). */
+const RESUME_KEEPS = ['layers', 'dim', 'heads', 'ffn', 'value-dim', 'seq-len', 'mode', 'chunk-size', 'checkpoint-activations', 'precision', 'lr', 'seed'] as const;
 
 function parseFlags(argv: string[]) {
   // Positionals are more data files, so `--data a.txt b.txt` works as well as repeating --data.
@@ -84,6 +94,7 @@ function parseFlags(argv: string[]) {
       resume: { type: 'boolean' },
       seed: { type: 'string' },
       'eval-every': { type: 'string' },
+      'checkpoint-every': { type: 'string' },
       prompt: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -94,6 +105,8 @@ function parseFlags(argv: string[]) {
   const mode = (values.mode ?? DEFAULTS.mode) as TrainMode;
   if (mode !== 'parallel' && mode !== 'chunkwise') throw new Error(`--mode must be parallel or chunkwise, got ${values.mode}`);
   const precision = (values.precision ?? 'fp32') as Precision;
+  const prompt = values.prompt ?? DEFAULTS.prompt;
+  if (prompt === '') throw new Error('--prompt must not be empty (it starts the sample printed at the end)');
   if (precision !== 'fp32' && precision !== 'bf16') throw new Error(`--precision must be fp32 or bf16, got ${values.precision}`);
   return {
     help: values.help === true,
@@ -116,7 +129,10 @@ function parseFlags(argv: string[]) {
     resume: values.resume === true,
     seed: integer('seed', DEFAULTS.seed, 0),
     evalEvery: integer('eval-every', DEFAULTS.evalEvery, 0),
-    prompt: values.prompt ?? DEFAULTS.prompt,
+    checkpointEvery: integer('checkpoint-every', DEFAULTS.checkpointEvery, 0),
+    prompt,
+    // What a resumed run takes from its checkpoint instead.
+    ignoredOnResume: RESUME_KEEPS.filter((flag) => values[flag] !== undefined),
   };
 }
 
@@ -167,7 +183,22 @@ export async function train(argv: string[]): Promise<void> {
   if (resumed) {
     ({ model, trainer } = resumed);
     log(`resumed ${flags.out} at step ${trainer.stepCount}`);
+    if (flags.ignoredOnResume.length > 0) {
+      log(`ignoring ${flags.ignoredOnResume.map((f) => `--${f}`).join(', ')}: a resumed run keeps its checkpoint's`);
+    }
+    if (trainer.stepCount >= trainer.options.totalSteps) {
+      log(`no steps to run: the checkpoint is already at step ${trainer.stepCount} of ${trainer.options.totalSteps}; it is left as it was`);
+      model.dispose();
+      return;
+    }
   } else {
+    // Starting over where a checkpoint is keeps that one, moved aside, rather than replacing it.
+    const previousStep = await checkpointStep(flags.out);
+    if (previousStep !== undefined) {
+      const aside = `${flags.out}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+      await fsp.rename(flags.out, aside);
+      log(`moved the checkpoint already in ${flags.out} (step ${previousStep}) to ${aside}`);
+    }
     model = await RetNet.create(
       {
         vocab_size: 256,
@@ -206,6 +237,7 @@ export async function train(argv: string[]): Promise<void> {
     controller.abort();
   };
   process.on('SIGINT', onInterrupt);
+  process.on('SIGTERM', onInterrupt);
   const progress = new ProgressLine(process.stderr);
   try {
     const summary = await trainer.fit(dataset, {
@@ -214,6 +246,7 @@ export async function train(argv: string[]): Promise<void> {
       evalEvery: flags.evalEvery,
       evalBatches: DEFAULTS.evalBatches,
       checkpointDir: flags.out,
+      checkpointEvery: flags.checkpointEvery,
       signal: controller.signal,
       onProgress: (p) => {
         if (p.kind === 'step' && p.result) {
@@ -249,6 +282,7 @@ export async function train(argv: string[]): Promise<void> {
     }
   } finally {
     process.off('SIGINT', onInterrupt);
+    process.off('SIGTERM', onInterrupt);
     model.dispose();
   }
 }

@@ -57,7 +57,8 @@ test('decode step bytes count weights once and state per row', () => {
   // layer: 2*16 + 3*16 + 3*16 + 2*4 = 136; output 40; final norm 4; state 2 heads * 2 * 2 = 8 per row (read + write).
   expect(decodeStepBytes(c, 1)).toBe(4 * (136 + 40 + 4 + 4 + 2 * 8));
   expect(decodeStepBytes(c, 3) - decodeStepBytes(c, 1)).toBe(4 * 2 * (4 + 2 * 8));
-  expect(() => parseBenchArgs(['--batch', '0'])).toThrow(/positive integers/);
+  expect(() => parseBenchArgs(['--batch', '0'])).toThrow(/takes comma-separated integers in \[1, 4096\]/);
+  expect(() => parseBenchArgs(['--context', '2000000000'])).toThrow(/--context takes comma-separated integers in \[1, 1048576\]/);
   expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
   expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
   expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);

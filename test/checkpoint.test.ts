@@ -159,7 +159,7 @@ test('a save refuses a directory holding anything but checkpoint files, and a fi
   const dir = path.join(workDir, 'runs');
   fs.mkdirSync(path.join(dir, 'other-run'), { recursive: true });
   fs.writeFileSync(path.join(dir, 'notes.txt'), 'mine');
-  await expect(saveCheckpoint(dir, run)).rejects.toThrow(/holds more than a training checkpoint's files .*; refusing to replace it/);
+  await expect(saveCheckpoint(dir, run)).rejects.toThrow(/holds files that are not a training checkpoint .*; refusing to replace it/);
   expect(fs.readdirSync(dir).sort()).toEqual(['notes.txt', 'other-run']);
   const file = path.join(workDir, 'mymodel.safetensors');
   fs.writeFileSync(file, 'a saved model');
@@ -167,6 +167,14 @@ test('a save refuses a directory holding anything but checkpoint files, and a fi
   expect(fs.readFileSync(file, 'utf8')).toBe('a saved model');
   // fit() checks before its first step.
   await expect(run.trainer.fit(data(), { steps: 3, batchSize: 4, checkpointDir: dir })).rejects.toThrow(/refusing to replace it/);
+  expect(run.trainer.stepCount).toBe(1);
+  // Nor a saved model's directory (its config.json and weights are checkpoint file names).
+  const saved = path.join(workDir, 'saved-model');
+  await run.model.save(saved);
+  await expect(saveCheckpoint(saved, run)).rejects.toThrow(/not a training checkpoint/);
+  expect(fs.readdirSync(saved).sort()).toEqual(['config.json', 'model.safetensors']);
+  // A path under a file cannot be written: fit says so before its first step.
+  await expect(run.trainer.fit(data(), { steps: 3, batchSize: 4, checkpointDir: path.join(file, 'run') })).rejects.toThrow(/cannot write .*mymodel\.safetensors\/run/);
   expect(run.trainer.stepCount).toBe(1);
   // An empty directory, or a checkpoint, is replaced.
   fs.mkdirSync(path.join(workDir, 'empty'));

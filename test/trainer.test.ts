@@ -259,3 +259,21 @@ describe('Trainer', () => {
     fs.rmSync(dir, { recursive: true });
   });
 });
+
+test('fit saves the run up to a step that fails (a non-finite gradient) before the error goes up', async () => {
+  const model = await tinyModel();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-diverge-'));
+  try {
+    // An lr this large blows the weights up within a few steps; the native step then refuses.
+    const trainer = new Trainer(model, { lr: 1e6, clipNorm: 0, totalSteps: 50, warmupSteps: 0, schedule: 'constant' });
+    const failure = trainer.fit(tinyData(), { batchSize: 4, checkpointDir: path.join(dir, 'ck') });
+    await expect(failure).rejects.toThrow(/gradient norm is not finite; parameters left unchanged; the run up to step \d+ is saved in /);
+    const resumed = await Trainer.resume(path.join(dir, 'ck'));
+    expect(resumed.trainer.stepCount).toBe(trainer.stepCount);
+    expect(trainer.stepCount).toBeGreaterThan(0);
+    resumed.model.dispose();
+  } finally {
+    model.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

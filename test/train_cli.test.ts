@@ -1,0 +1,62 @@
+// `retnet train` (scripts/train.ts) as a user runs it: what it does with what is already on disk.
+import { spawnSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
+const CLI = path.join(__dirname, '..', 'dist', 'scripts', 'cli.js');
+const TEXT = 'pack my box with five dozen liquor jugs. '.repeat(40);
+
+let dir: string;
+let data: string;
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-cli-'));
+  data = path.join(dir, 'data.txt');
+  fs.writeFileSync(data, TEXT);
+});
+afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+/** Runs `retnet train` on the tiny text with a tiny model; returns exit status and stderr. */
+function train(...args: string[]): { status: number | null; stderr: string } {
+  const tiny = ['--data', data, '--layers', '1', '--dim', '16', '--ffn', '32', '--value-dim', '32', '--batch', '2', '--seq-len', '16', '--eval-every', '0'];
+  const run = spawnSync(process.execPath, [CLI, 'train', ...tiny, ...args], { encoding: 'utf8', timeout: 60_000 });
+  return { status: run.status, stderr: run.stderr };
+}
+
+function step(checkpoint: string): number {
+  return JSON.parse(fs.readFileSync(path.join(checkpoint, 'trainer.json'), 'utf8')).step;
+}
+
+test('starting over where a checkpoint is moves that one aside; --resume past its end leaves it as it was', () => {
+  const out = path.join(dir, 'run');
+  expect(train('--steps', '6', '--out', out).status).toBe(0);
+  const again = train('--steps', '3', '--out', out);
+  expect(again.status).toBe(0);
+  const aside = fs.readdirSync(dir).filter((n) => n.startsWith('run.replaced-'));
+  expect(aside).toHaveLength(1);
+  expect(again.stderr).toContain(`moved the checkpoint already in ${out} (step 6) to ${out}.replaced-`);
+  expect([step(path.join(dir, aside[0])), step(out)]).toEqual([6, 3]);
+  const done = train('--resume', '--steps', '2', '--lr', '5', '--out', out);
+  expect(done.status).toBe(0);
+  expect(done.stderr).toContain('ignoring --layers, --dim, --ffn, --value-dim, --seq-len, --lr');
+  expect(done.stderr).toContain('no steps to run: the checkpoint is already at step 3 of 2; it is left as it was');
+  expect(JSON.parse(fs.readFileSync(path.join(out, 'trainer.json'), 'utf8')).options.totalSteps).toBe(3);
+});
+
+test('bad input is refused before training: an empty prompt, a file that is not UTF-8, an --out that cannot be written', () => {
+  const fails = (args: string[], message: string) => {
+    const run = train(...args);
+    expect([run.status, run.stderr]).toEqual([1, expect.stringContaining(message)]);
+  };
+  fails(['--prompt', '', '--out', path.join(dir, 'a')], 'error: --prompt must not be empty');
+  const binary = path.join(dir, 'bin.dat');
+  fs.writeFileSync(binary, Buffer.from([0xff, 0xfe, 0x00, 0x41]));
+  fails(['--data', binary, '--out', path.join(dir, 'b')], `error: Dataset.fromFiles: ${binary} is not UTF-8 text`);
+  const file = path.join(dir, 'afile');
+  fs.writeFileSync(file, 'x');
+  const run = train('--steps', '3', '--out', path.join(file, 'run'));
+  expect(run.status).toBe(1);
+  expect(run.stderr).toMatch(/error: checkpoint: cannot write .*afile\/run/);
+  expect(run.stderr).not.toMatch(/step 1\//);
+  expect(fs.readdirSync(dir).sort()).toEqual(['afile', 'bin.dat', 'data.txt']);
+});
