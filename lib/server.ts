@@ -7,6 +7,7 @@ import { TextDecoder } from 'node:util';
 
 import type { GenerateRequest, RetNet } from './model';
 import { SchedulerFullError, SchedulerOptions } from './scheduler';
+import { formatValue } from './typed';
 
 export interface ServerOptions {
   /** The id reported in responses and /v1/models. Default 'retnet'. */
@@ -43,6 +44,22 @@ class HttpError extends Error {
 }
 
 const ROUTES: Record<string, string> = { '/health': 'GET', '/v1/models': 'GET', '/v1/completions': 'POST' };
+
+/** OpenAI completion fields this server cannot honour, each with the value that asks for nothing. */
+const UNSUPPORTED: Record<string, unknown> = {
+  echo: false,
+  logprobs: null,
+  best_of: 1,
+  suffix: '',
+  presence_penalty: 0,
+  frequency_penalty: 0,
+  logit_bias: {},
+};
+
+function asksForNothing(value: unknown, nothing: unknown): boolean {
+  if (nothing === null || typeof nothing !== 'object') return value === nothing;
+  return value !== null && typeof value === 'object' && !Array.isArray(value) && Object.keys(value).length === 0;
+}
 const MAX_STOP_SEQUENCES = 4;
 
 function checkLimit(value: number, field: keyof ServerOptions, min: number): number {
@@ -72,7 +89,13 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
     // OpenAI clients send null for "not set".
     const field = (name: string): unknown => (fields[name] === null ? undefined : fields[name]);
     const invalid = (name: string, requirement: string): HttpError =>
-      new HttpError(400, `${name} must be ${requirement}, got ${JSON.stringify(fields[name])}`, name);
+      new HttpError(400, `${name} must be ${requirement}, got ${formatValue(fields[name])}`, name);
+    // OpenAI fields this server cannot honour are refused unless they ask for nothing (their
+    // default), rather than answered as if they had been.
+    for (const [name, nothing] of Object.entries(UNSUPPORTED)) {
+      const value = field(name);
+      if (value !== undefined && !asksForNothing(value, nothing)) throw invalid(name, `${formatValue(nothing)} (not supported here)`);
+    }
 
     const prompt = fields.prompt;
     if (typeof prompt !== 'string' || prompt.length === 0) throw invalid('prompt', 'a non-empty string');
@@ -87,6 +110,10 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
     if (topP !== undefined && !(typeof topP === 'number' && topP > 0 && topP <= 1)) throw invalid('top_p', 'a number in (0, 1]');
     const topK = field('top_k');
     if (topK !== undefined && !(Number.isSafeInteger(topK) && (topK as number) >= 0)) throw invalid('top_k', 'an integer >= 0 (0 = off)');
+    const repetitionPenalty = field('repetition_penalty');
+    if (repetitionPenalty !== undefined && !(typeof repetitionPenalty === 'number' && repetitionPenalty > 0 && Number.isFinite(repetitionPenalty))) {
+      throw invalid('repetition_penalty', 'a finite number > 0 (1 = off)');
+    }
     const seed = field('seed');
     if (seed !== undefined && !Number.isSafeInteger(seed)) throw invalid('seed', 'an integer');
     const stop = field('stop');
@@ -112,6 +139,7 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
         temperature: temperature as number | undefined,
         topP: topP as number | undefined,
         topK: topK as number | undefined,
+        repetitionPenalty: repetitionPenalty as number | undefined,
         seed: seed as number | undefined,
         stop: stops as string[],
       },
@@ -192,7 +220,8 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
     const path = (req.url ?? '/').split('?')[0];
     const method = ROUTES[path];
     if (method === undefined) throw new HttpError(404, `no route ${req.method} ${path}`, null, 'not_found_error');
-    if (req.method !== method) {
+    // HEAD is GET without the body (Node's response leaves it out).
+    if (req.method !== method && !(req.method === 'HEAD' && method === 'GET')) {
       res.setHeader('Allow', method);
       throw new HttpError(405, `${path} takes ${method}, not ${req.method}`);
     }
@@ -201,7 +230,7 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
     else await complete(req, res);
   };
 
-  return http.createServer((req, res) => {
+  const server = http.createServer((req, res) => {
     handle(req, res).catch((e: unknown) => {
       const error = toHttpError(e);
       if (res.headersSent) {
@@ -216,6 +245,16 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
       sendJson(res, error.status, errorBody(error));
     });
   });
+  // Malformed HTTP (a bad Content-Length, say) never reaches a handler: answer it in JSON too.
+  server.on('clientError', (err: Error, socket: import('node:stream').Duplex) => {
+    if (!socket.writable) {
+      socket.destroy();
+      return;
+    }
+    const body = JSON.stringify(errorBody(new HttpError(400, `malformed HTTP request: ${err.message}`)));
+    socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  });
+  return server;
 }
 
 function toHttpError(e: unknown): HttpError {

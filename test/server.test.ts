@@ -106,6 +106,15 @@ test.each([
   ['a string seed', '{"prompt": "x", "seed": "1"}', 400, 'seed', /seed/],
   ['a string stream flag', '{"prompt": "x", "stream": "yes"}', 400, 'stream', /stream/],
   ['n of 2', '{"prompt": "x", "n": 2}', 400, 'n', /n must be 1/],
+  ['a max_tokens past float64', '{"prompt": "x", "max_tokens": 1e400}', 400, 'max_tokens', /max_tokens must be an integer >= 1, got Infinity/],
+  ['echo', '{"prompt": "x", "echo": true}', 400, 'echo', /echo must be false \(not supported here\), got true/],
+  ['logprobs', '{"prompt": "x", "logprobs": 5}', 400, 'logprobs', /logprobs must be null \(not supported here\)/],
+  ['best_of of 3', '{"prompt": "x", "best_of": 3}', 400, 'best_of', /best_of must be 1/],
+  ['a suffix', '{"prompt": "x", "suffix": "end"}', 400, 'suffix', /suffix must be ""/],
+  ['a presence_penalty', '{"prompt": "x", "presence_penalty": 0.5}', 400, 'presence_penalty', /presence_penalty must be 0/],
+  ['a string frequency_penalty', '{"prompt": "x", "frequency_penalty": "x"}', 400, 'frequency_penalty', /frequency_penalty must be 0/],
+  ['a logit_bias', '{"prompt": "x", "logit_bias": {"5": 10}}', 400, 'logit_bias', /logit_bias must be \{\}/],
+  ['a negative repetition_penalty', '{"prompt": "x", "repetition_penalty": -1}', 400, 'repetition_penalty', /repetition_penalty must be a finite number > 0/],
   ['invalid UTF-8', Buffer.from([0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d]), 400, null, /UTF-8/],
   ['a body over the limit', JSON.stringify({ prompt: 'x'.repeat(5000) }), 413, null, /exceeds 4096 bytes/],
 ])('%s is a 4xx naming the problem, and the server keeps serving', async (_name, body, status, param, message) => {
@@ -124,6 +133,38 @@ test('unknown routes are 404 and wrong methods 405', async () => {
   expect(reply.status).toBe(405);
   expect(reply.headers.allow).toBe('POST');
   expect((await request('POST', '/health')).status).toBe(405);
+  const head = await request('HEAD', '/health');
+  expect([head.status, head.body]).toEqual([200, '']);
+});
+
+test('the unsupported fields at their defaults, and repetition_penalty, are accepted', async () => {
+  const reply = await complete({
+    prompt: 'ok',
+    max_tokens: 2,
+    echo: false,
+    logprobs: null,
+    best_of: 1,
+    suffix: '',
+    presence_penalty: 0,
+    frequency_penalty: 0,
+    logit_bias: {},
+    repetition_penalty: 1.1,
+  });
+  expect(reply.status).toBe(200);
+});
+
+test('malformed HTTP gets a JSON 400', async () => {
+  const net = await import('node:net');
+  const raw = await new Promise<string>((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write('POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n'));
+    let text = '';
+    socket.on('data', (d) => (text += d.toString('utf8')));
+    socket.on('end', () => resolve(text));
+    socket.on('error', reject);
+  });
+  expect(raw.startsWith('HTTP/1.1 400 Bad Request')).toBe(true);
+  expect(JSON.parse(raw.slice(raw.indexOf('\r\n\r\n') + 4)).error.message).toMatch(/^malformed HTTP request: /);
+  expect((await complete({ prompt: 'ok', max_tokens: 2 })).status).toBe(200);
 });
 
 test.each([true, false])('a client that disconnects mid-generation (stream %s) aborts it and frees its state', async (stream) => {
