@@ -5,9 +5,10 @@
 
 import { parseArgs } from 'util';
 
+import { validateGenerateOptions } from '../lib/generate';
 import { RetNet } from '../lib/model';
 import { main as bench } from './bench';
-import { numberFlag } from './flags';
+import { integerFlag, numberFlag } from './flags';
 import { serve } from './serve';
 import { train } from './train';
 
@@ -51,20 +52,25 @@ async function generate(argv: string[]): Promise<void> {
     process.stdout.write(GENERATE_USAGE + '\n');
     return;
   }
+  const options = {
+    maxTokens: integerFlag(values['max-tokens'], 'max-tokens', 0) ?? 200,
+    temperature: numberFlag(values.temperature, 'temperature') ?? 0.8,
+    topK: integerFlag(values['top-k'], 'top-k', 0) ?? 40,
+    topP: numberFlag(values['top-p'], 'top-p'),
+    seed: integerFlag(values.seed, 'seed'),
+  };
+  // Checked before the model loads and anything is printed; the error names the flag.
+  try {
+    validateGenerateOptions(options);
+  } catch (e) {
+    const flag = (name: string) => `--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+    throw new Error((e as Error).message.replace(/option: (\w+)/, (_m, name: string) => `flag: ${flag(name)}`));
+  }
   const model = await RetNet.load(values.model ?? 'runs/brown');
   try {
     const prompt = values.prompt ?? 'The ';
     process.stdout.write(prompt);
-    // Option values are checked by generate(), which names the offending one.
-    for await (const chunk of model.generate(prompt, {
-      maxTokens: numberFlag(values['max-tokens'], 'max-tokens') ?? 200,
-      temperature: numberFlag(values.temperature, 'temperature') ?? 0.8,
-      topK: numberFlag(values['top-k'], 'top-k') ?? 40,
-      topP: numberFlag(values['top-p'], 'top-p'),
-      seed: numberFlag(values.seed, 'seed'),
-    })) {
-      process.stdout.write(chunk.text);
-    }
+    for await (const chunk of model.generate(prompt, options)) process.stdout.write(chunk.text);
     process.stdout.write('\n');
   } finally {
     model.dispose();

@@ -5,7 +5,8 @@
 export function integerFlag(text: string | undefined, flag: string, min = Number.MIN_SAFE_INTEGER): number | undefined {
   if (text === undefined) return undefined;
   const value = Number(text);
-  if (text.trim() === '' || !Number.isSafeInteger(value) || value < min) {
+  // Decimal digits only: Number() also reads 0x4, 1e1 and ' 5 '.
+  if (!/^-?\d+$/.test(text) || !Number.isSafeInteger(value) || value < min) {
     throw new Error(`--${flag} must be an integer${min > Number.MIN_SAFE_INTEGER ? ` >= ${min}` : ''}, got ${text}`);
   }
   return value;

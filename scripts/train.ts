@@ -66,6 +66,8 @@ const USAGE = `usage: retnet train [options]
   --prompt TEXT       prompt of the sample printed at the end (default "${DEFAULTS.prompt}")
   -h, --help          show this help`;
 
+const MAX_STEP_TOKENS = 1 << 24;
+
 /** Flags a resumed run takes from its checkpoint (model shape, options, data windows). */
 const RESUME_KEEPS = ['layers', 'dim', 'heads', 'ffn', 'value-dim', 'seq-len', 'mode', 'chunk-size', 'checkpoint-activations', 'precision', 'lr', 'seed'] as const;
 
@@ -105,6 +107,10 @@ function parseFlags(argv: string[]) {
   const mode = (values.mode ?? DEFAULTS.mode) as TrainMode;
   if (mode !== 'parallel' && mode !== 'chunkwise') throw new Error(`--mode must be parallel or chunkwise, got ${values.mode}`);
   const precision = (values.precision ?? 'fp32') as Precision;
+  const batch = integer('batch', DEFAULTS.batch, 1);
+  const seqLen = integer('seq-len', DEFAULTS.seqLen, 2);
+  // A step holds batch x seq-len tokens' activations; far past this no machine has the memory.
+  if (batch * seqLen > MAX_STEP_TOKENS) throw new Error(`--batch x --seq-len must be at most ${MAX_STEP_TOKENS} tokens a step, got ${batch} x ${seqLen}`);
   const prompt = values.prompt ?? DEFAULTS.prompt;
   if (prompt === '') throw new Error('--prompt must not be empty (it starts the sample printed at the end)');
   if (precision !== 'fp32' && precision !== 'bf16') throw new Error(`--precision must be fp32 or bf16, got ${values.precision}`);
@@ -118,8 +124,8 @@ function parseFlags(argv: string[]) {
     valueDim: integer('value-dim', DEFAULTS.valueDim, 1),
     steps: integer('steps', DEFAULTS.steps, 1),
     stepsGiven: values.steps !== undefined,
-    batch: integer('batch', DEFAULTS.batch, 1),
-    seqLen: integer('seq-len', DEFAULTS.seqLen, 2),
+    batch,
+    seqLen,
     mode,
     chunkSize: integer('chunk-size', DEFAULTS.chunkSize, 1),
     checkpointActivations: values['checkpoint-activations'] === true,

@@ -60,3 +60,14 @@ test('bad input is refused before training: an empty prompt, a file that is not 
   expect(run.stderr).not.toMatch(/step 1\//);
   expect(fs.readdirSync(dir).sort()).toEqual(['afile', 'bin.dat', 'data.txt']);
 });
+
+test('integer flags take decimal digits only, and a step has a size limit', () => {
+  for (const [args, message] of [
+    [['--steps', '0x4'], '--steps must be an integer >= 1, got 0x4'],
+    [['--steps', '1e1'], '--steps must be an integer >= 1, got 1e1'],
+    [['--batch', '100000000000'], '--batch x --seq-len must be at most 16777216 tokens a step, got 100000000000 x 16'],
+  ] as const) {
+    const run = train(...args, '--out', path.join(dir, 'x'));
+    expect([run.status, run.stderr]).toEqual([1, expect.stringContaining(message)]);
+  }
+});
