@@ -138,15 +138,18 @@ test('unknown routes are 404 and wrong methods 405', async () => {
 });
 
 test('the unsupported fields at their defaults, and repetition_penalty, are accepted', async () => {
+  // As a client that spells out every field sends them.
   const reply = await complete({
+    model: 'tiny',
     prompt: 'ok',
-    max_tokens: 2,
-    echo: false,
-    logprobs: null,
-    best_of: 1,
     suffix: '',
-    presence_penalty: 0,
+    max_tokens: 2,
+    temperature: 0,
+    logprobs: null,
+    echo: false,
     frequency_penalty: 0,
+    presence_penalty: 0,
+    best_of: 1,
     logit_bias: {},
     repetition_penalty: 1.1,
   });
