@@ -198,13 +198,6 @@ export async function train(argv: string[]): Promise<void> {
       return;
     }
   } else {
-    // Starting over where a checkpoint is keeps that one, moved aside, rather than replacing it.
-    const previousStep = await checkpointStep(flags.out);
-    if (previousStep !== undefined) {
-      const aside = `${flags.out}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`;
-      await fsp.rename(flags.out, aside);
-      log(`moved the checkpoint already in ${flags.out} (step ${previousStep}) to ${aside}`);
-    }
     model = await RetNet.create(
       {
         vocab_size: 256,
@@ -235,6 +228,15 @@ export async function train(argv: string[]): Promise<void> {
       `D=${model.config.decoder_embed_dim}, H=${model.config.decoder_retention_heads}), ` +
       `${totalSteps} steps of ${flags.batch}x${dataset.seqLen} bytes, ${trainer.options.mode}, ${trainer.options.precision} products`,
   );
+
+  // Starting over where a checkpoint is keeps that one, moved aside (once the new run is set
+  // up), rather than replacing it.
+  const previousStep = resumed ? undefined : await checkpointStep(flags.out);
+  if (previousStep !== undefined) {
+    const aside = `${flags.out}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+    await fsp.rename(flags.out, aside);
+    log(`moved the checkpoint already in ${flags.out} (step ${previousStep}) to ${aside}`);
+  }
 
   const controller = new AbortController();
   const onInterrupt = () => {
