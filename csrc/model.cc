@@ -334,46 +334,83 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   if (!host) ops.download(logits_host, out, n);
 }
 
-void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const {
-  check_tokens(tokens, static_cast<size_t>(B) * T);
-  if (mode == Mode::Recurrent) {
-    DecodeState state(*this, B);
-    std::vector<int32_t> column(B);
-    std::vector<float> row_logits(static_cast<size_t>(B) * c_.V);
-    for (int t = 0; t < T; t++) {
-      for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
-      step(state, column.data(), row_logits.data());
-      for (int b = 0; b < B; b++)
-        std::memcpy(logits + (static_cast<size_t>(b) * T + t) * c_.V, row_logits.data() + static_cast<size_t>(b) * c_.V,
-                    c_.V * sizeof(float));
-    }
-    return;
+void Model::recurrent_columns(const int32_t* tokens, int B, int T, const std::function<void(int, const float*)>& take) const {
+  DecodeState state(*this, B);
+  std::vector<int32_t> column(B);
+  std::vector<float> column_logits(static_cast<size_t>(B) * c_.V);
+  for (int t = 0; t < T; t++) {
+    for (int b = 0; b < B; b++) column[b] = tokens[static_cast<size_t>(b) * T + t];
+    step(state, column.data(), column_logits.data());
+    take(t, column_logits.data());
   }
+}
+
+void Model::hidden_rows(Workspace& ws, const int32_t* tokens, int B, int T, Mode mode, int C) const {
   const size_t R = static_cast<size_t>(B) * T;
-  Workspace ws(ops_.get(), c_, R);
   ops_->embed(tokens, static_cast<int>(R), embed_, c_.D, c_.embed_scale, ws.x.data());
   if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), static_cast<int>(R), c_.D, c_.eps);
   const std::vector<int64_t> start(B, 0);
   run_layers(ws, {B, T, c_.H, c_.dk(), c_.dv()}, start.data(), nullptr, mode, C);
+}
+
+void Model::forward(const int32_t* tokens, int B, int T, Mode mode, int C, float* logits) const {
+  check_tokens(tokens, static_cast<size_t>(B) * T);
+  const size_t V = c_.V;
+  if (mode == Mode::Recurrent) {
+    recurrent_columns(tokens, B, T, [&](int t, const float* column) {
+      for (int b = 0; b < B; b++) std::memcpy(logits + (static_cast<size_t>(b) * T + t) * V, column + b * V, V * sizeof(float));
+    });
+    return;
+  }
+  const size_t R = static_cast<size_t>(B) * T;
+  Workspace ws(ops_.get(), c_, R);
+  hidden_rows(ws, tokens, B, T, mode, C);
   logits_of_rows(ws, ws.x.data(), static_cast<int>(R), false, logits);
 }
 
+namespace {
+// -log softmax(x)[target] over V logits, in float64.
+double cross_entropy(const float* x, size_t V, int32_t target) {
+  const float max = *std::max_element(x, x + V);
+  double sum = 0;
+  for (size_t v = 0; v < V; v++) sum += std::exp(static_cast<double>(x[v]) - max);
+  return max + std::log(sum) - x[target];
+}
+
+// Logits the loss holds at once (16 MiB): the rows' logits never all exist together.
+constexpr size_t kLossBlockFloats = size_t{1} << 22;
+}  // namespace
+
 double Model::next_token_loss_sum(const int32_t* tokens, int B, int T, Mode mode, int C) const {
-  std::vector<float> logits(static_cast<size_t>(B) * T * c_.V);
-  forward(tokens, B, T, mode, C, logits.data());
+  check_tokens(tokens, static_cast<size_t>(B) * T);
   const size_t V = c_.V, per_row = T - 1;
   // One float64 loss per position, summed in order after: the total does not depend on the split.
   std::vector<double> losses(static_cast<size_t>(B) * per_row);
-  parallel_for(losses.size(), 16, [&](size_t r0, size_t r1) {
-    for (size_t r = r0; r < r1; r++) {
-      const size_t b = r / per_row, t = r % per_row;
-      const float* x = logits.data() + (b * T + t) * V;
-      const float max = *std::max_element(x, x + V);
-      double sum = 0;
-      for (size_t v = 0; v < V; v++) sum += std::exp(static_cast<double>(x[v]) - max);
-      losses[r] = max + std::log(sum) - x[tokens[b * T + t + 1]];
+  const auto target = [&](size_t b, size_t t) { return tokens[b * T + t + 1]; };
+  if (mode == Mode::Recurrent) {
+    recurrent_columns(tokens, B, T, [&](int t, const float* column) {
+      if (t + 1 == T) return;
+      parallel_for(B, 1, [&](size_t b0, size_t b1) {
+        for (size_t b = b0; b < b1; b++) losses[b * per_row + t] = cross_entropy(column + b * V, V, target(b, t));
+      });
+    });
+  } else {
+    const size_t R = static_cast<size_t>(B) * T;
+    Workspace ws(ops_.get(), c_, R);
+    hidden_rows(ws, tokens, B, T, mode, C);
+    const size_t block = std::min(R, std::max<size_t>(1, kLossBlockFloats / V));
+    std::vector<float> logits(block * V);
+    for (size_t r0 = 0; r0 < R; r0 += block) {
+      const size_t rows = std::min(block, R - r0);
+      logits_of_rows(ws, ws.x.data() + r0 * c_.D, static_cast<int>(rows), false, logits.data());
+      parallel_for(rows, 16, [&](size_t i0, size_t i1) {
+        for (size_t i = i0; i < i1; i++) {
+          const size_t b = (r0 + i) / T, t = (r0 + i) % T;
+          if (t < per_row) losses[b * per_row + t] = cross_entropy(logits.data() + i * V, V, target(b, t));
+        }
+      });
     }
-  });
+  }
   double total = 0;
   for (double loss : losses) total += loss;
   return total;

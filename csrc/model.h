@@ -2,6 +2,7 @@
 // three retention forms, prefill into a recurrent state, and batched decode steps.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -157,6 +158,10 @@ class Model {
   // The rows at `row_ends[i] - 1` of x, normed and projected into logits row i (batch-invariant).
   void logits_of_last_rows(Workspace& ws, const std::vector<int>& row_ends, float* logits) const;
   void logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const;
+  // The full-sequence pass of forward (parallel or chunkwise) up to the final hidden rows, in ws.x.
+  void hidden_rows(Workspace& ws, const int32_t* tokens, int B, int T, Mode mode, int C) const;
+  // The recurrent form of forward: one step per position t, its [B, V] logits handed to take(t, logits).
+  void recurrent_columns(const int32_t* tokens, int B, int T, const std::function<void(int, const float*)>& take) const;
   // The rows of `count` states, in order (a pointer and a count: a single step builds no vector).
   void step_rows(DecodeState* const* states, size_t count, Workspace& ws, const int32_t* tokens, int rows,
                  float* logits) const;

@@ -59,6 +59,24 @@ describe('learning-rate schedule', () => {
   });
 });
 
+/** Σ next-token cross-entropy in float64 from forward()'s logits: the reference of the native loss. */
+async function referenceLossSum(model: RetNet, data: Int32Array, B: number, T: number, mode: 'parallel' | 'chunkwise' | 'recurrent', chunkSize: number): Promise<number> {
+  const { logits } = await model.forward({ data, shape: [B, T] }, { mode, chunkSize });
+  const V = model.vocabSize;
+  let total = 0;
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T - 1; t++) {
+      const row = logits.subarray((b * T + t) * V, (b * T + t + 1) * V);
+      let max = -Infinity;
+      for (const x of row) max = Math.max(max, x);
+      let sum = 0;
+      for (const x of row) sum += Math.exp(x - max);
+      total += max + Math.log(sum) - row[data[b * T + t + 1]];
+    }
+  }
+  return total;
+}
+
 describe('Trainer options', () => {
   let model: RetNet;
   beforeAll(async () => {
@@ -167,20 +185,20 @@ describe('Trainer', () => {
     const { loss } = await model.lossAndGradients(batch, { mode: 'parallel' });
     const evaluated = await trainer.evaluate([batch]);
     expect(evaluated).toBeCloseTo(loss, 4);
-    // The reference: cross-entropy in float64 from forward()'s logits.
-    const { logits } = await model.forward(batch, { mode: 'parallel' });
-    const [B, T] = batch.shape;
-    const V = model.vocabSize;
-    let total = 0;
-    for (let b = 0; b < B; b++) {
-      for (let t = 0; t < T - 1; t++) {
-        const row = logits.subarray((b * T + t) * V, (b * T + t + 1) * V);
-        const max = Math.max(...row);
-        const sum = row.reduce((s, x) => s + Math.exp(x - max), 0);
-        total += max + Math.log(sum) - row[batch.data[b * T + t + 1]];
-      }
+    expect(evaluated).toBeCloseTo((await referenceLossSum(model, batch.data, batch.shape[0], batch.shape[1], 'parallel', 8)) / (4 * 31), 10);
+    model.dispose();
+  });
+
+  test("the worker's loss sum equals forward()'s cross-entropy in every mode, past one 16 MiB block of logits", async () => {
+    const model = await tinyModel();
+    const native = model.native();
+    const short = Int32Array.from({ length: 2 * 40 }, (_, i) => (i * 37) % 256);
+    for (const mode of ['parallel', 'chunkwise', 'recurrent'] as const) {
+      expect(await native.lossSum(short, 2, 40, mode, 16)).toBeCloseTo(await referenceLossSum(model, short, 2, 40, mode, 16), 8);
     }
-    expect(evaluated).toBeCloseTo(total / (B * (T - 1)), 10);
+    // 17000 rows x 256 logits: two blocks.
+    const long = Int32Array.from({ length: 17000 }, (_, i) => (i * 7919) % 256);
+    expect(await native.lossSum(long, 1, 17000, 'chunkwise', 128)).toBeCloseTo(await referenceLossSum(model, long, 1, 17000, 'chunkwise', 128), 6);
     model.dispose();
   });
 
