@@ -216,7 +216,12 @@ export class Scheduler {
   // A stream suspended at a token its consumer never asks past holds a slot that only its
   // finally block frees; when the consumer drops the stream instead, this frees it.
   private readonly abandoned = new FinalizationRegistry<AbandonTicket>((ticket) => {
-    if (ticket.sequence) this.release(ticket.sequence);
+    // Nothing may escape a finalizer: an exception there would end the process.
+    try {
+      if (ticket.sequence) this.release(ticket.sequence);
+    } catch {
+      // The slot stays taken; the model's dispose() still frees everything.
+    }
   });
 
   private decodeSteps = 0;
