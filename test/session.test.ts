@@ -1,4 +1,5 @@
 // Sessions and generation on the native core: hand-off, save/restore, clone, seeds, abort.
+import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -296,6 +297,37 @@ test('the addon works inside worker_threads', async () => {
   );
   const { logits } = await model.forward([[1, 2, 3]]);
   for (const r of results) expect(r).toEqual(Array.from(logits.subarray(0, 4)));
+});
+
+test('ending a worker thread while its native calls run leaves the process running', () => {
+  // In a child: a completion arriving while the worker's environment is torn down aborted
+  // the whole process (a C++ exception out of N-API's callback).
+  const lib = JSON.stringify(path.join(__dirname, '..', 'dist', 'lib', 'index.js'));
+  const worker = `
+    const { RetNet } = require(${lib});
+    const { parentPort } = require('worker_threads');
+    RetNet.create(${JSON.stringify(CONFIG)}, { seed: 1 }).then(async (m) => {
+      parentPort.postMessage('ready');
+      for (;;) {
+        await m.generateText('hello', { maxTokens: 16, seed: 3 });
+        await m.forward([[1, 2, 3, 4, 5, 6, 7, 8]]);
+      }
+    });`;
+  const main = `
+    const { Worker } = require('worker_threads');
+    const { RetNet } = require(${lib});
+    (async () => {
+      for (let k = 0; k < 12; k++) {
+        const w = new Worker(${JSON.stringify(worker)}, { eval: true });
+        await new Promise((resolve) => w.once('message', resolve));
+        await new Promise((resolve) => setTimeout(resolve, k % 4));
+        await w.terminate();
+      }
+      const m = await RetNet.create(${JSON.stringify(CONFIG)}, { seed: 1 });
+      console.log('main survived', (await m.forward([[1, 2]])).shape.join('x'));
+    })();`;
+  const run = spawnSync(process.execPath, ['-e', main], { encoding: 'utf8', timeout: 120_000 });
+  expect([run.status, run.stdout.trim()]).toEqual([0, 'main survived 1x2x256']);
 });
 
 test('one batched step over several sessions equals stepping each alone', async () => {
