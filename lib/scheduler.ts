@@ -104,6 +104,8 @@ class Sequence implements DecodeSession {
   /** Prompt length after which the state goes into the prefix cache (0: none), and its key. */
   snapshotAt = 0;
   snapshotKey = '';
+  /** The model's weight version when this sequence started: its snapshot is cached only under it. */
+  weightVersion = -1;
   /** The token the next decode step consumes. */
   nextToken = 0;
   /** Where decode steps write this sequence's logits; it reads them before its next step. */
@@ -203,6 +205,8 @@ export class Scheduler {
   private readonly prefixCache = new PrefixCache<NativeState>({ maxEntries: DEFAULTS.prefixCacheEntries });
   /** Prefix keys of earlier prompts, oldest first: a prefix seen again is worth caching. */
   private readonly seenPrefixes = new Set<string>();
+  /** The weight version the cached prefix states were computed with. */
+  private cacheWeightVersion = -1;
 
   private active = 0;
   private readonly queue: Sequence[] = [];
@@ -509,7 +513,9 @@ export class Scheduler {
     sequence.prefilled = end;
     sequence.position = end;
     if (sequence.released) return;
-    if (end === sequence.snapshotAt && !this.disposed) this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
+    if (end === sequence.snapshotAt && !this.disposed && this.currentPrefixCache() === sequence.weightVersion) {
+      this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
+    }
     if (end === sequence.prompt.length) {
       this.prefilling.splice(this.prefilling.indexOf(sequence), 1);
       sequence.settle(sequence.logits!, token);
@@ -522,11 +528,26 @@ export class Scheduler {
   }
 
   /**
+   * The prefix cache, emptied first if the weights changed since its states were computed (a
+   * training step, setParam): those states belong to the old weights. Returns the weight version.
+   */
+  private currentPrefixCache(): number {
+    const version = this.owner.native().weightVersion();
+    if (version !== this.cacheWeightVersion) {
+      this.prefixCache.clear();
+      this.seenPrefixes.clear();
+      this.cacheWeightVersion = version;
+    }
+    return version;
+  }
+
+  /**
    * Gives `sequence` its state: a copy of the longest cached prefix of its prompt (leaving at least
    * one token to prefill, whose logits start sampling) or a fresh one, and picks the prefix length
    * whose state its prefill should cache.
    */
   private startFromPrefixCache(sequence: Sequence): void {
+    sequence.weightVersion = this.currentPrefixCache();
     const prompt = sequence.prompt;
     const explicit = sequence.options.cachePrefixTokens;
     const cacheOn = this.prefixCache.maxEntries > 0;

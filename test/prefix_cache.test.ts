@@ -69,6 +69,21 @@ describe('on a model', () => {
     cache.clear();
   });
 
+  test('a change of the weights empties the cache: no request starts from a prefix the old weights made', async () => {
+    const system = randomPrompt(1, 32);
+    const prompt = [...system, ...randomPrompt(2, 10)];
+    const options = { temperature: 0.7, seed: 9, maxTokens: 12, cachePrefixTokens: system.length };
+    await tokensOf(model, prompt, options); // caches the prefix
+    expect(model.scheduler().stats().prefixCache.entries).toBe(1);
+    for (const m of [model, uncached]) m.native().setParam('layer_norm.weight', new Float32Array(CONFIG.decoder_embed_dim).fill(1.5));
+    const hits = model.scheduler().stats().prefixHits;
+    expect(await tokensOf(model, prompt, options)).toEqual(await tokensOf(uncached, prompt, options));
+    expect(model.scheduler().stats().prefixHits).toBe(hits);
+    // The new weights' prefix is cached again and used.
+    expect(await tokensOf(model, prompt, options)).toEqual(await tokensOf(uncached, prompt, options));
+    expect(model.scheduler().stats().prefixHits).toBe(hits + 1);
+  });
+
   test('a request with cachePrefixTokens stores the prefix; the next one starts from it', async () => {
     const system = randomPrompt(1, 32);
     const first = [...system, ...randomPrompt(2, 10)];
