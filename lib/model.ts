@@ -452,13 +452,19 @@ export class RetNet implements SessionOwner {
       await writeSafetensorsFile(location, tensors, values, metadata);
       return;
     }
-    await fsp.mkdir(location, { recursive: true });
-    // Both files written before either replaces its predecessor: a failure never pairs new
-    // weights with an old config.
-    await writeFilesAtomic([
-      { path: path.join(location, WEIGHTS_FILE), data: safetensorsWriter(tensors, values, metadata) },
-      { path: path.join(location, CONFIG_FILE), data: Buffer.from(JSON.stringify(this.config, null, 2) + '\n') },
-    ]);
+    // The first directory mkdir made, if any: a failed save takes it away again.
+    const made = await fsp.mkdir(location, { recursive: true });
+    try {
+      // Both files written before either replaces its predecessor: a failure never pairs new
+      // weights with an old config.
+      await writeFilesAtomic([
+        { path: path.join(location, WEIGHTS_FILE), data: safetensorsWriter(tensors, values, metadata) },
+        { path: path.join(location, CONFIG_FILE), data: Buffer.from(JSON.stringify(this.config, null, 2) + '\n') },
+      ]);
+    } catch (e) {
+      if (made !== undefined) await fsp.rm(made, { recursive: true, force: true }).catch(() => undefined);
+      throw e;
+    }
   }
 
   /** Frees native memory now (sessions keep what they need until disposed). */

@@ -296,6 +296,9 @@ export class Trainer {
 
   constructor(model: RetNet, options: TrainerOptions) {
     options = optionsObject(options, 'Trainer');
+    if (model.weights !== 'f32') {
+      throw new Error(`Trainer needs a model with fp32 weights; this one decodes from ${model.weights} copies (load it without the weights option)`);
+    }
     this.model = model;
     this.options = resolveTrainerOptions(model, options);
   }

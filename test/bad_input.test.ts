@@ -280,6 +280,22 @@ describe('files', () => {
     loaded.dispose();
   });
 
+  test('a failed save into a new directory leaves no directory behind', async () => {
+    const m = await RetNet.create(CONFIG, { seed: 3 });
+    const target = path.join(dir, 'fresh', 'model');
+    const saving = m.save(target);
+    m.native().setParam('layer_norm.weight', new Float32Array(CONFIG.decoder_embed_dim).fill(2));
+    await expect(saving).rejects.toThrow(/weights changed while saving/);
+    expect(fs.existsSync(path.join(dir, 'fresh'))).toBe(false);
+    m.dispose();
+  });
+
+  test('a Trainer needs fp32 weights', async () => {
+    const compact = await RetNet.create(CONFIG, { seed: 3, weights: 'int8' });
+    expect(() => new Trainer(compact, { lr: 1e-3, totalSteps: 1 })).toThrow('Trainer needs a model with fp32 weights; this one decodes from int8 copies');
+    compact.dispose();
+  });
+
   test('weights changed during a save fail it and leave the previous file intact', async () => {
     const m = await RetNet.create(CONFIG, { seed: 3 });
     const file = path.join(dir, 'moving.safetensors');
