@@ -3,6 +3,7 @@
 // server keeps serving; a client that disconnects aborts its generation, which frees its state.
 import * as http from 'node:http';
 import { randomUUID } from 'node:crypto';
+import type { Duplex } from 'node:stream';
 import { TextDecoder } from 'node:util';
 
 import type { GenerateRequest, RetNet } from './model';
@@ -246,7 +247,7 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
     });
   });
   // Malformed HTTP (a bad Content-Length, say) never reaches a handler: answer it in JSON too.
-  server.on('clientError', (err: Error, socket: import('node:stream').Duplex) => {
+  server.on('clientError', (err: Error, socket: Duplex) => {
     if (!socket.writable) {
       socket.destroy();
       return;

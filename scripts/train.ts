@@ -1,6 +1,6 @@
 // `npm start` / `retnet train`: trains a byte-level RetNet (by default on the Brown corpus),
 // reports validation loss in nats/byte, saves a checkpoint and prints a generated sample with the
-// decode speed. Ctrl-C stops after the current step and still saves the checkpoint.
+// decode speed. Ctrl-C or SIGTERM stops after the current step and still saves the checkpoint.
 
 import { promises as fsp } from 'fs';
 import * as path from 'path';
@@ -107,13 +107,13 @@ function parseFlags(argv: string[]) {
   const mode = (values.mode ?? DEFAULTS.mode) as TrainMode;
   if (mode !== 'parallel' && mode !== 'chunkwise') throw new Error(`--mode must be parallel or chunkwise, got ${values.mode}`);
   const precision = (values.precision ?? 'fp32') as Precision;
+  if (precision !== 'fp32' && precision !== 'bf16') throw new Error(`--precision must be fp32 or bf16, got ${values.precision}`);
   const batch = integer('batch', DEFAULTS.batch, 1);
   const seqLen = integer('seq-len', DEFAULTS.seqLen, 2);
   // A step holds batch x seq-len tokens' activations; far past this no machine has the memory.
   if (batch * seqLen > MAX_STEP_TOKENS) throw new Error(`--batch x --seq-len must be at most ${MAX_STEP_TOKENS} tokens a step, got ${batch} x ${seqLen}`);
   const prompt = values.prompt ?? DEFAULTS.prompt;
   if (prompt === '') throw new Error('--prompt must not be empty (it starts the sample printed at the end)');
-  if (precision !== 'fp32' && precision !== 'bf16') throw new Error(`--precision must be fp32 or bf16, got ${values.precision}`);
   return {
     help: values.help === true,
     data: values.data || positionals.length > 0 ? [...(values.data ?? []), ...positionals] : undefined,
