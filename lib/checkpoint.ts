@@ -51,15 +51,17 @@ function siblings(dir: string): { temp: string; old: string } {
 }
 
 /**
- * Whether `location` is a directory holding nothing but checkpoint files (or partial writes of
- * them; an empty directory counts): the only kind a save may replace or a recovery remove.
+ * The entries of `location` when it is a directory holding nothing but checkpoint files (or
+ * partial writes of them; an empty directory counts), else undefined: the only kind a save may
+ * replace or a recovery remove.
  */
-async function holdsOnlyCheckpointFiles(location: string): Promise<boolean> {
+async function checkpointFiles(location: string): Promise<string[] | undefined> {
   try {
     const entries = await fsp.readdir(location, { withFileTypes: true });
-    return entries.every((e) => e.isFile() && (CHECKPOINT_FILES.has(e.name) || PARTIAL_FILE.test(e.name)));
+    const ours = entries.every((e) => e.isFile() && (CHECKPOINT_FILES.has(e.name) || PARTIAL_FILE.test(e.name)));
+    return ours ? entries.map((e) => e.name) : undefined;
   } catch {
-    return false;
+    return undefined;
   }
 }
 
@@ -83,9 +85,9 @@ export async function checkCheckpointTarget(dir: string): Promise<void> {
     return;
   }
   if (!stat.isDirectory()) throw new Error(`checkpoint: ${target} is a file, not a checkpoint directory; refusing to replace it`);
-  const entries = await fsp.readdir(target);
-  if (entries.length === 0) return;
-  if (!(await holdsOnlyCheckpointFiles(target)) || !entries.includes(TRAINER_FILE)) {
+  const names = await checkpointFiles(target);
+  if (names?.length === 0) return;
+  if (names === undefined || !names.includes(TRAINER_FILE)) {
     throw new Error(
       `checkpoint: ${target} holds files that are not a training checkpoint (a saved model, or other work); ` +
         'refusing to replace it: choose an empty or new directory',
@@ -131,8 +133,8 @@ async function syncDirectory(dir: string): Promise<void> {
 export async function recoverCheckpoint(dir: string): Promise<void> {
   const target = path.resolve(dir);
   const { temp, old } = siblings(dir);
-  const tempIsOurs = await holdsOnlyCheckpointFiles(temp);
-  const oldIsOurs = await holdsOnlyCheckpointFiles(old);
+  const tempIsOurs = (await checkpointFiles(temp)) !== undefined;
+  const oldIsOurs = (await checkpointFiles(old)) !== undefined;
   if (!(await exists(target))) {
     if (tempIsOurs && (await exists(path.join(temp, TRAINER_FILE)))) await fsp.rename(temp, target);
     else if (oldIsOurs && (await exists(path.join(old, TRAINER_FILE)))) await fsp.rename(old, target);

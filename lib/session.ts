@@ -102,7 +102,8 @@ export class Session implements DecodeSession {
     if (into !== undefined && (!isFloat32 || into.length !== this.batch * this.owner.vocabSize)) {
       throw new Error(`step: options.logits must be a Float32Array of batch * vocab = ${this.batch * this.owner.vocabSize} floats`);
     }
-    const batch = toTokenBatch([Array.from(tokenIds)], this.owner.vocabSize);
+    // A typed array becomes a plain row; an array is taken as it is (toTokenBatch copies either).
+    const batch = toTokenBatch([Array.isArray(tokenIds) ? tokenIds : Array.from(tokenIds)], this.owner.vocabSize);
     return this.enqueue(async (state) => ({ logits: await this.owner.native().step(state, batch.data, into) }));
   }
 
