@@ -946,8 +946,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           return dsts;
         });
     worker->keep(states_arg);
-    for (size_t i = 0; i < info.Length(); i++)
-      if (info[i].IsTypedArray()) worker->keep(info[i]);
     worker->Queue();
     return worker->promise();
   }
