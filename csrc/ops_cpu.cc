@@ -228,8 +228,8 @@ float column_abs_max(const float* KV, int dk, int dv) {
 }
 
 // One head's cross-chunk state update over a chunk of `rows` rows (kh, vh point at its
-// first row): KV [dk, dv] = KV * Γ + K^T (β ⊙ V). Returns the new κ.
-float absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ldv, int rows, int dk, int dv,
+// first row): KV [dk, dv] = KV * Γ + K^T (β ⊙ V).
+void absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ldv, int rows, int dk, int dv,
                    const ChunkConstants& cc, float* KV, std::vector<float>& scratch) {
   const size_t kv_size = static_cast<size_t>(dk) * dv;
   scratch.resize(static_cast<size_t>(rows) * dv + kv_size);
@@ -239,7 +239,6 @@ float absorb_chunk(const float* kh, const float* vh, ptrdiff_t ldq, ptrdiff_t ld
     for (int e = 0; e < dv; e++) bv[static_cast<size_t>(j) * dv + e] = vh[j * ldv + e] * cc.beta[j];
   gemm(dk, dv, rows, MatView{kh, 1, ldq}, row_major(bv, dv), kvc, dv, false);
   for (size_t e = 0; e < kv_size; e++) KV[e] = KV[e] * cc.cross_decay + kvc[e];
-  return column_abs_max(KV, dk, dv);
 }
 
 // The chunk algorithm (spec §7). `recurrent` swaps the chunkwise form's scalars for the
@@ -260,24 +259,29 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
   C = std::max(1, std::min(C, T));
   const std::vector<ChunkConstants> consts = chunk_constants(decay, H, C);
 
-  // Cross-chunk state per (b, h): KV [dk, dv] un-normalised, kappa its abs-sum scale.
+  constexpr int TILE = 64;
+  const int nchunks = (T + C - 1) / C;
+  // Cross-chunk state per (b, h): KV [dk, dv] un-normalised, kappa its abs-sum scale (the
+  // chunkwise form's; the recurrent form has none). The recurrent form over one chunk (a short
+  // prompt) reads a given state where it is instead: its cross term is then γ^(i+1) sqrt(s)
+  // q · S^T, with no transposed copy of the whole state per layer.
+  const bool direct = recurrent && state && nchunks == 1;
   const size_t BH = static_cast<size_t>(B) * H;
-  std::vector<float> kv(BH * dk * dv, 0.f), kappa(BH, 1.f);
+  std::vector<float> kv(direct ? 0 : BH * dk * dv, 0.f), kappa(BH, 1.f);
   bool have_state = false;
-  if (state) {
+  for (size_t bh = 0; state && bh < BH; bh++) {
+    const int h = static_cast<int>(bh % H);
+    const float s = state->scale[bh];
+    if (s <= 0) continue;
+    have_state = true;
+    if (direct) continue;
     // KV = U^T / S_C with U = S * sqrt(s): the state as if the previous tokens ended a chunk.
-    for (size_t bh = 0; bh < BH; bh++) {
-      const int h = static_cast<int>(bh % H);
-      const float s = state->scale[bh];
-      if (s <= 0) continue;
-      const float mult = std::sqrt(s) / consts[h].total;
-      const float* S = state->kv + bh * dv * dk;
-      float* KV = kv.data() + bh * dk * dv;
-      for (int j = 0; j < dv; j++)
-        for (int i = 0; i < dk; i++) KV[i * dv + j] = S[j * dk + i] * mult;
-      kappa[bh] = column_abs_max(KV, dk, dv);
-      have_state = true;
-    }
+    const float mult = std::sqrt(s) / consts[h].total;
+    const float* S = state->kv + bh * dv * dk;
+    float* KV = kv.data() + bh * dk * dv;
+    for (int j = 0; j < dv; j++)
+      for (int i = 0; i < dk; i++) KV[i * dv + j] = S[j * dk + i] * mult;
+    if (!recurrent) kappa[bh] = column_abs_max(KV, dk, dv);
   }
 
   // Recurrent form: sqrt of each row's running scale, per (b, h).
@@ -291,16 +295,18 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
     }
   }
 
-  constexpr int TILE = 64;
-  const int nchunks = (T + C - 1) / C;
   for (int c = 0; c < nchunks; c++) {
     const int c0 = c * C, rows = std::min(C, T - c0);
     const bool use_cross = c > 0 || have_state;
     const int tiles = (rows + TILE - 1) / TILE;
+    // Scratch for one tile of at most `tile_rows` rows: a prompt of a few tokens allocates little,
+    // and a worker's heap then stays below glibc's trim threshold (trimming it costs page
+    // faults and a TLB flush on every call).
+    const size_t tile_rows = std::min(TILE, rows);
     parallel_for(BH * tiles, 1, [&](size_t w0, size_t w1) {
-      std::vector<float> scores(static_cast<size_t>(TILE) * rows), inner(static_cast<size_t>(TILE) * dv),
-          kvn(use_cross ? static_cast<size_t>(dk) * dv : 0), qa(use_cross ? static_cast<size_t>(TILE) * dk : 0),
-          cross(use_cross ? static_cast<size_t>(TILE) * dv : 0);
+      std::vector<float> scores(tile_rows * rows), inner(tile_rows * dv),
+          kvn(use_cross && !recurrent ? static_cast<size_t>(dk) * dv : 0), qa(use_cross ? tile_rows * dk : 0),
+          cross(use_cross ? tile_rows * dv : 0);
       size_t kvn_for = static_cast<size_t>(-1);
       for (size_t w = w0; w < w1; w++) {
         const size_t bh = w / tiles;
@@ -328,23 +334,25 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
           iota[i - i0] = io;
         }
         gemm(i1 - i0, dv, ncol, row_major(scores.data(), ncol), row_major(vh, ldv), inner.data(), dv, false);
-        if (use_cross && kvn_for != bh) {
-          // Chunkwise: KV/κ. Recurrent: KV itself (its S_C goes into the query factor).
+        if (use_cross && !recurrent && kvn_for != bh) {
           const float* KV = kv.data() + bh * dk * dv;
-          const float kap = recurrent ? 1.0f : kappa[bh];
-          for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) kvn[e] = KV[e] / kap;
+          for (size_t e = 0; e < static_cast<size_t>(dk) * dv; e++) kvn[e] = KV[e] / kappa[bh];
           kvn_for = bh;
         }
         if (use_cross) {
           // cross = (α ⊙ q) KV/κ for the whole tile in one product; recurrent: γ^(i+1) S_C q · KV,
-          // the un-normalised state decayed to row i.
+          // the un-normalised state decayed to row i (direct: γ^(i+1) sqrt(s) q · S^T).
+          const float direct_root = direct ? std::sqrt(std::max(state->scale[bh], 0.0f)) : 0.0f;
           for (int i = i0; i < i1; i++) {
             const float* qi = qh + i * ldq;
             float* qai = qa.data() + static_cast<size_t>(i - i0) * dk;
-            const float factor = recurrent ? cc.pow[i + 1] * cc.total : cc.alpha[i];
+            const float factor = !recurrent ? cc.alpha[i] : cc.pow[i + 1] * (direct ? direct_root : cc.total);
             for (int e = 0; e < dk; e++) qai[e] = qi[e] * factor;
           }
-          gemm(i1 - i0, dv, dk, row_major(qa.data(), dk), row_major(kvn.data(), dv), cross.data(), dv, false);
+          const MatView cross_state = direct    ? transposed(state->kv + bh * dv * dk, dk)
+                                      : recurrent ? row_major(kv.data() + bh * dk * dv, dv)
+                                                  : row_major(kvn.data(), dv);
+          gemm(i1 - i0, dv, dk, row_major(qa.data(), dk), cross_state, cross.data(), dv, false);
         }
         for (int i = i0; i < i1; i++) {
           float* orow = o + (row0 + i) * ldv + h * dv;
@@ -374,8 +382,9 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
       for (size_t bh = w0; bh < w1; bh++) {
         const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
         const size_t row0 = static_cast<size_t>(b) * T + c0;
-        kappa[bh] = absorb_chunk(k + row0 * ldq + h * dk, v + row0 * ldv + h * dv, ldq, ldv, rows, dk, dv, consts[h],
-                                 kv.data() + bh * dk * dv, scratch);
+        float* KV = kv.data() + bh * dk * dv;
+        absorb_chunk(k + row0 * ldq + h * dk, v + row0 * ldv + h * dv, ldq, ldv, rows, dk, dv, consts[h], KV, scratch);
+        if (!recurrent) kappa[bh] = column_abs_max(KV, dk, dv);
       }
     });
   }
@@ -482,29 +491,30 @@ class CpuOps final : public Ops {
     const ptrdiff_t ldk = static_cast<ptrdiff_t>(H) * dk, ldv = static_cast<ptrdiff_t>(H) * dv;
     constexpr int BLOCK = 256;
     parallel_for(static_cast<size_t>(B) * H, 1, [&](size_t w0, size_t w1) {
-      std::vector<float> wv(static_cast<size_t>(BLOCK) * dv), U(static_cast<size_t>(dv) * dk);
+      std::vector<float> wv(static_cast<size_t>(std::min(BLOCK, T)) * dv);
       for (size_t bh = w0; bh < w1; bh++) {
         const int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
         const float lambda = decay[h], gamma = std::exp(lambda);
         float* S = state.kv + bh * dv * dk;
         float& s = state.scale[bh];
-        // U = γ^T S sqrt(s) + Σ_t γ^(T-1-t) v_t ⊗ k_t, then S = U / sqrt(s_new).
-        const float carry = std::exp(lambda * static_cast<float>(T)) * std::sqrt(s);
-        for (size_t e = 0; e < U.size(); e++) U[e] = S[e] * carry;
+        // S_new = (γ^T sqrt(s) S + Σ_t γ^(T-1-t) v_t ⊗ k_t) / sqrt(s_new), in place: one pass
+        // scales S, the product adds the tokens (a short prompt's absorb is these two passes).
+        const float root_old = std::sqrt(s);
+        for (int t = 0; t < T; t++) s = s * gamma + 1.0f;
+        const float inv = 1.0f / std::sqrt(s);
+        const float carry = std::exp(lambda * static_cast<float>(T)) * root_old * inv;
+        for (size_t e = 0; e < static_cast<size_t>(dv) * dk; e++) S[e] *= carry;
         const float* kh = k + static_cast<size_t>(b) * T * ldk + h * dk;
         const float* vh = v + static_cast<size_t>(b) * T * ldv + h * dv;
         for (int t0 = 0; t0 < T; t0 += BLOCK) {
           const int n = std::min(BLOCK, T - t0);
           for (int t = 0; t < n; t++) {
-            const float w = std::exp(lambda * static_cast<float>(T - 1 - (t0 + t)));
+            const float w = std::exp(lambda * static_cast<float>(T - 1 - (t0 + t))) * inv;
             const float* vt = vh + static_cast<ptrdiff_t>(t0 + t) * ldv;
             for (int j = 0; j < dv; j++) wv[static_cast<size_t>(t) * dv + j] = vt[j] * w;
           }
-          gemm(dv, dk, n, MatView{wv.data(), 1, dv}, row_major(kh + t0 * ldk, ldk), U.data(), dk, true);
+          gemm(dv, dk, n, MatView{wv.data(), 1, dv}, row_major(kh + t0 * ldk, ldk), S, dk, true);
         }
-        for (int t = 0; t < T; t++) s = s * gamma + 1.0f;
-        const float inv = 1.0f / std::sqrt(s);
-        for (size_t e = 0; e < U.size(); e++) S[e] = U[e] * inv;
       }
     });
   }
@@ -682,8 +692,8 @@ class CpuOps final : public Ops {
           float* next = kv_in.data() + (c + 1) * kv_size;
           std::copy(kv_in.begin() + c * kv_size, kv_in.begin() + (c + 1) * kv_size, next);
           const size_t row0 = base + static_cast<size_t>(c) * C;
-          kappa[c + 1] = absorb_chunk(k + row0 * ldq + h * dk_, v + row0 * ldv + h * dv_, ldq, ldv, C, dk_, dv_, cc,
-                                      next, scratch);
+          absorb_chunk(k + row0 * ldq + h * dk_, v + row0 * ldv + h * dv_, ldq, ldv, C, dk_, dv_, cc, next, scratch);
+          kappa[c + 1] = column_abs_max(next, dk_, dv_);
         }
         // Reverse sweep; G = dLoss/dKV of the state leaving the chunk being processed.
         std::fill(G.begin(), G.end(), 0.f);

@@ -60,6 +60,26 @@ test.each(['parallel', 'chunkwise'] as const)('%s prefill + recurrent steps equa
   session.dispose();
 });
 
+// A prompt within one chunk reads the session's state where it is; a longer one carries it
+// through the chunk algorithm. Both, after every piece, against the recurrent form.
+test.each(['parallel', 'chunkwise', 'recurrent'] as const)('%s prefills of short and long pieces continue the state exactly', async (mode) => {
+  const pieces = [1, 3, 8, 1, 5, 13, 2];
+  const T = pieces.reduce((a, b) => a + b);
+  const tokens = randomTokens(9, 2, T);
+  const { logits: all } = await exactModel.forward(tokens, { mode: 'recurrent' });
+  const session = exactModel.createSession({ batch: 2 });
+  let end = 0;
+  for (const n of pieces) {
+    const { logits } = await session.prefill(tokens.map((r) => r.slice(end, end + n)), { mode, chunkSize: 8 });
+    end += n;
+    for (let b = 0; b < 2; b++) {
+      const expected = all.subarray((b * T + end - 1) * 256, (b * T + end) * 256);
+      expect(maxAbsDiff(logits.subarray(b * 256, (b + 1) * 256), expected)).toBeLessThanOrEqual(1e-5);
+    }
+  }
+  session.dispose();
+});
+
 test('a prefill continuing a session equals one prefill of the whole prompt', async () => {
   const tokens = randomTokens(2, 1, 48);
   const whole = model.createSession();
