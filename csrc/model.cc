@@ -240,14 +240,15 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   const int R = d.B * d.T;
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
   // Decode steps use batch-invariant products (a row's numbers don't depend on its batch),
-  // grouped so that products sharing an input run in one pass.
+  // grouped so that products sharing an input run in one pass. A prefill of a few rows gets
+  // the same grouping (its products are those dot products either way), on the fp32 weights.
   auto project = [&](int M, int K, const float* X, std::initializer_list<LinearOut> outs) {
-    if (mode == Mode::Recurrent) {
+    if (mode == Mode::Recurrent || M <= kGemmDotsMaxRows) {
       LinearOut group[4];
       int n = 0;
       for (LinearOut o : outs) {
         const auto compact = compact_.find(o.W);
-        if (compact != compact_.end()) o.compact = &compact->second;
+        if (mode == Mode::Recurrent && compact != compact_.end()) o.compact = &compact->second;
         group[n++] = o;
       }
       ops.linear_rowwise(M, K, X, group, n);
