@@ -392,6 +392,75 @@ const Kernels& kernels() {
   return k;
 }
 
+#ifdef RETNET_X86
+// NB outputs (K-contiguous weight rows w, w + ldw, ...) for up to 16 activation rows over one
+// K block: `at` holds the rows transposed ([kc][16], zero past the real rows), so each weight
+// element is broadcast once against every row. Each output is the sum micro_avx512 makes:
+// FMAs in k order from zero.
+template <int NB>
+__attribute__((target("avx512f"))) void small_rows_block_avx512(int kc, const float* at, const float* w,
+                                                                 ptrdiff_t ldw, float* out) {
+  __m512 acc[NB];
+  for (int r = 0; r < NB; r++) acc[r] = _mm512_setzero_ps();
+  for (int k = 0; k < kc; k++) {
+    if (k % 16 == 0)
+      for (int r = 0; r < NB; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 64), _MM_HINT_T0);
+    const __m512 a = _mm512_loadu_ps(at + static_cast<size_t>(k) * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_set1_ps(w[r * ldw + k]), acc[r]);
+  }
+  for (int r = 0; r < NB; r++) _mm512_store_ps(out + r * 16, acc[r]);
+}
+
+// C[M, N] (=|+=) A B for kGemmDotsMaxRows < M <= 16 rows of A (K-contiguous) and a K-contiguous
+// B (a weight): the packed path's K blocks and per-output sums, bit for bit, but streaming the
+// weight once instead of packing it. For a prompt of a few tokens the packing cost more than
+// the products. (32 rows as two 16-lane groups were slower than packing on medium's shapes.)
+constexpr int kSmallRowsMax = 16;
+constexpr int kSmallCols = 8;  // outputs per block
+bool gemm_small_rows(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
+  const Kernels& kern = kernels();
+  if (kern.micro != micro_avx512 || M > kSmallRowsMax) return false;
+  // A transposed into [K][16]; per thread, as bpack is (the lambda must use `at`).
+  thread_local std::vector<float> atpack;
+  atpack.assign(static_cast<size_t>(K) * 16, 0.f);
+  float* const at = atpack.data();
+  for (int i = 0; i < M; i++)
+    for (int k = 0; k < K; k++) at[static_cast<size_t>(k) * 16 + i] = A.p[i * A.rs + k];
+  // The packed path's K blocks (gemm below).
+  const int kblocks = (K + kern.kc - 1) / kern.kc;
+  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  const float* W = B.p;
+  const ptrdiff_t ldw = B.cs;
+  const size_t groups = (N + kSmallCols - 1) / kSmallCols;
+  parallel_for(groups, 1, [&](size_t g0, size_t g1) {
+    alignas(64) float out[kSmallCols * 16];
+    for (size_t grp = g0; grp < g1; grp++) {
+      const int n0 = static_cast<int>(grp) * kSmallCols, cols = std::min(kSmallCols, N - n0);
+      for (int k0 = 0; k0 < K; k0 += kc_step) {
+        const int kc = std::min(kc_step, K - k0);
+        const float* atk = at + static_cast<size_t>(k0) * 16;
+        const float* wk = W + n0 * ldw + k0;
+        if (cols == kSmallCols) {
+          small_rows_block_avx512<kSmallCols>(kc, atk, wk, ldw, out);
+        } else {
+          for (int r = 0; r < cols; r++) small_rows_block_avx512<1>(kc, atk, wk + r * ldw, ldw, out + r * 16);
+        }
+        const bool add = accumulate || k0 > 0;
+        for (int r = 0; r < cols; r++)
+          for (int i = 0; i < M; i++) {
+            float& c = C[i * ldc + n0 + r];
+            c = add ? out[r * 16 + i] + c : out[r * 16 + i];
+          }
+      }
+    }
+  });
+  return true;
+}
+#else
+bool gemm_small_rows(int, int, int, MatView, MatView, float*, ptrdiff_t, bool) { return false; }
+#endif
+
 void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
   const Kernels& kern = kernels();
   const size_t blocks = (N + 63) / 64;
@@ -449,6 +518,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
     gemm_dots(M, N, K, A, B, C, ldc, accumulate);
     return;
   }
+  if (!bf16 && A.cs == 1 && B.rs == 1 && gemm_small_rows(M, N, K, A, B, C, ldc, accumulate)) return;
   const Kernels& kern = kernels();
   const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
   const bool paired = bf16 && kern.micro_bf16;
