@@ -77,6 +77,23 @@ export interface GenerateFigure {
   againstSteps: number;
 }
 
+/**
+ * A turn on a live session: a short prompt prefilled into a batch-1 session that already holds
+ * `context` tokens, timed to its next-token logits. That is the time to first token of a chat
+ * turn, or of a request whose prompt the prefix cache mostly held.
+ */
+export interface TurnFigure {
+  preset: string;
+  weights: WeightFormat;
+  context: number;
+  promptTokens: number;
+  rounds: number;
+  /** The prefill call's median over the rounds (every prompt length each round, in turn). */
+  msToLogits: number;
+  /** A decode step's median in the same rounds: the least a one-token turn could take. */
+  stepMs: number;
+}
+
 export interface TrainFigure {
   preset: string;
   mode: 'parallel' | 'chunkwise';
@@ -358,6 +375,44 @@ async function runContexts(preset: string, weights: WeightFormat, shortContext: 
   return { preset, weights, shortContext, longContext, rounds, stepsPerRound, shortMsPerToken, longMsPerToken, longOverShort };
 }
 
+const TURN_PROMPT_TOKENS = [1, 4, 16, 64];
+
+/** See TurnFigure: one session, every prompt length and a step per round, the order turning. */
+async function runTurns(preset: string, weights: WeightFormat, context: number, chunkSize: number): Promise<TurnFigure[]> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
+  const V = model.config.vocab_size;
+  const session = model.createSession({ batch: 1 });
+  await session.prefill([Array.from({ length: context }, (_, t) => (t * 7) % V)], { mode: 'chunkwise', chunkSize });
+  const logits = new Float32Array(V);
+  const rounds = 9;
+  const ms = TURN_PROMPT_TOKENS.map((): number[] => []);
+  const stepMs: number[] = [];
+  for (let r = 0; r < rounds; r++) {
+    for (let j = 0; j < TURN_PROMPT_TOKENS.length; j++) {
+      const i = (j + r) % TURN_PROMPT_TOKENS.length;
+      const prompt = Array.from({ length: TURN_PROMPT_TOKENS[i] }, (_, t) => (t * 11 + r) % V);
+      const start = process.hrtime.bigint();
+      await session.prefill([prompt], { mode: 'chunkwise', chunkSize });
+      ms[i].push(seconds(start) * 1000);
+    }
+    const start = process.hrtime.bigint();
+    await session.step([1], { logits });
+    stepMs.push(seconds(start) * 1000);
+  }
+  session.dispose();
+  model.dispose();
+  const median = (a: number[]): number => a.slice().sort((x, y) => x - y)[a.length >> 1];
+  return TURN_PROMPT_TOKENS.map((promptTokens, i) => ({
+    preset,
+    weights,
+    context,
+    promptTokens,
+    rounds,
+    msToLogits: median(ms[i]),
+    stepMs: median(stepMs),
+  }));
+}
+
 const GENERATE_PROMPT_TOKENS = 16;
 
 /** See GenerateFigure. */
@@ -558,7 +613,9 @@ export async function main(argv: string[]): Promise<void> {
           ? await runContexts(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
           : kind === 'generate'
             ? await runGenerate(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
-            : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
+            : kind === 'turns'
+              ? await runTurns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
+              : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -577,6 +634,7 @@ export async function main(argv: string[]): Promise<void> {
   const decode: DecodeFigure[] = [];
   const contexts: ContextFigure[] = [];
   const generate: GenerateFigure[] = [];
+  const turns: TurnFigure[] = [];
   let sampling: SamplingFigure[] = [];
   const train: TrainFigure[] = [];
   let kernelFigures: KernelFigure[] = [];
@@ -607,6 +665,15 @@ export async function main(argv: string[]): Promise<void> {
           console.log(
             `${preset.padEnd(7)} ${weights.padEnd(4)} b= 1 ctx ${longContext} against ${shortContext}, ${f.rounds} alternating rounds of ${f.stepsPerRound} steps in one process:` +
               ` ${f.longMsPerToken.toFixed(2)} against ${f.shortMsPerToken.toFixed(2)} ms/step (medians), tokens/s ${f.longOverShort.toFixed(3)}x (median of the rounds' ratios)`,
+          );
+        }
+        if (o.batches.includes(1)) {
+          const figures = inChild<TurnFigure[]>(['turns', preset, weights, String(shortContext), String(o.chunkSize)]);
+          turns.push(...figures);
+          console.log(
+            `${preset.padEnd(7)} ${weights.padEnd(4)} turns on a session at ${shortContext} tokens: next-token logits after ` +
+              `${figures.map((f) => f.promptTokens).join(' / ')} prompt tokens: ${figures.map((f) => f.msToLogits.toFixed(2)).join(' / ')} ms` +
+              ` (medians of ${figures[0].rounds}; a step ${figures[0].stepMs.toFixed(2)} ms)`,
           );
         }
         for (const batch of o.batches) {
@@ -651,7 +718,7 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.json) {
-    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, generate, sampling, train, kernels: kernelFigures };
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, turns, generate, sampling, train, kernels: kernelFigures };
     fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
     console.log(`\nwrote ${o.json}`);
   }

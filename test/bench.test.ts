@@ -20,6 +20,13 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
   expect(report.contexts).toHaveLength(1);
   expect(report.contexts[0]).toMatchObject({ preset: 'tiny', weights: 'f32', shortContext: 16, longContext: 24 });
   expect(report.contexts[0].longOverShort).toBeGreaterThan(0);
+  expect(report.turns.map((f: { context: number; promptTokens: number }) => [f.context, f.promptTokens])).toEqual([
+    [16, 1],
+    [16, 4],
+    [16, 16],
+    [16, 64],
+  ]);
+  for (const f of report.turns) expect(f.msToLogits).toBeGreaterThan(0);
   expect(report.generate.map((f: { concurrency: number; maxTokens: number }) => [f.concurrency, f.maxTokens])).toEqual([
     [1, 2],
     [2, 2],
