@@ -393,68 +393,99 @@ const Kernels& kernels() {
 }
 
 #ifdef RETNET_X86
-// NB outputs (K-contiguous weight rows w, w + ldw, ...) for up to 16 activation rows over one
-// K block: `at` holds the rows transposed ([kc][16], zero past the real rows), so each weight
+// NB outputs (K-contiguous weight rows w, w + ldw, ...) for 16·G activation rows over one K
+// block: `at` holds the rows transposed ([kc][16·G], zero past the real rows), so each weight
 // element is broadcast once against every row. Each output is the sum micro_avx512 makes:
 // FMAs in k order from zero.
-template <int NB>
+template <int G, int NB>
 __attribute__((target("avx512f"))) void small_rows_block_avx512(int kc, const float* at, const float* w,
                                                                  ptrdiff_t ldw, float* out) {
-  __m512 acc[NB];
-  for (int r = 0; r < NB; r++) acc[r] = _mm512_setzero_ps();
-  for (int k = 0; k < kc; k++) {
-    if (k % 16 == 0)
-      for (int r = 0; r < NB; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 64), _MM_HINT_T0);
-    const __m512 a = _mm512_loadu_ps(at + static_cast<size_t>(k) * 16);
+  __m512 acc[NB][G];
 #pragma GCC unroll 8
-    for (int r = 0; r < NB; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_set1_ps(w[r * ldw + k]), acc[r]);
+  for (int r = 0; r < NB; r++)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) acc[r][g] = _mm512_setzero_ps();
+  for (int k = 0; k < kc; k++) {
+    // Four lines ahead in each row (into its next K block: a block's K blocks run in turn).
+    if (k % 16 == 0)
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 64), _MM_HINT_T0);
+    __m512 a[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) a[g] = _mm512_loadu_ps(at + (static_cast<size_t>(k) * G + g) * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; r++) {
+      const __m512 b = _mm512_set1_ps(w[r * ldw + k]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; g++) acc[r][g] = _mm512_fmadd_ps(a[g], b, acc[r][g]);
+    }
   }
-  for (int r = 0; r < NB; r++) _mm512_store_ps(out + r * 16, acc[r]);
+#pragma GCC unroll 8
+  for (int r = 0; r < NB; r++)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) _mm512_store_ps(out + (r * G + g) * 16, acc[r][g]);
 }
 
-// C[M, N] (=|+=) A B for kGemmDotsMaxRows < M <= 16 rows of A (K-contiguous) and a K-contiguous
-// B (a weight): the packed path's K blocks and per-output sums, bit for bit, but streaming the
-// weight once instead of packing it. For a prompt of a few tokens the packing cost more than
-// the products. (32 rows as two 16-lane groups were slower than packing on medium's shapes.)
-constexpr int kSmallRowsMax = 16;
-constexpr int kSmallCols = 8;  // outputs per block
+// Every output of C[M, N] in blocks of NB, 16·G rows: see gemm_small_rows. A block's K blocks
+// add up in a transposed tile, written to C once: C's column of a block is M floats ldc apart,
+// and with ldc = 4 KiB they all fall in one L1 set (a read-modify-write per K block there ran
+// at a quarter of the speed).
+template <int G, int NB>
+__attribute__((target("avx512f"))) void small_rows_avx512(int M, int N, int K, int kc_step, const float* at,
+                                                           const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
+                                                           bool accumulate) {
+  constexpr int lanes = 16 * G;
+  const size_t blocks = (N + NB - 1) / NB;
+  parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
+    alignas(64) float out[NB * lanes], tile[NB * lanes];
+    for (size_t blk = b0; blk < b1; blk++) {
+      const int n0 = static_cast<int>(blk) * NB, cols = std::min(NB, N - n0);
+      if (accumulate)
+        for (int r = 0; r < cols; r++)
+          for (int i = 0; i < M; i++) tile[r * lanes + i] = C[i * ldc + n0 + r];
+      for (int k0 = 0; k0 < K; k0 += kc_step) {
+        const int kc = std::min(kc_step, K - k0);
+        const float* atk = at + static_cast<size_t>(k0) * lanes;
+        const float* wk = W + n0 * ldw + k0;
+        if (cols == NB) {
+          small_rows_block_avx512<G, NB>(kc, atk, wk, ldw, out);
+        } else {
+          for (int r = 0; r < cols; r++) small_rows_block_avx512<G, 1>(kc, atk, wk + r * ldw, ldw, out + r * lanes);
+        }
+        // The packed path's order: C = block (the first, unless accumulating), else block + C.
+        const bool add = accumulate || k0 > 0;
+        for (int e = 0; e < cols * lanes; e++) tile[e] = add ? out[e] + tile[e] : out[e];
+      }
+      for (int r = 0; r < cols; r++)
+        for (int i = 0; i < M; i++) C[i * ldc + n0 + r] = tile[r * lanes + i];
+    }
+  });
+}
+
+// C[M, N] (=|+=) A B for kGemmDotsMaxRows < M <= kSmallRowsMax rows of A (K-contiguous) and a
+// K-contiguous B (a weight): the packed path's K blocks and per-output sums, bit for bit, but
+// streaming the weight once instead of packing it (the rows go in 1 to 4 groups of 16 lanes).
+// For a prompt of a few dozen tokens the packing cost as much as the products.
+constexpr int kSmallRowsMax = 64;
 bool gemm_small_rows(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bool accumulate) {
   const Kernels& kern = kernels();
   if (kern.micro != micro_avx512 || M > kSmallRowsMax) return false;
-  // A transposed into [K][16]; per thread, as bpack is (the lambda must use `at`).
+  const int G = (M + 15) / 16, lanes = 16 * G;
+  // A transposed into [K][lanes]; per thread, as bpack is (the lambdas must use `at`).
   thread_local std::vector<float> atpack;
-  atpack.assign(static_cast<size_t>(K) * 16, 0.f);
+  atpack.assign(static_cast<size_t>(K) * lanes, 0.f);
   float* const at = atpack.data();
   for (int i = 0; i < M; i++)
-    for (int k = 0; k < K; k++) at[static_cast<size_t>(k) * 16 + i] = A.p[i * A.rs + k];
+    for (int k = 0; k < K; k++) at[static_cast<size_t>(k) * lanes + i] = A.p[i * A.rs + k];
   // The packed path's K blocks (gemm below).
   const int kblocks = (K + kern.kc - 1) / kern.kc;
   const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
-  const float* W = B.p;
-  const ptrdiff_t ldw = B.cs;
-  const size_t groups = (N + kSmallCols - 1) / kSmallCols;
-  parallel_for(groups, 1, [&](size_t g0, size_t g1) {
-    alignas(64) float out[kSmallCols * 16];
-    for (size_t grp = g0; grp < g1; grp++) {
-      const int n0 = static_cast<int>(grp) * kSmallCols, cols = std::min(kSmallCols, N - n0);
-      for (int k0 = 0; k0 < K; k0 += kc_step) {
-        const int kc = std::min(kc_step, K - k0);
-        const float* atk = at + static_cast<size_t>(k0) * 16;
-        const float* wk = W + n0 * ldw + k0;
-        if (cols == kSmallCols) {
-          small_rows_block_avx512<kSmallCols>(kc, atk, wk, ldw, out);
-        } else {
-          for (int r = 0; r < cols; r++) small_rows_block_avx512<1>(kc, atk, wk + r * ldw, ldw, out + r * 16);
-        }
-        const bool add = accumulate || k0 > 0;
-        for (int r = 0; r < cols; r++)
-          for (int i = 0; i < M; i++) {
-            float& c = C[i * ldc + n0 + r];
-            c = add ? out[r * 16 + i] + c : out[r * 16 + i];
-          }
-      }
-    }
-  });
+  switch (G) {
+    case 1: small_rows_avx512<1, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
+    case 2: small_rows_avx512<2, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
+    case 3: small_rows_avx512<3, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
+    default: small_rows_avx512<4, 6>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
+  }
   return true;
 }
 #else

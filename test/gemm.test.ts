@@ -45,7 +45,7 @@ const random = (n: number): Float32Array => Float32Array.from({ length: n }, () 
 
 // Shapes around every blocking edge: tiles of 6 x 16 (generic, AVX2) and 12 x 32 (AVX-512),
 // K blocks of 384 and 256, row blocks of 72 and 96, the 8-wide packing, the dot path for
-// M <= 4 and the AVX-512 path for up to 16 rows against a weight (blocks of 8 outputs).
+// M <= 4 and the AVX-512 path for up to 64 rows against a weight (blocks of 8 or 6 outputs).
 const SHAPES: Array<[number, number, number]> = [
   [1, 1, 1],
   [1, 33, 300],
@@ -66,6 +66,9 @@ const SHAPES: Array<[number, number, number]> = [
   [16, 40, 1024],
   [15, 9, 600],
   [17, 24, 300],
+  [40, 13, 1030],
+  [64, 31, 264],
+  [65, 7, 64],
 ];
 const CASES: Case[] = [];
 for (const [M, N, K] of SHAPES) {
@@ -118,14 +121,14 @@ describe('CPU gemm', () => {
     });
   });
 
-  // Up to 16 rows against a weight (X W^T) skip the packing on AVX-512 but must sum as the
+  // Up to 64 rows against a weight (X W^T) skip the packing on AVX-512 but must sum as the
   // packed path does: a row's numbers don't depend on how many rows come with it.
-  it.each([5, 8, 15, 16, 17])('X W^T: the first %i rows of a 40-row product, bit for bit', async (M) => {
+  it.each([5, 8, 16, 17, 33, 48, 49, 64])('X W^T: the first %i rows of an 80-row product, bit for bit', async (M) => {
     for (const [N, K, accumulate] of [[37, 300, false], [64, 520, true], [9, 1024, false]] as const) {
       const o = { N, K, aTransposed: false, bTransposed: true, accumulate, precision: 'fp32' as const };
-      const a = random(40 * K), b = random(N * K), c0 = random(40 * N);
+      const a = random(80 * K), b = random(N * K), c0 = random(80 * N);
       const all = Float32Array.from(c0);
-      await addon().gemm(a, b, all, { ...o, M: 40 });
+      await addon().gemm(a, b, all, { ...o, M: 80 });
       const few = c0.slice(0, M * N);
       await addon().gemm(a.subarray(0, M * K), b, few, { ...o, M });
       expect(Buffer.from(few.buffer).equals(Buffer.from(all.buffer, 0, M * N * 4))).toBe(true);
