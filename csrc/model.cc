@@ -234,7 +234,7 @@ void Model::check_tokens(const int32_t* tokens, size_t n) const {
 // Embedding output in ws.x must be ready; runs every layer over the rows of d.
 void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
                        const std::vector<StateView>* states, Mode mode, int C,
-                       const std::vector<Segment>* segments) const {
+                       const std::vector<Segment>* segments, bool rowwise_products) const {
   Ops& ops = *ops_;
   const ModelConfig& c = c_;
   const int R = d.B * d.T;
@@ -243,7 +243,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   // grouped so that products sharing an input run in one pass. A prefill of a few rows gets
   // the same grouping (its products are those dot products either way), on the fp32 weights.
   auto project = [&](int M, int K, const float* X, std::initializer_list<LinearOut> outs) {
-    if (mode == Mode::Recurrent || M <= kGemmDotsMaxRows) {
+    if (mode == Mode::Recurrent || rowwise_products || M <= kGemmDotsMaxRows) {
       LinearOut group[4];
       int n = 0;
       for (LinearOut o : outs) {
@@ -464,26 +464,38 @@ void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t
   }
   check_tokens(tokens, rows);
   const int segment = mode == Mode::Parallel ? std::numeric_limits<int>::max() : std::max(C, kPrefillSegment / C * C);
-  // Alone, prefill() cuts a prompt longer than a segment, and products of a few rows sum in
-  // another order (kGemmDotsMaxRows): those states, and every state in the recurrent form,
-  // run alone, so that each state's numbers never depend on the others.
-  std::vector<Segment> together;
-  std::vector<size_t> members, offsets;  // together[g] is states[members[g]], its tokens at offsets[g]
-  int row0 = 0;
+  // Alone, prefill() cuts a prompt longer than a segment: those states, and every state in the
+  // recurrent form, run alone. The others share two passes, so that each state's numbers never
+  // depend on the others: prompts of a few tokens (kGemmDotsMaxRows), whose products alone are
+  // decode dot products, in a pass of dot products over all their rows; the rest in a GEMM pass.
+  std::vector<size_t> few, many, few_offsets, many_offsets;
   for (size_t i = 0, offset = 0; i < states.size(); offset += lengths[i], i++) {
-    const bool alone = mode == Mode::Recurrent || !ops_->has_chunked_recurrent() || lengths[i] > segment ||
-                       lengths[i] <= kGemmDotsMaxRows;
-    if (alone) {
+    if (mode == Mode::Recurrent || !ops_->has_chunked_recurrent() || lengths[i] > segment) {
       prefill(*states[i], tokens + offset, lengths[i], mode, C, logits + i * c_.V);
+    } else if (lengths[i] <= kGemmDotsMaxRows) {
+      few.push_back(i);
+      few_offsets.push_back(offset);
     } else {
-      states[i]->make_writable();
-      together.push_back({row0, lengths[i], states[i]});
-      members.push_back(i);
-      offsets.push_back(offset);
-      row0 += lengths[i];
+      many.push_back(i);
+      many_offsets.push_back(offset);
     }
   }
-  if (together.empty()) return;
+  prefill_together(states, tokens, lengths, few, few_offsets, mode, C, true, logits);
+  prefill_together(states, tokens, lengths, many, many_offsets, mode, C, false, logits);
+}
+
+void Model::prefill_together(const std::vector<DecodeState*>& states, const int32_t* tokens,
+                             const std::vector<int>& lengths, const std::vector<size_t>& members,
+                             const std::vector<size_t>& offsets, Mode mode, int C, bool rowwise_products,
+                             float* logits) const {
+  if (members.empty()) return;
+  std::vector<Segment> together;
+  int row0 = 0;
+  for (size_t i : members) {
+    states[i]->make_writable();
+    together.push_back({row0, lengths[i], states[i]});
+    row0 += lengths[i];
+  }
   Workspace ws(ops_.get(), c_, static_cast<size_t>(row0));
   std::vector<int32_t> grouped(row0);
   std::vector<int> row_ends;
@@ -493,7 +505,7 @@ void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t
   }
   ops_->embed(grouped.data(), row0, embed_, c_.D, c_.embed_scale, ws.x.data());
   if (emb_ln_) ops_->rmsnorm(ws.x.data(), emb_ln_, ws.x.data(), row0, c_.D, c_.eps);
-  run_layers(ws, {1, row0, c_.H, c_.dk(), c_.dv()}, nullptr, nullptr, mode, C, &together);
+  run_layers(ws, {1, row0, c_.H, c_.dk(), c_.dv()}, nullptr, nullptr, mode, C, &together, rowwise_products);
   for (const Segment& s : together) s.state->position[0] += s.T;
   std::vector<float> grouped_logits(together.size() * static_cast<size_t>(c_.V));
   logits_of_last_rows(ws, row_ends, grouped_logits.data());

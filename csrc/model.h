@@ -151,10 +151,15 @@ class Model {
     DecodeState* state;
   };
   // With `segments`, the rows are those states' prompts one after another (d covers them all);
-  // rotation and retention then run per segment.
+  // rotation and retention then run per segment. `rowwise_products`: every product as decode
+  // dot products (a row's numbers then don't depend on the others), whatever the row count.
   void run_layers(Workspace& ws, const RetentionDims& d, const int64_t* start,
                   const std::vector<StateView>* states, Mode mode, int C,
-                  const std::vector<Segment>* segments = nullptr) const;
+                  const std::vector<Segment>* segments = nullptr, bool rowwise_products = false) const;
+  // prefill_batch's pass over states[members[g]] together, their tokens at offsets[g].
+  void prefill_together(const std::vector<DecodeState*>& states, const int32_t* tokens, const std::vector<int>& lengths,
+                        const std::vector<size_t>& members, const std::vector<size_t>& offsets, Mode mode, int C,
+                        bool rowwise_products, float* logits) const;
   // The rows at `row_ends[i] - 1` of x, normed and projected into logits row i (batch-invariant).
   void logits_of_last_rows(Workspace& ws, const std::vector<int>& row_ends, float* logits) const;
   void logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool rowwise, float* logits_host) const;

@@ -460,12 +460,12 @@ test("stepBatch's draws on its worker equal NativeSampler.sample's; malformed sa
 test.each(['chunkwise', 'parallel', 'recurrent'] as const)('prefillBatch (%s) leaves every state bit for bit as prefill alone', async (mode) => {
   // Swish GLU of width F = 1001: rows' gates not a multiple of the vector width, so how a call's
   // elements split into pieces must not matter; a K split in blocks; prompts of a few tokens
-  // (their products sum in another order) and one longer than a prefill segment run alone
-  // inside the call.
+  // (alone, their products are decode dot products: 11 rows of them share a pass of those) and
+  // one longer than a prefill segment (alone inside the call).
   const wide = await RetNet.create({ ...CONFIG, decoder_embed_dim: 64, decoder_value_embed_dim: 96, decoder_ffn_embed_dim: 1001, activation_fn: 'swish' as const }, { seed: 3 });
   const native = wide.native();
   const V = wide.config.vocab_size;
-  const lengths = mode === 'recurrent' ? [7, 3, 12] : [7, 3, 16, 1, 40, 5, 9, 2100];
+  const lengths = mode === 'recurrent' ? [7, 3, 12] : [7, 3, 16, 1, 40, 4, 5, 2, 9, 1, 2100];
   const prompts = lengths.map((n, i) => Int32Array.from(randomTokens(40 + i, 1, n)[0]));
   const alone = prompts.map(() => native.createState(1));
   const together = prompts.map(() => native.createState(1));
