@@ -513,7 +513,7 @@ export class Scheduler {
     sequence.prefilled = end;
     sequence.position = end;
     if (sequence.released) return;
-    if (end === sequence.snapshotAt && !this.disposed && this.currentPrefixCache() === sequence.weightVersion) {
+    if (end === sequence.snapshotAt && !this.disposed && this.refreshPrefixCache() === sequence.weightVersion) {
       this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
     }
     if (end === sequence.prompt.length) {
@@ -528,10 +528,10 @@ export class Scheduler {
   }
 
   /**
-   * The prefix cache, emptied first if the weights changed since its states were computed (a
-   * training step, setParam): those states belong to the old weights. Returns the weight version.
+   * Empties the prefix cache if the weights changed since its states were computed (a training
+   * step, setParam): those states belong to the old weights. Returns the weight version it now holds.
    */
-  private currentPrefixCache(): number {
+  private refreshPrefixCache(): number {
     const version = this.owner.native().weightVersion();
     if (version !== this.cacheWeightVersion) {
       this.prefixCache.clear();
@@ -547,7 +547,7 @@ export class Scheduler {
    * whose state its prefill should cache.
    */
   private startFromPrefixCache(sequence: Sequence): void {
-    sequence.weightVersion = this.currentPrefixCache();
+    sequence.weightVersion = this.refreshPrefixCache();
     const prompt = sequence.prompt;
     const explicit = sequence.options.cachePrefixTokens;
     const cacheOn = this.prefixCache.maxEntries > 0;
