@@ -568,7 +568,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("setParam", &NativeModel::SetParam),
                         InstanceMethod("setParams", &NativeModel::SetParams),
                         InstanceMethod("weightVersion", &NativeModel::WeightVersion),
-                        InstanceMethod("setDecodeWeights", &NativeModel::SetDecodeWeights),
+                        InstanceMethod("setWeightFormat", &NativeModel::SetWeightFormat),
                         InstanceMethod("lossAndGradients", &NativeModel::LossAndGradients),
                         InstanceMethod("trainStep", &NativeModel::TrainStep),
                         InstanceMethod("getOptimizerState", &NativeModel::GetOptimizerState),
@@ -1055,14 +1055,15 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   // setParam(name, data: Float32Array): replaces one parameter (sizes checked).
-  // Weight updates would leave the compact decode copies stale.
-  static void require_fp32_decode(const Model& m, const char* what) {
-    if (m.decode_format() != WeightFormat::F32)
-      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one decodes from bf16/int8 copies");
+  // A compact model keeps no fp32 projection weights to update or take gradients of.
+  static void require_fp32_weights(const Model& m, const char* what) {
+    if (m.weight_format() != WeightFormat::F32)
+      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8 weights (load it with weights 'f32')");
   }
 
-  // setDecodeWeights('f32' | 'bf16' | 'int8') -> Promise<void>: builds the compact decode copies.
-  Napi::Value SetDecodeWeights(const Napi::CallbackInfo& info) {
+  // setWeightFormat('f32' | 'bf16' | 'int8') -> Promise<void>: converts the projection weights
+  // (Model::set_weight_format).
+  Napi::Value SetWeightFormat(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
     WeightFormat format;
@@ -1085,7 +1086,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         env,
         [m, guard, format] {
           WriteClaim claim{guard};
-          m->set_decode_format(format);
+          m->set_weight_format(format);
         },
         [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
     worker->Queue();
@@ -1101,7 +1102,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       Napi::Float32Array data = float32_arg(info[1], "data");
       for (size_t i = 0; i < data.ElementLength(); i++)
         if (!std::isfinite(data[i])) throw std::invalid_argument("parameter data holds a non-finite value");
-      require_fp32_decode(*m, "setParam");
+      require_fp32_weights(*m, "setParam");
       m->set_param(info[0].As<Napi::String>().Utf8Value(), data.Data(), data.ElementLength());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1117,7 +1118,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     std::vector<ParamSource> sources;
     std::vector<Napi::Value> keep;
     try {
-      require_fp32_decode(*m, "setParams");
+      require_fp32_weights(*m, "setParams");
       sources = param_sources(info[0], keep);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1147,6 +1148,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       batch = parse_batch(info[0], info[1], info[2], info[5], info[6]);
       pass = parse_pass(info[3], info[4], info[8], info[9]);
       seed = parse_seed(info[7]);
+      require_fp32_weights(*m, "lossAndGradients");
       trainer()->check_batch(batch->view);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1233,7 +1235,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       }
       opt.seed = parse_seed(o.Get("seed"));
       for (const TrainBatch& b : micro) trainer()->check_batch(b);
-      require_fp32_decode(*m, "trainStep");
+      require_fp32_weights(*m, "trainStep");
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }

@@ -501,6 +501,84 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
   });
 }
 
+// The packed path: B in NC-column, kc-row blocks packed into NR-column panels by
+// `pack_panel(n0, nc, k0, kc, panel)` (as Kernels::pack_b lays them out), A in MC-row blocks.
+template <typename PackPanel>
+void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, float* C, ptrdiff_t ldc,
+                 bool accumulate, Precision precision) {
+  const bool bf16 = precision == Precision::BF16;
+  const Kernels& kern = kernels();
+  const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
+  const bool paired = bf16 && kern.micro_bf16;
+  const MicroKernel micro = paired ? kern.micro_bf16 : kern.micro;
+  // The packed B block, reused across calls: a fresh zeroed vector per product cost page
+  // faults and a memset as large as the block (retention calls this per tile). Per thread,
+  // since products nested in a parallel region run on several threads at once.
+  // (The lambdas below must use `packed`: inside them `bpack` would name the running
+  // thread's own buffer, not this call's.)
+  thread_local std::vector<float> bpack;
+  const size_t bpack_size = static_cast<size_t>(KC) * (std::min(N, NC) + NR);
+  if (bpack.size() < bpack_size) bpack.resize(bpack_size);
+  float* const packed = bpack.data();
+  // Equal K blocks (with KC 384: 512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and
+  // a short tail.
+  const int kblocks = (K + KC - 1) / KC;
+  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  const int mblocks = (M + MC - 1) / MC;
+  for (int n0 = 0; n0 < N; n0 += NC) {
+    const int nc = std::min(NC, N - n0);
+    const int npanels = (nc + NR - 1) / NR;
+    for (int k0 = 0; k0 < K; k0 += kc_step) {
+      const int kc = std::min(kc_step, K - k0);
+      const bool acc = accumulate || k0 > 0;
+      parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
+        for (size_t p = p0; p < p1; p++) {
+          float* panel = packed + p * KC * NR;
+          pack_panel(n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc, panel);
+          if (paired) kern.pair_b(panel, kc);
+          else if (bf16) round_bf16_in_place(panel, kc * NR);
+        }
+      });
+      const int ksteps = paired ? (kc + 1) / 2 : kc;  // what the micro-kernel iterates over
+      // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
+      // scheduling the last, uneven ones cost little.
+      const int threads = available_threads();
+      const int nsplit = threads == 1 ? 1 : std::max(1, std::min(npanels, (threads * 8 + mblocks - 1) / mblocks));
+      const int panels_per = (npanels + nsplit - 1) / nsplit;
+      parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
+        alignas(64) float apack[kMaxPackA + kPackSlack];
+        alignas(64) float edge[kMaxMR * kMaxNR];
+        for (size_t t = t0; t < t1; t++) {
+          const int mb = static_cast<int>(t / nsplit), ns = static_cast<int>(t % nsplit);
+          const int m0 = mb * MC, mc = std::min(MC, M - m0);
+          const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
+          if (pbeg >= pend) continue;
+          kern.pack_a(A, m0, mc, k0, kc, apack);
+          for (int ip = 0; bf16 && ip < mc; ip += MR) {
+            if (paired) kern.pair_a(apack + ip * kc, kc);
+            else round_bf16_in_place(apack + ip * kc, kc * MR);
+          }
+          for (int p = pbeg; p < pend; p++) {
+            const int j0 = p * NR, cols = std::min(NR, nc - j0);
+            const float* bp = packed + static_cast<size_t>(p) * KC * NR;
+            for (int ip = 0; ip < mc; ip += MR) {
+              const int rows = std::min(MR, mc - ip);
+              float* ct = C + (m0 + ip) * ldc + n0 + j0;
+              if (rows == MR && cols == NR) {
+                micro(ksteps, apack + ip * kc, bp, ct, ldc, acc);
+              } else {
+                micro(ksteps, apack + ip * kc, bp, edge, NR, false);
+                for (int i = 0; i < rows; i++)
+                  for (int j = 0; j < cols; j++) ct[i * ldc + j] = acc ? ct[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
+              }
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
 }  // namespace
 
 const char* gemm_isa() { return kernels().name; }
@@ -551,75 +629,37 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
   }
   if (!bf16 && A.cs == 1 && B.rs == 1 && gemm_small_rows(M, N, K, A, B, C, ldc, accumulate)) return;
   const Kernels& kern = kernels();
-  const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
-  const bool paired = bf16 && kern.micro_bf16;
-  const MicroKernel micro = paired ? kern.micro_bf16 : kern.micro;
-  // The packed B block, reused across calls: a fresh zeroed vector per product cost page
-  // faults and a memset as large as the block (retention calls this per tile). Per thread,
-  // since products nested in a parallel region run on several threads at once.
-  // (The lambdas below must use `packed`: inside them `bpack` would name the running
-  // thread's own buffer, not this call's.)
-  thread_local std::vector<float> bpack;
-  const size_t bpack_size = static_cast<size_t>(KC) * (std::min(N, NC) + NR);
-  if (bpack.size() < bpack_size) bpack.resize(bpack_size);
-  float* const packed = bpack.data();
-  // Equal K blocks (with KC 384: 512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and
-  // a short tail.
-  const int kblocks = (K + KC - 1) / KC;
-  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
-  const int mblocks = (M + MC - 1) / MC;
-  for (int n0 = 0; n0 < N; n0 += NC) {
-    const int nc = std::min(NC, N - n0);
-    const int npanels = (nc + NR - 1) / NR;
-    for (int k0 = 0; k0 < K; k0 += kc_step) {
-      const int kc = std::min(kc_step, K - k0);
-      const bool acc = accumulate || k0 > 0;
-      parallel_for(npanels, 8, [&](size_t p0, size_t p1) {
-        for (size_t p = p0; p < p1; p++) {
-          float* panel = packed + p * KC * NR;
-          kern.pack_b(B, n0 + static_cast<int>(p) * NR, nc - static_cast<int>(p) * NR, k0, kc, panel);
-          if (paired) kern.pair_b(panel, kc);
-          else if (bf16) round_bf16_in_place(panel, kc * NR);
-        }
-      });
-      const int ksteps = paired ? (kc + 1) / 2 : kc;  // what the micro-kernel iterates over
-      // Split N too when there are few row blocks: about 8 tasks per thread, so with dynamic
-      // scheduling the last, uneven ones cost little.
-      const int threads = available_threads();
-      const int nsplit = threads == 1 ? 1 : std::max(1, std::min(npanels, (threads * 8 + mblocks - 1) / mblocks));
-      const int panels_per = (npanels + nsplit - 1) / nsplit;
-      parallel_for(static_cast<size_t>(mblocks) * nsplit, 1, [&](size_t t0, size_t t1) {
-        alignas(64) float apack[kMaxPackA + kPackSlack];
-        alignas(64) float edge[kMaxMR * kMaxNR];
-        for (size_t t = t0; t < t1; t++) {
-          const int mb = static_cast<int>(t / nsplit), ns = static_cast<int>(t % nsplit);
-          const int m0 = mb * MC, mc = std::min(MC, M - m0);
-          const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
-          if (pbeg >= pend) continue;
-          kern.pack_a(A, m0, mc, k0, kc, apack);
-          for (int ip = 0; bf16 && ip < mc; ip += MR) {
-            if (paired) kern.pair_a(apack + ip * kc, kc);
-            else round_bf16_in_place(apack + ip * kc, kc * MR);
-          }
-          for (int p = pbeg; p < pend; p++) {
-            const int j0 = p * NR, cols = std::min(NR, nc - j0);
-            const float* bp = packed + static_cast<size_t>(p) * KC * NR;
-            for (int ip = 0; ip < mc; ip += MR) {
-              const int rows = std::min(MR, mc - ip);
-              float* ct = C + (m0 + ip) * ldc + n0 + j0;
-              if (rows == MR && cols == NR) {
-                micro(ksteps, apack + ip * kc, bp, ct, ldc, acc);
-              } else {
-                micro(ksteps, apack + ip * kc, bp, edge, NR, false);
-                for (int i = 0; i < rows; i++)
-                  for (int j = 0; j < cols; j++) ct[i * ldc + j] = acc ? ct[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
-              }
-            }
-          }
-        }
-      });
-    }
+  gemm_packed(M, N, K, A, [&](int n0, int nc, int k0, int kc, float* panel) { kern.pack_b(B, n0, nc, k0, kc, panel); },
+              C, ldc, accumulate, precision);
+}
+
+void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
+  if (M <= 0 || W.N <= 0) return;
+  // The decode dot products read a compact weight as it is stored; below a few hundred rows
+  // they beat widening it for the packed path (medium prefill, bf16: 64 rows 151-162 against
+  // 97-109 ms, 256 rows 357-373 against 335-339; int8: 128 rows 282-295 against 211-227).
+  if (M <= kCompactDotsMaxRows) {
+    const LinearOut out{nullptr, W.N, Y, &W};
+    linear_rowwise(M, W.K, X, &out, 1);
+    return;
   }
+  // Where decode's bf16 products round the activations to bf16 (on the CPU's bf16 dot
+  // product), these do too, on the bf16 micro-kernel: every form of a bf16 model computes
+  // what its decode steps compute.
+  const bool bf16_x = W.format == WeightFormat::BF16 && gemm_has_bf16_dot();
+  const Kernels& kern = kernels();
+  gemm_packed(
+      M, W.N, W.K, row_major(X, W.K),
+      [&](int n0, int nc, int k0, int kc, float* panel) {
+        // The panel's weight rows widened side by side (fetching the next panel's), then
+        // packed as an fp32 weight's would be.
+        thread_local std::vector<float> wide;
+        const int rows = std::min(kern.nr, nc);
+        wide.resize(static_cast<size_t>(kern.nr) * kc);
+        widen_rows(W, n0, rows, k0, kc, wide.data(), kc, kern.nr);
+        kern.pack_b(transposed(wide.data(), kc), 0, rows, 0, kc, panel);
+      },
+      Y, W.N, false, bf16_x ? Precision::BF16 : Precision::F32);
 }
 
 }  // namespace retnet

@@ -38,8 +38,8 @@ inline void linear(int M, int N, int K, const float* X, const float* W, float* Y
 
 struct QuantizedMatrix;
 
-// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T. When
-// `compact` is set, decode reads that bf16/int8 copy of W instead of W itself.
+// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T, or with
+// `compact` set, that bf16/int8 matrix instead of W.
 struct LinearOut {
   const float* W;
   int N;
@@ -51,6 +51,12 @@ struct LinearOut {
 // row is summed in an order that does not depend on M: decode steps use it so a sequence
 // gets the same numbers alone or batched.
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count);
+
+// Y[M, N] = X[M, K] * Wq[N, K]^T for a compact (bf16 / int8) weight, N and K from Wq: up to
+// kCompactDotsMaxRows rows as linear_rowwise's dot products, more as gemm's packed products
+// on the weight widened to fp32 a panel at a time while it is packed.
+constexpr int kCompactDotsMaxRows = 256;
+void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y);
 
 // Name of the kernel set chosen at run time ("avx512", "avx2-fma" or "generic").
 const char* gemm_isa();

@@ -191,35 +191,49 @@ void Model::get_param(const std::string& name, float* data, size_t n) const {
   const ParamInfo* p = find_param(name);
   if (!p) throw std::invalid_argument("unknown parameter " + name);
   if (p->size != n) throw std::invalid_argument("parameter " + name + " size mismatch");
-  ops_->download(data, arena_.data() + p->offset, n);
+  const float* W = arena_.data() + p->offset;
+  const QuantizedMatrix* compact = W == embed_ ? nullptr : compact_of(W);
+  if (compact) {
+    widen_rows(*compact, 0, compact->N, 0, compact->K, data, compact->K);
+  } else {
+    ops_->download(data, W, n);
+  }
 }
 
-void Model::set_decode_format(WeightFormat format) {
-  // Only the CPU's decode product reads the compact copies; elsewhere they would be ignored.
-  if (format != WeightFormat::F32 && std::strcmp(ops_->name(), "cpu") != 0)
-    throw std::invalid_argument(std::string("weights 'bf16' and 'int8' decode on the CPU only; this model is on ") +
+const QuantizedMatrix* Model::compact_of(const float* W) const {
+  const auto it = compact_.find(W);
+  return it == compact_.end() ? nullptr : &it->second;
+}
+
+void Model::set_weight_format(WeightFormat format) {
+  if (format == weight_format_) return;
+  // The fp32 weights are gone once compact: another format would be converted from rounded values.
+  if (weight_format_ != WeightFormat::F32)
+    throw std::invalid_argument("this model's weights are already compact; load the checkpoint again for another format");
+  // Only the CPU has kernels for compact weights.
+  if (std::strcmp(ops_->name(), "cpu") != 0)
+    throw std::invalid_argument(std::string("weights 'bf16' and 'int8' run on the CPU only; this model is on ") +
                                 ops_->name() + " (load it with weights 'f32')");
-  compact_.clear();
-  decode_format_ = format;
-  if (format == WeightFormat::F32) return;
   const ModelConfig& c = c_;
   std::vector<float> host;
-  auto add = [&](const float* W, int N, int K) {
+  auto convert = [&](const float* W, int N, int K) {
     host.resize(static_cast<size_t>(N) * K);
     ops_->download(host.data(), W, host.size());
     compact_.emplace(W, quantize(host.data(), N, K, format));
+    if (W != embed_) ops_->drop(const_cast<float*>(W), host.size());
   };
   for (const Layer& w : layers_) {
-    add(w.q, c.D, c.D);
-    add(w.k, c.D, c.D);
-    add(w.v, c.Dv, c.D);
-    add(w.g, c.Dv, c.D);
-    add(w.out, c.D, c.Dv);
-    add(w.fc1, c.F, c.D);
-    add(w.gate, c.F, c.D);
-    add(w.fc2, c.D, c.F);
+    convert(w.q, c.D, c.D);
+    convert(w.k, c.D, c.D);
+    convert(w.v, c.Dv, c.D);
+    convert(w.g, c.Dv, c.D);
+    convert(w.out, c.D, c.Dv);
+    convert(w.fc1, c.F, c.D);
+    convert(w.gate, c.F, c.D);
+    convert(w.fc2, c.D, c.F);
   }
-  add(output_, c.V, c.D);
+  convert(output_, c.V, c.D);
+  weight_format_ = format;
 }
 
 void Model::check_tokens(const int32_t* tokens, size_t n) const {
@@ -241,19 +255,24 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
   const float k_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.dk())));
   // Decode steps use batch-invariant products (a row's numbers don't depend on its batch),
   // grouped so that products sharing an input run in one pass. A prefill of a few rows gets
-  // the same grouping (its products are those dot products either way), on the fp32 weights.
+  // the same grouping (its products are those dot products either way).
   auto project = [&](int M, int K, const float* X, std::initializer_list<LinearOut> outs) {
     if (mode == Mode::Recurrent || rowwise_products || M <= kGemmDotsMaxRows) {
       LinearOut group[4];
       int n = 0;
       for (LinearOut o : outs) {
-        const auto compact = compact_.find(o.W);
-        if (mode == Mode::Recurrent && compact != compact_.end()) o.compact = &compact->second;
+        o.compact = compact_of(o.W);
         group[n++] = o;
       }
       ops.linear_rowwise(M, K, X, group, n);
     } else {
-      for (const LinearOut& o : outs) ops.linear(M, o.N, K, X, o.W, o.Y, false, Precision::F32);
+      for (const LinearOut& o : outs) {
+        if (const QuantizedMatrix* compact = compact_of(o.W)) {
+          ops.linear_compact(M, X, *compact, o.Y);
+        } else {
+          ops.linear(M, o.N, K, X, o.W, o.Y, false, Precision::F32);
+        }
+      }
     }
   };
   for (int l = 0; l < c.L; l++) {
@@ -325,10 +344,12 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   const bool host = std::strcmp(ops.name(), "cpu") == 0;
   if (!host && ws.logits.size() < n) ws.logits = Buffer(ops_.get(), n);
   float* out = host ? logits_host : ws.logits.data();
+  const QuantizedMatrix* compact = compact_of(output_);
   if (rowwise) {
-    const auto compact = compact_.find(output_);
-    const LinearOut projection{output_, c_.V, out, compact == compact_.end() ? nullptr : &compact->second};
+    const LinearOut projection{output_, c_.V, out, compact};
     ops.linear_rowwise(rows, c_.D, in, &projection, 1);
+  } else if (compact) {
+    ops.linear_compact(rows, in, *compact, out);
   } else {
     ops.linear(rows, c_.V, c_.D, in, output_, out, false, Precision::F32);
   }

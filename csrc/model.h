@@ -129,10 +129,12 @@ class Model {
   // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
   void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
-  // Decode steps read compact copies of the projection weights in this format (F32: none).
-  // The fp32 weights stay the master copy for prefill, forward and training.
-  void set_decode_format(WeightFormat format);
-  WeightFormat decode_format() const { return decode_format_; }
+  // Converts every projection weight to a compact format (bf16, int8) once the weights are
+  // loaded, and hands their fp32 memory back: from then on every product, prefill and forward
+  // as well as decode, reads the compact matrices, get_param widens them back to fp32, and
+  // the model can't be trained or changed. Once compact, its format can't change again.
+  void set_weight_format(WeightFormat format);
+  WeightFormat weight_format() const { return weight_format_; }
 
   // Throws std::invalid_argument naming the first token id outside [0, V).
   void check_tokens(const int32_t* tokens, size_t n) const;
@@ -179,8 +181,11 @@ class Model {
   const float *embed_ = nullptr, *output_ = nullptr, *emb_ln_ = nullptr, *final_ln_ = nullptr;
   const float *angle_ = nullptr, *decay_ = nullptr;
   std::vector<float> angle_host_, decay_host_;
-  WeightFormat decode_format_ = WeightFormat::F32;
-  std::unordered_map<const float*, QuantizedMatrix> compact_;  // by fp32 weight
+  WeightFormat weight_format_ = WeightFormat::F32;
+  // The compact projections, by where their fp32 weights were in the arena (those pages are
+  // handed back, except a tied output projection's: it is the embedding too).
+  std::unordered_map<const float*, QuantizedMatrix> compact_;
+  const QuantizedMatrix* compact_of(const float* W) const;
   std::shared_ptr<StatePool> state_pool_ = std::make_shared<StatePool>();
   // Workspace of step_batch, grown to the largest batch seen.
   mutable std::mutex batch_mu_;

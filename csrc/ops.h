@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "gemm.h"
 
@@ -52,6 +54,10 @@ class Ops {
   // pages back to the system, so they stop counting towards the peak resident set until
   // next written (they come back zeroed).
   virtual void discard(float* p, size_t n) = 0;
+  // Hands [p, p+n)'s memory back for good: its values are never read again (a weight that
+  // was converted to a compact format). The CPU backend releases every whole small page in
+  // it, splitting huge pages at the edges.
+  virtual void drop(float* p, size_t n) { discard(p, n); }
   // Backs [p, p+n) with memory now, values unchanged: a discarded buffer about to be written
   // comes back in one pass instead of a page fault at a time inside the kernels writing it.
   virtual void populate(float* p, size_t n) {}
@@ -63,6 +69,10 @@ class Ops {
   // weights), with every row's result independent of M (batch-invariant), for decode steps:
   // a sequence decodes to the same tokens alone or in a batch.
   virtual void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) = 0;
+  // Y[M, N] = X[M, K] Wq[N, K]^T for a compact weight (see quant.h); only the CPU has them.
+  virtual void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
+    throw std::logic_error(std::string(name()) + " has no compact weights");
+  }
   // out[i, :] = E[tokens[i], :] * scale. tokens are host memory, already range-checked.
   virtual void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) = 0;
   // y = x / sqrt(mean(x^2) + eps) (* w when w is not null), per row of D. y may alias x.

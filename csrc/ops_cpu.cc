@@ -415,6 +415,15 @@ class CpuOps final : public Ops {
   void copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void fill(float* dst, float value, size_t n) override { std::fill(dst, dst + n, value); }
   void discard(float* p, size_t n) override { discard_host_memory(p, n * sizeof(float)); }
+  void drop(float* p, size_t n) override {
+#ifdef __linux__
+    static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p + n) / page * page;
+    if (begin < end && madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED) == 0) return;
+#endif
+    discard(p, n);
+  }
   void populate(float* p, size_t n) override {
 #ifdef MADV_POPULATE_WRITE
     static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
@@ -431,6 +440,9 @@ class CpuOps final : public Ops {
   }
   void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
     retnet::linear_rowwise(M, K, X, outs, count);
+  }
+  void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) override {
+    retnet::linear_compact(M, X, W, Y);
   }
 
   void embed(const int32_t* tokens, int n, const float* E, int D, float scale, float* out) override {

@@ -283,6 +283,68 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void dots_bf16dp(const Qu
 }
 #endif
 
+// widen_rows: from k0 on, 16 (8) weights per load, the rest one by one.
+void widen_rows_generic(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
+  for (int r = 0; r < rows; r++) {
+    const size_t at = static_cast<size_t>(n0 + r) * q.K + k0;
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[n0 + r] : 1.0f;
+    for (int k = 0; k < kc; k++) out[r * ldo + k] = weight_at(q, at + k) * scale;
+  }
+}
+
+#ifdef RETNET_X86
+template <typename Load>
+__attribute__((target("avx512f"))) void widen_avx512(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
+                                                      float* out, ptrdiff_t ldo, int ahead) {
+  const int bytes = q.format == WeightFormat::BF16 ? 2 : 1;
+  for (int r = 0; r < rows; r++) {
+    const size_t at = static_cast<size_t>(n0 + r) * q.K + k0;
+    const Load load = Load::row(q, at);
+    const char* next = reinterpret_cast<const char*>(load.w + static_cast<size_t>(ahead) * q.K);
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[n0 + r] : 1.0f;
+    const __m512 s = _mm512_set1_ps(scale);
+    float* dst = out + r * ldo;
+    int k = 0;
+    for (; k + 16 <= kc; k += 16) {
+      if (ahead) _mm_prefetch(next + k * bytes, _MM_HINT_T0);
+      _mm512_storeu_ps(dst + k, _mm512_mul_ps(load(k), s));
+    }
+    for (; k < kc; k++) dst[k] = weight_at(q, at + k) * scale;
+  }
+}
+
+void widen_rows_avx512(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo,
+                       int ahead) {
+  if (q.format == WeightFormat::BF16) return widen_avx512<LoadBf16x16>(q, n0, rows, k0, kc, out, ldo, ahead);
+  widen_avx512<LoadInt8x16>(q, n0, rows, k0, kc, out, ldo, ahead);
+}
+
+template <typename Load>
+__attribute__((target("avx2,fma"))) void widen_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
+                                                     float* out, ptrdiff_t ldo) {
+  for (int r = 0; r < rows; r++) {
+    const size_t at = static_cast<size_t>(n0 + r) * q.K + k0;
+    const Load load = Load::row(q, at);
+    const float scale = q.format == WeightFormat::Int8 ? q.scales[n0 + r] : 1.0f;
+    const __m256 s = _mm256_set1_ps(scale);
+    float* dst = out + r * ldo;
+    int k = 0;
+    for (; k + 16 <= kc; k += 16) {
+      __m256 w0, w1;
+      load(k, w0, w1);
+      _mm256_storeu_ps(dst + k, _mm256_mul_ps(w0, s));
+      _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(w1, s));
+    }
+    for (; k < kc; k++) dst[k] = weight_at(q, at + k) * scale;
+  }
+}
+
+void widen_rows_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
+  if (q.format == WeightFormat::BF16) return widen_avx2<LoadBf16>(q, n0, rows, k0, kc, out, ldo);
+  widen_avx2<LoadInt8>(q, n0, rows, k0, kc, out, ldo);
+}
+#endif
+
 }  // namespace
 
 QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
@@ -310,6 +372,14 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
     }
   }
   return q;
+}
+
+void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo, int ahead) {
+#ifdef RETNET_X86
+  if (cpu_isa() >= CpuIsa::Avx512) return widen_rows_avx512(q, n0, rows, k0, kc, out, ldo, ahead);
+  if (cpu_has_avx2_fma()) return widen_rows_avx2(q, n0, rows, k0, kc, out, ldo);
+#endif
+  widen_rows_generic(q, n0, rows, k0, kc, out, ldo);
 }
 
 void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {

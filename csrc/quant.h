@@ -1,6 +1,7 @@
-// Compact copies of weight matrices for decode steps: bf16 (2 bytes) or int8 with one
-// scale per output row (1 byte). A batch-1 decode step is bound by the bytes it reads, so
-// it runs up to 2x / 4x faster; prefill, forward and training keep the fp32 master weights.
+// Compact weight matrices: bf16 (2 bytes) or int8 with one scale per output row (1 byte).
+// A model loaded with them keeps no fp32 copy of its projections: a batch-1 decode step is
+// bound by the bytes it reads, so it runs up to 2x / 4x faster, and the model takes 2x / 4x
+// less memory. Products of many rows widen the weights to fp32 block by block as they read them.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -38,6 +39,11 @@ struct QuantizedMatrix {
 
 // W is [N, K] row-major fp32.
 QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
+
+// The fp32 values of rows [n0, n0 + rows) and columns [k0, k0 + kc) of q (int8 times the row
+// scale) into out, row r at out + r * ldo. With AVX-512, `ahead` > 0 fetches the same columns
+// of the rows that many on (the reader's next block) while it goes.
+void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo, int ahead = 0);
 
 // Y[i, j] = Σ_k X[i, k] Wq[j, k] for i < M and output rows j in [n0, n1) (X is [M, K],
 // Y has leading dim ldy). Each row is summed in an order that does not depend on M.

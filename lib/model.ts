@@ -54,10 +54,12 @@ export interface ModelOptions {
   /** Tokenizer for string prompts (default: ByteTokenizer when the vocabulary has >= 256 ids). */
   tokenizer?: Tokenizer;
   /**
-   * Weights read by decode steps: 'f32' (default), or compact 'bf16' / 'int8' (per output row
-   * scale) copies that a decode step reads instead, moving 2x / 4x fewer bytes. Prefill, forward
-   * and gradients keep using the fp32 weights; such a model cannot be trained. CPU only: a
-   * model on 'cuda' rejects them.
+   * The projection weights' format: 'f32' (default), or compact 'bf16' / 'int8' (one scale per
+   * output row). A compact model converts them once loaded and keeps no fp32 copy: decode steps
+   * move 2x / 4x fewer bytes, the model takes about that much less memory, and every form
+   * (forward, prefill, decode) reads the same compact weights. Embedding and norms stay fp32.
+   * Such a model cannot be trained, changed or saved (stateDict() gives the compact values as
+   * fp32). CPU only: a model on 'cuda' rejects them.
    */
   weights?: WeightFormat;
 }
@@ -253,7 +255,7 @@ export class RetNet implements SessionOwner {
         if (name === OUTPUT && config.share_decoder_input_output_embed) continue;
         await nativeModel.setParams({ [name]: data });
       }
-      if (weightFormat !== 'f32') await nativeModel.setDecodeWeights(weightFormat);
+      if (weightFormat !== 'f32') await nativeModel.setWeightFormat(weightFormat);
     } catch (e) {
       nativeModel.dispose();
       throw e;
@@ -437,6 +439,10 @@ export class RetNet implements SessionOwner {
    */
   async save(location: string): Promise<void> {
     const nativeModel = this.native();
+    if (this.weights !== 'f32') {
+      // Its fp32 weights are gone: a save would write rounded ones, perhaps over the originals.
+      throw new Error(`RetNet.save: this model holds ${this.weights} weights, not the fp32 ones it was loaded from; load it with weights 'f32' to save`);
+    }
     const tied = this.config.share_decoder_input_output_embed;
     const tensors = parameterShapes(this.config).map(([name, shape]) => ({ name, shape }));
     // One tensor at a time from the native model, so saving never holds a copy of every weight.

@@ -1,4 +1,4 @@
-// `node dist/scripts/weights-loss.js [DIR]`: what the compact decode weights cost in quality.
+// `node dist/scripts/weights-loss.js [DIR]`: what compact weights cost in quality.
 // Loads a checkpoint (default runs/brown, the one `npm start` writes) once per weight format
 // and computes the validation loss through recurrent decode steps (the path compact weights
 // serve), over windows spread across the validation tail of the same corpus the run used.
