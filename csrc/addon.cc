@@ -1055,7 +1055,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   // setParam(name, data: Float32Array): replaces one parameter (sizes checked).
-  // A compact model keeps no fp32 projection weights to update or take gradients of.
+  // A compact model keeps no fp32 projection weights to train.
   static void require_fp32_weights(const Model& m, const char* what) {
     if (m.weight_format() != WeightFormat::F32)
       throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8 weights (load it with weights 'f32')");
@@ -1102,7 +1102,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       Napi::Float32Array data = float32_arg(info[1], "data");
       for (size_t i = 0; i < data.ElementLength(); i++)
         if (!std::isfinite(data[i])) throw std::invalid_argument("parameter data holds a non-finite value");
-      require_fp32_weights(*m, "setParam");
       m->set_param(info[0].As<Napi::String>().Utf8Value(), data.Data(), data.ElementLength());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1118,7 +1117,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     std::vector<ParamSource> sources;
     std::vector<Napi::Value> keep;
     try {
-      require_fp32_weights(*m, "setParams");
       sources = param_sources(info[0], keep);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());

@@ -182,6 +182,13 @@ void Model::set_param(const std::string& name, const float* data, size_t n) {
     throw std::invalid_argument("parameter " + name + " has " + std::to_string(p->size) + " values, got " +
                                 std::to_string(n));
   }
+  const float* W = arena_.data() + p->offset;
+  const auto compact = compact_.find(W);
+  if (compact != compact_.end()) {
+    QuantizedMatrix& q = compact->second;
+    q = quantize(data, q.N, q.K, q.format);
+    if (W != embed_) return;  // its fp32 pages stay unused
+  }
   ops_->upload(arena_.data() + p->offset, data, n);
   if (name == "retnet_rel_pos.angle") angle_host_.assign(data, data + n);
   if (name == "retnet_rel_pos.decay") decay_host_.assign(data, data + n);
@@ -215,12 +222,10 @@ void Model::set_weight_format(WeightFormat format) {
     throw std::invalid_argument(std::string("weights 'bf16' and 'int8' run on the CPU only; this model is on ") +
                                 ops_->name() + " (load it with weights 'f32')");
   const ModelConfig& c = c_;
-  std::vector<float> host;
+  // The arena is host memory here (the CPU backend): converted in place, no copy.
   auto convert = [&](const float* W, int N, int K) {
-    host.resize(static_cast<size_t>(N) * K);
-    ops_->download(host.data(), W, host.size());
-    compact_.emplace(W, quantize(host.data(), N, K, format));
-    if (W != embed_) ops_->drop(const_cast<float*>(W), host.size());
+    compact_.emplace(W, quantize(W, N, K, format));
+    if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
   };
   for (const Layer& w : layers_) {
     convert(w.q, c.D, c.D);

@@ -103,7 +103,9 @@ class Model {
   Ops* ops() const { return ops_.get(); }
   const std::vector<ParamInfo>& params() const { return params_; }
   const ParamInfo* find_param(const std::string& name) const;
-  // Copies host data into / out of a named parameter (sizes are checked).
+  // Copies host data into / out of a named parameter (sizes are checked). A compact model
+  // stores a projection in its format (set before the weights: its fp32 pages are never
+  // touched) and gives it back widened.
   void set_param(const std::string& name, const float* data, size_t n);
   void get_param(const std::string& name, float* data, size_t n) const;
   size_t parameter_floats() const { return arena_.size(); }
@@ -129,10 +131,10 @@ class Model {
   // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
   void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
-  // Converts every projection weight to a compact format (bf16, int8) once the weights are
-  // loaded, and hands their fp32 memory back: from then on every product, prefill and forward
-  // as well as decode, reads the compact matrices, get_param widens them back to fp32, and
-  // the model can't be trained or changed. Once compact, its format can't change again.
+  // Converts every projection weight to a compact format (bf16, int8) and hands their fp32
+  // memory back: from then on every product, prefill and forward as well as decode, reads the
+  // compact matrices, set_param converts, get_param widens, and the model can't be trained.
+  // Once compact, its format can't change again.
   void set_weight_format(WeightFormat format);
   WeightFormat weight_format() const { return weight_format_; }
 

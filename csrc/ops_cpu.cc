@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 #include <sys/mman.h>
@@ -395,21 +397,45 @@ class CpuOps final : public Ops {
   const char* name() const override { return "cpu"; }
 
   float* alloc(size_t n) override {
-    // Big buffers (weights, states, activations) go on 2 MiB pages where the kernel allows
-    // (transparent huge pages in madvise mode): streaming them then costs far fewer TLB misses.
     constexpr size_t kHuge = size_t{2} << 20;
     const size_t bytes = n * sizeof(float);
-    const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
-    const size_t rounded = (bytes + align - 1) / align * align;
-    void* p = std::aligned_alloc(align, rounded);
-    if (!p) throw std::bad_alloc();
+    if (bytes < 2 * kHuge) {
+      void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      if (!p) throw std::bad_alloc();
+      std::memset(p, 0, bytes);
+      return static_cast<float*>(p);
+    }
+    // Big buffers (weights, states, activations) are mapped from the kernel on 2 MiB
+    // boundaries: they come zero-filled without a memset, so pages nobody writes (the fp32
+    // projections of a model loaded with compact weights) never take memory; and they go on
+    // 2 MiB pages where the kernel allows (transparent huge pages in madvise mode), so
+    // streaming them costs far fewer TLB misses.
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    char* const raw = static_cast<char*>(
+        mmap(nullptr, rounded + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (raw == MAP_FAILED) throw std::bad_alloc();
+    char* const p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) / kHuge * kHuge);
+    if (p > raw) munmap(raw, p - raw);
+    if (raw + kHuge > p) munmap(p + rounded, raw + kHuge - p);
 #ifdef MADV_HUGEPAGE
-    if (align == kHuge) madvise(p, rounded, MADV_HUGEPAGE);
+    madvise(p, rounded, MADV_HUGEPAGE);
 #endif
-    std::memset(p, 0, bytes);
-    return static_cast<float*>(p);
+    std::lock_guard<std::mutex> lock(mapped_mutex_);
+    mapped_[p] = rounded;
+    return reinterpret_cast<float*>(p);
   }
-  void release(float* p) override { std::free(p); }
+  void release(float* p) override {
+    {
+      std::lock_guard<std::mutex> lock(mapped_mutex_);
+      const auto it = mapped_.find(p);
+      if (it != mapped_.end()) {
+        munmap(p, it->second);
+        mapped_.erase(it);
+        return;
+      }
+    }
+    std::free(p);
+  }
   void upload(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void download(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
@@ -885,6 +911,10 @@ class CpuOps final : public Ops {
   void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) override {
     parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) { adamw_range(p + i0, g + i0, m + i0, v + i0, i1 - i0, s); });
   }
+
+ private:
+  std::mutex mapped_mutex_;
+  std::unordered_map<void*, size_t> mapped_;  // alloc's mappings and their lengths
 };
 
 }  // namespace

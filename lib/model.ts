@@ -58,8 +58,8 @@ export interface ModelOptions {
    * output row). A compact model converts them once loaded and keeps no fp32 copy: decode steps
    * move 2x / 4x fewer bytes, the model takes about that much less memory, and every form
    * (forward, prefill, decode) reads the same compact weights. Embedding and norms stay fp32.
-   * Such a model cannot be trained, changed or saved (stateDict() gives the compact values as
-   * fp32). CPU only: a model on 'cuda' rejects them.
+   * Such a model cannot be trained or saved; stateDict() gives its compact values as fp32.
+   * CPU only: a model on 'cuda' rejects them.
    */
   weights?: WeightFormat;
 }
@@ -250,12 +250,14 @@ export class RetNet implements SessionOwner {
         throw new Error(`${e.message}: a model of ${countParameters(config)} parameters needs ${gib.toFixed(1)} GiB for its fp32 weights`);
       });
     try {
+      // Compact before the weights arrive: each projection is converted as it is set, and its
+      // fp32 pages are never touched (loading never holds both).
+      if (weightFormat !== 'f32') await nativeModel.setWeightFormat(weightFormat);
       for await (const [name, data] of weights) {
         // A tied output projection is the embedding itself in the native core.
         if (name === OUTPUT && config.share_decoder_input_output_embed) continue;
         await nativeModel.setParams({ [name]: data });
       }
-      if (weightFormat !== 'f32') await nativeModel.setWeightFormat(weightFormat);
     } catch (e) {
       nativeModel.dispose();
       throw e;
