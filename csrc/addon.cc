@@ -412,6 +412,24 @@ struct BusyRelease {
   ~BusyRelease() { *flag = false; }
 };
 
+// Native memory behind a small JS object, told to V8 so that objects dropped without
+// dispose() count toward its next collection (a medium state is 28 MB, a model 1 GB).
+class ExternalMemory {
+ public:
+  void hold(Napi::Env env, int64_t bytes) {
+    bytes_ = bytes;
+    Napi::MemoryManagement::AdjustExternalMemory(env, bytes_);
+  }
+  void release(Napi::BasicEnv env) {
+    if (bytes_ == 0) return;
+    Napi::MemoryManagement::AdjustExternalMemory(env, -bytes_);
+    bytes_ = 0;
+  }
+
+ private:
+  int64_t bytes_ = 0;
+};
+
 // A decode state plus the model it belongs to; busy guards against two calls at once.
 struct StateHandle {
   std::shared_ptr<const Model> model;
@@ -432,12 +450,9 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   }
   explicit NativeState(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeState>(info) {
     handle_ = *info[0].As<Napi::External<StateHandle>>().Data();
-    // The state's memory, told to V8, so that states dropped without dispose() count toward
-    // its next collection (a medium state is 28 MB behind a small JS object).
-    external_bytes_ = static_cast<int64_t>((handle_.state->kv_size() + handle_.state->scale_size()) * sizeof(float));
-    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), external_bytes_);
+    external_.hold(info.Env(), static_cast<int64_t>((handle_.state->kv_size() + handle_.state->scale_size()) * sizeof(float)));
   }
-  ~NativeState() override { release_external(Env()); }
+  ~NativeState() override { external_.release(Env()); }
 
   static Napi::Object Wrap(Napi::Env env, const StateHandle& h) {
     StateHandle copy = h;
@@ -551,17 +566,12 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     handle_.state.reset();
     handle_.model.reset();
-    release_external(info.Env());
+    external_.release(info.Env());
     return info.Env().Undefined();
-  }
-  void release_external(Napi::BasicEnv env) {
-    if (external_bytes_ == 0) return;
-    Napi::MemoryManagement::AdjustExternalMemory(env, -external_bytes_);
-    external_bytes_ = 0;
   }
 
   StateHandle handle_;
-  int64_t external_bytes_ = 0;
+  ExternalMemory external_;
 };
 
 class NativeModel : public Napi::ObjectWrap<NativeModel> {
@@ -589,7 +599,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
   explicit NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
     model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
+    external_.hold(info.Env(), static_cast<int64_t>(model_->parameter_floats() * sizeof(float)));
   }
+  ~NativeModel() override { external_.release(Env()); }
 
   // createModel(config, tensors: { name: Float32Array }, device = 'cpu') -> Promise<NativeModel>.
   // Parameters not given start at zero; setParams fills them in later.
@@ -1346,9 +1358,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     trainer_.reset();
     model_.reset();
+    external_.release(info.Env());
     return info.Env().Undefined();
   }
 
+  ExternalMemory external_;
   std::shared_ptr<Model> model_;
   std::shared_ptr<Trainer> trainer_;
   std::shared_ptr<AccessGuard> access_ = std::make_shared<AccessGuard>();
