@@ -427,22 +427,20 @@ __attribute__((target("avx512f"))) void small_rows_block_avx512(int kc, const fl
 }
 
 // Every output of C[M, N] in blocks of NB, 16·G rows: see gemm_small_rows. A block's K blocks
-// add up in a transposed tile, written to C once: C's column of a block is M floats ldc apart,
-// and with ldc = 4 KiB they all fall in one L1 set (a read-modify-write per K block there ran
-// at a quarter of the speed).
+// add up in a transposed tile, kept in ct ([N][16·G], C transposed): C's column of a block is
+// M floats ldc apart, and with ldc = 4 KiB they all fall in one L1 set (a read-modify-write per
+// K block there ran at a quarter of the speed); even written once per block, those scattered
+// stores took 14 % of a medium 64-token prefill. The caller moves ct into C.
 template <int G, int NB>
-__attribute__((target("avx512f"))) void small_rows_avx512(int M, int N, int K, int kc_step, const float* at,
-                                                           const float* W, ptrdiff_t ldw, float* C, ptrdiff_t ldc,
-                                                           bool accumulate) {
+__attribute__((target("avx512f"))) void small_rows_avx512(int N, int K, int kc_step, const float* at, const float* W,
+                                                           ptrdiff_t ldw, float* ct, bool accumulate) {
   constexpr int lanes = 16 * G;
   const size_t blocks = (N + NB - 1) / NB;
   parallel_for(blocks, 1, [&](size_t b0, size_t b1) {
-    alignas(64) float out[NB * lanes], tile[NB * lanes];
+    alignas(64) float out[NB * lanes];
     for (size_t blk = b0; blk < b1; blk++) {
       const int n0 = static_cast<int>(blk) * NB, cols = std::min(NB, N - n0);
-      if (accumulate)
-        for (int r = 0; r < cols; r++)
-          for (int i = 0; i < M; i++) tile[r * lanes + i] = C[i * ldc + n0 + r];
+      float* const tile = ct + static_cast<size_t>(n0) * lanes;
       for (int k0 = 0; k0 < K; k0 += kc_step) {
         const int kc = std::min(kc_step, K - k0);
         const float* atk = at + static_cast<size_t>(k0) * lanes;
@@ -456,8 +454,25 @@ __attribute__((target("avx512f"))) void small_rows_avx512(int M, int N, int K, i
         const bool add = accumulate || k0 > 0;
         for (int e = 0; e < cols * lanes; e++) tile[e] = add ? out[e] + tile[e] : out[e];
       }
-      for (int r = 0; r < cols; r++)
-        for (int i = 0; i < M; i++) C[i * ldc + n0 + r] = tile[r * lanes + i];
+    }
+  });
+}
+
+// C[i, n] <-> ct[n * lanes + i] for i < M, n < N (to_c: ct into C, else C into ct), in bands
+// of columns so each side's lines stay in L1.
+void transpose_small_rows(int M, int N, int lanes, float* C, ptrdiff_t ldc, float* ct, bool to_c) {
+  constexpr int kBand = 64;
+  parallel_for((N + kBand - 1) / kBand, 1, [&](size_t b0, size_t b1) {
+    for (size_t b = b0; b < b1; b++) {
+      const int n0 = static_cast<int>(b) * kBand, n1 = std::min(N, n0 + kBand);
+      for (int i = 0; i < M; i++) {
+        float* row = C + i * ldc;
+        if (to_c) {
+          for (int n = n0; n < n1; n++) row[n] = ct[static_cast<size_t>(n) * lanes + i];
+        } else {
+          for (int n = n0; n < n1; n++) ct[static_cast<size_t>(n) * lanes + i] = row[n];
+        }
+      }
     }
   });
 }
@@ -480,12 +495,17 @@ bool gemm_small_rows(int M, int N, int K, MatView A, MatView B, float* C, ptrdif
   // The packed path's K blocks (gemm below).
   const int kblocks = (K + kern.kc - 1) / kern.kc;
   const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  thread_local std::vector<float> ctpack;
+  ctpack.resize(static_cast<size_t>(N) * lanes);
+  float* const ct = ctpack.data();
+  if (accumulate) transpose_small_rows(M, N, lanes, C, ldc, ct, false);
   switch (G) {
-    case 1: small_rows_avx512<1, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
-    case 2: small_rows_avx512<2, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
-    case 3: small_rows_avx512<3, 8>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
-    default: small_rows_avx512<4, 6>(M, N, K, kc_step, at, B.p, B.cs, C, ldc, accumulate); break;
+    case 1: small_rows_avx512<1, 8>(N, K, kc_step, at, B.p, B.cs, ct, accumulate); break;
+    case 2: small_rows_avx512<2, 8>(N, K, kc_step, at, B.p, B.cs, ct, accumulate); break;
+    case 3: small_rows_avx512<3, 8>(N, K, kc_step, at, B.p, B.cs, ct, accumulate); break;
+    default: small_rows_avx512<4, 6>(N, K, kc_step, at, B.p, B.cs, ct, accumulate); break;
   }
+  transpose_small_rows(M, N, lanes, C, ldc, ct, true);
   return true;
 }
 #else
