@@ -28,12 +28,19 @@ async function decodeLogits(model: RetNet): Promise<Float32Array[]> {
   return out;
 }
 
+// A tied output head is the embedding: its compact copy serves the logits, its fp32 rows the
+// embedding lookup (dropping them would zero every input).
+const tiedConfig = resolveConfig({ ...config, share_decoder_input_output_embed: true });
+const tiedWeights = randomWeights(tiedConfig, 6);
 test.each([
-  ['bf16', 2e-2],
-  ['int8', 6e-2],
-] as const)('%s decode logits stay close to fp32 and differ from it', async (format, tolerance) => {
-  const f32 = await RetNet.fromStateDict(config, weights);
-  const compact = await RetNet.fromStateDict(config, weights, { weights: format });
+  ['bf16', 'untied', 2e-2],
+  ['int8', 'untied', 6e-2],
+  ['bf16', 'tied', 2e-2],
+  ['int8', 'tied', 6e-2],
+] as const)('%s decode logits stay close to fp32 and differ from it (%s output head)', async (format, head, tolerance) => {
+  const [cfg, w] = head === 'tied' ? [tiedConfig, tiedWeights] : [config, weights];
+  const f32 = await RetNet.fromStateDict(cfg, w);
+  const compact = await RetNet.fromStateDict(cfg, w, { weights: format });
   expect(compact.weights).toBe(format);
   const a = await decodeLogits(f32);
   const b = await decodeLogits(compact);
