@@ -283,7 +283,8 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void dots_bf16dp(const Qu
 }
 #endif
 
-// widen_rows: from k0 on, 16 (8) weights per load, the rest one by one.
+// widen_rows per instruction set: 16 weights per step (one AVX-512 vector, two AVX2 ones), the
+// columns past the last multiple of 16 one by one.
 void widen_rows_generic(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
   for (int r = 0; r < rows; r++) {
     const size_t at = static_cast<size_t>(n0 + r) * q.K + k0;
