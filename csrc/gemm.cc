@@ -392,6 +392,14 @@ const Kernels& kernels() {
   return k;
 }
 
+// The K block the packed path steps by for a depth K and a kernel set's largest block KC:
+// equal blocks (with KC 384: 512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and a
+// short tail. gemm_small_rows takes the same blocks, so its sums are the packed path's.
+int k_block_step(int K, int KC) {
+  const int kblocks = (K + KC - 1) / KC;
+  return ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+}
+
 #ifdef RETNET_X86
 // NB outputs (K-contiguous weight rows w, w + ldw, ...) for 16·G activation rows over one K
 // block: `at` holds the rows transposed ([kc][16·G], zero past the real rows), so each weight
@@ -492,9 +500,7 @@ bool gemm_small_rows(int M, int N, int K, MatView A, MatView B, float* C, ptrdif
   float* const at = atpack.data();
   for (int i = 0; i < M; i++)
     for (int k = 0; k < K; k++) at[static_cast<size_t>(k) * lanes + i] = A.p[i * A.rs + k];
-  // The packed path's K blocks (gemm below).
-  const int kblocks = (K + kern.kc - 1) / kern.kc;
-  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  const int kc_step = k_block_step(K, kern.kc);  // the packed path's K blocks
   thread_local std::vector<float> ctpack;
   ctpack.resize(static_cast<size_t>(N) * lanes);
   float* const ct = ctpack.data();
@@ -540,10 +546,7 @@ void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, fl
   const size_t bpack_size = static_cast<size_t>(KC) * (std::min(N, NC) + NR);
   if (bpack.size() < bpack_size) bpack.resize(bpack_size);
   float* const packed = bpack.data();
-  // Equal K blocks (with KC 384: 512 -> 2 x 256, 1024 -> 3 x 344) rather than full ones and
-  // a short tail.
-  const int kblocks = (K + KC - 1) / KC;
-  const int kc_step = ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  const int kc_step = k_block_step(K, KC);
   const int mblocks = (M + MC - 1) / MC;
   for (int n0 = 0; n0 < N; n0 += NC) {
     const int nc = std::min(NC, N - n0);
