@@ -1078,7 +1078,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return to_js(env, std::move(data));
   }
 
-  // setParam(name, data: Float32Array): replaces one parameter (sizes checked).
   // A compact model keeps no fp32 projection weights to train.
   static void require_fp32_weights(const Model& m, const char* what) {
     if (m.weight_format() != WeightFormat::F32)
@@ -1117,6 +1116,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
+  // setParam(name, data: Float32Array): replaces one parameter (sizes checked; a compact model
+  // stores a projection in its format).
   Napi::Value SetParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
