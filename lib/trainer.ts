@@ -297,7 +297,7 @@ export class Trainer {
   constructor(model: RetNet, options: TrainerOptions) {
     options = optionsObject(options, 'Trainer');
     if (model.weights !== 'f32') {
-      throw new Error(`Trainer needs a model with fp32 weights; this one decodes from ${model.weights} copies (load it without the weights option)`);
+      throw new Error(`Trainer needs a model with fp32 weights; this one holds ${model.weights} weights (load it without the weights option)`);
     }
     this.model = model;
     this.options = resolveTrainerOptions(model, options);

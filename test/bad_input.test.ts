@@ -292,7 +292,7 @@ describe('files', () => {
 
   test('a Trainer needs fp32 weights', async () => {
     const compact = await RetNet.create(CONFIG, { seed: 3, weights: 'int8' });
-    expect(() => new Trainer(compact, { lr: 1e-3, totalSteps: 1 })).toThrow('Trainer needs a model with fp32 weights; this one decodes from int8 copies');
+    expect(() => new Trainer(compact, { lr: 1e-3, totalSteps: 1 })).toThrow('Trainer needs a model with fp32 weights; this one holds int8 weights');
     compact.dispose();
   });
 

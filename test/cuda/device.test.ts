@@ -63,9 +63,9 @@ test('an unknown device is rejected', async () => {
   await expect(RetNet.create(config, { device: 'tpu' as never })).rejects.toThrow(/device must be 'cpu', 'cuda' or 'auto'/);
 });
 
-(usable ? test : test.skip)("compact decode weights are CPU-only: device 'cuda' rejects them", async () => {
+(usable ? test : test.skip)("compact weights are CPU-only: device 'cuda' rejects them", async () => {
   await expect(RetNet.create(config, { device: 'cuda', weights: 'bf16' })).rejects.toThrow(
-    /weights 'bf16' and 'int8' decode on the CPU only; this model is on cuda/,
+    /weights 'bf16' and 'int8' run on the CPU only; this model is on cuda/,
   );
 });
 
