@@ -55,7 +55,7 @@ export interface ModelOptions {
   tokenizer?: Tokenizer;
   /**
    * The projection weights' format: 'f32' (default), or compact 'bf16' / 'int8' (one scale per
-   * output row). A compact model converts them once loaded and keeps no fp32 copy: decode steps
+   * output row). A compact model converts them as they load and keeps no fp32 copy: decode steps
    * move 2x / 4x fewer bytes, the model takes about that much less memory, and every form
    * (forward, prefill, decode) reads the same compact weights. Embedding and norms stay fp32.
    * Such a model cannot be trained or saved; stateDict() gives its compact values as fp32.
