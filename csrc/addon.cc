@@ -129,6 +129,17 @@ int to_int(const Napi::Value& v, const char* what) {
   return static_cast<int>(d);
 }
 
+// Whether all `n` floats are finite; no early exit, so the loop vectorizes.
+bool all_finite(const float* p, size_t n) {
+  uint32_t non_finite = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    non_finite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return non_finite == 0;
+}
+
 // A decode position: any integer a double holds exactly (a long session passes 2^31 tokens).
 int64_t to_position(const Napi::Value& v) {
   if (!v.IsNumber()) throw std::invalid_argument("position must be a number");
@@ -538,30 +549,47 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     worker->Queue();
     return worker->promise();
   }
+  // importState(kv, scale, positions) -> Promise<void>: the sizes, scale and positions are
+  // checked here (they are small) and the positions set; kv is checked for non-finite values
+  // and copied into the state on a worker, which keeps `kv` alive and reads it then (a medium
+  // state is 28 MB: its check, copy and page faults held the JS thread for 5-56 ms).
   Napi::Value Import(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    StateHandle& h = handle(env);
+    StateHandle h = handle(env);
     if (*h.busy) throw Napi::Error::New(env, "decode state is busy with another call");
+    Napi::Float32Array kv;
+    auto scale = std::make_shared<std::vector<float>>();
+    std::vector<int64_t> positions;
     try {
-      Napi::Float32Array kv = float32_arg(info[0], "kv");
-      Napi::Float32Array scale = float32_arg(info[1], "scale");
+      kv = float32_arg(info[0], "kv");
+      Napi::Float32Array scale_arg = float32_arg(info[1], "scale");
       if (!info[2].IsArray()) throw std::invalid_argument("positions must be an array");
       Napi::Array pos = info[2].As<Napi::Array>();
-      if (kv.ElementLength() != h.state->kv_size() || scale.ElementLength() != h.state->scale_size() ||
+      if (kv.ElementLength() != h.state->kv_size() || scale_arg.ElementLength() != h.state->scale_size() ||
           pos.Length() != h.state->position.size())
         throw std::invalid_argument("state sizes do not match this model and batch");
-      for (size_t i = 0; i < kv.ElementLength(); i++)
-        if (!std::isfinite(kv[i])) throw std::invalid_argument("state holds a non-finite value");
-      for (size_t i = 0; i < scale.ElementLength(); i++)
-        if (!(scale[i] >= 0) || !std::isfinite(scale[i])) throw std::invalid_argument("state scale must be finite and >= 0");
-      for (uint32_t i = 0; i < pos.Length(); i++) h.state->position[i] = to_position(pos.Get(i));
-      h.state->make_writable();
-      h.model->ops()->upload(h.state->kv(), kv.Data(), kv.ElementLength());
-      h.model->ops()->upload(h.state->scale(), scale.Data(), scale.ElementLength());
+      scale->assign(scale_arg.Data(), scale_arg.Data() + scale_arg.ElementLength());
+      for (float x : *scale)
+        if (!(x >= 0) || !std::isfinite(x)) throw std::invalid_argument("state scale must be finite and >= 0");
+      for (uint32_t i = 0; i < pos.Length(); i++) positions.push_back(to_position(pos.Get(i)));
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    return env.Undefined();
+    bool expected = false;
+    if (!h.busy->compare_exchange_strong(expected, true)) throw Napi::Error::New(env, "decode state is busy with another call");
+    h.state->position = std::move(positions);
+    const float* kv_data = kv.Data();
+    auto* worker = new PromiseWorker(
+        env,
+        [h, kv_data, scale] {
+          BusyRelease release{h.busy.get()};
+          if (!all_finite(kv_data, h.state->kv_size())) throw std::invalid_argument("state holds a non-finite value");
+          h.state->load(kv_data, scale->data());
+        },
+        [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+    worker->keep(kv);
+    worker->Queue();
+    return worker->promise();
   }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     handle_.state.reset();

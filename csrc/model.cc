@@ -109,6 +109,12 @@ void DecodeState::make_writable() {
   memory_ = std::move(own);
 }
 
+void DecodeState::load(const float* kv_in, const float* scale_in) {
+  if (!memory_ || memory_.use_count() != 1) memory_ = pool_->take(ops_, kv_size_ + scale_size_, false);
+  ops_->upload(kv(), kv_in, kv_size_);
+  ops_->upload(scale(), scale_in, scale_size_);
+}
+
 StateView DecodeState::layer(const ModelConfig& c, int l) const {
   if (!materialized()) throw std::logic_error("decode state read before make_writable()");
   const size_t per_layer = static_cast<size_t>(batch_) * c.H;

@@ -72,6 +72,9 @@ class DecodeState {
   std::vector<int64_t> position;  // tokens consumed, per row
   // Gives the state memory of its own: zeroed, or a copy of the memory it shared.
   void make_writable();
+  // Gives the state memory of its own holding host `kv` and `scale` (kv_size() and
+  // scale_size() floats): nothing is zeroed or copied first.
+  void load(const float* kv, const float* scale);
   bool materialized() const { return memory_ != nullptr; }
   // Valid once materialized: kv [L, B, H, dv, dk], then scale [L, B, H], in one block.
   float* kv() const { return memory_->data(); }

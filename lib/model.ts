@@ -365,7 +365,12 @@ export class RetNet implements SessionOwner {
     return new Session(this, this.native().createState(batch), batch);
   }
 
-  /** A session from the Buffer of session.save() (same model shape). */
+  /**
+   * A session from the Buffer of session.save() (same model shape). A bad header, size or scale
+   * throws here; the state's floats are checked and copied off the JS thread before the
+   * session's first call, which rejects if they are corrupt. `buffer` is read then: leave it
+   * unchanged until that call settles.
+   */
   restoreSession(buffer: Uint8Array): Session {
     if (!isTypedArray(buffer, 'Uint8Array')) throw new Error('restoreSession expects a Buffer');
     return restoreSessionState(this, buffer);

@@ -38,7 +38,11 @@ export interface NativeState {
   exportState(): { kv: Float32Array; scale: Float32Array; positions: number[] };
   /** `prefix`, then exportState's kv and scale as float32 bytes, assembled off the JS thread. */
   saveState(prefix: Uint8Array): Promise<Buffer>;
-  importState(kv: Float32Array, scale: Float32Array, positions: number[]): void;
+  /**
+   * Sets the positions and checks the sizes and scale now (throws); checks kv and copies it in
+   * off the JS thread (rejects). `kv` is read then: it must not change until this settles.
+   */
+  importState(kv: Float32Array, scale: Float32Array, positions: number[]): Promise<void>;
   dispose(): void;
 }
 

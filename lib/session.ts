@@ -50,15 +50,26 @@ export class Session implements DecodeSession {
   readonly batch: number;
   private state: NativeState | undefined;
   private queue: Promise<unknown> = Promise.resolve();
+  /** Why the state could not be loaded (restoreSession): every call fails with it. */
+  private loadError: Error | undefined;
 
-  /** @internal use model.createSession() or model.restoreSession(). */
+  /**
+   * @internal use model.createSession() or model.restoreSession(). `loading`, when given, fills
+   * the state; calls wait for it.
+   */
   constructor(
     private readonly owner: SessionOwner,
     state: NativeState,
     batch: number,
+    loading?: Promise<void>,
   ) {
     this.state = state;
     this.batch = batch;
+    if (loading) {
+      this.queue = loading.catch((e: Error) => {
+        this.loadError = e;
+      });
+    }
   }
 
   /** Tokens consumed so far (the same for every row). */
@@ -146,13 +157,20 @@ export class Session implements DecodeSession {
 
   private enqueue<T>(work: (state: NativeState) => Promise<T>): Promise<T> {
     const state = this.live();
-    const run = this.queue.then(() => work(state));
+    const run = this.queue.then(() => {
+      if (this.loadError) throw this.loadError;
+      return work(state);
+    });
     this.queue = run.catch(() => undefined);
     return run;
   }
 }
 
-/** Parses a Buffer from session.save() and loads it into a fresh native state. */
+/**
+ * Parses a Buffer from session.save() and loads it into a fresh native state. The header, sizes,
+ * scales and positions are checked now; the state's floats are checked and copied off the JS
+ * thread, before the session's first call runs (which rejects if they are not finite).
+ */
 export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Session {
   const buf = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
   if (buf.length < 16 || buf.toString('latin1', 0, 8) !== STATE_MAGIC) {
@@ -193,11 +211,19 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
     Buffer.from(floats.buffer).set(buf.subarray(dataStart));
   }
   const state = owner.native().createState(batch);
+  let loading: Promise<void>;
   try {
-    state.importState(floats.subarray(0, kvCount), floats.subarray(kvCount), header.positions);
+    loading = state.importState(floats.subarray(0, kvCount), floats.subarray(kvCount), header.positions);
   } catch (e) {
     state.dispose();
     throw new Error(`restoreSession: ${(e as Error).message}`);
   }
-  return new Session(owner, state, batch);
+  return new Session(
+    owner,
+    state,
+    batch,
+    loading.catch((e: Error) => {
+      throw new Error(`restoreSession: ${e.message}`);
+    }),
+  );
 }

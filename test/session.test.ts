@@ -193,6 +193,27 @@ test('restoreSession rejects corrupt or mismatched buffers', async () => {
   session.dispose();
 });
 
+test('a restored state with a non-finite value fails every call on its session, after restoreSession returned', async () => {
+  const session = model.createSession();
+  await session.prefill([[1, 2, 3]]);
+  const saved = await session.save();
+  const headerEnd = 16 + saved.readUInt32LE(8);
+  const bad = Buffer.from(saved);
+  bad.writeFloatLE(Infinity, headerEnd + 4 * 5); // the fifth float of the first layer's S
+  const restored = model.restoreSession(bad); // the floats are checked on a worker
+  expect(restored.position).toBe(3);
+  await expect(restored.step([4])).rejects.toThrow('restoreSession: state holds a non-finite value');
+  await expect(restored.save()).rejects.toThrow('restoreSession: state holds a non-finite value');
+  await expect(restored.clone()).rejects.toThrow(/non-finite/);
+  restored.dispose();
+  // The same bytes, repaired, restore and continue as the original does.
+  bad.set(saved.subarray(headerEnd, headerEnd + 24), headerEnd);
+  const repaired = model.restoreSession(bad);
+  const [a, b] = await Promise.all([session.step([4]), repaired.step([4])]);
+  expect(Array.from(b.logits)).toEqual(Array.from(a.logits));
+  for (const s of [session, repaired]) s.dispose();
+});
+
 /** A saved session with its header's JSON replaced by `edit` of it (the header padded to 4 bytes, as save() writes it). */
 function withHeader(saved: Buffer, edit: (header: Record<string, unknown>) => unknown): Buffer {
   const length = saved.readUInt32LE(8);
