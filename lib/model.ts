@@ -181,7 +181,7 @@ export class RetNet implements SessionOwner {
         }
       }
       try {
-        return await RetNet.fromWeights(config, checked(), options);
+        return await RetNet.fromWeights(config, checked(), options, weightsPath);
       } finally {
         releaseScratch(scratch);
       }
@@ -199,7 +199,7 @@ export class RetNet implements SessionOwner {
     if (!Number.isSafeInteger(seed)) throw new Error(`seed must be a safe integer, got ${String(options.seed)}`);
     const scratch = new Float32Array(largestParameter(resolved));
     try {
-      return await RetNet.fromWeights(resolved, generateWeightsYielding(resolved, seed, { scratch }), options);
+      return await RetNet.fromWeights(resolved, generateWeightsYielding(resolved, seed, { scratch }), options, 'RetNet.create');
     } finally {
       releaseScratch(scratch);
     }
@@ -225,17 +225,19 @@ export class RetNet implements SessionOwner {
       const matches = shape !== undefined && shape.reduce((a, b) => a * b, 1) === data.length;
       entries.set(name, { dtype: 'F32', shape: matches ? shape : [data.length], data });
     }
-    return RetNet.fromWeights(resolved, checkWeights(resolved, entries, 'state dict'), options);
+    return RetNet.fromWeights(resolved, checkWeights(resolved, entries, 'state dict'), options, 'state dict');
   }
 
   /**
-   * Builds the native model and copies `weights` (state_dict names, checked) into it one tensor
-   * at a time; each is copied before the next is asked for, so the source may reuse a buffer.
+   * Builds the native model and copies `weights` (state_dict names, checked but for non-finite
+   * values, which setParams finds) into it one tensor at a time; each is copied before the next
+   * is asked for, so the source may reuse a buffer. `source` names the weights in its errors.
    */
   private static async fromWeights(
     config: RetNetConfig,
     weights: Iterable<[string, Float32Array]> | AsyncIterable<[string, Float32Array]>,
     options: ModelOptions,
+    source: string,
   ): Promise<RetNet> {
     const weightFormat = options.weights ?? 'f32';
     if (weightFormat !== 'f32' && weightFormat !== 'bf16' && weightFormat !== 'int8') {
@@ -256,7 +258,9 @@ export class RetNet implements SessionOwner {
       for await (const [name, data] of weights) {
         // A tied output projection is the embedding itself in the native core.
         if (name === OUTPUT && config.share_decoder_input_output_embed) continue;
-        await nativeModel.setParams({ [name]: data });
+        await nativeModel.setParams({ [name]: data }).catch((e: Error) => {
+          throw new Error(`${source}: ${e.message}`);
+        });
       }
     } catch (e) {
       nativeModel.dispose();
@@ -452,13 +456,13 @@ export class RetNet implements SessionOwner {
     }
     const tied = this.config.share_decoder_input_output_embed;
     const tensors = parameterShapes(this.config).map(([name, shape]) => ({ name, shape }));
-    // One tensor at a time from the native model, so saving never holds a copy of every weight.
-    // A training step or setParam between two tensors would mix two versions of the weights:
-    // that fails the save (before the file replaces anything) instead.
+    // One tensor at a time from the native model (copied on a worker), so saving never holds a
+    // copy of every weight. A training step or setParam between two tensors would mix two
+    // versions of the weights: that fails the save (before the file replaces anything) instead.
     const version = nativeModel.weightVersion();
-    const values = (name: string): Float32Array => {
+    const values = (name: string): Promise<Float32Array> => {
       if (nativeModel.weightVersion() !== version) throw new Error('RetNet.save: the weights changed while saving (a training step or setParam ran); nothing was written');
-      return nativeModel.getParam(name === OUTPUT && tied ? EMBED : name);
+      return nativeModel.readParam(name === OUTPUT && tied ? EMBED : name);
     };
     const metadata = { format: 'pt', config: JSON.stringify(this.config) };
     if (location.endsWith('.safetensors')) {

@@ -138,6 +138,8 @@ export interface NativeModel {
     sampling?: NativeStepSampling,
   ): Promise<Float32Array[]>;
   getParam(name: string): Float32Array;
+  /** getParam, copied off the JS thread. */
+  readParam(name: string): Promise<Float32Array>;
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */
   setParam(name: string, data: Float32Array): void;

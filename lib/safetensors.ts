@@ -363,13 +363,13 @@ export function serializeSafetensors(
 /** What writes F32 tensors as a safetensors file, asking `values` for one tensor at a time. */
 export function safetensorsWriter(
   tensors: Array<{ name: string; shape: number[] }>,
-  values: (name: string) => Float32Array,
+  values: (name: string) => Float32Array | Promise<Float32Array>,
   metadata?: Record<string, string>,
 ): (handle: fsp.FileHandle) => Promise<void> {
   const header = safetensorsHeader(tensors, metadata);
   return async (handle) => {
     await handle.writeFile(header);
-    for (const { name, shape } of tensors) await handle.writeFile(tensorBytes(name, shape, values(name)));
+    for (const { name, shape } of tensors) await handle.writeFile(tensorBytes(name, shape, await values(name)));
   };
 }
 
@@ -380,7 +380,7 @@ export function safetensorsWriter(
 export async function writeSafetensorsFile(
   filePath: string,
   tensors: Array<{ name: string; shape: number[] }>,
-  values: (name: string) => Float32Array,
+  values: (name: string) => Float32Array | Promise<Float32Array>,
   metadata?: Record<string, string>,
 ): Promise<void> {
   await writeFileAtomic(filePath, safetensorsWriter(tensors, values, metadata));

@@ -23,17 +23,6 @@ function computedBuffer(config: RetNetConfig, name: string): Float32Array {
   return name === ANGLE ? angleBuffer(dk) : decayBuffer(H);
 }
 
-/** Index of the first non-finite value, or -1. */
-function firstNonFinite(values: Float32Array): number {
-  // x - x is 0 for finite x and NaN for NaN/±Infinity; unlike Number.isFinite it stays fast
-  // in every realm (inside jest's sandbox Number.isFinite is ~100× slower).
-  for (let i = 0; i < values.length; i++) {
-    const x = values[i];
-    if (x - x !== 0) return i;
-  }
-  return -1;
-}
-
 /** Index of the first position where two equal-length arrays differ, or -1. */
 function firstDifference(a: Float32Array, b: Float32Array): number {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
@@ -106,7 +95,8 @@ export function planWeights(config: RetNetConfig, shapes: Map<string, readonly n
 /**
  * The values of one planned parameter: `stored` is its data from the source (for `from:
  * 'stored'`), `embed` the embedding's values (for a tied output projection). Throws for a
- * non-finite value, or a stored tied output projection that differs from the embedding.
+ * buffer not shaped like one, or a stored tied output projection that differs from the
+ * embedding. (Non-finite values are found by setParams, on its worker.)
  */
 export function plannedValues(
   config: RetNetConfig,
@@ -119,10 +109,6 @@ export function plannedValues(
   if (weight.from === 'computed') return computedBuffer(config, name);
   if (weight.from === 'tied') return embed as Float32Array;
   const data = stored as Float32Array;
-  const badIndex = firstNonFinite(data);
-  if (badIndex >= 0) {
-    fail(source, `tensor ${JSON.stringify(name)} has a non-finite value (${data[badIndex]}) at flat index ${badIndex}`);
-  }
   // The buffers are functions of the config in torchscale; a stored one that is not shaped like
   // one (a decay > 0 makes γ > 1 and the state grow without bound; the rotation reads one
   // angle per pair) would give non-finite or silently wrong logits.

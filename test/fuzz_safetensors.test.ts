@@ -1,6 +1,7 @@
-// Seeded fuzzing of parseSafetensors + checkWeights with mutated copies of a real fixture.
-// Every input must either load with the config's shapes or throw a plain Error that names
-// the file; anything else (TypeError, RangeError, non-Error throws) is a bug.
+// Seeded fuzzing of parseSafetensors + checkWeights, then the native model the weights are
+// copied into (which finds non-finite values), with mutated copies of a real fixture. Every
+// input must either load with the config's shapes or throw a plain Error that names its
+// source; anything else (TypeError, RangeError, non-Error throws) is a bug.
 
 import * as fs from 'fs';
 import * as path from 'path';
@@ -8,6 +9,7 @@ import { parameterShapes, resolveConfig } from '../lib/config';
 import { Rng } from '../lib/random';
 import { parseSafetensors } from '../lib/safetensors';
 import { checkWeights } from '../lib/weights';
+import { RetNet } from '../lib/model';
 
 const FIXTURE = path.join(__dirname, 'data', 'fixtures', 'base_gelu_s64_c16');
 const ORIGINAL = new Uint8Array(fs.readFileSync(path.join(FIXTURE, 'model.safetensors')));
@@ -22,16 +24,19 @@ const TENSOR_NAMES = Object.keys(HEADER).filter((k) => k !== '__metadata__');
 
 type Outcome = 'accepted' | 'rejected';
 
-function runOne(file: Uint8Array): Outcome {
+async function runOne(file: Uint8Array): Promise<Outcome> {
+  let source = SOURCE;
   try {
     const { tensors } = parseSafetensors(file, SOURCE);
     const weights = checkWeights(CONFIG, tensors, SOURCE);
     expect(weights.size).toBe(EXPECTED_SIZES.size);
     for (const [name, values] of weights) expect(values.length).toBe(EXPECTED_SIZES.get(name));
+    source = 'state dict';
+    (await RetNet.fromStateDict(CONFIG, weights)).dispose();
     return 'accepted';
   } catch (err) {
     // Our own errors are plain Errors with the source first; a subclass means an accidental crash.
-    if (!(err instanceof Error) || err.constructor !== Error || !err.message.startsWith(`${SOURCE}: `)) {
+    if (!(err instanceof Error) || err.constructor !== Error || !err.message.startsWith(`${source}: `)) {
       throw new Error(`unexpected throw: ${err instanceof Error ? `${err.constructor.name}: ${err.message}` : String(err)}`);
     }
     return 'rejected';
@@ -126,11 +131,11 @@ function setHeaderLength(length: bigint): Uint8Array {
 }
 
 describe('fuzzed safetensors files', () => {
-  it('the unmodified fixture loads', () => {
-    expect(runOne(ORIGINAL)).toBe('accepted');
+  it('the unmodified fixture loads', async () => {
+    expect(await runOne(ORIGINAL)).toBe('accepted');
   });
 
-  it('1,200 seeded mutations either load correctly or throw a named Error, and most are rejected', () => {
+  it('1,200 seeded mutations either load correctly or throw a named Error, and most are rejected', async () => {
     const rng = new Rng(20240411);
     const counts: Record<string, Record<Outcome, number>> = {};
     const record = (kind: string, outcome: Outcome) => {
@@ -143,33 +148,33 @@ describe('fuzzed safetensors files', () => {
         case 0: {
           // Truncation, biased toward the prefix and header where the parser does the most work.
           const limit = rng.nextFloat() < 0.5 ? headerEnd + 16 : ORIGINAL.length;
-          record('truncated', runOne(ORIGINAL.subarray(0, randInt(rng, limit))));
+          record('truncated', await runOne(ORIGINAL.subarray(0, randInt(rng, limit))));
           break;
         }
         case 1:
-          record('header byte flips', runOne(flipBits(ORIGINAL, 8, headerEnd, 1 + randInt(rng, 4), rng)));
+          record('header byte flips', await runOne(flipBits(ORIGINAL, 8, headerEnd, 1 + randInt(rng, 4), rng)));
           break;
         case 2:
-          record('length prefix flips', runOne(flipBits(ORIGINAL, 0, 8, 1 + randInt(rng, 3), rng)));
+          record('length prefix flips', await runOne(flipBits(ORIGINAL, 0, 8, 1 + randInt(rng, 3), rng)));
           break;
         case 3: {
           const huge = pick(rng, [2n ** 64n - 1n, 2n ** 63n, 2n ** 53n + 1n, 2n ** 32n, BigInt(ORIGINAL.length), 100n * 1024n * 1024n + 1n]);
-          record('huge header length', runOne(setHeaderLength(huge - BigInt(randInt(rng, 8)))));
+          record('huge header length', await runOne(setHeaderLength(huge - BigInt(randInt(rng, 8)))));
           break;
         }
         case 4:
-          record('JSON edits', runOne(withHeader(mutateHeader(rng))));
+          record('JSON edits', await runOne(withHeader(mutateHeader(rng))));
           break;
         default:
           // Data edits: random bit flips almost always keep values finite (load); planted
-          // NaN/±Inf values must be rejected by checkWeights.
+          // NaN/±Inf values must be rejected (by the native model's setParams).
           if (i % 12 === 5) {
-            record('data byte flips', runOne(flipBits(ORIGINAL, headerEnd, ORIGINAL.length, 1 + randInt(rng, 8), rng)));
+            record('data byte flips', await runOne(flipBits(ORIGINAL, headerEnd, ORIGINAL.length, 1 + randInt(rng, 8), rng)));
           } else {
             const out = ORIGINAL.slice();
             const at = headerEnd + 4 * randInt(rng, (ORIGINAL.length - headerEnd) / 4);
             new DataView(out.buffer).setFloat32(at, pick(rng, [NaN, Infinity, -Infinity]), true);
-            record('planted non-finite', runOne(out));
+            record('planted non-finite', await runOne(out));
           }
       }
     }

@@ -381,15 +381,23 @@ describe('checkWeights', () => {
     expect(() => checkWeights(threeLayers, copyOf(untiedName), 'm')).toThrow(/"layers.1.retention.q_proj.weight".* and 2 more/);
   });
 
-  it('names a tensor with a non-finite value', () => {
-    const tensors = copyOf(untiedName);
-    const fc2 = tensors.get('layers.1.ffn.fc2.weight') as TensorEntry;
-    const data = fc2.data.slice();
-    data[17] = NaN;
-    tensors.set('layers.1.ffn.fc2.weight', { ...fc2, data });
-    expect(() => checkWeights(fixtureConfig(untiedName), tensors, 'm')).toThrow(
-      'm: tensor "layers.1.ffn.fc2.weight" has a non-finite value (NaN) at flat index 17',
+  it('names a tensor with a non-finite value, its index and its source (found on the worker that copies it in)', async () => {
+    const config = fixtureConfig(untiedName);
+    const planted = (index: number, value: number): Map<string, Float32Array> => {
+      const weights = new Map([...copyOf(untiedName)].map(([name, entry]) => [name, entry.data.slice()]));
+      (weights.get('layers.1.ffn.fc2.weight') as Float32Array)[index] = value;
+      return weights;
+    };
+    await expect(RetNet.fromStateDict(config, planted(17, NaN))).rejects.toThrow(
+      'state dict: tensor "layers.1.ffn.fc2.weight" has a non-finite value (NaN) at flat index 17',
     );
+    await expect(RetNet.fromStateDict(config, planted(0, -Infinity))).rejects.toThrow('has a non-finite value (-Infinity) at flat index 0');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-nonfinite-'));
+    const file = path.join(dir, 'model.safetensors');
+    const tensors = [...planted(5, Infinity)].map(([name, data]) => ({ name, shape: copyOf(untiedName).get(name)!.shape, data }));
+    fs.writeFileSync(file, serializeSafetensors(tensors, { config: JSON.stringify(config) }));
+    await expect(RetNet.load(file)).rejects.toThrow(`${file}: tensor "layers.1.ffn.fc2.weight" has a non-finite value (Infinity) at flat index 5`);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('computes absent buffers and ties an absent output projection', () => {
