@@ -16,7 +16,7 @@ import * as path from 'path';
 
 import type { Dataset, DatasetState } from './dataset';
 import { RetNet } from './model';
-import { readSafetensorsFile, serializeSafetensors, writeFileAtomic } from './safetensors';
+import { readSafetensorsFile, safetensorsWriter, writeFileAtomic } from './safetensors';
 import type { ResolvedTrainerOptions, Trainer, TrainingHistory } from './trainer';
 
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -153,7 +153,7 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
   if (trainer.model !== model) throw new Error('saveCheckpoint: the trainer belongs to a different model');
   // The trainer stays locked throughout, so no step can land between the weights and the moments.
   await trainer.exclusive('saveCheckpoint', async () => {
-    const optimizer = trainer.optimizerState();
+    const optimizer = await trainer.optimizerState();
     const state: TrainerCheckpointState = {
       format: FORMAT,
       version: FORMAT_VERSION,
@@ -162,11 +162,13 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
       dataset: dataset?.getState(),
       history: trainer.trainingHistory,
     };
-    const optimizerFile = serializeSafetensors(
+    // Written from the two moments as they are, not first joined into one buffer of their size.
+    const optimizerFile = safetensorsWriter(
       [
-        { name: 'm', shape: [optimizer.m.length], data: optimizer.m },
-        { name: 'v', shape: [optimizer.v.length], data: optimizer.v },
+        { name: 'm', shape: [optimizer.m.length] },
+        { name: 'v', shape: [optimizer.v.length] },
       ],
+      (name) => (name === 'm' ? optimizer.m : optimizer.v),
       { format: FORMAT, step: String(optimizer.step) },
     );
     const trainerFile = Buffer.from(JSON.stringify(state, null, 1) + '\n');

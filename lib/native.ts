@@ -167,7 +167,8 @@ export interface NativeModel {
    */
   trainStep(micro: NativeMicroBatch[], opts: NativeTrainOptions): Promise<{ loss: number; gradNorm: number; tokens: number }>;
   /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count. */
-  getOptimizerState(): { step: number; m: Float32Array; v: Float32Array };
+  /** The AdamW moments (parameter arena layout) and step count, copied off the JS thread. */
+  readOptimizerState(): Promise<{ step: number; m: Float32Array; v: Float32Array }>;
   setOptimizerState(step: number, m: Float32Array, v: Float32Array): void;
   dispose(): void;
 }

@@ -448,8 +448,8 @@ export class Trainer {
   }
 
   /** @internal The optimizer moments and step count, for checkpoints. */
-  optimizerState(): { step: number; m: Float32Array; v: Float32Array } {
-    return this.model.native().getOptimizerState();
+  optimizerState(): Promise<{ step: number; m: Float32Array; v: Float32Array }> {
+    return this.model.native().readOptimizerState();
   }
 
   /**

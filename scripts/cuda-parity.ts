@@ -220,7 +220,7 @@ export async function checkFixture(name: string): Promise<ParityRow[]> {
       add(`trainStep ${step} loss`, Math.abs(got.loss - want.loss), LOSS_ABS);
       add(`trainStep ${step} grad norm (rel)`, Math.abs(got.gradNorm - want.gradNorm) / want.gradNorm, GRAD_REL);
     }
-    const [wantState, gotState] = dropped.map((m) => m.native().getOptimizerState());
+    const [wantState, gotState] = await Promise.all(dropped.map((m) => m.native().readOptimizerState()));
     add('AdamW first moment (rel)', relDiff(gotState.m, wantState.m), GRAD_REL);
     add('AdamW second moment (rel)', relDiff(gotState.v, wantState.v), 2 * GRAD_REL);
     let deltaErr = 0;

@@ -336,13 +336,13 @@ describe('trainStep and optimizer state', () => {
     expect(last.loss).toBeLessThan(first.loss * 0.7);
 
     // Resume: a copy of the weights plus the optimizer state continues exactly like the original.
-    const state = native.getOptimizerState();
+    const state = await native.readOptimizerState();
     expect(state.step).toBe(30);
     // (Copies: arrays made by the addon belong to another realm than jest's Float32Array.)
     const weights = new Map([...model.stateDict()].map(([n, w]) => [n, Float32Array.from(w)]));
     const copy = await RetNet.fromStateDict(config, weights);
     copy.native().setOptimizerState(state.step, state.m, state.v);
-    const again = copy.native().getOptimizerState();
+    const again = await copy.native().readOptimizerState();
     expect(again.step).toBe(30);
     expect(Buffer.from(again.m.buffer).equals(Buffer.from(state.m.buffer))).toBe(true);
     expect(Buffer.from(again.v.buffer).equals(Buffer.from(state.v.buffer))).toBe(true);
