@@ -1383,23 +1383,36 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
-  // setOptimizerState(step, m: Float32Array, v: Float32Array)
+  // setOptimizerState(step, m: Float32Array, v: Float32Array) -> Promise<void>: the sizes are
+  // checked here; the values are checked and copied in on a worker, which keeps m and v alive.
   Napi::Value SetOptimizerState(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    WriteClaim claim{claim_write(env)};
+    int step;
+    Napi::Float32Array mv, vv;
     try {
-      const int step = to_int(info[0], "step");
-      Napi::Float32Array mv = float32_arg(info[1], "m");
-      Napi::Float32Array vv = float32_arg(info[2], "v");
+      step = to_int(info[0], "step");
+      mv = float32_arg(info[1], "m");
+      vv = float32_arg(info[2], "v");
       if (mv.ElementLength() != m->parameter_floats() || vv.ElementLength() != m->parameter_floats())
         throw std::invalid_argument("optimizer state must hold " + std::to_string(m->parameter_floats()) +
                                     " values per moment");
-      trainer()->set_optimizer_state(step, mv.Data(), vv.Data());
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    return env.Undefined();
+    std::shared_ptr<Trainer> t = trainer();
+    auto guard = claim_write(env);
+    auto* worker = new PromiseWorker(
+        env,
+        [t, guard, step, m_data = mv.Data(), v_data = vv.Data()] {
+          WriteClaim claim{guard};
+          t->set_optimizer_state(step, m_data, v_data);
+        },
+        [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+    worker->keep(mv);
+    worker->keep(vv);
+    worker->Queue();
+    return worker->promise();
   }
 
   std::shared_ptr<AccessGuard> claim_read(Napi::Env env) {

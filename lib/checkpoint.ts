@@ -16,7 +16,7 @@ import * as path from 'path';
 
 import type { Dataset, DatasetState } from './dataset';
 import { RetNet } from './model';
-import { readSafetensorsFile, safetensorsWriter, writeFileAtomic } from './safetensors';
+import { openSafetensors, safetensorsWriter, writeFileAtomic } from './safetensors';
 import type { ResolvedTrainerOptions, Trainer, TrainingHistory } from './trainer';
 
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -219,13 +219,20 @@ export async function loadCheckpoint(dir: string): Promise<LoadedCheckpoint> {
     throw new Error(`loadCheckpoint: ${trainerPath} is damaged: it needs step (an integer >= 0), options and history { steps, validation }`);
   }
   const optimizerPath = path.join(target, OPTIMIZER_FILE);
-  const parsed = await readSafetensorsFile(optimizerPath);
-  const m = parsed.tensors.get('m')?.data;
-  const v = parsed.tensors.get('v')?.data;
-  const step = Number(parsed.metadata.step);
-  if (!m || !v || m.length !== v.length || !Number.isSafeInteger(step) || step !== state.step) {
-    throw new Error(`loadCheckpoint: ${optimizerPath} needs tensors m and v of equal length and step ${state.step}`);
+  // Each moment read straight from the file into its own array (no copy of the whole file).
+  const reader = await openSafetensors(optimizerPath);
+  let optimizer: LoadedCheckpoint['optimizer'];
+  try {
+    const [mShape, vShape] = [reader.shapes.get('m'), reader.shapes.get('v')];
+    const step = Number(reader.metadata.step);
+    if (!mShape || !vShape || mShape.length !== 1 || vShape.length !== 1 || mShape[0] !== vShape[0] ||
+        !Number.isSafeInteger(step) || step !== state.step) {
+      throw new Error(`loadCheckpoint: ${optimizerPath} needs tensors m and v of equal length and step ${state.step}`);
+    }
+    optimizer = { step, m: await reader.read('m'), v: await reader.read('v') };
+  } finally {
+    await reader.close();
   }
   const model = await RetNet.load(target);
-  return { model, state, optimizer: { step, m, v } };
+  return { model, state, optimizer };
 }

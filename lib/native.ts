@@ -169,7 +169,8 @@ export interface NativeModel {
   /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count. */
   /** The AdamW moments (parameter arena layout) and step count, copied off the JS thread. */
   readOptimizerState(): Promise<{ step: number; m: Float32Array; v: Float32Array }>;
-  setOptimizerState(step: number, m: Float32Array, v: Float32Array): void;
+  /** Sizes checked at once (throws); values checked and copied in off the JS thread (rejects). */
+  setOptimizerState(step: number, m: Float32Array, v: Float32Array): Promise<void>;
   dispose(): void;
 }
 

@@ -466,7 +466,7 @@ export class Trainer {
     const { model, state, optimizer } = checkpoint;
     try {
       const trainer = new Trainer(model, { ...state.options, ...overrides });
-      model.native().setOptimizerState(optimizer.step, optimizer.m, optimizer.v);
+      await model.native().setOptimizerState(optimizer.step, optimizer.m, optimizer.v);
       trainer.steps = state.step;
       trainer.history.steps.push(...state.history.steps);
       trainer.history.validation.push(...state.history.validation);

@@ -341,7 +341,7 @@ describe('trainStep and optimizer state', () => {
     // (Copies: arrays made by the addon belong to another realm than jest's Float32Array.)
     const weights = new Map([...model.stateDict()].map(([n, w]) => [n, Float32Array.from(w)]));
     const copy = await RetNet.fromStateDict(config, weights);
-    copy.native().setOptimizerState(state.step, state.m, state.v);
+    await copy.native().setOptimizerState(state.step, state.m, state.v);
     const again = await copy.native().readOptimizerState();
     expect(again.step).toBe(30);
     expect(Buffer.from(again.m.buffer).equals(Buffer.from(state.m.buffer))).toBe(true);
@@ -356,7 +356,7 @@ describe('trainStep and optimizer state', () => {
     expect(() => copy.native().trainStep(micro, { ...opts, precision: 'fp8' as never })).toThrow(/precision must be 'fp32' or 'bf16'/);
     const badV = Float32Array.from(state.v);
     badV[0] = -1;
-    expect(() => copy.native().setOptimizerState(1, state.m, badV)).toThrow(/negative second moment/);
+    await expect(copy.native().setOptimizerState(1, state.m, badV)).rejects.toThrow(/negative second moment/);
     model.dispose();
     copy.dispose();
   });
