@@ -143,7 +143,7 @@ export interface NativeModel {
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */
   setParam(name: string, data: Float32Array): void;
-  /** Copies parameter values in off the JS thread. Sizes and names are checked here; finiteness is the caller's (RetNet checks every tensor before it gets here). */
+  /** Copies parameter values in off the JS thread. Sizes and names are checked here; finiteness on the worker (a rejection names the tensor, value and index). */
   setParams(tensors: Record<string, Float32Array>): Promise<void>;
   /** Changes whenever a call that modifies the weights (setParam, setParams, trainStep) starts. */
   weightVersion(): number;
@@ -166,8 +166,7 @@ export interface NativeModel {
    * micro-batch losses; tokens is Σ batch*length. Fails at once while another call uses the model.
    */
   trainStep(micro: NativeMicroBatch[], opts: NativeTrainOptions): Promise<{ loss: number; gradNorm: number; tokens: number }>;
-  /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count. */
-  /** The AdamW moments (parameter arena layout) and step count, copied off the JS thread. */
+  /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count, copied off the JS thread. */
   readOptimizerState(): Promise<{ step: number; m: Float32Array; v: Float32Array }>;
   /** Sizes checked at once (throws); values checked and copied in off the JS thread (rejects). */
   setOptimizerState(step: number, m: Float32Array, v: Float32Array): Promise<void>;
