@@ -432,7 +432,3 @@ export async function writeFilesAtomic(files: Array<{ path: string; data: FileDa
 export async function writeFileAtomic(filePath: string, data: FileData): Promise<void> {
   await writeFilesAtomic([{ path: filePath, data }]);
 }
-
-export async function readSafetensorsFile(filePath: string): Promise<ParsedSafetensors> {
-  return parseSafetensors(await fsp.readFile(filePath), filePath);
-}

@@ -6,7 +6,6 @@ import {
   MAX_HEADER_BYTES,
   openSafetensors,
   parseSafetensors,
-  readSafetensorsFile,
   serializeSafetensors,
   TensorEntry,
   writeFileAtomic,
@@ -250,15 +249,6 @@ describe('parseSafetensors rejects malformed files with a message naming the fil
     expect((parseSafetensors(withEmpty).tensors.get('e') as TensorEntry).shape).toEqual([3, 0]);
     expect(parseSafetensors(buildFile({})).tensors.size).toBe(0);
   });
-
-  it('readSafetensorsFile names the path', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-st-'));
-    const file = path.join(dir, 'broken.safetensors');
-    fs.writeFileSync(file, Buffer.from([1, 2, 3]));
-    await expect(readSafetensorsFile(file)).rejects.toThrow(`${file}: invalid safetensors file: file is 3 bytes`);
-    await expect(readSafetensorsFile(path.join(dir, 'absent.safetensors'))).rejects.toThrow(/absent\.safetensors/);
-    fs.rmSync(dir, { recursive: true });
-  });
 });
 
 describe('openSafetensors', () => {
@@ -294,6 +284,7 @@ describe('openSafetensors', () => {
     await expect(openSafetensors(file)).rejects.toThrow(`${file}: invalid safetensors file: tensor "x": shape [2] needs more bytes`);
     fs.writeFileSync(file, Buffer.from([1, 2, 3]));
     await expect(openSafetensors(file)).rejects.toThrow(`${file}: invalid safetensors file: file is 3 bytes`);
+    await expect(openSafetensors(path.join(dir, 'absent.safetensors'))).rejects.toThrow(/absent\.safetensors/);
     fs.rmSync(dir, { recursive: true });
   });
 
@@ -318,7 +309,7 @@ describe('fixtures', () => {
 
   it.each(FIXTURE_NAMES)('%s: loads, matches its config, and carries the torchscale buffers', async (name) => {
     const file = path.join(FIXTURES, name, 'model.safetensors');
-    const { tensors, metadata } = await readSafetensorsFile(file);
+    const { tensors, metadata } = parseSafetensors(fs.readFileSync(file), file);
     const config = fixtureConfig(name);
     expect(resolveConfig(JSON.parse(metadata.config))).toEqual(config);
     const weights = checkWeights(config, tensors, file);
