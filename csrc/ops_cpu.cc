@@ -9,6 +9,7 @@
 #include <mutex>
 #include <new>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <sys/mman.h>
@@ -392,6 +393,14 @@ void chunked_retention(const float* q, const float* k, const float* v, float* o,
   }
 }
 
+// The small pages wholly inside [p, p + n): [begin, end), empty when there are none.
+std::pair<char*, char*> whole_pages(float* p, size_t n) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n) / page * page;
+  return {reinterpret_cast<char*>(begin), reinterpret_cast<char*>(std::max(begin, end))};
+}
+
 class CpuOps final : public Ops {
  public:
   const char* name() const override { return "cpu"; }
@@ -443,20 +452,16 @@ class CpuOps final : public Ops {
   void discard(float* p, size_t n) override { discard_host_memory(p, n * sizeof(float)); }
   void drop(float* p, size_t n) override {
 #ifdef __linux__
-    static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
-    const uintptr_t end = reinterpret_cast<uintptr_t>(p + n) / page * page;
-    if (begin < end && madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED) == 0) return;
+    const auto [begin, end] = whole_pages(p, n);
+    if (begin < end && madvise(begin, end - begin, MADV_DONTNEED) == 0) return;
 #endif
     discard(p, n);
   }
   void populate(float* p, size_t n) override {
 #ifdef MADV_POPULATE_WRITE
-    static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(p + n)) / page * page;
+    const auto [begin, end] = whole_pages(p, n);
     // A hint: kernels before 5.14 refuse it and the pages fault in as they are written.
-    if (begin < end) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+    if (begin < end) madvise(begin, end - begin, MADV_POPULATE_WRITE);
 #endif
   }
 
