@@ -294,6 +294,11 @@ function samplingFigures(vocabSize: number): SamplingFigure[] {
   });
 }
 
+/** The middle value (the upper one of an even count). */
+function median(a: number[]): number {
+  return a.slice().sort((x, y) => x - y)[a.length >> 1];
+}
+
 /** The floor (the step's bytes at the probed bandwidth) over the step's measured time. */
 function rooflineFraction(stepBytes: number, bandwidthGBps: number, stepSeconds: number): number {
   return stepBytes / (bandwidthGBps * 1e9) / stepSeconds;
@@ -368,7 +373,6 @@ async function runContexts(preset: string, weights: WeightFormat, shortContext: 
   }
   for (const session of sessions) session.dispose();
   model.dispose();
-  const median = (a: number[]): number => a.slice().sort((x, y) => x - y)[a.length >> 1];
   const [shortMsPerToken, longMsPerToken] = ms.map(median);
   // Per round, so that drift between rounds cancels.
   const longOverShort = median(ms[0].map((short, r) => short / ms[1][r]));
@@ -401,7 +405,6 @@ async function runTurns(preset: string, weights: WeightFormat, context: number, 
   }
   session.dispose();
   model.dispose();
-  const median = (a: number[]): number => a.slice().sort((x, y) => x - y)[a.length >> 1];
   return TURN_PROMPT_TOKENS.map((promptTokens, i) => ({
     preset,
     weights,
@@ -451,7 +454,6 @@ async function runGenerate(preset: string, weights: WeightFormat, concurrency: n
   }
   session.dispose();
   model.dispose();
-  const median = (a: number[]): number => a.slice().sort((x, y) => x - y)[a.length >> 1];
   return {
     preset,
     weights,
