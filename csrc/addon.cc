@@ -1107,7 +1107,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   // The parameter getParam / readParam name (an Error for an unknown one).
   static const ParamInfo& param_named(Napi::Env env, const Model& m, const Napi::Value& name_arg) {
-    const std::string name = name_arg.IsString() ? name_arg.As<Napi::String>().Utf8Value() : "";
+    if (!name_arg.IsString()) throw Napi::TypeError::New(env, "parameter name must be a string");
+    const std::string name = name_arg.As<Napi::String>().Utf8Value();
     const ParamInfo* p = m.find_param(name);
     if (!p) throw Napi::Error::New(env, "unknown parameter " + name);
     return *p;

@@ -385,6 +385,7 @@ describe('trainStep and optimizer state', () => {
     const running = native.trainStep(big, opts);
     expect(() => native.setParam('layer_norm.weight', new Float32Array(12))).toThrow(/busy/);
     expect(() => native.getParam('layer_norm.weight')).toThrow(/busy/);
+    expect(() => native.readParam('layer_norm.weight')).toThrow(/busy/);
     const forward = model.forward([[1, 2, 3]]);
     await expect(forward).rejects.toThrow(/busy/);
     await running;
@@ -392,11 +393,14 @@ describe('trainStep and optimizer state', () => {
     model.dispose();
   });
 
-  test('setParam checks names, sizes and values', async () => {
+  test('setParam checks names, sizes and values; getParam and readParam give them back', async () => {
     const model = await RetNet.create(config, { seed: 6 });
     const native = model.native();
     native.setParam('layer_norm.weight', new Float32Array(12).fill(2));
     expect(Array.from(native.getParam('layer_norm.weight'))).toEqual(new Array(12).fill(2));
+    expect(Array.from(await native.readParam('layer_norm.weight'))).toEqual(new Array(12).fill(2));
+    expect(() => native.readParam('nope')).toThrow(/unknown parameter nope/);
+    expect(() => native.readParam(3 as never)).toThrow('parameter name must be a string');
     expect(() => native.setParam('nope', new Float32Array(12))).toThrow(/unknown parameter nope/);
     expect(() => native.setParam('layer_norm.weight', new Float32Array(5))).toThrow(/has 12 values, got 5/);
     expect(() => native.setParam('layer_norm.weight', new Float32Array(12).fill(NaN))).toThrow(/non-finite/);
