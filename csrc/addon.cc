@@ -1548,6 +1548,47 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
+// int8Linear(weights, scales, x, y, { M, N, K }) -> Promise<void>: the int8 product alone
+// (tests), y[M, N] = x[M, K] times the int8 weight [N, K] with its row scales, as a model's
+// int8 projection computes it (dot products up to kCompactDotsMaxRows rows, the packed path past).
+Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto matrix = std::make_shared<QuantizedMatrix>();
+  Napi::Float32Array x, y;
+  int M;
+  try {
+    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int8_array)
+      throw std::invalid_argument("weights must be an Int8Array");
+    Napi::Int8Array weights = info[0].As<Napi::Int8Array>();
+    Napi::Float32Array scales = float32_arg(info[1], "scales");
+    x = float32_arg(info[2], "x");
+    y = float32_arg(info[3], "y");
+    if (!info[4].IsObject()) throw std::invalid_argument("int8Linear options must be an object");
+    Napi::Object o = info[4].As<Napi::Object>();
+    M = to_int(o.Get("M"), "M");
+    const int N = to_int(o.Get("N"), "N"), K = to_int(o.Get("K"), "K");
+    if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("M, N and K must be >= 1");
+    if (weights.ElementLength() != static_cast<size_t>(N) * K || scales.ElementLength() != static_cast<size_t>(N) ||
+        x.ElementLength() != static_cast<size_t>(M) * K || y.ElementLength() != static_cast<size_t>(M) * N)
+      throw std::invalid_argument("int8Linear: weights, scales, x, y must hold N*K, N, M*K and M*N values");
+    matrix->format = WeightFormat::Int8;
+    matrix->N = N;
+    matrix->K = K;
+    matrix->int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
+    matrix->scales.assign(scales.Data(), scales.Data() + N);
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+  const float* X = x.Data();
+  float* Y = y.Data();
+  auto* worker = new PromiseWorker(
+      env, [=] { linear_compact(M, X, *matrix, Y); }, [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+  worker->keep(x);
+  worker->keep(y);
+  worker->Queue();
+  return worker->promise();
+}
+
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("threads", num_threads());
@@ -1585,6 +1626,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo));
   exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
   exports.Set("gemm", Napi::Function::New(env, Gemm));
+  exports.Set("int8Linear", Napi::Function::New(env, Int8Linear));
   exports.Set("discardMemory", Napi::Function::New(env, DiscardMemory));
   return exports;
 }

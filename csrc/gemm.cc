@@ -529,9 +529,11 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
 
 // The packed path: B in NC-column, kc-row blocks packed into NR-column panels by
 // `pack_panel(n0, nc, k0, kc, panel)` (as Kernels::pack_b lays them out), A in MC-row blocks.
+// `a_steps`, when given, are A's rows' activation-grid steps (quant.h): the packed A is
+// rounded to that grid, as int8 products take their activations.
 template <typename PackPanel>
 void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, float* C, ptrdiff_t ldc,
-                 bool accumulate, Precision precision) {
+                 bool accumulate, Precision precision, const float* a_steps = nullptr) {
   const bool bf16 = precision == Precision::BF16;
   const Kernels& kern = kernels();
   const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
@@ -577,6 +579,12 @@ void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, fl
           const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
           if (pbeg >= pend) continue;
           kern.pack_a(A, m0, mc, k0, kc, apack);
+          for (int ip = 0; a_steps && ip < mc; ip += MR) {
+            float* panel = apack + ip * kc;
+            const int rows = std::min(MR, mc - ip);
+            for (int k = 0; k < kc; k++)
+              for (int r = 0; r < rows; r++) panel[k * MR + r] = on_activation_grid(panel[k * MR + r], a_steps[m0 + ip + r]);
+          }
           for (int ip = 0; bf16 && ip < mc; ip += MR) {
             if (paired) kern.pair_a(apack + ip * kc, kc);
             else round_bf16_in_place(apack + ip * kc, kc * MR);
@@ -616,6 +624,20 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
   auto blocks_of = [&](int i) { return (static_cast<size_t>(outs[i].N) + kBlock - 1) / kBlock; };
   size_t total = 0;
   for (int i = 0; i < count; i++) total += blocks_of(i);
+  // int8 weights take the activations on their integer grid, made once for the whole group.
+  // (Per calling thread: models on several workers run products at once.)
+  thread_local std::vector<int16_t> grid;
+  thread_local std::vector<float> steps;
+  for (int i = 0; i < count; i++) {
+    if (outs[i].compact && outs[i].compact->format == WeightFormat::Int8) {
+      grid.resize(static_cast<size_t>(M) * K);
+      steps.resize(M);
+      to_activation_grid(X, M, K, grid.data(), steps.data());
+      break;
+    }
+  }
+  const int16_t* const Q = grid.data();
+  const float* const Q_steps = steps.data();
   const Kernels& kern = kernels();
   parallel_for(total, 1, [&](size_t b0, size_t b1) {
     int i = 0;
@@ -628,8 +650,10 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
       }
       const LinearOut& o = outs[i];
       const int n0 = static_cast<int>(first) * kBlock, n1 = std::min(o.N, n0 + kBlock);
-      if (o.compact) {
-        quantized_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
+      if (o.compact && o.compact->format == WeightFormat::Int8) {
+        int8_dots(*o.compact, M, n0, n1, Q, Q_steps, o.Y, o.N);
+      } else if (o.compact) {
+        bf16_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else {
         kern.dots(M, n0, n1, o.N, K, X, K, o.W, K, o.Y, o.N, false);
       }
@@ -670,6 +694,12 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
   // product), these do too, on the bf16 micro-kernel: every form of a bf16 model computes
   // what its decode steps compute.
   const bool bf16_x = W.format == WeightFormat::BF16 && gemm_has_bf16_dot();
+  // And int8 decode products take the activations on their grid (quant.h); these round them to it.
+  std::vector<float> steps;
+  if (W.format == WeightFormat::Int8) {
+    steps.resize(M);
+    for (int i = 0; i < M; i++) steps[i] = activation_step(X + static_cast<size_t>(i) * W.K, W.K);
+  }
   const Kernels& kern = kernels();
   gemm_packed(
       M, W.N, W.K, row_major(X, W.K),
@@ -682,7 +712,7 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
         widen_rows(W, n0, rows, k0, kc, wide.data(), kc, kern.nr);
         kern.pack_b(transposed(wide.data(), kc), 0, rows, 0, kc, panel);
       },
-      Y, W.N, false, bf16_x ? Precision::BF16 : Precision::F32);
+      Y, W.N, false, bf16_x ? Precision::BF16 : Precision::F32, steps.empty() ? nullptr : steps.data());
 }
 
 }  // namespace retnet

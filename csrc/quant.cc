@@ -9,20 +9,20 @@
 namespace retnet {
 namespace {
 
-// The scalar weight of row j, column k, before the row scale.
+// The scalar weight of row j, column k, before the row scale (int8's, for widen_rows).
 float weight_at(const QuantizedMatrix& q, size_t index) {
   return q.format == WeightFormat::BF16 ? from_bf16(q.bf16[index]) : static_cast<float>(q.int8[index]);
 }
 
+// bf16 products: the weights widened to fp32 in registers (or VDPBF16PS, below).
 void dots_generic(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
   const int K = q.K;
   for (int j = n0; j < n1; j++) {
     const size_t row = static_cast<size_t>(j) * K;
-    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
     for (int i = 0; i < M; i++) {
       float s = 0;
       for (int k = 0; k < K; k++) s += X[static_cast<size_t>(i) * K + k] * weight_at(q, row + k);
-      Y[i * ldy + j] = s * scale;
+      Y[i * ldy + j] = s;
     }
   }
 }
@@ -52,7 +52,7 @@ struct LoadInt8 {
 // One weight row against ROWS activation rows (the same structure as the fp32 decode GEMV).
 template <int ROWS, typename Load>
 __attribute__((target("avx2,fma"))) inline void row_dots(const QuantizedMatrix& q, const Load& load, size_t row, int K,
-                                                         const float* X, float scale, float* out, ptrdiff_t ldy) {
+                                                         const float* X, float* out, ptrdiff_t ldy) {
   __m256 a0[ROWS], a1[ROWS];
   for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
   int k = 0;
@@ -67,7 +67,7 @@ __attribute__((target("avx2,fma"))) inline void row_dots(const QuantizedMatrix& 
   for (int r = 0; r < ROWS; r++) {
     float s = hsum256(_mm256_add_ps(a0[r], a1[r]));
     for (int t = k; t < K; t++) s += X[r * K + t] * weight_at(q, row + t);
-    out[r * ldy] = s * scale;
+    out[r * ldy] = s;
   }
 }
 
@@ -78,13 +78,12 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const QuantizedMatrix& q, int
   for (int j = n0; j < n1; j++) {
     const size_t row = static_cast<size_t>(j) * K;
     const Load load = Load::row(q, row);
-    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
     int i = 0;
-    for (; i + 4 <= M; i += 4) row_dots<4>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy);
+    for (; i + 4 <= M; i += 4) row_dots<4>(q, load, row, K, X + i * K, Y + i * ldy + j, ldy);
     switch (M - i) {
-      case 3: row_dots<3>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
-      case 2: row_dots<2>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
-      case 1: row_dots<1>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy); break;
+      case 3: row_dots<3>(q, load, row, K, X + i * K, Y + i * ldy + j, ldy); break;
+      case 2: row_dots<2>(q, load, row, K, X + i * K, Y + i * ldy + j, ldy); break;
+      case 1: row_dots<1>(q, load, row, K, X + i * K, Y + i * ldy + j, ldy); break;
       default: break;
     }
   }
@@ -113,7 +112,7 @@ struct LoadInt8x16 {
 
 template <int ROWS, typename Load>
 __attribute__((target("avx512f"))) inline void row_dots_avx512(const QuantizedMatrix& q, const Load& load, size_t row,
-                                                                int K, const float* X, float scale, float* out,
+                                                                int K, const float* X, float* out,
                                                                 ptrdiff_t ldy) {
   __m512 acc[ROWS];
   for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
@@ -125,7 +124,7 @@ __attribute__((target("avx512f"))) inline void row_dots_avx512(const QuantizedMa
   for (int r = 0; r < ROWS; r++) {
     float s = hsum512(acc[r]);
     for (int t = k; t < K; t++) s += X[r * K + t] * weight_at(q, row + t);
-    out[r * ldy] = s * scale;
+    out[r * ldy] = s;
   }
 }
 
@@ -133,8 +132,8 @@ __attribute__((target("avx512f"))) inline void row_dots_avx512(const QuantizedMa
 // vector feeds XR multiply-adds and each activation load WR (one weight row at a time, a
 // batch-16 bf16 step ran slower than fp32's). Every output is summed exactly as
 // row_dots_avx512 sums it, so the numbers do not depend on the batch. (row_dots_avx512 keeps
-// the one-row case: as block_dots_avx512<1, 8> a batch-1 int8 step ran slower, base 1.44
-// against 1.34 ms/step and medium 9.29 against 8.50.)
+// the one-row case: as block_dots_avx512<1, 8> a batch-1 step ran slower, with the int8
+// weights this kernel then also served: base 1.44 against 1.34 ms/step, medium 9.29 against 8.50.)
 template <int WR, int XR, typename Load>
 __attribute__((target("avx512f"))) inline void block_dots_avx512(const QuantizedMatrix& q, int j, int K,
                                                                   const float* X, float* out, ptrdiff_t ldy) {
@@ -154,11 +153,10 @@ __attribute__((target("avx512f"))) inline void block_dots_avx512(const Quantized
   }
   for (int w = 0; w < WR; w++) {
     const size_t row = static_cast<size_t>(j + w) * K;
-    const float scale = q.format == WeightFormat::Int8 ? q.scales[j + w] : 1.0f;
     for (int x = 0; x < XR; x++) {
       float s = hsum512(acc[w][x]);
       for (int t = k; t < K; t++) s += X[x * K + t] * weight_at(q, row + t);
-      out[x * ldy + w] = s * scale;
+      out[x * ldy + w] = s;
     }
   }
 }
@@ -191,19 +189,18 @@ __attribute__((target("avx512f"))) void dots_avx512(const QuantizedMatrix& q, in
   for (; j < n1; j++) {
     const size_t row = static_cast<size_t>(j) * K;
     const Load load = Load::row(q, row);
-    const float scale = q.format == WeightFormat::Int8 ? q.scales[j] : 1.0f;
     int i = 0;
-    for (; i + 8 <= M; i += 8) row_dots_avx512<8>(q, load, row, K, X + i * K, scale, Y + i * ldy + j, ldy);
+    for (; i + 8 <= M; i += 8) row_dots_avx512<8>(q, load, row, K, X + i * K, Y + i * ldy + j, ldy);
     float* y = Y + i * ldy + j;
     const float* x = X + i * K;
     switch (M - i) {
-      case 7: row_dots_avx512<7>(q, load, row, K, x, scale, y, ldy); break;
-      case 6: row_dots_avx512<6>(q, load, row, K, x, scale, y, ldy); break;
-      case 5: row_dots_avx512<5>(q, load, row, K, x, scale, y, ldy); break;
-      case 4: row_dots_avx512<4>(q, load, row, K, x, scale, y, ldy); break;
-      case 3: row_dots_avx512<3>(q, load, row, K, x, scale, y, ldy); break;
-      case 2: row_dots_avx512<2>(q, load, row, K, x, scale, y, ldy); break;
-      case 1: row_dots_avx512<1>(q, load, row, K, x, scale, y, ldy); break;
+      case 7: row_dots_avx512<7>(q, load, row, K, x, y, ldy); break;
+      case 6: row_dots_avx512<6>(q, load, row, K, x, y, ldy); break;
+      case 5: row_dots_avx512<5>(q, load, row, K, x, y, ldy); break;
+      case 4: row_dots_avx512<4>(q, load, row, K, x, y, ldy); break;
+      case 3: row_dots_avx512<3>(q, load, row, K, x, y, ldy); break;
+      case 2: row_dots_avx512<2>(q, load, row, K, x, y, ldy); break;
+      case 1: row_dots_avx512<1>(q, load, row, K, x, y, ldy); break;
       default: break;
     }
   }
@@ -280,6 +277,240 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void dots_bf16dp(const Qu
     for (int i = 0; i < M; i += kXR)
       rows_block_bf16dp<1, kXR>(std::min(kXR, M - i), q.bf16.data() + static_cast<size_t>(j) * K, K,
                                 Xb + static_cast<size_t>(i) * K, K, Y + i * ldy + j, ldy);
+}
+#endif
+
+// The largest |x| of a row, NaN if it holds one.
+float max_abs_generic(const float* x, int K) {
+  float max_abs = 0;
+  for (int k = 0; k < K; k++) {
+    const float a = std::fabs(x[k]);
+    if (a != a) return NAN;
+    max_abs = std::max(max_abs, a);
+  }
+  return max_abs;
+}
+
+#ifdef RETNET_X86
+__attribute__((target("avx2,fma"))) float max_abs_avx2(const float* x, int K) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 max = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude);
+    max = _mm256_max_ps(max, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan)) return NAN;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, max);
+  float m = max_abs_generic(x + k, K - k);
+  for (const float l : lanes) m = std::max(m, l);  // a NaN in the tail stays: max(NaN, l) is NaN
+  return m;
+}
+
+// The grid integers of x (activation_level's, for a step whose inverse is a normal float),
+// 16 at a time; returns how many it wrote.
+__attribute__((target("avx2,fma"))) int grid_row_avx2(const float* x, int K, float inverse, int16_t* q) {
+  const __m256 scale = _mm256_set1_ps(inverse);
+  const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    // x * inverse is exact; the conversion rounds to nearest even, as nearbyint does.
+    __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), scale));
+    __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), scale));
+    a = _mm256_min_epi32(_mm256_max_epi32(a, lo), hi);
+    b = _mm256_min_epi32(_mm256_max_epi32(b, lo), hi);
+    // packs works within 128-bit halves: put the four 64-bit pieces back in order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), packed);
+  }
+  return k;
+}
+#endif
+
+// int8 products on the activation grid (quant.h). Integer sums are exact whatever their order,
+// so each kernel may split a row's sum across accumulators as suits it. An int32 lane gains at
+// most 2 * 128 * 32767 per instruction (two products); a block of kIntBlock columns gives a
+// lane at most 128 of those (AVX2's 8 lanes, 2048 / 16), under 2^31, before it is added to an
+// int64 total.
+constexpr int kIntBlock = 2048;
+
+inline float int8_output(int64_t sum, float scale, float step) {
+  return static_cast<float>(static_cast<double>(sum) * (static_cast<double>(scale) * step));
+}
+
+int64_t int8_tail(const int8_t* w, const int16_t* x, int k0, int K) {
+  int64_t s = 0;
+  for (int k = k0; k < K; k++) s += static_cast<int32_t>(w[k]) * x[k];
+  return s;
+}
+
+void int8_dots_generic(const QuantizedMatrix& q, int M, int n0, int n1, const int16_t* Q, const float* steps, float* Y,
+                       ptrdiff_t ldy) {
+  const int K = q.K;
+  for (int j = n0; j < n1; j++) {
+    const int8_t* w = q.int8.data() + static_cast<size_t>(j) * K;
+    for (int i = 0; i < M; i++) Y[i * ldy + j] = int8_output(int8_tail(w, Q + static_cast<size_t>(i) * K, 0, K), q.scales[j], steps[i]);
+  }
+}
+
+#ifdef RETNET_X86
+// acc + the pairwise products of a and b (VPDPWSSD), in asm: GCC 12 copies every accumulator
+// of the intrinsic's form to another register each step (medium int8 batch 16 ran 40 % slower
+// than the fp32-widening kernel this replaces).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// The 16 int32 lanes' sum, in int64 (it may not fit 32 bits).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int64_t sum_lanes(__m512i lanes) {
+  // (maskz forms with every lane kept: GCC 12 warns that the plain ones read undefined lanes)
+  const __m512i eight = _mm512_add_epi64(_mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xF, lanes, 0)),
+                                         _mm512_maskz_cvtepi32_epi64(0xFF, _mm512_maskz_extracti64x4_epi64(0xF, lanes, 1)));
+  const __m256i four = _mm256_add_epi64(_mm512_maskz_extracti64x4_epi64(0xF, eight, 0), _mm512_maskz_extracti64x4_epi64(0xF, eight, 1));
+  const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(four), _mm256_extracti128_si256(four, 1));
+  return _mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1);
+}
+
+// WR weight rows against XR activation rows, CH accumulators per pair (one weight row and
+// one activation row: independent chains, so a batch-1 row is not one dependent chain).
+template <int WR, int XR, int CH>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void int8_block_vnni(const QuantizedMatrix& q, int j,
+                                                                                    const int16_t* Q, const float* steps,
+                                                                                    float* out, ptrdiff_t ldy) {
+  const int K = q.K;
+  const int8_t* W = q.int8.data() + static_cast<size_t>(j) * K;
+  int64_t total[WR][XR] = {};
+  int k = 0;
+  while (k + 32 * CH <= K) {
+    __m512i acc[CH][WR][XR];
+    for (int c = 0; c < CH; c++)
+      for (int w = 0; w < WR; w++)
+        for (int x = 0; x < XR; x++) acc[c][w][x] = _mm512_setzero_si512();
+    const int end = std::min(K, k + kIntBlock) - 32 * CH;
+    for (; k <= end; k += 32 * CH) {
+      for (int c = 0; c < CH; c++) {
+        const int kc = k + 32 * c;
+        __m512i xs[XR];
+        for (int x = 0; x < XR; x++) xs[x] = _mm512_loadu_si512(Q + static_cast<size_t>(x) * K + kc);
+        for (int w = 0; w < WR; w++) {
+          const __m512i wv = _mm512_maskz_cvtepi8_epi16(~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + static_cast<size_t>(w) * K + kc)));
+          for (int x = 0; x < XR; x++) acc[c][w][x] = dot_pairs(acc[c][w][x], wv, xs[x]);
+        }
+      }
+    }
+    for (int w = 0; w < WR; w++)
+      for (int x = 0; x < XR; x++) {
+        __m512i lanes = acc[0][w][x];
+        for (int c = 1; c < CH; c++) lanes = _mm512_add_epi32(lanes, acc[c][w][x]);  // still within one block
+        total[w][x] += sum_lanes(lanes);
+      }
+  }
+  for (int w = 0; w < WR; w++)
+    for (int x = 0; x < XR; x++) {
+      const int64_t s = total[w][x] + int8_tail(W + static_cast<size_t>(w) * K, Q + static_cast<size_t>(x) * K, k, K);
+      out[x * ldy + w] = int8_output(s, q.scales[j + w], steps[x]);
+    }
+}
+
+// The block of `rows` (<= XR) activation rows, with the XR it was compiled for.
+template <int WR, int XR, int CH>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void int8_rows_vnni(int rows, const QuantizedMatrix& q, int j,
+                                                                                   const int16_t* Q, const float* steps,
+                                                                                   float* out, ptrdiff_t ldy) {
+  if (rows == XR) {
+    int8_block_vnni<WR, XR, CH>(q, j, Q, steps, out, ldy);
+  } else if constexpr (XR > 1) {
+    int8_rows_vnni<WR, XR - 1, CH>(rows, q, j, Q, steps, out, ldy);
+  }
+}
+
+// A batch of 8 or more: four weight rows against six activation rows at a time, so each
+// widened weight vector feeds six dot products. Fewer: one weight row at a time (a single
+// stream) against up to seven activation rows, a lone row over two accumulators.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_dots_vnni(const QuantizedMatrix& q, int M, int n0,
+                                                                            int n1, const int16_t* Q,
+                                                                            const float* steps, float* Y,
+                                                                            ptrdiff_t ldy) {
+  const size_t K = q.K;
+  int j = n0;
+  constexpr int kWR = 4, kXR = 6, kMinRows = 8;
+  if (M >= kMinRows) {
+    for (; j + kWR <= n1; j += kWR)
+      for (int i = 0; i < M; i += kXR)
+        int8_rows_vnni<kWR, kXR, 1>(std::min(kXR, M - i), q, j, Q + i * K, steps + i, Y + i * ldy + j, ldy);
+  }
+  for (; j < n1; j++) {
+    if (M == 1) {
+      int8_block_vnni<1, 1, 2>(q, j, Q, steps, Y + j, ldy);
+      continue;
+    }
+    for (int i = 0; i < M; i += kMinRows - 1)
+      int8_rows_vnni<1, kMinRows - 1, 1>(std::min(kMinRows - 1, M - i), q, j, Q + i * K, steps + i, Y + i * ldy + j, ldy);
+  }
+}
+
+// AVX2: VPMADDWD's 16 products per instruction into 8 int32 lanes (pairs summed), one weight
+// row at a time against up to four activation rows, a lone row over two accumulators.
+template <int XR, int CH>
+__attribute__((target("avx2,fma"))) inline void int8_row_avx2(const QuantizedMatrix& q, int j, const int16_t* Q,
+                                                              const float* steps, float* out, ptrdiff_t ldy) {
+  const int K = q.K;
+  const int8_t* W = q.int8.data() + static_cast<size_t>(j) * K;
+  int64_t total[XR] = {};
+  int k = 0;
+  while (k + 16 * CH <= K) {
+    __m256i acc[CH][XR];
+    for (int c = 0; c < CH; c++)
+      for (int x = 0; x < XR; x++) acc[c][x] = _mm256_setzero_si256();
+    const int end = std::min(K, k + kIntBlock) - 16 * CH;
+    for (; k <= end; k += 16 * CH) {
+      for (int c = 0; c < CH; c++) {
+        const int kc = k + 16 * c;
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + kc)));
+        for (int x = 0; x < XR; x++) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Q + static_cast<size_t>(x) * K + kc));
+          acc[c][x] = _mm256_add_epi32(acc[c][x], _mm256_madd_epi16(wv, xv));
+        }
+      }
+    }
+    for (int x = 0; x < XR; x++) {
+      __m256i lanes = acc[0][x];
+      for (int c = 1; c < CH; c++) lanes = _mm256_add_epi32(lanes, acc[c][x]);
+      const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(lanes)),
+                                            _mm256_cvtepi32_epi64(_mm256_extracti128_si256(lanes, 1)));
+      alignas(32) int64_t parts[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts), wide);
+      total[x] += parts[0] + parts[1] + parts[2] + parts[3];
+    }
+  }
+  for (int x = 0; x < XR; x++) {
+    const int64_t s = total[x] + int8_tail(W, Q + static_cast<size_t>(x) * K, k, K);
+    out[x * ldy] = int8_output(s, q.scales[j], steps[x]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void int8_dots_avx2(const QuantizedMatrix& q, int M, int n0, int n1,
+                                                        const int16_t* Q, const float* steps, float* Y, ptrdiff_t ldy) {
+  const size_t K = q.K;
+  for (int j = n0; j < n1; j++) {
+    if (M == 1) {
+      int8_row_avx2<1, 2>(q, j, Q, steps, Y + j, ldy);
+      continue;
+    }
+    int i = 0;
+    for (; i + 4 <= M; i += 4) int8_row_avx2<4, 1>(q, j, Q + i * K, steps + i, Y + i * ldy + j, ldy);
+    const int16_t* x = Q + i * K;
+    float* y = Y + i * ldy + j;
+    switch (M - i) {
+      case 3: int8_row_avx2<3, 1>(q, j, x, steps + i, y, ldy); break;
+      case 2: int8_row_avx2<2, 1>(q, j, x, steps + i, y, ldy); break;
+      case 1: int8_row_avx2<1, 1>(q, j, x, steps + i, y, ldy); break;
+      default: break;
+    }
+  }
 }
 #endif
 
@@ -383,19 +614,53 @@ void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, floa
   widen_rows_generic(q, n0, rows, k0, kc, out, ldo);
 }
 
-void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
+void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
 #ifdef RETNET_X86
-  if (q.format == WeightFormat::BF16 && cpu_has_avx512_bf16()) return dots_bf16dp(q, M, n0, n1, X, Y, ldy);
-  if (cpu_isa() >= CpuIsa::Avx512) {
-    if (q.format == WeightFormat::BF16) return dots_avx512<LoadBf16x16>(q, M, n0, n1, X, Y, ldy);
-    return dots_avx512<LoadInt8x16>(q, M, n0, n1, X, Y, ldy);
-  }
-  if (cpu_has_avx2_fma()) {
-    if (q.format == WeightFormat::BF16) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
-    return dots_avx2<LoadInt8>(q, M, n0, n1, X, Y, ldy);
-  }
+  if (cpu_has_avx512_bf16()) return dots_bf16dp(q, M, n0, n1, X, Y, ldy);
+  if (cpu_isa() >= CpuIsa::Avx512) return dots_avx512<LoadBf16x16>(q, M, n0, n1, X, Y, ldy);
+  if (cpu_has_avx2_fma()) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
 #endif
   dots_generic(q, M, n0, n1, X, Y, ldy);
+}
+
+float activation_step(const float* x, int K) {
+#ifdef RETNET_X86
+  const float max_abs = cpu_has_avx2_fma() ? max_abs_avx2(x, K) : max_abs_generic(x, K);
+#else
+  const float max_abs = max_abs_generic(x, K);
+#endif
+  if (!std::isfinite(max_abs)) return NAN;
+  if (max_abs == 0) return 1.0f;
+  // max_abs / step in [2^14, 2^15); the smallest subnormal at least.
+  return std::ldexp(1.0f, std::max(std::ilogb(max_abs) - 14, -149));
+}
+
+void to_activation_grid(const float* X, int M, int K, int16_t* Q, float* steps) {
+  for (int i = 0; i < M; i++) {
+    const float* x = X + static_cast<size_t>(i) * K;
+    int16_t* q = Q + static_cast<size_t>(i) * K;
+    const float step = activation_step(x, K);
+    steps[i] = step;
+    if (step != step) {
+      std::fill(q, q + K, int16_t{0});
+      continue;
+    }
+    int k = 0;
+#ifdef RETNET_X86
+    // 1 / step as a float (a normal one unless the row is below ~1e-34): x times it is exact.
+    if (cpu_has_avx2_fma() && step >= 0x1p-127f) k = grid_row_avx2(x, K, 1.0f / step, q);
+#endif
+    for (; k < K; k++) q[k] = activation_level(x[k], step);
+  }
+}
+
+void int8_dots(const QuantizedMatrix& q, int M, int n0, int n1, const int16_t* Q, const float* steps, float* Y,
+               ptrdiff_t ldy) {
+#ifdef RETNET_X86
+  if (cpu_has_avx512_vnni()) return int8_dots_vnni(q, M, n0, n1, Q, steps, Y, ldy);
+  if (cpu_has_avx2_fma()) return int8_dots_avx2(q, M, n0, n1, Q, steps, Y, ldy);
+#endif
+  int8_dots_generic(q, M, n0, n1, Q, steps, Y, ldy);
 }
 
 }  // namespace retnet

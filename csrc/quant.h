@@ -3,6 +3,7 @@
 // bound by the bytes it reads, so it runs up to 2x / 4x faster, and the model takes 2x / 4x
 // less memory. Products of many rows widen the weights to fp32 block by block as they read them.
 #pragma once
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -45,8 +46,37 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
 // of the rows that many on (the reader's next block) while it goes.
 void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo, int ahead = 0);
 
-// Y[i, j] = Σ_k X[i, k] Wq[j, k] for i < M and output rows j in [n0, n1) (X is [M, K],
-// Y has leading dim ldy). Each row is summed in an order that does not depend on M.
-void quantized_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy);
+// Y[i, j] = Σ_k X[i, k] Wq[j, k] for i < M and output rows j in [n0, n1) of a bf16 weight
+// (X is [M, K], Y has leading dim ldy). Each row is summed in an order that does not depend on M.
+void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy);
+
+// int8 products take their activations on a 16-bit grid: each row as integers (|q| <= 32767)
+// times a power-of-two step, 2^-14 to 2^-15 of the row's largest magnitude. The products'
+// sums are then exact integers (int32 lanes, int64 totals), so an output is one rounding of
+// sum * weight scale * step, whatever the batch, the order or the instruction set, and the
+// integer dot products (VPDPWSSD: 32 multiply-adds per instruction) read the weights without
+// widening them to fp32. Products of many rows (the packed fp32 path) round their activations
+// to the same grid, so every form of an int8 model computes the same function.
+
+// The grid step of a row of K activations: a power of two, 1 for a row of zeros, NaN for a
+// row holding a non-finite value (its outputs are then NaN).
+float activation_step(const float* x, int K);
+
+// x's grid point as an integer (|q| <= 32767), and as a value (q * step; x itself for a NaN step).
+inline int16_t activation_level(float x, float step) {
+  const double q = std::nearbyint(static_cast<double>(x) / step);  // exact: step is a power of two
+  return static_cast<int16_t>(q > 32767 ? 32767 : q < -32767 ? -32767 : q);
+}
+inline float on_activation_grid(float x, float step) {
+  return step == step ? static_cast<float>(activation_level(x, step) * static_cast<double>(step)) : x;
+}
+
+// The rows of X [M, K] as grid integers Q [M, K] (0 in a non-finite row) and their steps [M].
+void to_activation_grid(const float* X, int M, int K, int16_t* Q, float* steps);
+
+// Y[i, j] = (Σ_k Q[i, k] Wq[j, k]) * scales[j] * steps[i] for i < M, j in [n0, n1), the sum
+// exact, the product rounded once to fp32.
+void int8_dots(const QuantizedMatrix& q, int M, int n0, int n1, const int16_t* Q, const float* steps, float* Y,
+               ptrdiff_t ldy);
 
 }  // namespace retnet

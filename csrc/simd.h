@@ -41,6 +41,13 @@ inline bool cpu_has_avx512_bf16() {
   return yes;
 }
 
+// AVX512-VNNI's 16-bit dot product (VPDPWSSD, with AVX512-BW's byte-to-word widening).
+inline bool cpu_has_avx512_vnni() {
+  static const bool yes = cpu_isa() >= CpuIsa::Avx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
 // e^x for 8 lanes (measured: at most 1.3 ulp from the correctly rounded value on a sweep of
 // [-87, 88]): e^x = 2^n e^r with
 // r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split in two so r is exact) and e^r from a degree-6

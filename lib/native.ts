@@ -197,6 +197,18 @@ export interface NativeAddon {
       precision?: Precision;
     },
   ): Promise<void>;
+  /**
+   * The int8 product alone (tests): y[M, N] = x[M, K] times the weight [N, K] whose row j is
+   * weights[j] * scales[j], as a model's int8 projections compute it (activations on their
+   * 16-bit grid, exact integer sums).
+   */
+  int8Linear(
+    weights: Int8Array,
+    scales: Float32Array,
+    x: Float32Array,
+    y: Float32Array,
+    options: { M: number; N: number; K: number },
+  ): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;

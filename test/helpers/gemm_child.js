@@ -1,5 +1,6 @@
-// Runs the CPU GEMM on the cases read from stdin (JSON) and prints its outputs, so a test can
-// run it under another RETNET_CPU_ISA: the addon picks its kernel set once per process.
+// Runs CPU products on the cases read from stdin (JSON) and prints their outputs, so a test
+// can run them under another RETNET_CPU_ISA: the addon picks its kernel set once per process.
+// A case is a GEMM ({ a, b, c, o }) or an int8 product ({ int8: { weights, scales, x, o } }).
 const path = require('path');
 
 const addon = require(path.join(__dirname, '..', '..', 'build', 'Release', 'retnet.node'));
@@ -7,7 +8,14 @@ let input = '';
 process.stdin.on('data', (d) => (input += d));
 process.stdin.on('end', async () => {
   const outputs = [];
-  for (const { a, b, c, o } of JSON.parse(input)) {
+  for (const { a, b, c, o, int8 } of JSON.parse(input)) {
+    if (int8) {
+      const out = new Float32Array(int8.o.M * int8.o.N);
+      await addon.int8Linear(Int8Array.from(int8.weights), Float32Array.from(int8.scales), Float32Array.from(int8.x), out, int8.o);
+      // NaN does not survive JSON: the outputs travel as their bits.
+      outputs.push(Array.from(new Uint32Array(out.buffer)));
+      continue;
+    }
     const out = Float32Array.from(c);
     await addon.gemm(Float32Array.from(a), Float32Array.from(b), out, o);
     outputs.push(Array.from(out));
