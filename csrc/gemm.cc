@@ -527,6 +527,30 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
   });
 }
 
+// A packed A panel (`rows` of its MR rows, kc columns, k-major) rounded to the rows'
+// activation grids (quant.h's on_activation_grid) without a division or a libm call per value:
+// x / step and q * step are exact (powers of two), and adding and taking away 1.5 * 2^23 rounds
+// |x / step| <= 2^15 to the nearest integer, ties to even, as nearbyint does.
+void round_panel_to_grid(float* panel, int kc, int MR, int rows, const float* steps) {
+  float inverse[kMaxMR];
+  for (int r = 0; r < rows; r++) {
+    if (!(steps[r] >= 0x1p-127f)) {  // NaN (a non-finite row), or 1 / step past the floats
+      for (int k = 0; k < kc; k++)
+        for (int i = 0; i < rows; i++) panel[k * MR + i] = on_activation_grid(panel[k * MR + i], steps[i]);
+      return;
+    }
+    inverse[r] = 1.0f / steps[r];
+  }
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  for (int k = 0; k < kc; k++) {
+    float* p = panel + k * MR;
+    for (int r = 0; r < rows; r++) {
+      const float level = std::min(32767.0f, std::max(-32767.0f, (p[r] * inverse[r] + kRound) - kRound));
+      p[r] = level * steps[r];
+    }
+  }
+}
+
 // The packed path: B in NC-column, kc-row blocks packed into NR-column panels by
 // `pack_panel(n0, nc, k0, kc, panel)` (as Kernels::pack_b lays them out), A in MC-row blocks.
 // `a_steps`, when given, are A's rows' activation-grid steps (quant.h): the packed A is
@@ -579,12 +603,8 @@ void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, fl
           const int pbeg = ns * panels_per, pend = std::min(npanels, pbeg + panels_per);
           if (pbeg >= pend) continue;
           kern.pack_a(A, m0, mc, k0, kc, apack);
-          for (int ip = 0; a_steps && ip < mc; ip += MR) {
-            float* panel = apack + ip * kc;
-            const int rows = std::min(MR, mc - ip);
-            for (int k = 0; k < kc; k++)
-              for (int r = 0; r < rows; r++) panel[k * MR + r] = on_activation_grid(panel[k * MR + r], a_steps[m0 + ip + r]);
-          }
+          for (int ip = 0; a_steps && ip < mc; ip += MR)
+            round_panel_to_grid(apack + ip * kc, kc, MR, std::min(MR, mc - ip), a_steps + m0 + ip);
           for (int ip = 0; bf16 && ip < mc; ip += MR) {
             if (paired) kern.pair_a(apack + ip * kc, kc);
             else round_bf16_in_place(apack + ip * kc, kc * MR);
