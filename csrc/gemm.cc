@@ -528,26 +528,14 @@ void gemm_dots(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ld
 }
 
 // A packed A panel (`rows` of its MR rows, kc columns, k-major) rounded to the rows'
-// activation grids (quant.h's on_activation_grid) without a division or a libm call per value:
-// x / step and q * step are exact (powers of two), and adding and taking away 1.5 * 2^23 rounds
-// |x / step| <= 2^15 to the nearest integer, ties to even, as nearbyint does.
+// activation grids (quant.h). A non-finite row's step is NaN and its values become NaN, so
+// its outputs are NaN, as the decode products give.
 void round_panel_to_grid(float* panel, int kc, int MR, int rows, const float* steps) {
   float inverse[kMaxMR];
-  for (int r = 0; r < rows; r++) {
-    if (!(steps[r] >= 0x1p-127f)) {  // NaN (a non-finite row), or 1 / step past the floats
-      for (int k = 0; k < kc; k++)
-        for (int i = 0; i < rows; i++) panel[k * MR + i] = on_activation_grid(panel[k * MR + i], steps[i]);
-      return;
-    }
-    inverse[r] = 1.0f / steps[r];
-  }
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  for (int r = 0; r < rows; r++) inverse[r] = 1.0f / steps[r];
   for (int k = 0; k < kc; k++) {
     float* p = panel + k * MR;
-    for (int r = 0; r < rows; r++) {
-      const float level = std::min(32767.0f, std::max(-32767.0f, (p[r] * inverse[r] + kRound) - kRound));
-      p[r] = level * steps[r];
-    }
+    for (int r = 0; r < rows; r++) p[r] = activation_level(p[r], inverse[r]) * steps[r];
   }
 }
 

@@ -309,8 +309,7 @@ __attribute__((target("avx2,fma"))) float max_abs_avx2(const float* x, int K) {
   return m;
 }
 
-// The grid integers of x (activation_level's, for a step whose inverse is a normal float),
-// 16 at a time; returns how many it wrote.
+// The grid integers of x (activation_level's), 16 at a time; returns how many it wrote.
 __attribute__((target("avx2,fma"))) int grid_row_avx2(const float* x, int K, float inverse, int16_t* q) {
   const __m256 scale = _mm256_set1_ps(inverse);
   const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
@@ -636,8 +635,8 @@ float activation_step(const float* x, int K) {
 #endif
   if (!std::isfinite(max_abs)) return NAN;
   if (max_abs == 0) return 1.0f;
-  // max_abs / step in [2^14, 2^15); the smallest subnormal at least.
-  return std::ldexp(1.0f, std::max(std::ilogb(max_abs) - 14, -149));
+  // max_abs / step in [2^14, 2^15) (below 2^-112, a coarser grid: the step stays a normal float).
+  return std::ldexp(1.0f, std::max(std::ilogb(max_abs) - 14, -126));
 }
 
 void to_activation_grid(const float* X, int M, int K, int16_t* Q, float* steps) {
@@ -650,12 +649,12 @@ void to_activation_grid(const float* X, int M, int K, int16_t* Q, float* steps) 
       std::fill(q, q + K, int16_t{0});
       continue;
     }
+    const float inverse = 1.0f / step;
     int k = 0;
 #ifdef RETNET_X86
-    // 1 / step as a float (a normal one unless the row is below ~1e-34): x times it is exact.
-    if (cpu_has_avx2_fma() && step >= 0x1p-127f) k = grid_row_avx2(x, K, 1.0f / step, q);
+    if (cpu_has_avx2_fma()) k = grid_row_avx2(x, K, inverse, q);
 #endif
-    for (; k < K; k++) q[k] = activation_level(x[k], step);
+    for (; k < K; k++) q[k] = static_cast<int16_t>(activation_level(x[k], inverse));
   }
 }
 

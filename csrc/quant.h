@@ -3,7 +3,7 @@
 // bound by the bytes it reads, so it runs up to 2x / 4x faster, and the model takes 2x / 4x
 // less memory. Products of many rows widen the weights to fp32 block by block as they read them.
 #pragma once
-#include <cmath>
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -51,24 +51,25 @@ void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, floa
 void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy);
 
 // int8 products take their activations on a 16-bit grid: each row as integers (|q| <= 32767)
-// times a power-of-two step, 2^-14 to 2^-15 of the row's largest magnitude. The products'
-// sums are then exact integers (int32 lanes, int64 totals), so an output is one rounding of
-// sum * weight scale * step, whatever the batch, the order or the instruction set, and the
-// integer dot products (VPDPWSSD: 32 multiply-adds per instruction) read the weights without
+// times a power-of-two step, 2^-14 to 2^-15 of the row's largest magnitude (at least 2^-126).
+// The products' sums are then exact integers (int32 lanes, int64 totals), so an output is one
+// rounding of sum * weight scale * step, whatever the batch, the order or the instruction set,
+// and the integer dot products (VPDPWSSD: 32 multiply-adds per instruction) read the weights without
 // widening them to fp32. Products of many rows (the packed fp32 path) round their activations
 // to the same grid, so every form of an int8 model computes the same function.
 
-// The grid step of a row of K activations: a power of two, 1 for a row of zeros, NaN for a
-// row holding a non-finite value (its outputs are then NaN).
+// The grid step of a row of K activations: a power of two, at least 2^-126 (so 1 / step is a
+// float too), 1 for a row of zeros, NaN for a row holding a non-finite value (its outputs are
+// then NaN).
 float activation_step(const float* x, int K);
 
-// x's grid point as an integer (|q| <= 32767), and as a value (q * step; x itself for a NaN step).
-inline int16_t activation_level(float x, float step) {
-  const double q = std::nearbyint(static_cast<double>(x) / step);  // exact: step is a power of two
-  return static_cast<int16_t>(q > 32767 ? 32767 : q < -32767 ? -32767 : q);
-}
-inline float on_activation_grid(float x, float step) {
-  return step == step ? static_cast<float>(activation_level(x, step) * static_cast<double>(step)) : x;
+// x's grid level (an integer in [-32767, 32767], as a float) given 1 / step: x * inverse is
+// exact (a power of two), and adding and taking away 1.5 * 2^23 rounds it to the nearest
+// integer, ties to even, without a libm call. The level times the step is x on the grid
+// (NaN for a NaN step).
+inline float activation_level(float x, float inverse_step) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  return std::min(32767.0f, std::max(-32767.0f, (x * inverse_step + kRound) - kRound));
 }
 
 // The rows of X [M, K] as grid integers Q [M, K] (0 in a non-finite row) and their steps [M].

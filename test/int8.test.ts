@@ -20,7 +20,7 @@ interface Case {
   o: Shape;
 }
 
-// The grid step of a row: 2^(floor(log2 max) - 14), at least 2^-149; 1 for zeros; NaN if the
+// The grid step of a row: 2^(floor(log2 max) - 14), at least 2^-126; 1 for zeros; NaN if the
 // row holds a non-finite value.
 function gridStep(row: Float32Array): number {
   let max = 0;
@@ -32,7 +32,7 @@ function gridStep(row: Float32Array): number {
   let e = Math.floor(Math.log2(max));
   while (2 ** e > max) e--;
   while (2 ** (e + 1) <= max) e++;
-  return 2 ** Math.max(e - 14, -149);
+  return 2 ** Math.max(e - 14, -126);
 }
 
 function roundHalfEven(v: number): number {
@@ -89,15 +89,20 @@ const DOT_SHAPES: Shape[] = [
 
 describe('int8 products', () => {
   it.each(DOT_SHAPES)('dot products, M $M N $N K $K: bit for bit the definition', async (o) => {
-    const c = makeCase(o, (i) => [1, 3e4, 2e-3, 1e-30][i % 4]);
+    // Rows of every size, down to 1e-38 (below 2^-112 the step stops at 2^-126).
+    const c = makeCase(o, (i) => [1, 3e4, 2e-3, 1e-30, 1e-38][i % 5]);
     expect(bitsOf(await run(c))).toEqual(bitsOf(reference(c)));
   });
 
-  it('rows past 256 (the packed path): the same function, to fp32 rounding', async () => {
+  it('rows past 256 (the packed path): the same function, to fp32 rounding; a non-finite row gives NaN', async () => {
     const c = makeCase({ M: 300, N: 40, K: 200 }, (i) => 1 + (i % 5));
+    c.x[7 * 200 + 3] = Infinity;
     const got = await run(c);
     const want = reference(c);
-    for (let n = 0; n < got.length; n++) expect(Math.abs(got[n] - want[n])).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(want[n])));
+    for (let n = 0; n < got.length; n++) {
+      if (n >= 7 * 40 && n < 8 * 40) expect(got[n]).toBeNaN();
+      else expect(Math.abs(got[n] - want[n])).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(want[n])));
+    }
   });
 
   it('a batch does not change a row: each row alone gives the same bits', async () => {
