@@ -52,8 +52,9 @@ void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, 
 
 // int8 products take their activations on a 16-bit grid: each row as integers (|q| <= 32767)
 // times a power-of-two step, 2^-14 to 2^-15 of the row's largest magnitude (at least 2^-126).
-// The products' sums are then exact integers (int32 lanes, int64 totals), so an output is one
-// rounding of sum * weight scale * step, whatever the batch, the order or the instruction set,
+// The products' sums are then exact integers (int32 lanes, int64 totals), so an output is a
+// function of the exact sum: sum * (weight scale * step) in double (both factors exact there),
+// then that double to fp32, whatever the batch, the order or the instruction set,
 // and the integer dot products (VPDPWSSD: 32 multiply-adds per instruction) read the weights without
 // widening them to fp32. Products of many rows (the packed fp32 path) round their activations
 // to the same grid, so every form of an int8 model computes the same function.
@@ -76,7 +77,7 @@ inline float activation_level(float x, float inverse_step) {
 void to_activation_grid(const float* X, int M, int K, int16_t* Q, float* steps);
 
 // Y[i, j] = (Σ_k Q[i, k] Wq[j, k]) * scales[j] * steps[i] for i < M, j in [n0, n1), the sum
-// exact, the product rounded once to fp32.
+// exact, the product rounded to double and then to fp32 (int8_output).
 void int8_dots(const QuantizedMatrix& q, int M, int n0, int n1, const int16_t* Q, const float* steps, float* Y,
                ptrdiff_t ldy);
 

@@ -1,7 +1,7 @@
 // The int8 product (a model's int8 projections) against its definition: the activations on a
 // 16-bit grid (each row as integers |q| <= 32767 times a power-of-two step, 2^-14 to 2^-15 of
-// the row's largest magnitude), the integer sum exact, then one rounding of sum * row scale *
-// step to fp32. The dot-product path (up to 256 rows) must match it bit for bit with every
+// the row's largest magnitude), the integer sum exact, then sum * (row scale * step) in double,
+// rounded to fp32. The dot-product path (up to 256 rows) must match it bit for bit with every
 // kernel set; the packed path (more rows) sums in fp32, so to rounding.
 import { spawnSync } from 'child_process';
 import * as path from 'path';
