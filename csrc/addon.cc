@@ -3,6 +3,7 @@
 // round trip). Native objects hold shared_ptrs, so dispose() on the JS side only
 // drops a reference and an in-flight call keeps what it uses alive.
 #include <napi.h>
+#include <v8.h>
 
 #include <atomic>
 #include <cmath>
@@ -28,8 +29,25 @@
 namespace retnet {
 namespace {
 
+// The memory behind a typed array or ArrayBuffer a worker reads. A reference keeps the JS
+// object alive, but a transfer (postMessage, structuredClone) detaches it and hands its memory
+// to a new object that a GC may then free under the worker (a restored session read freed
+// memory and crashed). Holding the V8 backing store keeps the memory itself: a transfer moves
+// that same store. N-API has no call for it; a napi_value is a V8 handle (Node's N-API
+// converts them the same way).
+std::shared_ptr<v8::BackingStore> backing_store_of(Napi::Value value) {
+  napi_value raw = value;
+  v8::Local<v8::Value> local;
+  static_assert(sizeof(local) == sizeof(raw), "napi_value is a V8 handle");
+  std::memcpy(static_cast<void*>(&local), &raw, sizeof(raw));
+  if (local->IsArrayBufferView()) return local.As<v8::ArrayBufferView>()->Buffer()->GetBackingStore();
+  if (local->IsArrayBuffer()) return local.As<v8::ArrayBuffer>()->GetBackingStore();
+  return nullptr;
+}
+
 // A Promise-returning async worker: `work` runs on a libuv thread, `done` turns the
-// result into a JS value on the main thread. JS values the work reads are pinned in `keep`.
+// result into a JS value on the main thread. JS values the work reads are held in `keep`,
+// with the memory of typed arrays (backing_store_of), until the call settles.
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   PromiseWorker(Napi::Env env, std::function<void()> work, std::function<Napi::Value(Napi::Env)> done)
@@ -38,7 +56,10 @@ class PromiseWorker : public Napi::AsyncWorker {
         work_(std::move(work)),
         done_(std::move(done)) {}
 
-  void keep(Napi::Value v) { kept_.push_back(Napi::Persistent(v)); }
+  void keep(Napi::Value v) {
+    kept_.push_back(Napi::Persistent(v));
+    if (auto store = backing_store_of(v)) stores_.push_back(std::move(store));
+  }
   Napi::Promise promise() const { return deferred_.Promise(); }
 
   void Execute() override {
@@ -52,6 +73,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   }
   void OnOK() override {
     Napi::Env env = Env();
+    release();
     try {
       deferred_.Resolve(done_(env));
     } catch (const Napi::Error& e) {
@@ -60,13 +82,19 @@ class PromiseWorker : public Napi::AsyncWorker {
       deferred_.Reject(Napi::Error::New(env, e.what()).Value());
     }
   }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    release();
+    deferred_.Reject(e.Value());
+  }
 
  private:
+  // On the JS thread, where V8 frees an ArrayBuffer's memory.
+  void release() { stores_.clear(); }
   Napi::Promise::Deferred deferred_;
   std::function<void()> work_;
   std::function<Napi::Value(Napi::Env)> done_;
   std::vector<Napi::Reference<Napi::Value>> kept_;
+  std::vector<std::shared_ptr<v8::BackingStore>> stores_;
 };
 
 // An allocation on the JS thread, sized by the caller's arguments: failing is an Error that

@@ -1,8 +1,11 @@
 // Sessions and generation on the native core: hand-off, save/restore, clone, seeds, abort.
 import { spawnSync } from 'child_process';
+import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import * as v8 from 'v8';
+import * as vm from 'vm';
 import { Worker } from 'worker_threads';
 
 import { RetNet, Session } from '../lib';
@@ -19,6 +22,9 @@ const CONFIG = {
   decoder_layers: 2,
   recurrent_chunk_size: 8,
 };
+
+// gc() for the test of a transferred restore buffer.
+v8.setFlagsFromString('--expose-gc');
 
 let model: RetNet;
 // With ε ~ 0 the three forms are the same function (spec §10), so hand-offs can be compared
@@ -176,6 +182,38 @@ test('save() writes its floats 4-byte aligned; restoreSession reads a save at an
   const state = (session as unknown as { state: { saveState(prefix: Uint8Array): Promise<Buffer> } }).state;
   expect(() => state.saveState(new Uint8Array(3))).toThrow(/multiple of 4 bytes/);
   for (const s of [session, a, b]) s.dispose();
+});
+
+test('a restore reads its buffer even when the caller transfers it away before the load runs', async () => {
+  // The worker holds the buffer's memory itself: a transfer hands that same memory to the
+  // clone, which is then collected. (Before, the worker read freed memory: NaN logits, or a
+  // segfault when the memory had been unmapped.)
+  const gc = vm.runInNewContext('gc') as () => void;
+  // A state over 32 MB: glibc then always maps its memory and unmaps it when freed.
+  const batch = 6000;
+  const session = model.createSession({ batch });
+  await session.prefill(randomTokens(12, batch, 2));
+  const saved = await session.save();
+  expect(saved.length).toBeGreaterThan(32 << 20);
+  const ids = Array.from({ length: batch }, (_, i) => i % 256);
+  const reference = model.restoreSession(saved);
+  const expected = await reference.step(ids);
+  reference.dispose();
+  for (let round = 0; round < 2; round++) {
+    // Every libuv thread busy, so the load waits until the buffer is gone.
+    const threads = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+    const busy = Array.from({ length: threads }, () => new Promise((done) => crypto.pbkdf2('x', 'y', 100_000, 32, 'sha256', done)));
+    const copy = new Uint8Array(saved);
+    const restored = model.restoreSession(copy);
+    structuredClone(copy.buffer, { transfer: [copy.buffer] });
+    expect(copy.byteLength).toBe(0);
+    gc();
+    await Promise.all(busy);
+    const { logits } = await restored.step(ids);
+    expect(Buffer.compare(Buffer.from(logits.buffer, logits.byteOffset, logits.byteLength), Buffer.from(expected.logits.buffer, expected.logits.byteOffset, expected.logits.byteLength))).toBe(0);
+    restored.dispose();
+  }
+  session.dispose();
 });
 
 test('restoreSession rejects corrupt or mismatched buffers', async () => {
