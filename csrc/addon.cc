@@ -776,7 +776,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     int batch;
     try {
       batch = to_int(info[0], "batch");
-      if (batch < 1) throw std::invalid_argument("batch must be >= 1");
+      if (batch < 1 || batch > kMaxDecodeBatch)
+        throw std::invalid_argument("batch must be from 1 to " + std::to_string(kMaxDecodeBatch) + ", got " + std::to_string(batch));
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }

@@ -59,6 +59,11 @@ class StatePool : public std::enable_shared_from_this<StatePool> {
   size_t bytes_ = 0;
 };
 
+// The most rows a decode state may have. Its positions come back to JS as an array, which V8
+// cannot make past about 2^27 elements (a larger batch crashed the process there); a million
+// rows is far beyond any batch a step can serve.
+constexpr int kMaxDecodeBatch = 1 << 20;
+
 // A recurrent decode state for B rows: O(1) in context length. Its memory is taken on first
 // write, and a clone shares its source's memory until either of them is written (copy on
 // write); model calls make their states writable on their worker, so creating or cloning a

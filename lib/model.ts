@@ -75,6 +75,8 @@ export interface GenerateRequest extends GenerateOptions, BatchingOptions {
 }
 
 const CONFIG_FILE = 'config.json';
+/** The most rows a session may have (csrc/model.h kMaxDecodeBatch). */
+const MAX_SESSION_BATCH = 1 << 20;
 const WEIGHTS_FILE = 'model.safetensors';
 
 function checkDevice(device: ModelOptions['device']): void {
@@ -365,7 +367,9 @@ export class RetNet implements SessionOwner {
   createSession(options: { batch?: number } = {}): Session {
     options = optionsObject(options, 'createSession');
     const batch = options.batch ?? 1;
-    if (!Number.isInteger(batch) || batch < 1) throw new Error(`batch must be an integer >= 1, got ${String(options.batch)}`);
+    if (!Number.isInteger(batch) || batch < 1 || batch > MAX_SESSION_BATCH) {
+      throw new Error(`createSession: batch must be an integer from 1 to ${MAX_SESSION_BATCH}, got ${String(options.batch)}`);
+    }
     return new Session(this, this.native().createState(batch), batch);
   }
 

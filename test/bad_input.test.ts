@@ -55,6 +55,12 @@ describe('tokens', () => {
     s.dispose();
     expect(() => s.step([1, 2])).toThrow(/disposed/);
     expect(() => model.createSession({ batch: 0 })).toThrow(/batch must be/);
+    // Past the limit: a clear Error, not a process that dies reading the positions.
+    expect(() => model.createSession({ batch: 2e8 })).toThrow(/batch must be an integer from 1 to 1048576, got 200000000/);
+    expect(() => model.native().createState(2 ** 20 + 1)).toThrow(/batch must be from 1 to 1048576, got 1048577/);
+    const widest = model.createSession({ batch: 2 ** 20 });
+    expect(widest.position).toBe(0);
+    widest.dispose();
   });
 
   test('a call uses the ids it was given, even when the caller refills its array before the call runs', async () => {
@@ -330,9 +336,12 @@ test('an allocation too large for the process is an Error, not an abort', () => 
     (async () => {
       const model = await RetNet.create(${JSON.stringify(CONFIG)}, { seed: 1 });
       try { model.createSession({ batch: 2 ** 31 - 1 }); } catch (e) { console.log(e.message); }
-      const wide = model.createSession({ batch: 2 ** 24 });
-      try { await wide.prefill({ data: new Int32Array(2 ** 24), shape: [2 ** 24, 1] }); } catch (e) { console.log(e.message); }
+      // The widest session, with 21 GB of logits.
+      const wideVocab = await RetNet.create({ ...${JSON.stringify(CONFIG)}, vocab_size: 5000 }, { seed: 1 });
+      const wide = wideVocab.createSession({ batch: 2 ** 20 });
+      try { await wide.prefill({ data: new Int32Array(2 ** 20), shape: [2 ** 20, 1] }); } catch (e) { console.log(e.message); }
       wide.dispose();
+      wideVocab.dispose();
       const big = { ...${JSON.stringify(CONFIG)}, decoder_embed_dim: 1024, decoder_value_embed_dim: 1024, decoder_ffn_embed_dim: 1024, decoder_layers: 200 };
       try { await RetNet.create(big); } catch (e) { console.log(e.message); }
       const session = model.createSession();
@@ -341,8 +350,8 @@ test('an allocation too large for the process is an Error, not an abort', () => 
     })();`;
   const out = execFileSync('bash', ['-c', 'ulimit -v 4000000 && exec "$0" -e "$1"', process.execPath, script], { encoding: 'utf8' });
   expect(out.split('\n')).toEqual([
-    'out of memory: a decode state of batch 2147483647',
-    'out of memory: logits of 16777216 rows',
+    'createSession: batch must be an integer from 1 to 1048576, got 2147483647',
+    'out of memory: logits of 1048576 rows',
     'out of memory: a model of 1678234624 parameters needs 6.3 GiB for its fp32 weights',
     'still serving',
     '',
