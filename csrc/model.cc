@@ -192,7 +192,11 @@ void Model::set_param(const std::string& name, const float* data, size_t n) {
   const auto compact = compact_.find(W);
   if (compact != compact_.end()) {
     QuantizedMatrix& q = compact->second;
-    q = quantize(data, q.N, q.K, q.format);
+    try {
+      q = quantize(data, q.N, q.K, q.format);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("parameter " + name + ": " + e.what());
+    }
     if (W != embed_) return;  // its fp32 pages stay unused
   }
   ops_->upload(arena_.data() + p->offset, data, n);

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "simd.h"
 
@@ -593,7 +596,17 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
   const size_t n = static_cast<size_t>(N) * K;
   if (format == WeightFormat::BF16) {
     q.bf16.resize(n);
-    for (size_t i = 0; i < n; i++) q.bf16[i] = to_bf16(W[i]);
+    for (size_t i = 0; i < n; i++) {
+      q.bf16[i] = to_bf16(W[i]);
+      // Past bf16's largest finite value (about 3.3895e38) a finite weight would round to
+      // infinity, and every output it touches to NaN: refuse it instead.
+      if ((q.bf16[i] & 0x7FFFu) == 0x7F80u && std::isfinite(W[i])) {
+        char value[32];
+        std::snprintf(value, sizeof value, "%.9g", W[i]);
+        throw std::invalid_argument(std::string("value ") + value + " at index " + std::to_string(i) +
+                                    " is beyond bf16's range (largest finite 3.3895e38)");
+      }
+    }
   } else if (format == WeightFormat::Int8) {
     q.int8.resize(n);
     q.scales.resize(N);

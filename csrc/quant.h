@@ -38,7 +38,7 @@ struct QuantizedMatrix {
   std::vector<float> scales;   // [N]
 };
 
-// W is [N, K] row-major fp32.
+// W is [N, K] row-major fp32. Throws std::invalid_argument for a finite value bf16 cannot hold.
 QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
 
 // The fp32 values of rows [n0, n0 + rows) and columns [k0, k0 + kc) of q (int8 times the row

@@ -164,6 +164,17 @@ test('a model with compact weights cannot be trained or saved, stores what is se
   await expect(model.save('/nonexistent/never-written')).rejects.toThrow(/holds bf16 weights.*load it with weights 'f32' to save/);
   await expect(model.native().setWeightFormat('int8')).rejects.toThrow(/already compact/);
   await expect(RetNet.fromStateDict(config, weights, { weights: 'fp8' as 'int8' })).rejects.toThrow(/weights must be/);
+  // A finite weight bf16 cannot hold is an error naming it, not an infinity that turns logits to NaN.
+  const huge = new Map(weights);
+  const fc2 = Float32Array.from(weights.get('layers.0.ffn.fc2.weight')!);
+  fc2[5] = 3.4028234663852886e38;
+  huge.set('layers.0.ffn.fc2.weight', fc2);
+  await expect(RetNet.fromStateDict(config, huge, { weights: 'bf16' })).rejects.toThrow(
+    /parameter layers\.0\.ffn\.fc2\.weight: value 3\.40282347e\+38 at index 5 is beyond bf16's range/,
+  );
+  expect(() => model.native().setParam('layers.0.ffn.fc2.weight', fc2)).toThrow(/beyond bf16's range/);
+  fc2[5] = 3.38e38; // still a finite bf16
+  await RetNet.fromStateDict(config, huge, { weights: 'bf16' }).then((m) => m.dispose());
   model.dispose();
 });
 
