@@ -218,6 +218,16 @@ export async function loadCheckpoint(dir: string): Promise<LoadedCheckpoint> {
       history === null || typeof history !== 'object' || !Array.isArray(history.steps) || !Array.isArray(history.validation)) {
     throw new Error(`loadCheckpoint: ${trainerPath} is damaged: it needs step (an integer >= 0), options and history { steps, validation }`);
   }
+  // Each record as the trainer writes it (a non-finite number comes back from JSON as null).
+  const isRecord = (r: unknown, fields: string[]): boolean =>
+    r !== null && typeof r === 'object' && Number.isSafeInteger((r as Record<string, unknown>).step) &&
+    fields.every((f) => typeof (r as Record<string, unknown>)[f] === 'number' || (r as Record<string, unknown>)[f] === null);
+  const badStep = history.steps.findIndex((r) => !isRecord(r, ['loss', 'lr', 'gradNorm']));
+  const badEval = history.validation.findIndex((r) => !isRecord(r, ['loss']));
+  if (badStep >= 0 || badEval >= 0) {
+    const [where, index, record] = badStep >= 0 ? ['steps', badStep, history.steps[badStep]] : ['validation', badEval, history.validation[badEval]];
+    throw new Error(`loadCheckpoint: ${trainerPath} is damaged: history.${where}[${index}] is ${JSON.stringify(record)}, not a { step, loss${where === 'steps' ? ', lr, gradNorm' : ''} } record`);
+  }
   const optimizerPath = path.join(target, OPTIMIZER_FILE);
   // Each moment read straight from the file into its own array (no copy of the whole file).
   const reader = await openSafetensors(optimizerPath);

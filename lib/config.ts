@@ -109,8 +109,9 @@ export function resolveConfig(input: unknown): RetNetConfig {
   const eps = config.layernorm_eps;
   // ε = 0 is torchscale's too (spec §10: the three forms then agree); a norm of an all-zero
   // vector is then 0/0, as there.
-  if (typeof eps !== 'number' || !(eps >= 0) || !Number.isFinite(eps)) {
-    throw configError(`layernorm_eps must be a finite number >= 0, got ${JSON.stringify(eps)}`);
+  // The core holds it as a float32: past 3.4028235e38 it would be Infinity, and every logit 0.
+  if (typeof eps !== 'number' || !(eps >= 0) || !Number.isFinite(Math.fround(eps))) {
+    throw configError(`layernorm_eps must be a number >= 0 that float32 holds (at most 3.4028235e38), got ${JSON.stringify(eps)}`);
   }
   const D = config.decoder_embed_dim;
   const Dv = config.decoder_value_embed_dim;

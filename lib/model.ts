@@ -389,6 +389,9 @@ export class RetNet implements SessionOwner {
     options = optionsObject(options, 'generate');
     const tokenizer = this.requireTokenizer();
     validateGenerateOptions(options);
+    if (options.batching !== undefined && typeof options.batching !== 'boolean') {
+      throw new Error(`invalid generate option: batching must be true or false, got ${JSON.stringify(options.batching)}`);
+    }
     const encoded: unknown = typeof prompt === 'string' ? tokenizer.encode(prompt) : prompt;
     if (!Array.isArray(encoded) && !ArrayBuffer.isView(encoded)) {
       throw new Error(`generate: the prompt must be text or an array of token ids, got ${encoded === null ? 'null' : typeof encoded}`);

@@ -188,12 +188,16 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
   const layout = owner.stateLayout();
   for (const key of ['layers', 'heads', 'keyDim', 'valueDim'] as const) {
     if (header[key] !== layout[key]) {
-      throw new Error(`restoreSession: saved state has ${key}=${header[key]} but this model has ${layout[key]}`);
+      throw new Error(`restoreSession: saved state has ${key}=${JSON.stringify(header[key])} but this model has ${layout[key]}`);
     }
   }
   const batch = header.batch;
   if (!Number.isInteger(batch) || batch < 1 || !Array.isArray(header.positions) || header.positions.length !== batch) {
     throw new Error('restoreSession: bad batch or positions in header');
+  }
+  // A session's rows advance together (save() writes one position per row, all equal).
+  if (header.positions.some((p) => p !== header.positions[0])) {
+    throw new Error(`restoreSession: the rows are at different positions (${header.positions.join(', ')}); a session's rows share one`);
   }
   const kvCount = layout.layers * batch * layout.heads * layout.valueDim * layout.keyDim;
   const scaleCount = layout.layers * batch * layout.heads;

@@ -149,6 +149,7 @@ describe('configs', () => {
     [{ ...CONFIG, vocab_size: 0 }, /vocab_size must be an integer/],
     [{ ...CONFIG, activation_fn: 'tanh' }, /activation_fn/],
     [{ ...CONFIG, layernorm_eps: -1 }, /layernorm_eps/],
+    [{ ...CONFIG, layernorm_eps: 1e39 }, /layernorm_eps must be a number >= 0 that float32 holds \(at most 3\.4028235e38\), got 1e\+39/],
     [{ ...CONFIG, decoder_layers: 2.5 }, /decoder_layers/],
     [{ decoder_layers: 1 }, /vocab_size is required/],
     [{ ...CONFIG, multiway: 'true' }, /multiway must be false .*got "true"/],

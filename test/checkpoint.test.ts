@@ -215,5 +215,13 @@ test('a trainer.json missing its history is a named error', async () => {
     fs.writeFileSync(file, JSON.stringify(damaged));
     await expect(Trainer.resume(dir)).rejects.toThrow(/trainer\.json is damaged: it needs step \(an integer >= 0\), options and history/);
   }
+  fs.writeFileSync(file, JSON.stringify({ ...state, history: { steps: [null, 5], validation: [] } }));
+  await expect(Trainer.resume(dir)).rejects.toThrow(/trainer\.json is damaged: history\.steps\[0\] is null, not a \{ step, loss, lr, gradNorm \} record/);
+  fs.writeFileSync(file, JSON.stringify({ ...state, history: { steps: state.history.steps, validation: [{ step: 1, loss: 'low' }] } }));
+  await expect(Trainer.resume(dir)).rejects.toThrow(/history\.validation\[0\] is \{"step":1,"loss":"low"\}, not a \{ step, loss \} record/);
+  // A diverged step's NaN loss is written as null and reads back.
+  fs.writeFileSync(file, JSON.stringify({ ...state, history: { steps: [{ ...state.history.steps[0], loss: null }], validation: [] } }));
+  const resumed = await Trainer.resume(dir);
+  resumed.model.dispose();
   run.model.dispose();
 });

@@ -119,6 +119,9 @@ test('invalid scheduler options and cachePrefixTokens are errors naming the fiel
   expect(() => model.scheduler({ maxQueue: -1 })).toThrow(/maxQueue/);
   expect(() => model.scheduler({ prefillChunkTokens: 1.5 })).toThrow(/prefillChunkTokens/);
   await expect(model.generateText([1, 2, 3], { cachePrefixTokens: 4 })).rejects.toThrow(/cachePrefixTokens must be an integer in \[1, 3\]/);
+  await expect(model.generateText([1, 2, 3], { batching: 'no' as unknown as boolean })).rejects.toThrow(
+    'invalid generate option: batching must be true or false, got "no"',
+  );
 });
 
 test('disposing the model fails waiting requests and refuses new ones', async () => {

@@ -275,7 +275,16 @@ test('a session past position 2^31 saves and restores; a header that is not an o
   for (const header of [null, [1, 2]]) {
     expect(() => model.restoreSession(withHeader(saved, () => header))).toThrow('restoreSession: header is not a JSON object');
   }
-  for (const s of [session, late, again]) s.dispose();
+  expect(() => model.restoreSession(withHeader(saved, (h) => ({ ...h, layers: '2' })))).toThrow(
+    'restoreSession: saved state has layers="2" but this model has 2',
+  );
+  const pair = model.createSession({ batch: 2 });
+  await pair.prefill([[1, 2], [3, 4]]);
+  const pairSaved = await pair.save();
+  expect(() => model.restoreSession(withHeader(pairSaved, (h) => ({ ...h, positions: [3, 7] })))).toThrow(
+    "restoreSession: the rows are at different positions (3, 7); a session's rows share one",
+  );
+  for (const s of [session, late, again, pair]) s.dispose();
 });
 
 test('session memory does not grow with context: saved size is independent of position', async () => {
