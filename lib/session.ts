@@ -197,7 +197,8 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
   }
   // A session's rows advance together (save() writes one position per row, all equal).
   if (header.positions.some((p) => p !== header.positions[0])) {
-    throw new Error(`restoreSession: the rows are at different positions (${header.positions.join(', ')}); a session's rows share one`);
+    const shown = header.positions.slice(0, 8).join(', ') + (batch > 8 ? ', ...' : '');
+    throw new Error(`restoreSession: the rows are at different positions (${shown}); a session's rows share one`);
   }
   const kvCount = layout.layers * batch * layout.heads * layout.valueDim * layout.keyDim;
   const scaleCount = layout.layers * batch * layout.heads;
