@@ -1154,7 +1154,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   }
 
   // readParam(name) -> Promise<Float32Array>: getParam with the copy made on a worker (saving a
-  // medium model, the embedding's and the head's copies held the JS thread for 0.4-0.7 s each).
+  // medium model, the embedding's and the head's copies held the JS thread for 0.4-0.7 s each),
+  // rejecting a tensor that holds a non-finite value.
   Napi::Value ReadParam(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
@@ -1167,6 +1168,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           ReadClaim claim{guard};
           data->resize(size);
           m->get_param(name, data->data(), data->size());
+          // Its one reader is save: non-finite weights must not replace a good file.
+          require_finite(name, data->data(), data->size());
         },
         [data](Napi::Env env) -> Napi::Value { return to_js(env, std::move(*data)); });
     worker->Queue();

@@ -383,6 +383,10 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
 }
 
 StepResult Trainer::step(const std::vector<TrainBatch>& micro, const PassOptions& pass, const OptimizerOptions& opt) {
+  if (diverged_at_ > 0) {
+    throw std::runtime_error("the parameters are non-finite since step " + std::to_string(diverged_at_) +
+                             "'s update; load the last checkpoint");
+  }
   if (micro.empty()) throw std::invalid_argument("trainStep needs at least one micro-batch");
   for (const TrainBatch& b : micro) check_batch(b);
   std::vector<size_t> no_decay_offsets;
@@ -432,6 +436,14 @@ StepResult Trainer::step(const std::vector<TrainBatch>& micro, const PassOptions
     ops.adamw(arena + p.offset, grads_.data() + p.offset, m_.data() + p.offset, v_.data() + p.offset, p.size, ps);
   }
   zero_gradients();
+  // An update past the float range (a learning rate too large) leaves parameters that cannot be
+  // put back. Later steps refuse to run and saves refuse the weights (readParam checks them), so
+  // a checkpoint on disk is never replaced by them. (One read of the weights: ~1 % of a step.)
+  if (!std::isfinite(ops.sum_squares(arena, model_->arena_.size()))) {
+    diverged_at_ = step_;
+    throw std::runtime_error("step " + std::to_string(step_) +
+                             "'s update made the parameters non-finite (is the learning rate too large?); load the last checkpoint");
+  }
   return result;
 }
 

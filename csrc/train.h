@@ -89,6 +89,7 @@ class Trainer {
   std::vector<GradientSpan> layer_grads_;  // per layer, from the parameter names
   std::unique_ptr<Activations> acts_;  // reused across steps of the same shape
   int64_t step_ = 0;
+  int64_t diverged_at_ = 0;  // the step whose update left non-finite parameters; 0: none
 };
 
 }  // namespace retnet

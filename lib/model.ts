@@ -469,7 +469,9 @@ export class RetNet implements SessionOwner {
     const version = nativeModel.weightVersion();
     const values = (name: string): Promise<Float32Array> => {
       if (nativeModel.weightVersion() !== version) throw new Error('RetNet.save: the weights changed while saving (a training step or setParam ran); nothing was written');
-      return nativeModel.readParam(name === OUTPUT && tied ? EMBED : name);
+      return nativeModel.readParam(name === OUTPUT && tied ? EMBED : name).catch((e: Error) => {
+        throw new Error(`RetNet.save: ${e.message}; nothing was written`);
+      });
     };
     const metadata = { format: 'pt', config: JSON.stringify(this.config) };
     if (location.endsWith('.safetensors')) {

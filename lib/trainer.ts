@@ -412,10 +412,16 @@ export class Trainer {
       try {
         result = await this.step(batch);
       } catch (e) {
-        // A failed step (a non-finite gradient) leaves the weights and moments as they were:
-        // the run up to it is saved before the error goes up.
+        // A step that fails before its update (a non-finite gradient) leaves the weights and
+        // moments as they were: the run up to it is saved before the error goes up. One whose
+        // update made the weights non-finite can't be saved (save refuses them), so the
+        // checkpoint already there stays.
         if (o.checkpointDir === undefined || this.steps === checkpointedAt) throw e;
-        await checkpoint();
+        try {
+          await checkpoint();
+        } catch (saveError) {
+          throw new Error(`${(e as Error).message}; ${o.checkpointDir} was left as it was (${(saveError as Error).message})`, { cause: e });
+        }
         throw new Error(`${(e as Error).message}; the run up to step ${this.steps} is saved in ${o.checkpointDir}`, { cause: e });
       }
       if (!Number.isFinite(result.loss)) {

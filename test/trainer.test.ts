@@ -295,3 +295,25 @@ test('fit saves the run up to a step that fails (a non-finite gradient) before t
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('an update that makes the weights non-finite fails its step and every later one, and no save writes those weights', async () => {
+  const model = await tinyModel();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-overflow-'));
+  try {
+    await model.save(path.join(dir, 'saved'));
+    const before = fs.readFileSync(path.join(dir, 'saved', 'model.safetensors'));
+    // lr / (1 - beta1) is past the float range: the first update overflows.
+    const trainer = new Trainer(model, { lr: 1e38, totalSteps: 10, warmupSteps: 0, schedule: 'constant' });
+    const data = tinyData();
+    await expect(trainer.step(data.nextBatch(4))).rejects.toThrow(
+      "step 1's update made the parameters non-finite (is the learning rate too large?); load the last checkpoint",
+    );
+    await expect(trainer.step(data.nextBatch(4))).rejects.toThrow("the parameters are non-finite since step 1's update");
+    await expect(model.save(path.join(dir, 'saved'))).rejects.toThrow(/RetNet\.save: tensor "[^"]+" has a non-finite value \((NaN|-?Infinity)\) at flat index \d+; nothing was written/);
+    expect(fs.readFileSync(path.join(dir, 'saved', 'model.safetensors')).equals(before)).toBe(true);
+    expect(fs.readdirSync(dir)).toEqual(['saved']);
+  } finally {
+    model.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
