@@ -5,6 +5,7 @@
 // A window of `seqLen` tokens is one training row: positions 0..seqLen-2 learn to predict the
 // token after them, so each window scores seqLen - 1 next-token predictions.
 
+import { createHash } from 'crypto';
 import { promises as fsp } from 'fs';
 import * as path from 'path';
 
@@ -29,6 +30,8 @@ export interface DatasetState {
   seqLen: number;
   rng: number[];
   batchesDrawn: number;
+  /** SHA-256 of the token stream (int32 little-endian) and the training part's length: the same windows need the same data. Absent in states saved before it was kept. */
+  tokens?: { sha256: string; train: number };
 }
 
 const DEFAULT_VALIDATION_FRACTION = 0.05;
@@ -43,6 +46,7 @@ export class Dataset {
   readonly validationTokens: Int32Array;
   private rng: Rng;
   private batchesDrawn = 0;
+  private tokensSha256?: string;
 
   /**
    * A dataset over one token stream of integer ids >= 0 (text: Dataset.fromText). The model
@@ -165,7 +169,16 @@ export class Dataset {
   }
 
   getState(): DatasetState {
-    return { seed: this.seed, seqLen: this.seqLen, rng: this.rng.getState(), batchesDrawn: this.batchesDrawn };
+    return { seed: this.seed, seqLen: this.seqLen, rng: this.rng.getState(), batchesDrawn: this.batchesDrawn, tokens: this.fingerprint() };
+  }
+
+  // Hashed when first asked for (a state is saved with each checkpoint): 24 MB of Brown tokens.
+  private fingerprint(): { sha256: string; train: number } {
+    if (this.tokensSha256 === undefined) {
+      const stream = this.trainTokens.buffer as ArrayBuffer;
+      this.tokensSha256 = createHash('sha256').update(new Uint8Array(stream, 0, 4 * (this.trainTokens.length + this.validationTokens.length))).digest('hex');
+    }
+    return { sha256: this.tokensSha256, train: this.trainTokens.length };
   }
 
   /** Continues from a getState() of a dataset built from the same data with the same seed and seqLen. */
@@ -179,6 +192,15 @@ export class Dataset {
     }
     if (!Number.isSafeInteger(state.batchesDrawn) || state.batchesDrawn < 0) {
       throw new Error(`Dataset.setState: batchesDrawn must be an integer >= 0, got ${String(state.batchesDrawn)}`);
+    }
+    if (state.tokens !== undefined) {
+      const mine = this.fingerprint();
+      if (state.tokens?.sha256 !== mine.sha256 || state.tokens.train !== mine.train) {
+        throw new Error(
+          `Dataset.setState: the state is for other data (${String(state.tokens?.train)} training tokens, sha256 ${String(state.tokens?.sha256).slice(0, 12)}…) ` +
+            `than this dataset's (${mine.train}, sha256 ${mine.sha256.slice(0, 12)}…): give it the data the run was trained on`,
+        );
+      }
     }
     this.rng.setState(state.rng);
     this.batchesDrawn = state.batchesDrawn;

@@ -49,6 +49,21 @@ describe('Dataset', () => {
     expect([resumed.nextBatch(4), resumed.nextBatch(2)].map(rows)).toEqual(expected);
   });
 
+  test('a state continues only the data it was drawn from (states saved before the fingerprint still load)', () => {
+    const original = Dataset.fromText(TEXT, { seqLen: 8, seed: 11 });
+    original.nextBatch(3);
+    const saved = JSON.parse(JSON.stringify(original.getState()));
+    expect(saved.tokens).toEqual({ sha256: expect.stringMatching(/^[0-9a-f]{64}$/), train: original.trainTokens.length });
+    const other = Dataset.fromText(TEXT.replace('a', 'b'), { seqLen: 8, seed: 11 });
+    expect(() => other.setState(saved)).toThrow(/Dataset\.setState: the state is for other data \(\d+ training tokens, sha256 [0-9a-f]{12}…\) than this dataset's \(\d+, sha256 [0-9a-f]{12}…\): give it the data the run was trained on/);
+    const split = Dataset.fromText(TEXT, { seqLen: 8, seed: 11, validationFraction: 0.2 });
+    expect(() => split.setState(saved)).toThrow(/other data/);
+    const { tokens: _fingerprint, ...older } = saved;
+    const resumed = Dataset.fromText(TEXT, { seqLen: 8, seed: 11 });
+    resumed.setState(older);
+    expect(rows(resumed.nextBatch(2))).toEqual(rows(original.nextBatch(2)));
+  });
+
   test('validation batches score every next-byte pair of the tail exactly once, deterministically', () => {
     const ds = Dataset.fromText(TEXT, { seqLen: 8, validationFraction: 0.25 });
     const batches = ds.validationBatches(4);
