@@ -19,6 +19,11 @@ export interface ServerOptions {
   defaultMaxTokens?: number;
   /** Largest request body in bytes. Default 1 MiB. */
   maxBodyBytes?: number;
+  /**
+   * A streaming client that takes none of the response for this long is disconnected, so its
+   * stream gives back its decode slot. Default 30000 ms.
+   */
+  stalledClientMs?: number;
   /** Limits for the model's scheduler (concurrency, queue, prefill pieces, prefix cache). */
   scheduler?: SchedulerOptions;
 }
@@ -74,6 +79,7 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
   const maxTokensLimit = checkLimit(options.maxTokensLimit ?? 4096, 'maxTokensLimit', 1);
   const defaultMaxTokens = Math.min(checkLimit(options.defaultMaxTokens ?? 16, 'defaultMaxTokens', 1), maxTokensLimit);
   const maxBodyBytes = checkLimit(options.maxBodyBytes ?? 1 << 20, 'maxBodyBytes', 1);
+  const stalledClientMs = checkLimit(options.stalledClientMs ?? 30_000, 'stalledClientMs', 1);
   if (!model.tokenizer) throw new Error('createServer: the model has no tokenizer for text prompts');
   const tokenizer = model.tokenizer;
   model.scheduler(options.scheduler);
@@ -193,7 +199,7 @@ export function createServer(model: RetNet, options: ServerOptions = {}): http.S
           res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache', Connection: 'keep-alive' });
         }
         const choice = { text: chunk.text, index: 0, logprobs: null, finish_reason: null };
-        if (!res.write(`data: ${JSON.stringify({ ...envelope, choices: [choice] })}\n\n`)) await drained(res);
+        if (!res.write(`data: ${JSON.stringify({ ...envelope, choices: [choice] })}\n\n`)) await drained(res, stalledClientMs);
       }
     } catch (e) {
       if (disconnect.signal.aborted) return;
@@ -302,10 +308,15 @@ function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
-/** Resolves when the response can take more data, or when the connection is gone. */
-function drained(res: http.ServerResponse): Promise<void> {
+/**
+ * Resolves when the response can take more data, or when the connection is gone. A client that
+ * takes nothing for `stalledMs` is cut off: a stream waiting on it would hold its decode slot.
+ */
+function drained(res: http.ServerResponse, stalledMs: number): Promise<void> {
   return new Promise((resolve) => {
+    const stalled = setTimeout(() => res.destroy(), stalledMs);
     const done = (): void => {
+      clearTimeout(stalled);
       res.off('drain', done);
       res.off('close', done);
       resolve();

@@ -42,20 +42,21 @@ export async function serve(argv: string[]): Promise<void> {
     return;
   }
   if (values.model === undefined) throw new Error(`--model is required\n${USAGE}`);
+  // Every flag checked before the model loads (which may take seconds).
+  const maxTokensLimit = integerFlag(values['max-tokens-limit'], 'max-tokens-limit', 1);
+  const scheduler = {
+    maxConcurrent: integerFlag(values['max-concurrent'], 'max-concurrent', 1),
+    maxQueue: integerFlag(values['max-queue'], 'max-queue', 0),
+    prefixCacheEntries: integerFlag(values['prefix-cache'], 'prefix-cache', 0),
+  };
+  const listenPort = integerFlag(values.port, 'port', 0) ?? 8000;
+  if (listenPort > 65535) throw new Error(`--port must be an integer from 0 to 65535, got ${values.port}`);
   const model = await RetNet.load(values.model);
-  const server = createServer(model, {
-    modelId: values['model-id'] ?? values.model,
-    maxTokensLimit: integerFlag(values['max-tokens-limit'], 'max-tokens-limit'),
-    scheduler: {
-      maxConcurrent: integerFlag(values['max-concurrent'], 'max-concurrent'),
-      maxQueue: integerFlag(values['max-queue'], 'max-queue'),
-      prefixCacheEntries: integerFlag(values['prefix-cache'], 'prefix-cache'),
-    },
-  });
+  const server = createServer(model, { modelId: values['model-id'] ?? values.model, maxTokensLimit, scheduler });
   const host = values.host ?? '127.0.0.1';
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(integerFlag(values.port, 'port') ?? 8000, host, resolve);
+    server.listen(listenPort, host, resolve);
   });
   const address = server.address();
   const port = typeof address === 'object' && address ? address.port : values.port;

@@ -219,3 +219,27 @@ test('beyond the concurrency and queue caps a request gets a 503, and the server
   await new Promise((resolve) => busy.close(resolve));
   small.dispose();
 });
+
+test('a streaming client that stops reading is cut off after stalledClientMs, giving its slot back', async () => {
+  const small = await RetNet.create(CONFIG, { seed: 7 });
+  const stalling = createServer(small, { maxTokensLimit: 1_000_000, stalledClientMs: 300, scheduler: { maxConcurrent: 1, maxQueue: 0 } });
+  await new Promise<void>((resolve) => stalling.listen(0, '127.0.0.1', resolve));
+  const stallPort = (stalling.address() as AddressInfo).port;
+  // Reads the headers, then nothing: once the socket buffers fill (a few MB), the stream waits.
+  const reader = http.request({ host: '127.0.0.1', port: stallPort, method: 'POST', path: '/v1/completions', agent: false }, (res) => {
+    res.pause();
+    res.on('error', () => undefined);
+  });
+  reader.on('error', () => undefined);
+  reader.end(JSON.stringify({ prompt: 'Hold', max_tokens: 1_000_000, stream: true, temperature: 1 }));
+  const stats = () => small.scheduler().stats();
+  for (let i = 0; i < 3000 && !(stats().decodedTokens > 0 && stats().active === 0); i++) await new Promise((r) => setTimeout(r, 10));
+  expect(stats().active).toBe(0);
+  expect(stats().decodedTokens).toBeGreaterThan(0);
+  expect(stats().decodedTokens).toBeLessThan(1_000_000);
+  reader.destroy();
+  expect(() => createServer(small, { stalledClientMs: 0 })).toThrow('invalid server option: stalledClientMs must be an integer >= 1, got 0');
+  stalling.closeAllConnections();
+  await new Promise((resolve) => stalling.close(resolve));
+  small.dispose();
+}, 60_000);

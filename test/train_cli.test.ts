@@ -71,3 +71,29 @@ test('integer flags take decimal digits only, and a step has a size limit', () =
     expect([run.status, run.stderr]).toEqual([1, expect.stringContaining(message)]);
   }
 });
+
+test('--resume on other data is refused, leaving the checkpoint as it was', () => {
+  const out = path.join(dir, 'run');
+  expect(train('--steps', '2', '--out', out).status).toBe(0);
+  const saved = fs.readFileSync(path.join(out, 'model.safetensors'));
+  const other = path.join(dir, 'other.txt');
+  fs.writeFileSync(other, TEXT.toUpperCase());
+  const run = spawnSync(process.execPath, [CLI, 'train', '--resume', '--out', out, '--steps', '4', '--batch', '2', '--eval-every', '0', '--data', other], {
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  expect([run.status, run.stderr]).toEqual([1, expect.stringContaining('Dataset.setState: the state is for other data')]);
+  expect(fs.readFileSync(path.join(out, 'model.safetensors')).equals(saved)).toBe(true);
+  expect(step(out)).toBe(2);
+});
+
+test('retnet serve checks its flags before it loads the model', () => {
+  for (const [flag, message] of [
+    ['--max-concurrent=0', '--max-concurrent must be an integer >= 1, got 0'],
+    ['--max-queue=-1', '--max-queue must be an integer >= 0, got -1'],
+    ['--port=99999', '--port must be an integer from 0 to 65535, got 99999'],
+  ]) {
+    const run = spawnSync(process.execPath, [CLI, 'serve', '--model', path.join(dir, 'missing'), flag], { encoding: 'utf8', timeout: 60_000 });
+    expect([run.status, run.stderr]).toEqual([1, `error: ${message}\n`]);
+  }
+});
