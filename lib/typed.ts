@@ -27,9 +27,13 @@ export function optionsObject<T extends object>(options: T | null | undefined, c
 export function formatValue(value: unknown): string {
   if (typeof value === 'number') return String(value);
   if (typeof value === 'bigint') return `${value}n (a BigInt)`;
+  let text: string;
   try {
-    return JSON.stringify(value) ?? String(value);
+    text = JSON.stringify(value) ?? String(value);
   } catch {
     return Object.prototype.toString.call(value); // a cycle, or a BigInt inside
   }
+  // An error names the value, not all of it (a server would echo a whole rejected prompt).
+  const limit = 200;
+  return text.length <= limit ? text : `${text.slice(0, limit)}… (${text.length} characters)`;
 }

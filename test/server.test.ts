@@ -117,6 +117,8 @@ test.each([
   ['a negative repetition_penalty', '{"prompt": "x", "repetition_penalty": -1}', 400, 'repetition_penalty', /repetition_penalty must be a finite number > 0/],
   ['invalid UTF-8', Buffer.from([0x7b, 0x22, 0xff, 0xfe, 0x22, 0x7d]), 400, null, /UTF-8/],
   ['a body over the limit', JSON.stringify({ prompt: 'x'.repeat(5000) }), 413, null, /exceeds 4096 bytes/],
+  // The message shows the start of a long value, not all of it.
+  ['a long array of objects as the prompt', JSON.stringify({ prompt: Array.from({ length: 900 }, () => ({})) }), 400, 'prompt', /, got \[\{\},\{\}.{180,}… \(2701 characters\)$/],
 ])('%s is a 4xx naming the problem, and the server keeps serving', async (_name, body, status, param, message) => {
   const reply = await request('POST', '/v1/completions', body);
   expect(reply.status).toBe(status);
