@@ -89,10 +89,11 @@ export async function main(argv: string[]): Promise<void> {
     ? await Dataset.fromFiles(values.data, datasetOptions)
     : Dataset.fromText(await loadBrownCorpus(), datasetOptions);
   const windows = spreadWindows(dataset.validationTokens, count, length);
-  console.log(`${dir}: ${count} windows of ${length} tokens (${count * (length - 1)} predictions), recurrent decode`);
   let reference: number | undefined;
   for (const format of formats as WeightFormat[]) {
     const model = await RetNet.load(dir, { weights: format });
+    // The header once the checkpoint has loaded: a bad path prints only its error.
+    if (reference === undefined) console.log(`${dir}: ${count} windows of ${length} tokens (${count * (length - 1)} predictions), recurrent decode`);
     try {
       const start = process.hrtime.bigint();
       const loss = await recurrentLoss(model, windows);
