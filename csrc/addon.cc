@@ -157,17 +157,6 @@ int to_int(const Napi::Value& v, const char* what) {
   return static_cast<int>(d);
 }
 
-// Whether all `n` floats are finite; no early exit, so the loop vectorizes.
-bool all_finite(const float* p, size_t n) {
-  uint32_t non_finite = 0;
-  for (size_t i = 0; i < n; i++) {
-    uint32_t bits;
-    std::memcpy(&bits, p + i, sizeof bits);
-    non_finite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return non_finite == 0;
-}
-
 // Throws naming a tensor's first non-finite value as JS prints it: tensor "x" has a
 // non-finite value (NaN) at flat index 17.
 void require_finite(const std::string& name, const float* p, size_t n) {

@@ -2,6 +2,7 @@
 // implements each op; pointers are the backend's own memory. Ops are whole fused
 // passes (a norm, a rotation, a retention core), never per-element calls.
 #pragma once
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,6 +36,9 @@ struct StateView {
   float* kv;
   float* scale;
 };
+
+// Whether the n host floats at p are all finite; no early exit, so the loop vectorizes.
+bool all_finite(const float* p, size_t n);
 
 class Ops {
  public:
@@ -149,6 +153,9 @@ class Ops {
   virtual void drop_path(float* x, int samples, size_t per_sample, float p, uint64_t seed) = 0;
   // Σ x² in double, summed in a fixed order.
   virtual double sum_squares(const float* x, size_t n) = 0;
+  // Whether every value is finite (non-finite values make the sum of squares non-finite; a
+  // backend may check faster).
+  virtual bool all_finite(const float* x, size_t n) { return std::isfinite(sum_squares(x, n)); }
   // One AdamW update of p with moments m, v.
   virtual void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) = 0;
 };

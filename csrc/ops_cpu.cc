@@ -2,6 +2,7 @@
 // products go through gemm.cc. Floating-point order follows torchscale where the
 // spec calls it out (mask values, normaliser order, the recurrent update).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -913,6 +914,16 @@ class CpuOps final : public Ops {
     return total;
   }
 
+  bool all_finite(const float* x, size_t n) override {
+    constexpr size_t kBlock = 1 << 16;
+    std::atomic<bool> finite{true};
+    parallel_for((n + kBlock - 1) / kBlock, 1, [&](size_t b0, size_t b1) {
+      const size_t i0 = b0 * kBlock, i1 = std::min(n, b1 * kBlock);
+      if (!retnet::all_finite(x + i0, i1 - i0)) finite = false;
+    });
+    return finite;
+  }
+
   void adamw(float* p, const float* g, float* m, float* v, size_t n, const AdamWStep& s) override {
     parallel_for(n, 1 << 14, [&](size_t i0, size_t i1) { adamw_range(p + i0, g + i0, m + i0, v + i0, i1 - i0, s); });
   }
@@ -923,6 +934,16 @@ class CpuOps final : public Ops {
 };
 
 }  // namespace
+
+bool all_finite(const float* p, size_t n) {
+  uint32_t non_finite = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    non_finite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return non_finite == 0;
+}
 
 void discard_host_memory(void* p, size_t bytes) {
   if (bytes == 0) return;

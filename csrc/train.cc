@@ -438,9 +438,9 @@ StepResult Trainer::step(const std::vector<TrainBatch>& micro, const PassOptions
   zero_gradients();
   // An update past the float range (a learning rate too large) leaves parameters that cannot be
   // put back. Later steps refuse to run and saves refuse the weights (readParam checks them), so
-  // a checkpoint on disk is never replaced by them. (One read of the weights, where the step's
-  // forward and backward read them several times.)
-  if (!std::isfinite(ops.sum_squares(arena, model_->arena_.size()))) {
+  // a checkpoint on disk is never replaced by them. (One read of the weights: base 2x256 steps
+  // took 546-606 ms with it and 526-594 without, alternating.)
+  if (!ops.all_finite(arena, model_->arena_.size())) {
     diverged_at_ = step_;
     throw std::runtime_error("step " + std::to_string(step_) +
                              "'s update made the parameters non-finite (is the learning rate too large?); load the last checkpoint");
