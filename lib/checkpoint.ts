@@ -15,13 +15,13 @@ import { constants as fsConstants, promises as fsp } from 'fs';
 import * as path from 'path';
 
 import type { Dataset, DatasetState } from './dataset';
-import { RetNet } from './model';
+import { CHECKPOINT_TRAINER_FILE, RetNet } from './model';
 import { openSafetensors, safetensorsWriter, writeFileAtomic } from './safetensors';
 import type { ResolvedTrainerOptions, Trainer, TrainingHistory } from './trainer';
 
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
 /** Written last: its presence marks a complete checkpoint. */
-export const TRAINER_FILE = 'trainer.json';
+export const TRAINER_FILE = CHECKPOINT_TRAINER_FILE;
 
 const FORMAT = 'retnet-training-checkpoint';
 const FORMAT_VERSION = 1;

@@ -78,6 +78,8 @@ const CONFIG_FILE = 'config.json';
 /** The most rows a session may have (csrc/model.h kMaxDecodeBatch). */
 const MAX_SESSION_BATCH = 1 << 20;
 const WEIGHTS_FILE = 'model.safetensors';
+/** A training checkpoint's trainer state (lib/checkpoint.ts writes it). */
+export const CHECKPOINT_TRAINER_FILE = 'trainer.json';
 
 function checkDevice(device: ModelOptions['device']): void {
   if (device === undefined || device === 'cpu' || device === 'cuda' || device === 'auto') return;
@@ -477,6 +479,15 @@ export class RetNet implements SessionOwner {
     if (location.endsWith('.safetensors')) {
       await writeSafetensorsFile(location, tensors, values, metadata);
       return;
+    }
+    // A training checkpoint's weights go with its optimizer state (saveCheckpoint), and a
+    // config.json without weights beside it is someone else's: neither is replaced.
+    const present = await fsp.readdir(location).catch(() => [] as string[]);
+    if (present.includes(CHECKPOINT_TRAINER_FILE)) {
+      throw new Error(`RetNet.save: ${location} is a training checkpoint; new weights there would not match its optimizer state: use saveCheckpoint or another directory`);
+    }
+    if (present.includes(CONFIG_FILE) && !present.includes(WEIGHTS_FILE)) {
+      throw new Error(`RetNet.save: ${location} has a ${CONFIG_FILE} but no ${WEIGHTS_FILE} (not a saved model); refusing to replace it`);
     }
     // The first directory mkdir made, if any: a failed save takes it away again.
     const made = await fsp.mkdir(location, { recursive: true });

@@ -225,3 +225,22 @@ test('a trainer.json missing its history is a named error', async () => {
   resumed.model.dispose();
   run.model.dispose();
 });
+
+test('RetNet.save refuses a checkpoint directory and a config.json that is not a saved model', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(1);
+  await saveCheckpoint(dir, run);
+  const before = fs.readFileSync(path.join(dir, 'model.safetensors'));
+  await expect(run.model.save(dir)).rejects.toThrow(/RetNet\.save: .*ckpt is a training checkpoint; new weights there would not match its optimizer state/);
+  expect(fs.readFileSync(path.join(dir, 'model.safetensors')).equals(before)).toBe(true);
+  const project = path.join(workDir, 'project');
+  fs.mkdirSync(project);
+  fs.writeFileSync(path.join(project, 'config.json'), '{"name": "not a model"}');
+  await expect(run.model.save(project)).rejects.toThrow(/has a config\.json but no model\.safetensors \(not a saved model\); refusing to replace it/);
+  expect(fs.readFileSync(path.join(project, 'config.json'), 'utf8')).toBe('{"name": "not a model"}');
+  // A saved model's directory is replaced, as before.
+  const saved = path.join(workDir, 'saved');
+  await run.model.save(saved);
+  await run.model.save(saved);
+  run.model.dispose();
+});
