@@ -644,6 +644,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("readParam", &NativeModel::ReadParam),
                         InstanceMethod("paramNames", &NativeModel::ParamNames),
                         InstanceMethod("setParam", &NativeModel::SetParam),
+                        InstanceMethod("resetOptimizer", &NativeModel::ResetOptimizer),
                         InstanceMethod("setParams", &NativeModel::SetParams),
                         InstanceMethod("weightVersion", &NativeModel::WeightVersion),
                         InstanceMethod("setWeightFormat", &NativeModel::SetWeightFormat),
@@ -1218,6 +1219,17 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
+    return env.Undefined();
+  }
+
+  // resetOptimizer(): a new Trainer's fresh start: the AdamW moments and step go (made again, zero,
+  // at the next step). Refused while a call uses the model.
+  Napi::Value ResetOptimizer(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    model(env);
+    if (!trainer_) return env.Undefined();
+    WriteClaim claim{claim_write(env)};
+    trainer_.reset();
     return env.Undefined();
   }
 

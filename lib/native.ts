@@ -143,6 +143,8 @@ export interface NativeModel {
   paramNames(): string[];
   /** Replaces one parameter (sizes and finiteness checked). */
   setParam(name: string, data: Float32Array): void;
+  /** Drops the AdamW moments and step (a new Trainer starts from zero). */
+  resetOptimizer(): void;
   /** Copies parameter values in off the JS thread. Sizes and names are checked here; finiteness on the worker (a rejection names the tensor, value and index). */
   setParams(tensors: Record<string, Float32Array>): Promise<void>;
   /** Changes whenever a call that modifies the weights (setParam, setParams, trainStep) starts. */

@@ -287,6 +287,9 @@ function nextTokenMicroBatch({ data, shape: [B, T] }: TokenBatch): NativeMicroBa
   return { tokens: data, batch: B, length: T, targets: null, mask: null };
 }
 
+/** The Trainer that drives each model's optimizer state (the newest one made for it). */
+const optimizerOwners = new WeakMap<RetNet, Trainer>();
+
 export class Trainer {
   readonly model: RetNet;
   readonly options: ResolvedTrainerOptions;
@@ -301,6 +304,10 @@ export class Trainer {
     }
     this.model = model;
     this.options = resolveTrainerOptions(model, options);
+    // One Trainer drives a model's optimizer: a new one starts from fresh AdamW moments and
+    // step 0 (its schedule starts at step 1), and the previous one can no longer step or save.
+    model.native().resetOptimizer();
+    optimizerOwners.set(model, this);
   }
 
   /** Steps taken so far (including those before a resume). */
@@ -515,6 +522,9 @@ export class Trainer {
    * the model's native state, and a checkpoint must not see a half-applied step.
    */
   async exclusive<T>(what: string, work: () => Promise<T>): Promise<T> {
+    if (optimizerOwners.get(this.model) !== this) {
+      throw new Error(`Trainer.${what}: a newer Trainer on this model has taken over its optimizer (a new Trainer starts from fresh AdamW moments); use that one`);
+    }
     if (this.busy) throw new Error(`Trainer.${what}: a step, evaluation or checkpoint is still running; await it before starting another`);
     this.busy = true;
     try {

@@ -317,3 +317,30 @@ test('an update that makes the weights non-finite fails its step and every later
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a new Trainer on a model starts fresh AdamW moments; the previous one can no longer step; its checkpoints resume', async () => {
+  const model = await tinyModel();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-phase2-'));
+  try {
+    const data = tinyData();
+    const first = new Trainer(model, { lr: 1e-3, totalSteps: 100 });
+    for (let i = 0; i < 3; i++) await first.step(data.nextBatch(2));
+    const second = new Trainer(model, { lr: 1e-4, totalSteps: 10 });
+    await expect(first.step(data.nextBatch(2))).rejects.toThrow('Trainer.step: a newer Trainer on this model has taken over its optimizer');
+    // From fresh moments: the same step as a model with these weights and no optimizer history.
+    const copy = await RetNet.fromStateDict(model.config, model.stateDict());
+    const fresh = new Trainer(copy, { lr: 1e-4, totalSteps: 10 });
+    const batch = data.nextBatch(2);
+    const [a, b] = [await second.step(batch), await fresh.step(batch)];
+    expect(a.loss).toBe(b.loss);
+    expect(Array.from(model.stateDict().get('layers.0.ffn.fc1.weight')!)).toEqual(Array.from(copy.stateDict().get('layers.0.ffn.fc1.weight')!));
+    copy.dispose();
+    await second.fit(data, { batchSize: 2, steps: 3, checkpointDir: path.join(dir, 'ck') });
+    const resumed = await Trainer.resume(path.join(dir, 'ck'));
+    expect(resumed.trainer.stepCount).toBe(3);
+    resumed.model.dispose();
+  } finally {
+    model.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
