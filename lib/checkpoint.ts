@@ -10,6 +10,11 @@
 //
 // Nothing else is ever replaced or removed: a save refuses a `<dir>` holding anything but
 // checkpoint files, and recovery touches only sibling directories of checkpoint files.
+//
+// Saves, loads and recoveries of one `<dir>` take turns: each holds `<dir>.retnet-lock` (its
+// process id) while it runs, and waits for a live holder (another process, or another call in
+// this one) to finish. Without it a load's recovery removed a running save's temp directory,
+// and a load could read one save's trainer.json with the next save's weights.
 
 import { constants as fsConstants, promises as fsp } from 'fs';
 import * as path from 'path';
@@ -44,6 +49,73 @@ export interface LoadedCheckpoint {
 const CHECKPOINT_FILES = new Set(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE]);
 /** What writeFileAtomic leaves of a checkpoint file when a crash interrupts it. */
 const PARTIAL_FILE = /^\.(config\.json|model\.safetensors|optimizer\.safetensors|trainer\.json)\.\d+\.[0-9a-f]+\.tmp$/;
+
+const LOCK_WAIT_MS = 120_000;
+/** A lock file still empty after this long was left by a process that died creating it. */
+const EMPTY_LOCK_STALE_MS = 10_000;
+
+/**
+ * Who holds `lock`: a live process id (-1 while its holder is still writing it), 'stale' when its
+ * holder is gone, 'free' when the lock went away meanwhile.
+ */
+async function lockHolder(lock: string): Promise<number | 'stale' | 'free'> {
+  let text: string;
+  let age: number;
+  try {
+    [text, age] = await Promise.all([fsp.readFile(lock, 'utf8'), fsp.stat(lock).then((s) => Date.now() - s.mtimeMs)]);
+  } catch {
+    return 'free';
+  }
+  const pid = Number(text);
+  if (text === '' || !Number.isSafeInteger(pid) || pid <= 0) return age < EMPTY_LOCK_STALE_MS ? -1 : 'stale';
+  try {
+    process.kill(pid, 0);
+    return pid;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM' ? pid : 'stale';
+  }
+}
+
+/**
+ * Runs `work` holding `<dir>.retnet-lock`, after waiting for a live holder to let it go. A
+ * reader that cannot create the lock (a read-only or missing parent) reads without it: no
+ * save can be running there either.
+ */
+async function withCheckpointLock<T>(dir: string, what: string, work: () => Promise<T>, forWrite: boolean): Promise<T> {
+  const lock = `${path.resolve(dir)}.retnet-lock`;
+  if (forWrite) await fsp.mkdir(path.dirname(lock), { recursive: true });
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      const handle = await fsp.open(lock, 'wx');
+      try {
+        await handle.writeFile(String(process.pid));
+      } finally {
+        await handle.close();
+      }
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
+        if (!forWrite) return work();
+        throw new Error(`${what}: cannot create ${lock}: ${(e as Error).message}`);
+      }
+    }
+    const holder = await lockHolder(lock);
+    if (holder === 'free') continue;
+    if (holder === 'stale') {
+      await fsp.rm(lock, { force: true });
+    } else if (Date.now() > deadline) {
+      throw new Error(`${what}: ${dir} is still in use by ${holder > 0 ? `process ${holder}` : 'another process'} (${lock}) after ${LOCK_WAIT_MS / 1000} s`);
+    } else {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+  try {
+    return await work();
+  } finally {
+    await fsp.rm(lock, { force: true });
+  }
+}
 
 function siblings(dir: string): { temp: string; old: string } {
   const resolved = path.resolve(dir);
@@ -131,6 +203,10 @@ async function syncDirectory(dir: string): Promise<void> {
  * sibling holding anything but checkpoint files is left alone.
  */
 export async function recoverCheckpoint(dir: string): Promise<void> {
+  await withCheckpointLock(dir, 'recoverCheckpoint', () => recover(dir), false);
+}
+
+async function recover(dir: string): Promise<void> {
   const target = path.resolve(dir);
   const { temp, old } = siblings(dir);
   const tempIsOurs = (await checkpointFiles(temp)) !== undefined;
@@ -152,7 +228,8 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
   const { model, trainer, dataset } = parts;
   if (trainer.model !== model) throw new Error('saveCheckpoint: the trainer belongs to a different model');
   // The trainer stays locked throughout, so no step can land between the weights and the moments.
-  await trainer.exclusive('saveCheckpoint', async () => {
+  await trainer.exclusive('saveCheckpoint', () => withCheckpointLock(dir, 'saveCheckpoint', async () => {
+    const version = model.native().weightVersion();
     const optimizer = await trainer.optimizerState();
     const state: TrainerCheckpointState = {
       format: FORMAT,
@@ -176,7 +253,7 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
     const target = path.resolve(dir);
     const { temp, old } = siblings(dir);
     await fsp.mkdir(path.dirname(target), { recursive: true });
-    await recoverCheckpoint(dir);
+    await recover(dir);
     await checkCheckpointTarget(dir);
     // Recovery removed the siblings this library leaves; one still there is someone else's.
     for (const sibling of [temp, old]) {
@@ -185,6 +262,8 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
     try {
       await fsp.mkdir(temp);
       await model.save(temp);
+      // Weights and moments of one moment: setParam or another trainer's work may not land between.
+      if (model.native().weightVersion() !== version) throw new Error('saveCheckpoint: the weights changed while saving; nothing was replaced');
       await writeFileAtomic(path.join(temp, OPTIMIZER_FILE), optimizerFile);
       await writeFileAtomic(path.join(temp, TRAINER_FILE), trainerFile);
       await syncDirectory(temp);
@@ -196,12 +275,16 @@ export async function saveCheckpoint(dir: string, parts: { model: RetNet; traine
     await fsp.rename(temp, target);
     await syncDirectory(path.dirname(target));
     await fsp.rm(old, { recursive: true, force: true });
-  });
+  }, true));
 }
 
 /** Reads a checkpoint directory (recovering an interrupted save first). */
 export async function loadCheckpoint(dir: string): Promise<LoadedCheckpoint> {
-  await recoverCheckpoint(dir);
+  return withCheckpointLock(dir, 'loadCheckpoint', () => load(dir), false);
+}
+
+async function load(dir: string): Promise<LoadedCheckpoint> {
+  await recover(dir);
   const target = path.resolve(dir);
   const trainerPath = path.join(target, TRAINER_FILE);
   let state: TrainerCheckpointState;

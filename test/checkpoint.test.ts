@@ -244,3 +244,34 @@ test('RetNet.save refuses a checkpoint directory and a config.json that is not a
   await run.model.save(saved);
   run.model.dispose();
 });
+
+test('loads while fit writes a checkpoint every step wait their turn: the run and every load succeed', async () => {
+  const dir = path.join(workDir, 'ckpt');
+  const run = await trained(1);
+  await saveCheckpoint(dir, run);
+  let stop = false;
+  const failures: string[] = [];
+  let loads = 0;
+  const reader = (async () => {
+    while (!stop) {
+      try {
+        const loaded = await loadCheckpoint(dir);
+        expect(loaded.optimizer.step).toBe(loaded.state.step);
+        loaded.model.dispose();
+        loads++;
+      } catch (e) {
+        failures.push((e as Error).message);
+      }
+    }
+  })();
+  await run.trainer.fit(run.dataset, { batchSize: 2, steps: 12, checkpointEvery: 1, checkpointDir: dir });
+  stop = true;
+  await reader;
+  expect(failures).toEqual([]);
+  expect(loads).toBeGreaterThan(0);
+  expect(fs.readdirSync(workDir).sort()).toEqual(['ckpt']);
+  const last = await loadCheckpoint(dir);
+  expect(last.state.step).toBe(12);
+  last.model.dispose();
+  run.model.dispose();
+});
