@@ -53,6 +53,7 @@ export class Dataset {
    * checks them against its vocabulary when it trains.
    */
   constructor(tokens: ArrayLike<number>, options: DatasetOptions) {
+    if (options === null || typeof options !== 'object') throw new Error('Dataset: options must be an object with seqLen');
     const { seqLen } = options;
     const validationFraction = options.validationFraction ?? DEFAULT_VALIDATION_FRACTION;
     const seed = options.seed ?? 0;
@@ -97,6 +98,7 @@ export class Dataset {
 
   /** Text documents tokenized and concatenated in order. */
   static fromText(text: string | string[], options: DatasetOptions): Dataset {
+    if (options === null || typeof options !== 'object') throw new Error('Dataset.fromText: options must be an object with seqLen');
     const tokenizer = options.tokenizer ?? new ByteTokenizer();
     const documents = Array.isArray(text) ? text : [text];
     const tokens: number[] = [];

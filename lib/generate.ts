@@ -181,7 +181,13 @@ export async function* generateFromSession(
   if (maxTokens === 0) return;
 
   const sampler = new Sampler(options);
-  const decoder = tokenizer.createStreamDecoder();
+  const streamDecoder = tokenizer.createStreamDecoder();
+  // A custom tokenizer's text is checked: anything but a string would turn into garbage text.
+  const decoded = (text: unknown, call: string): string => {
+    if (typeof text !== 'string') throw new Error(`the tokenizer's stream decoder ${call} returned ${formatValue(text)}, not a string`);
+    return text;
+  };
+  const decoder = { push: (token: number) => decoded(streamDecoder.push(token), 'push()'), flush: () => decoded(streamDecoder.flush(), 'flush()') };
   const stopFilter = new StopSequenceFilter(stops);
   const endOfText = (): string => stopFilter.push(decoder.flush()) + stopFilter.finish();
   const history = promptTokens.slice();

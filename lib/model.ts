@@ -430,7 +430,8 @@ export class RetNet implements SessionOwner {
 
   /** The scheduler that batches concurrent generate() calls; `options` (re)configure its limits. */
   scheduler(options?: SchedulerOptions): Scheduler {
-    this.batchScheduler ??= new Scheduler(this);
+    // A disposed scheduler is replaced: disposing it must not end the model's serving.
+    if (this.batchScheduler === undefined || this.batchScheduler.disposed) this.batchScheduler = new Scheduler(this);
     if (options) this.batchScheduler.configure(options);
     return this.batchScheduler;
   }

@@ -216,7 +216,7 @@ export class Scheduler {
   private stepping: Sequence[] = [];
   private stepTokens = new Int32Array(0);
   private looping = false;
-  private disposed = false;
+  private isDisposed = false;
   // A stream suspended at a token its consumer never asks past holds a slot that only its
   // finally block frees; when the consumer drops the stream instead, this frees it.
   private readonly abandoned = new FinalizationRegistry<AbandonTicket>((ticket) => {
@@ -288,7 +288,7 @@ export class Scheduler {
     options: ScheduledGenerateOptions,
     ticket: AbandonTicket,
   ): AsyncGenerator<GenerateChunk> {
-    if (this.disposed) throw new Error('the scheduler was disposed');
+    if (this.isDisposed) throw new Error('the scheduler was disposed');
     checkPrefillOptions({ mode: options.prefillMode }, this.owner.defaultChunkSize);
     const { cachePrefixTokens } = options;
     if (cachePrefixTokens !== undefined && !(Number.isSafeInteger(cachePrefixTokens) && cachePrefixTokens >= 1 && cachePrefixTokens <= promptTokens.length)) {
@@ -310,9 +310,14 @@ export class Scheduler {
     }
   }
 
+  /** Whether dispose() ran (model.scheduler() then makes a new one). */
+  get disposed(): boolean {
+    return this.isDisposed;
+  }
+
   /** Fails every waiting request, frees the cached prefixes and refuses new requests. */
   dispose(): void {
-    this.disposed = true;
+    this.isDisposed = true;
     const error = new Error('the scheduler was disposed');
     for (const sequence of [...this.queue, ...this.prefilling, ...this.ready]) this.cancelWaiting(sequence, error);
     this.prefixCache.clear();
@@ -320,7 +325,7 @@ export class Scheduler {
 
   /** @internal A sequence's prompt is ready to prefill: take a slot, or queue for one. */
   admit(sequence: Sequence): void {
-    if (this.disposed) {
+    if (this.isDisposed) {
       sequence.fail(new Error('the scheduler was disposed'));
     } else if (this.active < this.maxConcurrent) {
       this.active++;
@@ -513,7 +518,7 @@ export class Scheduler {
     sequence.prefilled = end;
     sequence.position = end;
     if (sequence.released) return;
-    if (end === sequence.snapshotAt && !this.disposed && this.refreshPrefixCache() === sequence.weightVersion) {
+    if (end === sequence.snapshotAt && !this.isDisposed && this.refreshPrefixCache() === sequence.weightVersion) {
       this.prefixCache.put(sequence.snapshotKey, sequence.state!.clone());
     }
     if (end === sequence.prompt.length) {

@@ -194,7 +194,10 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
     if (!(OPTION_NAMES as readonly string[]).includes(key)) throw new Error(`invalid trainer option: unknown option ${key}`);
   }
   const o = options;
-  if (!isFiniteNumber(o.lr) || o.lr <= 0) throw optionError('lr', 'a finite number > 0', o.lr);
+  // lr, the betas and eps reach the native step as float32, chunkSize as int32.
+  if (!isFiniteNumber(o.lr) || !(Math.fround(o.lr) > 0) || !Number.isFinite(Math.fround(o.lr))) {
+    throw optionError('lr', 'a number > 0 that float32 holds (1.4e-45 to 3.4e38)', o.lr);
+  }
   const minLr = o.minLr ?? o.lr / 10;
   if (!isFiniteNumber(minLr) || minLr < 0 || minLr > o.lr) throw optionError('minLr', `a number in [0, lr=${o.lr}]`, o.minLr);
   if (!Number.isSafeInteger(o.totalSteps) || o.totalSteps < 1) throw optionError('totalSteps', 'an integer >= 1', o.totalSteps);
@@ -205,11 +208,11 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
   const schedule = o.schedule ?? 'cosine';
   if (!['cosine', 'linear', 'constant'].includes(schedule)) throw optionError('schedule', "'cosine', 'linear' or 'constant'", o.schedule);
   const beta1 = o.beta1 ?? 0.9;
-  if (!isFiniteNumber(beta1) || beta1 < 0 || beta1 >= 1) throw optionError('beta1', 'a number in [0, 1)', o.beta1);
+  if (!isFiniteNumber(beta1) || beta1 < 0 || Math.fround(beta1) >= 1) throw optionError('beta1', 'a number in [0, 1) (below 1 as a float32)', o.beta1);
   const beta2 = o.beta2 ?? 0.95;
-  if (!isFiniteNumber(beta2) || beta2 < 0 || beta2 >= 1) throw optionError('beta2', 'a number in [0, 1)', o.beta2);
+  if (!isFiniteNumber(beta2) || beta2 < 0 || Math.fround(beta2) >= 1) throw optionError('beta2', 'a number in [0, 1) (below 1 as a float32)', o.beta2);
   const eps = o.eps ?? 1e-8;
-  if (!isFiniteNumber(eps) || eps <= 0) throw optionError('eps', 'a finite number > 0', o.eps);
+  if (!isFiniteNumber(eps) || !(Math.fround(eps) > 0)) throw optionError('eps', 'a finite number > 0 (above 0 as a float32)', o.eps);
   const weightDecay = o.weightDecay ?? 0.1;
   if (!isFiniteNumber(weightDecay) || weightDecay < 0) throw optionError('weightDecay', 'a finite number >= 0', o.weightDecay);
   const parameterNames = new Set(model.native().paramNames());
@@ -226,7 +229,7 @@ export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): R
   const mode = o.mode ?? (model.config.chunkwise_recurrent ? 'chunkwise' : 'parallel');
   if (mode !== 'parallel' && mode !== 'chunkwise') throw optionError('mode', "'parallel' or 'chunkwise'", o.mode);
   const chunkSize = o.chunkSize ?? model.config.recurrent_chunk_size;
-  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw optionError('chunkSize', 'an integer >= 1', o.chunkSize);
+  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1 || chunkSize > 2 ** 31 - 1) throw optionError('chunkSize', 'an integer from 1 to 2^31 - 1', o.chunkSize);
   const seed = o.seed ?? 0;
   if (!Number.isSafeInteger(seed)) throw optionError('seed', 'a safe integer', o.seed);
   const checkpointActivations = o.checkpointActivations ?? false;
@@ -380,6 +383,10 @@ export class Trainer {
   async fit(dataset: Dataset, options: FitOptions): Promise<FitSummary> {
     options = optionsObject(options, 'fit');
     const o = checkFitOptions(options, this.options.totalSteps);
+    const methods = ['nextBatch', 'validationBatches', 'getState'] as const;
+    if (dataset === null || typeof dataset !== 'object' || methods.some((m) => typeof (dataset as unknown as Record<string, unknown>)[m] !== 'function')) {
+      throw new Error('fit: the first argument must be a Dataset (nextBatch, validationBatches and getState)');
+    }
     // Before any step: a run should not train for an hour, then refuse its first checkpoint.
     if (o.checkpointDir !== undefined) await checkCheckpointTarget(o.checkpointDir);
     const startStep = this.steps;
@@ -535,11 +542,22 @@ export class Trainer {
   }
 }
 
+const FIT_OPTION_NAMES = ['batchSize', 'steps', 'evalEvery', 'evalBatches', 'checkpointEvery', 'checkpointDir', 'signal', 'onProgress'] as const;
+
 function checkFitOptions(options: FitOptions, totalSteps: number): Required<Omit<FitOptions, 'checkpointDir' | 'signal' | 'onProgress'>> &
   Pick<FitOptions, 'checkpointDir' | 'signal' | 'onProgress'> {
   if (options === null || typeof options !== 'object') throw new Error('fit: options must be an object');
   const fail = (name: string, requirement: string, value: unknown) =>
     new Error(`invalid fit option: ${name} must be ${requirement}, got ${JSON.stringify(value) ?? String(value)}`);
+  // A misspelt option (chekpointDir) would otherwise be a run that silently saves nothing.
+  for (const key of Object.keys(options)) {
+    if (!(FIT_OPTION_NAMES as readonly string[]).includes(key)) throw new Error(`invalid fit option: unknown option ${key}`);
+  }
+  const signal = options.signal as { aborted?: unknown; addEventListener?: unknown } | undefined;
+  if (signal !== undefined && (typeof signal?.aborted !== 'boolean' || typeof signal.addEventListener !== 'function')) {
+    throw fail('signal', 'an AbortSignal', options.signal);
+  }
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw fail('onProgress', 'a function', options.onProgress);
   const { batchSize = DEFAULT_FIT_BATCH, steps = totalSteps, evalEvery = 0, evalBatches = Infinity, checkpointEvery = 0 } = options;
   if (!Number.isSafeInteger(batchSize) || batchSize < 1) throw fail('batchSize', 'an integer >= 1', batchSize);
   if (!Number.isSafeInteger(steps) || steps < 0) throw fail('steps', 'an integer >= 0', steps);

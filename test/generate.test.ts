@@ -118,6 +118,11 @@ const texts = (chunks: GenerateChunk[]): string[] => chunks.map((c) => c.text);
 const joined = (chunks: GenerateChunk[]): string => texts(chunks).join('');
 
 describe('generateFromSession', () => {
+  test("a custom stream decoder's non-string text is an Error, not garbage", async () => {
+    const odd = Object.assign(new ByteTokenizer(), { createStreamDecoder: () => ({ push: () => 7 as unknown as string, flush: () => '' }) });
+    await expect(generateScripted('abc', {}, odd).chunks).rejects.toThrow("the tokenizer's stream decoder push() returned 7, not a string");
+  });
+
   test('prefills the prompt, then alternates sample and step, and respects maxTokens', async () => {
     const { session, chunks } = generateScripted('abcdefgh', { maxTokens: 5 });
     const result = await chunks;

@@ -124,6 +124,16 @@ test('invalid scheduler options and cachePrefixTokens are errors naming the fiel
   );
 });
 
+test('a disposed scheduler is replaced by the next model.scheduler() call, so the model keeps serving', async () => {
+  const first = model.scheduler();
+  first.dispose();
+  expect(first.disposed).toBe(true);
+  expect(model.scheduler()).not.toBe(first);
+  expect(await model.generateText(randomPrompt(3, 4), { maxTokens: 3, temperature: 0 })).toBe(
+    await model.generateText(randomPrompt(3, 4), { maxTokens: 3, temperature: 0, batching: false }),
+  );
+});
+
 test('disposing the model fails waiting requests and refuses new ones', async () => {
   model.scheduler({ maxConcurrent: 1 });
   const running = model.generate(randomPrompt(1, 4), { maxTokens: 50 });

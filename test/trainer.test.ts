@@ -115,7 +115,11 @@ describe('Trainer options', () => {
   });
 
   test.each<[Partial<TrainerOptions> & Record<string, unknown>, RegExp]>([
-    [{ lr: 0 }, /lr must be a finite number > 0, got 0/],
+    [{ lr: 0 }, /lr must be a number > 0 that float32 holds \(1\.4e-45 to 3\.4e38\), got 0/],
+    [{ lr: 1e-300 }, /lr must be a number > 0 that float32 holds/],
+    [{ beta1: 0.9999999999999999 }, /beta1 must be a number in \[0, 1\) \(below 1 as a float32\)/],
+    [{ eps: Number.MIN_VALUE }, /eps must be a finite number > 0 \(above 0 as a float32\)/],
+    [{ chunkSize: 2 ** 31 }, /chunkSize must be an integer from 1 to 2\^31 - 1/],
     [{ lr: NaN }, /lr must be/],
     [{ minLr: 2e-3 }, /minLr must be a number in \[0, lr=0.001\]/],
     [{ totalSteps: 0 }, /totalSteps must be an integer >= 1/],
@@ -129,7 +133,7 @@ describe('Trainer options', () => {
     [{ clipNorm: -1 }, /clipNorm must be a finite number >= 0/],
     [{ gradAccumulation: 1.5 }, /gradAccumulation must be an integer >= 1/],
     [{ mode: 'recurrent' as never }, /mode must be 'parallel' or 'chunkwise'/],
-    [{ chunkSize: 0 }, /chunkSize must be an integer >= 1/],
+    [{ chunkSize: 0 }, /chunkSize must be an integer from 1 to 2\^31 - 1/],
     [{ seed: 0.5 }, /seed must be a safe integer/],
     [{ checkpointActivations: 'yes' as never }, /checkpointActivations must be a boolean, got "yes"/],
     [{ precision: 'fp16' as never }, /precision must be 'fp32' or 'bf16', got "fp16"/],
@@ -273,6 +277,10 @@ describe('Trainer', () => {
     expect(saved.step).toBe(4);
     expect(saved.dataset.batchesDrawn).toBe(4);
     await expect(trainer.fit(tinyData(), { batchSize: 0 })).rejects.toThrow(/batchSize must be an integer >= 1/);
+    await expect(trainer.fit(tinyData(), { chekpointDir: dir } as never)).rejects.toThrow('invalid fit option: unknown option chekpointDir');
+    await expect(trainer.fit(tinyData(), { signal: { aborted: 'yes' } } as never)).rejects.toThrow('invalid fit option: signal must be an AbortSignal');
+    await expect(trainer.fit(null as never, {})).rejects.toThrow('fit: the first argument must be a Dataset');
+    expect(() => Dataset.fromText('text', null as never)).toThrow('Dataset.fromText: options must be an object with seqLen');
     model.dispose();
     fs.rmSync(dir, { recursive: true });
   });
