@@ -472,6 +472,7 @@ class ExternalMemory {
 struct StateHandle {
   std::shared_ptr<const Model> model;
   std::shared_ptr<DecodeState> state;
+  std::shared_ptr<AccessGuard> access;  // the model binding's, for its weight version
   std::shared_ptr<std::atomic<bool>> busy = std::make_shared<std::atomic<bool>>(false);
 };
 
@@ -512,9 +513,10 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   Napi::Value Clone(const Napi::CallbackInfo& info) {
     StateHandle& h = handle(info.Env());
     if (*h.busy) throw Napi::Error::New(info.Env(), "decode state is busy with another call");
-    StateHandle c{h.model, or_out_of_memory(info.Env(), "a clone of a decode state", [&] {
-                    return std::make_shared<DecodeState>(*h.model, h.state->batch());
-                  })};
+    StateHandle c{h.model,
+                  or_out_of_memory(info.Env(), "a clone of a decode state",
+                                   [&] { return std::make_shared<DecodeState>(*h.model, h.state->batch()); }),
+                  h.access};
     c.state->share_from(*h.state);  // copied on a worker when either is written
     return Wrap(info.Env(), c);
   }
@@ -605,6 +607,8 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
     bool expected = false;
     if (!h.busy->compare_exchange_strong(expected, true)) throw Napi::Error::New(env, "decode state is busy with another call");
     h.state->position = std::move(positions);
+    // An imported state is taken as made by the weights of now: nothing records which made it.
+    h.state->weights_version = h.access->weight_version();
     const float* kv_data = kv.Data();
     auto* worker = new PromiseWorker(
         env,
@@ -773,7 +777,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     auto state = or_out_of_memory(env, "a decode state of batch " + std::to_string(batch),
                                   [&] { return std::make_shared<DecodeState>(*m, batch); });
-    return NativeState::Wrap(env, StateHandle{m, state});
+    state->weights_version = access_->weight_version();
+    return NativeState::Wrap(env, StateHandle{m, state, access_});
   }
 
   // Shared by prefill and step: claims the state, runs `work`, releases it, resolves logits:
@@ -786,6 +791,11 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(state_arg.As<Napi::Object>());
     StateHandle h = ns->handle(env);
     if (h.model != m) throw Napi::Error::New(env, "state belongs to another model");
+    try {
+      require_current_weights(*h.state, "");
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
     const size_t n = static_cast<size_t>(h.state->batch()) * m->config().V;
     std::shared_ptr<Napi::Reference<Napi::Float32Array>> target;
     if (!into.IsEmpty()) target = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(into));
@@ -801,6 +811,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       *h.busy = false;
       throw;
     }
+    // The weights cannot change while the read claim is held: the call advances it with these.
+    h.state->weights_version = access_->weight_version();
     auto* worker = new PromiseWorker(
         env,
         [h, out, work, guard] {
@@ -891,6 +903,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
         for (const StateHandle& other : handles)
           if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
+        require_current_weights(*h.state, "states[" + std::to_string(i) + "]: ");
         const size_t own = rows_of(*h.state);
         if (!outputs.IsEmpty()) {
           const std::string name = "outputs[" + std::to_string(i) + "]";
@@ -973,6 +986,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       for (const StateHandle& h : handles) *h.busy = false;
       throw;
     }
+    for (const StateHandle& h : handles) h.state->weights_version = access_->weight_version();
     std::vector<size_t> row_counts;
     for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
@@ -1458,6 +1472,17 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return access_;
   }
   // `changes_weights`: the call will modify the weights (see AccessGuard::weight_version).
+  // A state that has consumed tokens holds what the weights of its last call made of them:
+  // after a training step or setParam it would mix two models' numbers without a sign.
+  void require_current_weights(const DecodeState& s, const std::string& which) const {
+    if (s.weights_version == access_->weight_version()) return;
+    for (int64_t p : s.position) {
+      if (p > 0) {
+        throw std::invalid_argument(which + "this session's state was made with weights that have changed since (a training step or setParam): start a new session");
+      }
+    }
+  }
+
   std::shared_ptr<AccessGuard> claim_write(Napi::Env env, bool changes_weights = false) {
     try {
       access_->acquire_write();

@@ -124,6 +124,7 @@ StateView DecodeState::layer(const ModelConfig& c, int l) const {
 void DecodeState::share_from(const DecodeState& other) {
   if (other.batch_ != batch_ || other.kv_size_ != kv_size_) throw std::invalid_argument("state shapes differ");
   position = other.position;
+  weights_version = other.weights_version;
   memory_ = other.memory_;
 }
 

@@ -75,6 +75,9 @@ class DecodeState {
   DecodeState& operator=(const DecodeState&) = delete;
   int batch() const { return batch_; }
   std::vector<int64_t> position;  // tokens consumed, per row
+  // The model's weight version the state was last advanced with (the binding's count): a
+  // state advanced by other weights is refused (its S and s belong to the old ones).
+  uint64_t weights_version = 0;
   // Gives the state memory of its own: zeroed, or a copy of the memory it shared.
   void make_writable();
   // Gives the state memory of its own holding host `kv` and `scale` (kv_size() and

@@ -113,6 +113,50 @@ test('a saved and restored session continues identically; clone is independent',
   for (const s of [session, restored, clone]) s.dispose();
 });
 
+test('a session advanced by weights that have since changed is refused; untouched, new and restored sessions run', async () => {
+  const own = await RetNet.create(CONFIG, { seed: 11 });
+  try {
+    const tokens = randomTokens(4, 1, 6);
+    const session = own.createSession();
+    await session.prefill(tokens);
+    const saved = await session.save();
+    const clone = await session.clone();
+    const untouched = own.createSession();
+    const pair = [own.native().createState(1), own.native().createState(1)];
+    for (const state of pair) await own.native().step(state, Int32Array.of(3));
+
+    const native = own.native();
+    const name = native.paramNames()[0];
+    const weights = native.getParam(name);
+    weights[0] += 0.5;
+    native.setParam(name, weights);
+
+    const stale = /weights that have changed since .*start a new session/;
+    await expect(session.step([1])).rejects.toThrow(stale);
+    await expect(clone.step([1])).rejects.toThrow(stale);
+    expect(() => native.stepBatch(pair, Int32Array.of(1, 2))).toThrow(/^states\[0\]: .*weights that have changed/);
+    // A refused call leaves the state as it was: still refused, position unchanged.
+    expect(session.position).toBe(6);
+    await expect(session.step([1])).rejects.toThrow(stale);
+
+    // A state that has consumed nothing, and a restore (taken as made by the weights of now), run.
+    await untouched.step([1]);
+    const restored = own.restoreSession(saved);
+    const fresh = own.createSession();
+    await fresh.prefill(tokens);
+    const [a, b] = await Promise.all([restored.step([1]), fresh.step([1])]);
+    expect(a.logits.length).toBe(b.logits.length);
+    // Generation after the change starts new states and is unaffected.
+    let text = '';
+    for await (const chunk of own.generate('Hi', { maxTokens: 3, temperature: 0 })) text += chunk;
+    expect(text.length).toBeGreaterThan(0);
+    for (const s of [session, clone, untouched, restored, fresh]) s.dispose();
+    for (const state of pair) state.dispose();
+  } finally {
+    own.dispose();
+  }
+});
+
 test('a state takes its memory on first use, and memory given back by a disposed state starts from zero', async () => {
   const tokens = randomTokens(4, 1, 20);
   const first = model.createSession();
