@@ -211,7 +211,8 @@ export class RetNet implements SessionOwner {
 
   /**
    * A model from in-memory weights keyed by torchscale state_dict names (flat Float32Arrays in
-   * the shapes of parameterShapes(config)); checked like a loaded file.
+   * the shapes of parameterShapes(config)); checked like a loaded file. The arrays are copied in
+   * one at a time until the promise settles: leave them unchanged until then.
    */
   static async fromStateDict(
     config: Partial<RetNetConfig> & { vocab_size: number },

@@ -58,7 +58,12 @@ export class PrefixCache<T extends ForkableState> {
    * to keep using yours); replaces and disposes an existing entry. With maxEntries 0 it is disposed.
    */
   put(key: string, state: T): void {
-    this.entries.get(key)?.dispose();
+    for (const [other, entry] of this.entries) {
+      if (entry === state && other !== key) throw new Error('PrefixCache.put: this state is already cached under another key; put a clone');
+    }
+    const previous = this.entries.get(key);
+    // Putting the entry already held keeps it (disposing it would leave a dead state cached).
+    if (previous !== state) previous?.dispose();
     this.entries.delete(key);
     this.entries.set(key, state);
     this.evictBeyond(this.limit);

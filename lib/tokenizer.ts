@@ -2,6 +2,8 @@
 
 import { TextDecoder, TextEncoder } from 'node:util';
 
+import { formatValue, optionsObject } from './typed';
+
 export interface StreamDecoder {
   /** Adds one token; returns the text it completed (may be ''). */
   push(token: number): string;
@@ -63,6 +65,7 @@ export class ByteTokenizer implements Tokenizer {
   private readonly encoder = new TextEncoder();
 
   constructor(options: ByteTokenizerOptions = {}) {
+    options = optionsObject(options, 'ByteTokenizer');
     const vocabSize = options.vocabSize ?? BYTE_IDS;
     if (!Number.isInteger(vocabSize) || vocabSize < BYTE_IDS) {
       throw new Error(`ByteTokenizer: vocabSize must be an integer >= ${BYTE_IDS}, got ${String(vocabSize)}`);
@@ -81,6 +84,9 @@ export class ByteTokenizer implements Tokenizer {
   }
 
   decode(tokens: ArrayLike<number>): string {
+    if (tokens === null || typeof tokens !== 'object' || typeof tokens.length !== 'number') {
+      throw new Error(`ByteTokenizer.decode: expected an array of token ids, got ${formatValue(tokens)}`);
+    }
     const bytes = new Uint8Array(tokens.length);
     let byteCount = 0;
     for (let i = 0; i < tokens.length; i++) {

@@ -28,6 +28,11 @@ test('LRU: the least recently used entry is disposed beyond maxEntries; fork cop
   const replacement = new FakeState('a2');
   cache.put('a', replacement);
   expect(a.disposed).toBe(true);
+  // Putting the entry a key already holds keeps it alive; one object under two keys is refused.
+  cache.put('a', replacement);
+  expect(replacement.disposed).toBe(false);
+  expect(() => cache.put('d', replacement)).toThrow(/already cached under another key/);
+  expect(cache.has('d')).toBe(false);
   cache.maxEntries = 1;
   expect(c.disposed).toBe(true);
   expect(cache.size).toBe(1);

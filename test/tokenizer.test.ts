@@ -82,6 +82,8 @@ describe('ByteTokenizer', () => {
     decoder.push(0x41);
     expect(() => decoder.push(300)).toThrow(/token id 300 at position 1/);
     expect(() => new ByteTokenizer({ vocabSize: 258 }).decode([258])).toThrow(/token id 258 at position 0.*\[0, 258\)/);
+    expect(() => tokenizer.decode(null as unknown as number[])).toThrow(/decode: expected an array of token ids, got null/);
+    expect(() => tokenizer.decode(65 as unknown as number[])).toThrow(/expected an array of token ids, got 65/);
   });
 
   test('validates constructor options', () => {
@@ -90,5 +92,7 @@ describe('ByteTokenizer', () => {
     expect(() => new ByteTokenizer({ eosId: 10 })).toThrow(/eosId/);
     expect(() => new ByteTokenizer({ vocabSize: 258, eosId: 258 })).toThrow(/eosId/);
     expect(() => new ByteTokenizer({ eosId: 256 })).toThrow(/eosId/); // no room for a special in 256 ids
+    expect(new ByteTokenizer(null as unknown as undefined).vocabSize).toBe(256);
+    expect(() => new ByteTokenizer(5 as unknown as undefined)).toThrow(/ByteTokenizer: options must be an object/);
   });
 });
