@@ -1183,10 +1183,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // A compact model keeps no fp32 projection weights to train.
   static void require_fp32_weights(const Model& m, const char* what) {
     if (m.weight_format() != WeightFormat::F32)
-      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8 weights (load it with weights 'f32')");
+      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8/f32-panels weights (load it with weights 'f32')");
   }
 
-  // setWeightFormat('f32' | 'bf16' | 'int8') -> Promise<void>: converts the projection weights
+  // setWeightFormat('f32' | 'f32-panels' | 'bf16' | 'int8') -> Promise<void>: converts the projection weights
   // (Model::set_weight_format).
   Napi::Value SetWeightFormat(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -1200,8 +1200,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         format = WeightFormat::BF16;
       } else if (name == "int8") {
         format = WeightFormat::Int8;
+      } else if (name == "f32-panels") {
+        format = WeightFormat::F32Panels;
       } else {
-        throw std::invalid_argument("weights must be 'f32', 'bf16' or 'int8', got '" + name + "'");
+        throw std::invalid_argument("weights must be 'f32', 'f32-panels', 'bf16' or 'int8', got '" + name + "'");
       }
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1606,34 +1608,27 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
-// int8Linear(weights, scales, x, y, { M, N, K }) -> Promise<void>: the int8 product alone
-// (tests), y[M, N] = x[M, K] times the int8 weight [N, K] with its row scales, as a model's
-// int8 projection computes it (dot products up to kCompactDotsMaxRows rows, the packed path past).
-Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+// Runs y[M, N] = x[M, K] times `matrix` [N, K] as a model's compact projection computes it
+// (dot products up to kCompactDotsMaxRows rows, the packed path past), for the tests.
+// `shape` is { M, N, K }; `fill` stores the weights once N and K are known.
+Napi::Value CompactLinear(Napi::Env env, const char* call, const Napi::Value& x_arg, const Napi::Value& y_arg,
+                          const Napi::Value& shape, const std::function<void(QuantizedMatrix&, int, int)>& fill) {
   auto matrix = std::make_shared<QuantizedMatrix>();
   Napi::Float32Array x, y;
   int M;
   try {
-    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int8_array)
-      throw std::invalid_argument("weights must be an Int8Array");
-    Napi::Int8Array weights = info[0].As<Napi::Int8Array>();
-    Napi::Float32Array scales = float32_arg(info[1], "scales");
-    x = float32_arg(info[2], "x");
-    y = float32_arg(info[3], "y");
-    if (!info[4].IsObject()) throw std::invalid_argument("int8Linear options must be an object");
-    Napi::Object o = info[4].As<Napi::Object>();
+    x = float32_arg(x_arg, "x");
+    y = float32_arg(y_arg, "y");
+    if (!shape.IsObject()) throw std::invalid_argument(std::string(call) + " options must be an object");
+    Napi::Object o = shape.As<Napi::Object>();
     M = to_int(o.Get("M"), "M");
     const int N = to_int(o.Get("N"), "N"), K = to_int(o.Get("K"), "K");
     if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("M, N and K must be >= 1");
-    if (weights.ElementLength() != static_cast<size_t>(N) * K || scales.ElementLength() != static_cast<size_t>(N) ||
-        x.ElementLength() != static_cast<size_t>(M) * K || y.ElementLength() != static_cast<size_t>(M) * N)
-      throw std::invalid_argument("int8Linear: weights, scales, x, y must hold N*K, N, M*K and M*N values");
-    matrix->format = WeightFormat::Int8;
+    if (x.ElementLength() != static_cast<size_t>(M) * K || y.ElementLength() != static_cast<size_t>(M) * N)
+      throw std::invalid_argument(std::string(call) + ": x and y must hold M*K and M*N values");
     matrix->N = N;
     matrix->K = K;
-    matrix->int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
-    matrix->scales.assign(scales.Data(), scales.Data() + N);
+    fill(*matrix, N, K);
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
   }
@@ -1645,6 +1640,33 @@ Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
   worker->keep(y);
   worker->Queue();
   return worker->promise();
+}
+
+// int8Linear(weights, scales, x, y, { M, N, K }) -> Promise<void>: the int8 product alone
+// (an Int8Array [N, K] with its row scales).
+Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
+  return CompactLinear(info.Env(), "int8Linear", info[2], info[3], info[4], [&](QuantizedMatrix& m, int N, int K) {
+    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int8_array)
+      throw std::invalid_argument("weights must be an Int8Array");
+    Napi::Int8Array weights = info[0].As<Napi::Int8Array>();
+    Napi::Float32Array scales = float32_arg(info[1], "scales");
+    if (weights.ElementLength() != static_cast<size_t>(N) * K || scales.ElementLength() != static_cast<size_t>(N))
+      throw std::invalid_argument("int8Linear: weights, scales, x, y must hold N*K, N, M*K and M*N values");
+    m.format = WeightFormat::Int8;
+    m.int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
+    m.scales.assign(scales.Data(), scales.Data() + N);
+  });
+}
+
+// panelLinear(weights, x, y, { M, N, K }) -> Promise<void>: the F32Panels product alone (the
+// weights a Float32Array [N, K], laid out in panels first).
+Napi::Value PanelLinear(const Napi::CallbackInfo& info) {
+  return CompactLinear(info.Env(), "panelLinear", info[1], info[2], info[3], [&](QuantizedMatrix& m, int N, int K) {
+    Napi::Float32Array weights = float32_arg(info[0], "weights");
+    if (weights.ElementLength() != static_cast<size_t>(N) * K)
+      throw std::invalid_argument("panelLinear: weights must hold N*K values");
+    m = quantize(weights.Data(), N, K, WeightFormat::F32Panels);
+  });
 }
 
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
@@ -1685,6 +1707,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
   exports.Set("gemm", Napi::Function::New(env, Gemm));
   exports.Set("int8Linear", Napi::Function::New(env, Int8Linear));
+  exports.Set("panelLinear", Napi::Function::New(env, PanelLinear));
   exports.Set("discardMemory", Napi::Function::New(env, DiscardMemory));
   return exports;
 }

@@ -627,6 +627,7 @@ bool gemm_has_bf16_dot() { return kernels().micro_bf16 != nullptr; }
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) {
   if (M <= 0) return;
   constexpr int kBlock = 64;
+  static_assert(kBlock == kPanelWidth, "an F32Panels block is one panel");
   // Blocks of output rows across the whole group, numbered product after product, so one
   // region covers every product. Counted, not listed: a decode step allocates nothing.
   auto blocks_of = [&](int i) { return (static_cast<size_t>(outs[i].N) + kBlock - 1) / kBlock; };
@@ -660,6 +661,8 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
       const int n0 = static_cast<int>(first) * kBlock, n1 = std::min(o.N, n0 + kBlock);
       if (o.compact && o.compact->format == WeightFormat::Int8) {
         int8_dots(*o.compact, M, n0, n1, Q, Q_steps, o.Y, o.N);
+      } else if (o.compact && o.compact->format == WeightFormat::F32Panels) {
+        panel_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else if (o.compact) {
         bf16_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else {

@@ -230,11 +230,14 @@ void Model::set_weight_format(WeightFormat format) {
     throw std::invalid_argument("this model's weights are already compact; load the checkpoint again for another format");
   // Only the CPU has kernels for compact weights.
   if (std::strcmp(ops_->name(), "cpu") != 0)
-    throw std::invalid_argument(std::string("weights 'bf16' and 'int8' run on the CPU only; this model is on ") +
+    throw std::invalid_argument(std::string("weights 'bf16', 'int8' and 'f32-panels' run on the CPU only; this model is on ") +
                                 ops_->name() + " (load it with weights 'f32')");
   const ModelConfig& c = c_;
   // The arena is host memory here (the CPU backend): converted in place, no copy.
   auto convert = [&](const float* W, int N, int K) {
+    // A tied head's fp32 rows stay for the embedding lookup, and in fp32 they are already the
+    // exact weights: panels would be a second copy.
+    if (format == WeightFormat::F32Panels && W == embed_) return;
     compact_.emplace(W, quantize(W, N, K, format));
     if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
   };

@@ -142,7 +142,7 @@ class Model {
   // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
   void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
-  // Converts every projection weight to a compact format (bf16, int8) and hands their fp32
+  // Converts every projection weight to a compact format (bf16, int8, F32Panels) and hands their fp32
   // memory back: from then on every product, prefill and forward as well as decode, reads the
   // compact matrices, set_param converts, get_param widens, and the model can't be trained.
   // Once compact, its format can't change again.

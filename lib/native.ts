@@ -3,7 +3,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
-export type WeightFormat = 'f32' | 'bf16' | 'int8';
+export type WeightFormat = 'f32' | 'f32-panels' | 'bf16' | 'int8';
 
 /**
  * What a training pass's layer products (projections and feed-forward, forward and backward)
@@ -211,6 +211,11 @@ export interface NativeAddon {
     y: Float32Array,
     options: { M: number; N: number; K: number },
   ): Promise<void>;
+  /**
+   * The 'f32-panels' product alone (tests): y[M, N] = x[M, K] times weights [N, K] (row-major,
+   * laid out in panels first), as a model's f32-panels projections compute it.
+   */
+  panelLinear(weights: Float32Array, x: Float32Array, y: Float32Array, options: { M: number; N: number; K: number }): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;

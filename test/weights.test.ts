@@ -1,5 +1,9 @@
-// Compact weights (bf16, int8): close to fp32, the same function in every form, still
+// Compact weights (bf16, int8) and fp32 panels: close to fp32, the same function in every form, still
 // batch-invariant, no fp32 copy kept, never trained or saved.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+
 import { RetNet } from '../lib';
 import { maxAbs, maxAbsDiff } from './helpers/fixtures';
 import { mulberry32, randomWeights } from './reference/retnet_ref';
@@ -208,4 +212,64 @@ test('weights-loss: the recurrent loss equals the parallel forward cross-entropy
   await expect(recurrentLoss(f32, [windows[0], windows[1].subarray(1)])).rejects.toThrow('same length');
   expect(() => spreadWindows(stream, 2, 500)).toThrow('fewer than one window');
   f32.dispose();
+});
+
+// 'f32-panels': the exact fp32 weights in panels of 64 output rows. Its products sum each output
+// in k order (test/panels.test.ts), so its logits differ from 'f32' by rounding only; it is
+// batch-invariant on its own terms, gives back and saves the exact weights, and cannot be trained.
+describe('f32-panels', () => {
+  test.each([
+    ['untied', config, weights],
+    ['tied', tiedConfig, tiedWeights],
+    ['odd widths', oddConfig, randomWeights(oddConfig, 4)],
+  ] as const)('decode equals f32 to rounding, batched or alone bit for bit, every form the same function (%s)', async (_name, cfg, w) => {
+    const f32 = await RetNet.fromStateDict(cfg, w);
+    const panels = await RetNet.fromStateDict(cfg, w, { weights: 'f32-panels' });
+    expect(panels.weights).toBe('f32-panels');
+    const a = await decodeLogits(f32);
+    const b = await decodeLogits(panels);
+    let differs = false;
+    for (let i = 0; i < a.length; i++) {
+      expect(maxAbsDiff(a[i], b[i]) / maxAbs(a[i])).toBeLessThan(1e-5);
+      differs ||= maxAbsDiff(a[i], b[i]) > 0;
+    }
+    expect(differs).toBe(true); // the panels are really what the step reads
+    const native = panels.native();
+    const rows = 11;
+    const states = Array.from({ length: rows }, () => native.createState(1));
+    const alone = native.createState(1);
+    for (const s of [...states, alone]) await native.prefill(s, Int32Array.from(prompt), prompt.length, 'chunkwise', 8);
+    const batched = await native.stepBatch(states, new Int32Array(rows).fill(7));
+    const single = Array.from(await native.step(alone, Int32Array.from([7])));
+    for (let r = 0; r < rows; r++) expect(Array.from(batched.subarray(r * 300, (r + 1) * 300))).toEqual(single);
+    for (const s of [...states, alone]) s.dispose();
+    const { logits } = await panels.forward([prompt], { mode: 'chunkwise', chunkSize: 8 });
+    const last = logits.subarray((prompt.length - 1) * 300);
+    const session = panels.createSession();
+    const stepped = (await session.prefill([prompt])).logits;
+    expect(maxAbsDiff(last, stepped) / maxAbs(stepped)).toBeLessThan(1e-5);
+    session.dispose();
+    f32.dispose();
+    panels.dispose();
+  });
+
+  test('gives back and saves the exact weights; cannot be trained', async () => {
+    const model = await RetNet.fromStateDict(config, weights, { weights: 'f32-panels' });
+    for (const [name, held] of model.stateDict()) expect(maxAbsDiff(held, weights.get(name)!)).toBe(0);
+    const q = Float32Array.from({ length: 64 * 64 }, () => rand() - 0.5);
+    model.native().setParam('layers.0.retention.q_proj.weight', q);
+    expect(Array.from(model.native().getParam('layers.0.retention.q_proj.weight'))).toEqual(Array.from(q));
+    await expect(model.lossAndGradients([prompt])).rejects.toThrow(/fp32 weights; this one holds bf16\/int8\/f32-panels/);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-panels-'));
+    try {
+      await model.save(dir);
+      const loaded = await RetNet.load(dir);
+      const held = model.stateDict();
+      for (const [name, value] of loaded.stateDict()) expect(maxAbsDiff(value, held.get(name)!)).toBe(0);
+      loaded.dispose();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    model.dispose();
+  });
 });
