@@ -720,17 +720,11 @@ void widen_rows_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
 
 void* allocate_huge_pages(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
-  // Below two huge pages the rounding would waste more than it saves.
-  if (bytes < 2 * kHuge) {
-    void* p = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
-    if (!p) throw std::bad_alloc();
-    return p;
-  }
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = std::aligned_alloc(kHuge, rounded);
-  if (!p) throw std::bad_alloc();
+  void* p = nullptr;
+  if (posix_memalign(&p, bytes < kHuge ? 64 : kHuge, std::max<size_t>(bytes, 1)) != 0) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-  madvise(p, rounded, MADV_HUGEPAGE);
+  // Whole huge pages only: the tail stays on small pages, so no memory is taken past the end.
+  if (bytes >= kHuge) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
 #endif
   return p;
 }

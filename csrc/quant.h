@@ -40,9 +40,9 @@ enum class WeightFormat { F32, BF16, Int8, F32Panels };
 // the generic kernels.
 constexpr int kPanelWidth = 64;
 
-// Allocates big arrays on 2 MiB boundaries, advised onto transparent huge pages before their
-// first touch (the kernel's default "madvise" mode gives them nothing otherwise): a decode step
-// streams its weights, and on 4 KiB pages the hardware prefetch stops at every page.
+// Allocates arrays of 2 MiB or more on 2 MiB boundaries, their whole 2 MiB pages advised onto
+// transparent huge pages before the first touch (the kernel's "madvise" mode gives them none
+// otherwise), as CpuOps::alloc does for the arena: fewer TLB misses when a step streams them.
 template <typename T>
 struct HugePageAllocator {
   using value_type = T;
@@ -67,10 +67,10 @@ using HugePageVector = std::vector<T, HugePageAllocator<T>>;
 struct QuantizedMatrix {
   WeightFormat format = WeightFormat::F32;
   int N = 0, K = 0;
-  HugePageVector<uint16_t> bf16;  // [N, K], round to nearest even
-  HugePageVector<int8_t> int8;    // [N, K], w ≈ int8 * scales[row]
-  std::vector<float> scales;      // [N]
-  HugePageVector<float> panels;   // F32Panels
+  std::vector<uint16_t> bf16;    // [N, K], round to nearest even
+  std::vector<int8_t> int8;      // [N, K], w ≈ int8 * scales[row]
+  std::vector<float> scales;     // [N]
+  HugePageVector<float> panels;  // F32Panels: on huge pages, as the fp32 arena it replaces
 };
 
 // W is [N, K] row-major fp32. Throws std::invalid_argument for a finite value bf16 cannot hold.
