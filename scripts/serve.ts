@@ -3,6 +3,7 @@
 import { parseArgs } from 'util';
 
 import { RetNet } from '../lib/model';
+import { WeightFormat } from '../lib/native';
 import { integerFlag } from './flags';
 import { createServer } from '../lib/server';
 
@@ -12,6 +13,8 @@ const USAGE = `usage: retnet serve --model DIR [options]
   --host HOST             address to bind (default 127.0.0.1)
   --port N                port (default 8000; 0 picks a free one)
   --model-id NAME         id reported by the API (default: the model path)
+  --weights FORMAT        f32 (default), f32-panels (faster batched decode, exact weights),
+                          bf16 or int8 (compact: fewer bytes per step; see the README)
   --max-tokens-limit N    largest max_tokens a request may ask for (default 4096)
   --max-concurrent N      sequences decoded together (default 64)
   --max-queue N           requests waiting for a slot before 503s (default 256)
@@ -19,6 +22,8 @@ const USAGE = `usage: retnet serve --model DIR [options]
   -h, --help              show this help
 
   POST /v1/completions, GET /v1/models, GET /health`;
+
+const WEIGHT_FORMATS: readonly WeightFormat[] = ['f32', 'f32-panels', 'bf16', 'int8'];
 
 export async function serve(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -30,6 +35,7 @@ export async function serve(argv: string[]): Promise<void> {
       host: { type: 'string' },
       port: { type: 'string' },
       'model-id': { type: 'string' },
+      weights: { type: 'string' },
       'max-tokens-limit': { type: 'string' },
       'max-concurrent': { type: 'string' },
       'max-queue': { type: 'string' },
@@ -51,7 +57,9 @@ export async function serve(argv: string[]): Promise<void> {
   };
   const listenPort = integerFlag(values.port, 'port', 0) ?? 8000;
   if (listenPort > 65535) throw new Error(`--port must be an integer from 0 to 65535, got ${values.port}`);
-  const model = await RetNet.load(values.model);
+  const weights = (values.weights ?? 'f32') as WeightFormat;
+  if (!WEIGHT_FORMATS.includes(weights)) throw new Error(`--weights must be one of ${WEIGHT_FORMATS.join(', ')}, got ${values.weights}`);
+  const model = await RetNet.load(values.model, { weights });
   const server = createServer(model, { modelId: values['model-id'] ?? values.model, maxTokensLimit, scheduler });
   const host = values.host ?? '127.0.0.1';
   await new Promise<void>((resolve, reject) => {
