@@ -1,10 +1,9 @@
 // The CPU GEMM (every path: packed micro-kernel, edge tiles, vector and scalar packing, the
 // few-rows dot path) against the simplest correct product, in float64, with the kernel set
 // this CPU picks and again with each other set it can run (RETNET_CPU_ISA, in a child process).
-import { spawnSync } from 'child_process';
-import * as path from 'path';
 import { addon, type NativeAddon } from '../lib/native';
 import { Rng } from '../lib/random';
+import { runWithIsa } from './helpers/kernel_child';
 
 // One product: the addon's gemm options, precision given.
 type Case = Required<Parameters<NativeAddon['gemm']>[3]>;
@@ -106,14 +105,7 @@ describe('CPU gemm', () => {
     ['generic', ['generic']],
   ])('RETNET_CPU_ISA=%s runs every case with that kernel set', (isa, names) => {
     const inputs = CASES.map((o) => ({ a: random(o.M * o.K), b: random(o.K * o.N), c: random(o.M * o.N), o }));
-    const child = spawnSync(process.execPath, [path.join(__dirname, 'helpers', 'gemm_child.js')], {
-      input: JSON.stringify(inputs.map(({ a, b, c, o }) => ({ a: Array.from(a), b: Array.from(b), c: Array.from(c), o }))),
-      env: { ...process.env, RETNET_CPU_ISA: isa },
-      encoding: 'utf8',
-      maxBuffer: 1 << 28,
-    });
-    expect(child.stderr).toBe('');
-    const { gemm, outputs } = JSON.parse(child.stdout) as { gemm: string; outputs: number[][] };
+    const { gemm, outputs } = runWithIsa(isa, inputs.map(({ a, b, c, o }) => ({ a: Array.from(a), b: Array.from(b), c: Array.from(c), o })));
     expect(names).toContain(gemm);
     inputs.forEach(({ a, b, c, o }, i) => {
       const { c: want, scale } = reference(a, b, c, o);

@@ -3,10 +3,9 @@
 // the row's largest magnitude), the integer sum exact, then sum * (row scale * step) in double,
 // rounded to fp32. The dot-product path (up to 256 rows) must match it bit for bit with every
 // kernel set; the packed path (more rows) sums in fp32, so to rounding.
-import { spawnSync } from 'child_process';
-import * as path from 'path';
 import { addon } from '../lib/native';
 import { Rng } from '../lib/random';
+import { runWithIsa } from './helpers/kernel_child';
 
 interface Shape {
   M: number;
@@ -146,14 +145,7 @@ describe('int8 products', () => {
   // The sets below the one this CPU picks (on an AVX-512 machine: AVX2 and generic).
   it.each(['avx2', 'generic'])('RETNET_CPU_ISA=%s gives the same bits', (isa) => {
     const cases = DOT_SHAPES.map((o) => makeCase(o, (i) => [1, 7e-3][i % 2]));
-    const child = spawnSync(process.execPath, [path.join(__dirname, 'helpers', 'gemm_child.js')], {
-      input: JSON.stringify(cases.map((c) => ({ int8: { weights: Array.from(c.weights), scales: Array.from(c.scales), x: Array.from(c.x), o: c.o } }))),
-      env: { ...process.env, RETNET_CPU_ISA: isa },
-      encoding: 'utf8',
-      maxBuffer: 1 << 28,
-    });
-    expect(child.stderr).toBe('');
-    const { outputs } = JSON.parse(child.stdout) as { outputs: number[][] };
+    const { outputs } = runWithIsa(isa, cases.map((c) => ({ int8: { weights: Array.from(c.weights), scales: Array.from(c.scales), x: Array.from(c.x), o: c.o } })));
     cases.forEach((c, i) => expect(outputs[i]).toEqual(bitsOf(reference(c))));
   });
 

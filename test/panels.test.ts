@@ -2,10 +2,9 @@
 // output one chain of fused multiply-adds from 0 over k in order, acc = fl(x[k] w[k] + acc)
 // rounded once. The dot-product path (up to 256 rows) must match it bit for bit with every
 // kernel set and any batch; the packed path (more rows) sums to rounding.
-import { spawnSync } from 'child_process';
-import * as path from 'path';
 import { addon } from '../lib/native';
 import { Rng } from '../lib/random';
+import { runWithIsa } from './helpers/kernel_child';
 
 interface Shape {
   M: number;
@@ -109,14 +108,7 @@ describe('f32-panels product', () => {
   // The sets below the one this CPU picks (on an AVX-512 machine: AVX2 and generic).
   test.each(['avx2', 'generic'])('RETNET_CPU_ISA=%s gives the same bits', (isa) => {
     const cases = DOT_SHAPES.map((o) => makeCase(o));
-    const child = spawnSync(process.execPath, [path.join(__dirname, 'helpers', 'gemm_child.js')], {
-      input: JSON.stringify(cases.map((c) => ({ panels: { weights: Array.from(c.weights), x: Array.from(c.x), o: c.o } }))),
-      env: { ...process.env, RETNET_CPU_ISA: isa },
-      encoding: 'utf8',
-      maxBuffer: 1 << 28,
-    });
-    expect(child.stderr).toBe('');
-    const { outputs } = JSON.parse(child.stdout) as { outputs: number[][] };
+    const { outputs } = runWithIsa(isa, cases.map((c) => ({ panels: { weights: Array.from(c.weights), x: Array.from(c.x), o: c.o } })));
     cases.forEach((c, i) => expect(outputs[i]).toEqual(bitsOf(reference(c))));
   });
 

@@ -130,6 +130,20 @@ test.each(['bf16', 'int8'] as const)('%s: the model keeps only the compact weigh
   model.dispose();
 });
 
+/** Steps 11 states of `model`, prefilled alike, in one batch and one alone: the same bits. */
+async function expectBatchInvariantStep(model: RetNet): Promise<void> {
+  const native = model.native();
+  const rows = 11;
+  const states = Array.from({ length: rows }, () => native.createState(1));
+  const alone = native.createState(1);
+  for (const s of [...states, alone]) await native.prefill(s, Int32Array.from(prompt), prompt.length, 'chunkwise', 8);
+  const batched = await native.stepBatch(states, new Int32Array(rows).fill(7));
+  const single = Array.from(await native.step(alone, Int32Array.from([7])));
+  const V = model.config.vocab_size;
+  for (let r = 0; r < rows; r++) expect(Array.from(batched.subarray(r * V, (r + 1) * V))).toEqual(single);
+  for (const s of [...states, alone]) s.dispose();
+}
+
 // 11 rows: with AVX-512, blocks of 4 weight rows by 6 and 5 activation rows, and the single
 // weight rows left of a 300-row output; with AVX2, 4-row passes and a tail. The second config's
 // widths are not multiples of 16, so every sum also has a scalar tail.
@@ -141,15 +155,7 @@ test.each([
   ['int8', 'odd widths', oddConfig],
 ] as const)('%s decode is batch-invariant too (%s)', async (format, _widths, cfg) => {
   const model = await RetNet.fromStateDict(cfg, cfg === config ? weights : randomWeights(cfg, 4), { weights: format });
-  const native = model.native();
-  const rows = 11;
-  const states = Array.from({ length: rows }, () => native.createState(1));
-  const alone = native.createState(1);
-  for (const s of [...states, alone]) await native.prefill(s, Int32Array.from(prompt), prompt.length, 'chunkwise', 8);
-  const batched = await native.stepBatch(states, new Int32Array(rows).fill(7));
-  const single = Array.from(await native.step(alone, Int32Array.from([7])));
-  for (let r = 0; r < rows; r++) expect(Array.from(batched.subarray(r * 300, (r + 1) * 300))).toEqual(single);
-  for (const s of [...states, alone]) s.dispose();
+  await expectBatchInvariantStep(model);
   model.dispose();
 });
 
@@ -234,15 +240,7 @@ describe('f32-panels', () => {
       differs ||= maxAbsDiff(a[i], b[i]) > 0;
     }
     expect(differs).toBe(true); // the panels are really what the step reads
-    const native = panels.native();
-    const rows = 11;
-    const states = Array.from({ length: rows }, () => native.createState(1));
-    const alone = native.createState(1);
-    for (const s of [...states, alone]) await native.prefill(s, Int32Array.from(prompt), prompt.length, 'chunkwise', 8);
-    const batched = await native.stepBatch(states, new Int32Array(rows).fill(7));
-    const single = Array.from(await native.step(alone, Int32Array.from([7])));
-    for (let r = 0; r < rows; r++) expect(Array.from(batched.subarray(r * 300, (r + 1) * 300))).toEqual(single);
-    for (const s of [...states, alone]) s.dispose();
+    await expectBatchInvariantStep(panels);
     const { logits } = await panels.forward([prompt], { mode: 'chunkwise', chunkSize: 8 });
     const last = logits.subarray((prompt.length - 1) * 300);
     const session = panels.createSession();
