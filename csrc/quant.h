@@ -34,8 +34,8 @@ enum class WeightFormat { F32, BF16, Int8, F32Panels };
 
 // An F32Panels matrix holds output rows [64p, 64p + w) in panel p, w = min(64, N - 64p), as
 // [K][w] at panels + 64pK: w[n, k] at 64pK + k w + (n - 64p). A product then multiplies one
-// activation by 64 outputs' weights per step (a batch-16 step's products read 1.3-2x more
-// GFLOP/s than with row dot products, MEASUREMENTS.md), and each output is one FMA chain over
+// activation by 64 outputs' weights per step (in a harness, batch 16 read 1.3-2.2x the row dot
+// products' GFLOP/s; a medium batch-16 step ran 1.27-1.38x faster; MEASUREMENTS.md), and each output is one FMA chain over
 // k in order, whatever the batch and the instruction set: the same bits on AVX-512, AVX2 and
 // the generic kernels.
 constexpr int kPanelWidth = 64;
