@@ -15,6 +15,7 @@ namespace {
 // Blocking shared by every kernel set; each set has its own register tile and K/M blocks
 // (struct Kernels below).
 constexpr int NC = 3072;
+static_assert(NC % kPanelWidth == 0, "an F32Panels panel is never split across NC blocks");
 constexpr int kMaxMR = 12, kMaxNR = 32;
 constexpr int kKC = 384, kMC = 72;        // K and M blocks of the generic and AVX2 sets
 constexpr int kKC512 = 256, kMC512 = 96;  // and of the AVX-512 set
@@ -28,6 +29,7 @@ using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, p
 // 24 of the 32 vector registers accumulate).
 constexpr int kMR = 6, kNR = 16;
 constexpr int kMR512 = 12, kNR512 = 32;
+static_assert(kPanelWidth % kNR == 0 && kPanelWidth % kNR512 == 0, "an F32Panels panel packs whole NR-column blocks");
 
 // c[MR, NR] (=|+=) sum_k a[k*MR + i] * b[k*NR + j]
 void micro_generic(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate) {
@@ -701,6 +703,21 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
     linear_rowwise(M, W.K, X, &out, 1);
     return;
   }
+  const Kernels& kern = kernels();
+  if (W.format == WeightFormat::F32Panels) {
+    // A panel is B^T's columns [64p, 64p + width) as rows of k: each NR-column block packs by
+    // copying its lines (NC and NR divide the panel width, so a block never spans two panels).
+    gemm_packed(
+        M, W.N, W.K, row_major(X, W.K),
+        [&](int n0, int nc, int k0, int kc, float* panel) {
+          const int p = n0 / kPanelWidth;
+          const int width = std::min(kPanelWidth, W.N - p * kPanelWidth);
+          const float* first = W.panels.data() + static_cast<size_t>(p) * kPanelWidth * W.K + (n0 - p * kPanelWidth);
+          kern.pack_b(row_major(first, width), 0, std::min(kern.nr, nc), k0, kc, panel);
+        },
+        Y, W.N, false, Precision::F32);
+    return;
+  }
   // Where decode's bf16 products round the activations to bf16 (on the CPU's bf16 dot
   // product), these do too, on the bf16 micro-kernel: every form of a bf16 model computes
   // what its decode steps compute.
@@ -711,7 +728,6 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
     steps.resize(M);
     for (int i = 0; i < M; i++) steps[i] = activation_step(X + static_cast<size_t>(i) * W.K, W.K);
   }
-  const Kernels& kern = kernels();
   gemm_packed(
       M, W.N, W.K, row_major(X, W.K),
       [&](int n0, int nc, int k0, int kc, float* panel) {

@@ -98,8 +98,13 @@ describe('f32-panels product', () => {
     }
   });
 
-  test('past 256 rows the packed path agrees to rounding', async () => {
-    const c = makeCase({ M: 300, N: 70, K: 90 });
+  // The packed path copies each panel's lines as B's packed blocks: a partial last panel, and
+  // K past one k block.
+  test.each([
+    { M: 300, N: 70, K: 90 },
+    { M: 260, N: 100, K: 600 },
+  ])('past 256 rows the packed path agrees to rounding: %o', async (o) => {
+    const c = makeCase(o);
     const got = await run(c);
     const want = reference(c);
     for (let n = 0; n < got.length; n++) expect(Math.abs(got[n] - want[n])).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(want[n])));
