@@ -194,6 +194,12 @@ void Model::set_param(const std::string& name, const float* data, size_t n) {
   if (compact != compact_.end()) {
     QuantizedMatrix& q = compact->second;
     try {
+      // In place where the format allows: a new matrix beside the old one would add the
+      // largest weight (medium's 131 MB head) to a load's peak memory.
+      if (q.format == WeightFormat::F32Panels) {
+        fill_panels(q, data);
+        return;
+      }
       q = quantize(data, q.N, q.K, q.format);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument("parameter " + name + ": " + e.what());

@@ -718,6 +718,18 @@ void widen_rows_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
 
 }  // namespace
 
+void fill_panels(QuantizedMatrix& q, const float* W) {
+  const int N = q.N, K = q.K;
+  for (int p = 0; p * kPanelWidth < N; p++) {
+    const int width = std::min(kPanelWidth, N - p * kPanelWidth);
+    float* panel = q.panels.data() + static_cast<size_t>(p) * kPanelWidth * K;
+    for (int c = 0; c < width; c++) {
+      const float* row = W + static_cast<size_t>(p * kPanelWidth + c) * K;
+      for (int k = 0; k < K; k++) panel[static_cast<size_t>(k) * width + c] = row[k];
+    }
+  }
+}
+
 void* allocate_huge_pages(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
   void* p = nullptr;
@@ -750,14 +762,7 @@ QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
     }
   } else if (format == WeightFormat::F32Panels) {
     q.panels.resize(n);
-    for (int p = 0; p * kPanelWidth < N; p++) {
-      const int width = std::min(kPanelWidth, N - p * kPanelWidth);
-      float* panel = q.panels.data() + static_cast<size_t>(p) * kPanelWidth * K;
-      for (int c = 0; c < width; c++) {
-        const float* row = W + static_cast<size_t>(p * kPanelWidth + c) * K;
-        for (int k = 0; k < K; k++) panel[static_cast<size_t>(k) * width + c] = row[k];
-      }
-    }
+    fill_panels(q, W);
   } else if (format == WeightFormat::Int8) {
     q.int8.resize(n);
     q.scales.resize(N);

@@ -76,6 +76,9 @@ struct QuantizedMatrix {
 // W is [N, K] row-major fp32. Throws std::invalid_argument for a finite value bf16 cannot hold.
 QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
 
+// Rewrites an F32Panels matrix's panels from W ([q.N, q.K] row-major) in place.
+void fill_panels(QuantizedMatrix& q, const float* W);
+
 // The fp32 values of rows [n0, n0 + rows) and columns [k0, k0 + kc) of q (int8 times the row
 // scale) into out, row r at out + r * ldo. With AVX-512, `ahead` > 0 fetches the same columns
 // of the rows that many on (the reader's next block) while it goes.
