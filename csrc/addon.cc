@@ -1473,7 +1473,6 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     return access_;
   }
-  // `changes_weights`: the call will modify the weights (see AccessGuard::weight_version).
   // A state that has consumed tokens holds what the weights of its last call made of them:
   // after a training step or setParam it would mix two models' numbers without a sign.
   void require_current_weights(const DecodeState& s, const std::string& which) const {
@@ -1485,6 +1484,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
   }
 
+  // `changes_weights`: the call will modify the weights (see AccessGuard::weight_version).
   std::shared_ptr<AccessGuard> claim_write(Napi::Env env, bool changes_weights = false) {
     try {
       access_->acquire_write();
