@@ -5,7 +5,7 @@ import * as path from 'path';
 
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
-import { NativeDevice, NativeModel, Precision, WeightFormat, addon } from './native';
+import { NativeDevice, NativeModel, Precision, WEIGHT_FORMATS, WeightFormat, addon } from './native';
 import { TensorEntry, openSafetensors, safetensorsWriter, writeFilesAtomic, writeSafetensorsFile } from './safetensors';
 import { PrefillMode, Session, SessionOwner, StepOptions, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
@@ -249,8 +249,8 @@ export class RetNet implements SessionOwner {
     source: string,
   ): Promise<RetNet> {
     const weightFormat = options.weights ?? 'f32';
-    if (weightFormat !== 'f32' && weightFormat !== 'f32-panels' && weightFormat !== 'bf16' && weightFormat !== 'int8') {
-      throw new Error(`weights must be 'f32', 'f32-panels', 'bf16' or 'int8', got ${formatValue(options.weights)}`);
+    if (!(WEIGHT_FORMATS as readonly unknown[]).includes(weightFormat)) {
+      throw new Error(`weights must be one of ${WEIGHT_FORMATS.map((f) => `'${f}'`).join(', ')}, got ${formatValue(options.weights)}`);
     }
     if (options.tokenizer !== undefined) checkTokenizer(options.tokenizer, config.vocab_size);
     const nativeModel = await addon()

@@ -3,7 +3,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
-export type WeightFormat = 'f32' | 'f32-panels' | 'bf16' | 'int8';
+export const WEIGHT_FORMATS = ['f32', 'f32-panels', 'bf16', 'int8'] as const;
+export type WeightFormat = (typeof WEIGHT_FORMATS)[number];
 
 /**
  * What a training pass's layer products (projections and feed-forward, forward and backward)

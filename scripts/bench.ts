@@ -8,7 +8,7 @@ import * as path from 'path';
 import { RetNet } from '../lib';
 import { dims, parameterShapes, resolveConfig, type RetNetConfig } from '../lib/config';
 import { buildInfo } from '../lib/info';
-import { addon, type Precision, type TrainMode, type WeightFormat } from '../lib/native';
+import { WEIGHT_FORMATS, addon, type Precision, type TrainMode, type WeightFormat } from '../lib/native';
 import { Sampler, type SamplingOptions } from '../lib/sampling';
 
 export const PRESETS: Record<string, Partial<RetNetConfig> & { vocab_size: number }> = {
@@ -198,7 +198,7 @@ export function parseBenchArgs(argv: string[]): Options {
         break;
       case '--weights':
         o.weights = value.split(',') as WeightFormat[];
-        for (const w of o.weights) if (!['f32', 'f32-panels', 'bf16', 'int8'].includes(w)) throw new Error(`--weights: unknown format ${w} (f32, f32-panels, bf16, int8)`);
+        for (const w of o.weights) if (!WEIGHT_FORMATS.includes(w)) throw new Error(`--weights: unknown format ${w} (${WEIGHT_FORMATS.join(', ')})`);
         break;
       case '--batch':
         o.batches = positiveList(value, arg, 4096);

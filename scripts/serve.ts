@@ -3,7 +3,7 @@
 import { parseArgs } from 'util';
 
 import { RetNet } from '../lib/model';
-import { WeightFormat } from '../lib/native';
+import { WEIGHT_FORMATS, WeightFormat } from '../lib/native';
 import { integerFlag } from './flags';
 import { createServer } from '../lib/server';
 
@@ -22,8 +22,6 @@ const USAGE = `usage: retnet serve --model DIR [options]
   -h, --help              show this help
 
   POST /v1/completions, GET /v1/models, GET /health`;
-
-const WEIGHT_FORMATS: readonly WeightFormat[] = ['f32', 'f32-panels', 'bf16', 'int8'];
 
 export async function serve(argv: string[]): Promise<void> {
   const { values } = parseArgs({
