@@ -22,7 +22,7 @@ const bitsView = new Int32Array(bits.buffer);
 
 /** fl32(a * b + c) rounded once (a, b, c float32): the product is exact in double; the sum's
  * rounding error (TwoSum) breaks the one tie that rounding the double sum to float32 gets wrong. */
-export function fmaF32(a: number, b: number, c: number): number {
+function fmaF32(a: number, b: number, c: number): number {
   const p = a * b;
   const s = p + c;
   const bv = s - p;
@@ -78,8 +78,11 @@ const DOT_SHAPES: Shape[] = [
 
 describe('f32-panels product', () => {
   test('the fused multiply-add reference rounds once', () => {
-    // 1 + 2^-24 is a tie between 1 and 1 + 2^-23; a product 2^-50 past it must round up.
-    expect(fmaF32(1 + 2 ** -23, 1 + 2 ** -23, -(2 ** -23))).toBe(Math.fround(1 + 2 ** -23));
+    // (1 + 2^-18) * 2^-24 (1 - 2^-18) + (1 + 2^-23) is 1 + 2^-23 + 2^-24 - 2^-60: just under the
+    // tie, so 1 + 2^-23. The double sum rounds to the tie itself, which fround sends to even.
+    const [a, b, c] = [1 + 2 ** -18, 2 ** -24 * (1 - 2 ** -18), 1 + 2 ** -23];
+    expect(fmaF32(a, b, c)).toBe(1 + 2 ** -23);
+    expect(Math.fround(a * b + c)).toBe(1 + 2 ** -22);
     expect(fmaF32(2 ** -12, 2 ** -12, 1)).toBe(1); // exactly the tie 1 + 2^-24: to even
     expect(fmaF32(3, 5, 7)).toBe(22);
   });
