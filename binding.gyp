@@ -15,6 +15,7 @@
         "csrc/threadpool.cc",
         "csrc/bench.cc",
         "csrc/quant.cc",
+        "csrc/panels.cc",
         "csrc/sampler.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

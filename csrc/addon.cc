@@ -22,6 +22,7 @@
 #include "ops_cuda.h"
 #endif
 #include "model.h"
+#include "panels.h"
 #include "sampler.h"
 #include "threadpool.h"
 #include "train.h"
@@ -1183,10 +1184,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   // A compact model keeps no fp32 projection weights to train.
   static void require_fp32_weights(const Model& m, const char* what) {
     if (m.weight_format() != WeightFormat::F32)
-      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8/f32-panels weights (load it with weights 'f32')");
+      throw std::invalid_argument(std::string(what) + " needs a model with fp32 weights; this one holds bf16/int8 weights (load it with weights 'f32')");
   }
 
-  // setWeightFormat('f32' | 'f32-panels' | 'bf16' | 'int8') -> Promise<void>: converts the projection weights
+  // setWeightFormat('f32' | 'bf16' | 'int8') -> Promise<void>: converts the projection weights
   // (Model::set_weight_format).
   Napi::Value SetWeightFormat(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -1200,10 +1201,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         format = WeightFormat::BF16;
       } else if (name == "int8") {
         format = WeightFormat::Int8;
-      } else if (name == "f32-panels") {
-        format = WeightFormat::F32Panels;
       } else {
-        throw std::invalid_argument("weights must be 'f32', 'f32-panels', 'bf16' or 'int8', got '" + name + "'");
+        throw std::invalid_argument("weights must be 'f32', 'bf16' or 'int8', got '" + name + "'");
       }
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
@@ -1608,27 +1607,49 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
-// Runs y[M, N] = x[M, K] times `matrix` [N, K] as a model's compact projection computes it
-// (dot products up to kCompactDotsMaxRows rows, the packed path past), for the tests.
-// `shape` is { M, N, K }; `fill` stores the weights once N and K are known.
-Napi::Value CompactLinear(Napi::Env env, const char* call, const Napi::Value& x_arg, const Napi::Value& y_arg,
-                          const Napi::Value& shape, const std::function<void(QuantizedMatrix&, int, int)>& fill) {
+// The { M, N, K } of a product test call (each >= 1), with the arrays' sizes checked:
+// `sizes` lists each array with its [rows, cols].
+struct ProductShape {
+  int M, N, K;
+};
+ProductShape product_shape(const Napi::Value& shape, const char* call) {
+  if (!shape.IsObject()) throw std::invalid_argument(std::string(call) + " options must be an object");
+  Napi::Object o = shape.As<Napi::Object>();
+  const ProductShape s{to_int(o.Get("M"), "M"), to_int(o.Get("N"), "N"), to_int(o.Get("K"), "K")};
+  if (s.M < 1 || s.N < 1 || s.K < 1) throw std::invalid_argument("M, N and K must be >= 1");
+  return s;
+}
+void check_size(const Napi::TypedArray& a, size_t n, const char* call, const char* what) {
+  if (a.ElementLength() != n)
+    throw std::invalid_argument(std::string(call) + ": " + what + " must hold " + std::to_string(n) + " values");
+}
+
+// int8Linear(weights, scales, x, y, { M, N, K }) -> Promise<void>: y[M, N] = x[M, K] times an
+// int8 matrix (an Int8Array [N, K] with its row scales) as a model's compact projection
+// computes it (dot products up to kCompactDotsMaxRows rows, the packed path past), for the tests.
+Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
   auto matrix = std::make_shared<QuantizedMatrix>();
   Napi::Float32Array x, y;
   int M;
   try {
-    x = float32_arg(x_arg, "x");
-    y = float32_arg(y_arg, "y");
-    if (!shape.IsObject()) throw std::invalid_argument(std::string(call) + " options must be an object");
-    Napi::Object o = shape.As<Napi::Object>();
-    M = to_int(o.Get("M"), "M");
-    const int N = to_int(o.Get("N"), "N"), K = to_int(o.Get("K"), "K");
-    if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("M, N and K must be >= 1");
-    if (x.ElementLength() != static_cast<size_t>(M) * K || y.ElementLength() != static_cast<size_t>(M) * N)
-      throw std::invalid_argument(std::string(call) + ": x and y must hold M*K and M*N values");
-    matrix->N = N;
-    matrix->K = K;
-    fill(*matrix, N, K);
+    const ProductShape s = product_shape(info[4], "int8Linear");
+    M = s.M;
+    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int8_array)
+      throw std::invalid_argument("weights must be an Int8Array");
+    Napi::Int8Array weights = info[0].As<Napi::Int8Array>();
+    Napi::Float32Array scales = float32_arg(info[1], "scales");
+    x = float32_arg(info[2], "x");
+    y = float32_arg(info[3], "y");
+    check_size(weights, static_cast<size_t>(s.N) * s.K, "int8Linear", "weights");
+    check_size(scales, s.N, "int8Linear", "scales");
+    check_size(x, static_cast<size_t>(s.M) * s.K, "int8Linear", "x");
+    check_size(y, static_cast<size_t>(s.M) * s.N, "int8Linear", "y");
+    matrix->format = WeightFormat::Int8;
+    matrix->N = s.N;
+    matrix->K = s.K;
+    matrix->int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
+    matrix->scales.assign(scales.Data(), scales.Data() + s.N);
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
   }
@@ -1642,31 +1663,59 @@ Napi::Value CompactLinear(Napi::Env env, const char* call, const Napi::Value& x_
   return worker->promise();
 }
 
-// int8Linear(weights, scales, x, y, { M, N, K }) -> Promise<void>: the int8 product alone
-// (an Int8Array [N, K] with its row scales).
-Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
-  return CompactLinear(info.Env(), "int8Linear", info[2], info[3], info[4], [&](QuantizedMatrix& m, int N, int K) {
-    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int8_array)
-      throw std::invalid_argument("weights must be an Int8Array");
-    Napi::Int8Array weights = info[0].As<Napi::Int8Array>();
-    Napi::Float32Array scales = float32_arg(info[1], "scales");
-    if (weights.ElementLength() != static_cast<size_t>(N) * K || scales.ElementLength() != static_cast<size_t>(N))
-      throw std::invalid_argument("int8Linear: weights, scales, x, y must hold N*K, N, M*K and M*N values");
-    m.format = WeightFormat::Int8;
-    m.int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
-    m.scales.assign(scales.Data(), scales.Data() + N);
-  });
-}
-
-// panelLinear(weights, x, y, { M, N, K }) -> Promise<void>: the F32Panels product alone (the
-// weights a Float32Array [N, K], laid out in panels first).
-Napi::Value PanelLinear(const Napi::CallbackInfo& info) {
-  return CompactLinear(info.Env(), "panelLinear", info[1], info[2], info[3], [&](QuantizedMatrix& m, int N, int K) {
-    Napi::Float32Array weights = float32_arg(info[0], "weights");
-    if (weights.ElementLength() != static_cast<size_t>(N) * K)
-      throw std::invalid_argument("panelLinear: weights must hold N*K values");
-    m = quantize(weights.Data(), N, K, WeightFormat::F32Panels);
-  });
+// panelLinear(weights, x, y, { M, N, K, precision }) -> Promise<void>: y[M, N] = x[M, K]
+// weights^T as the CPU model computes it with its weights in panels (linear_panels; `weights`
+// a Float32Array [N, K] in rows, laid out in panels first), for the tests.
+// panelLinearBackward(weights, x, dy, dx, dw, { M, N, K, accumulateDx, precision }) ->
+// Promise<void>: its backward (linear_panels_backward): dx (=|+=) dy W and dw += dy^T x, dw
+// [N, K] in rows (laid out in panels for the call and back).
+Napi::Value PanelLinear(const Napi::CallbackInfo& info, bool backward) {
+  Napi::Env env = info.Env();
+  const char* call = backward ? "panelLinearBackward" : "panelLinear";
+  auto panels = std::make_shared<std::vector<float>>();
+  auto dw_panels = std::make_shared<std::vector<float>>();
+  std::vector<Napi::Float32Array> arrays;
+  ProductShape s;
+  bool accumulate_dx = false;
+  Precision precision;
+  try {
+    const Napi::Value options = info[backward ? 5 : 3];
+    s = product_shape(options, call);
+    precision = parse_precision(options.As<Napi::Object>().Get("precision"));
+    accumulate_dx = options.As<Napi::Object>().Get("accumulateDx").ToBoolean();
+    const size_t MK = static_cast<size_t>(s.M) * s.K, MN = static_cast<size_t>(s.M) * s.N,
+                 NK = static_cast<size_t>(s.N) * s.K;
+    const std::vector<std::pair<const char*, size_t>> expected =
+        backward ? std::vector<std::pair<const char*, size_t>>{{"weights", NK}, {"x", MK}, {"dy", MN}, {"dx", MK}, {"dw", NK}}
+                 : std::vector<std::pair<const char*, size_t>>{{"weights", NK}, {"x", MK}, {"y", MN}};
+    for (size_t i = 0; i < expected.size(); i++) {
+      arrays.push_back(float32_arg(info[i], expected[i].first));
+      check_size(arrays.back(), expected[i].second, call, expected[i].first);
+    }
+    panels->resize(NK);
+    to_panels(arrays[0].Data(), s.N, s.K, panels->data());
+    if (backward) {
+      dw_panels->resize(NK);
+      to_panels(arrays[4].Data(), s.N, s.K, dw_panels->data());
+    }
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+  const float* X = arrays[1].Data();
+  float* out = arrays[2].Data();  // y, or dy
+  float* dX = backward ? arrays[3].Data() : nullptr;
+  float* dW = backward ? arrays[4].Data() : nullptr;
+  auto* worker = new PromiseWorker(
+      env,
+      [=] {
+        if (!backward) return linear_panels(s.M, s.N, s.K, X, panels->data(), out, false, precision);
+        linear_panels_backward(s.M, s.N, s.K, X, panels->data(), out, dX, dw_panels->data(), accumulate_dx, precision);
+        from_panels(dw_panels->data(), s.N, s.K, 0, s.N, 0, s.K, dW, s.K);
+      },
+      [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
+  for (const Napi::Float32Array& a : arrays) worker->keep(a);
+  worker->Queue();
+  return worker->promise();
 }
 
 Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
@@ -1707,7 +1756,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("benchKernel", Napi::Function::New(env, BenchKernel));
   exports.Set("gemm", Napi::Function::New(env, Gemm));
   exports.Set("int8Linear", Napi::Function::New(env, Int8Linear));
-  exports.Set("panelLinear", Napi::Function::New(env, PanelLinear));
+  exports.Set("panelLinear", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return PanelLinear(info, false); }));
+  exports.Set("panelLinearBackward",
+              Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return PanelLinear(info, true); }));
   exports.Set("discardMemory", Napi::Function::New(env, DiscardMemory));
   return exports;
 }

@@ -12,7 +12,8 @@ double measure_read_bandwidth(size_t bytes, int reps);
 // the ceiling the GEMM figures are compared with.
 double measure_fma_peak(int reps);
 
-// Best-of-`reps` seconds of Y[M,N] = X[M,K] W[N,K]^T (the model's linear layers).
+// Best-of-`reps` seconds of Y[M,N] = X[M,K] W[N,K]^T (the model's linear layers, W in panels
+// as the CPU model keeps them).
 double time_linear(int M, int N, int K, int reps);
 
 // Best-of-`reps` seconds of one decode product (linear_rowwise, M rows: the batch) with its

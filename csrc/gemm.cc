@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "panels.h"
 #include "quant.h"
 #include "threadpool.h"
 
@@ -15,7 +16,7 @@ namespace {
 // Blocking shared by every kernel set; each set has its own register tile and K/M blocks
 // (struct Kernels below).
 constexpr int NC = 3072;
-static_assert(NC % kPanelWidth == 0, "an F32Panels panel is never split across NC blocks");
+static_assert(NC % kPanelWidth == 0, "a weight panel is never split across NC blocks");
 constexpr int kMaxMR = 12, kMaxNR = 32;
 constexpr int kKC = 384, kMC = 72;        // K and M blocks of the generic and AVX2 sets
 constexpr int kKC512 = 256, kMC512 = 96;  // and of the AVX-512 set
@@ -29,7 +30,7 @@ using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, p
 // 24 of the 32 vector registers accumulate).
 constexpr int kMR = 6, kNR = 16;
 constexpr int kMR512 = 12, kNR512 = 32;
-static_assert(kPanelWidth % kNR == 0 && kPanelWidth % kNR512 == 0, "an F32Panels panel packs whole NR-column blocks");
+static_assert(kPanelWidth % kNR == 0 && kPanelWidth % kNR512 == 0, "a weight panel packs whole NR-column blocks");
 
 // c[MR, NR] (=|+=) sum_k a[k*MR + i] * b[k*NR + j]
 void micro_generic(int kc, const float* a, const float* b, float* c, ptrdiff_t ldc, bool accumulate) {
@@ -541,13 +542,37 @@ void round_panel_to_grid(float* panel, int kc, int MR, int rows, const float* st
   }
 }
 
+// Where gemm_packed writes C: tile(i, j, ld) gives element (i, j)'s address and the distance
+// between rows there, for the top-left corner of a register tile (whose NR columns never cross
+// a weight panel).
+struct RowMajorC {
+  float* C;
+  ptrdiff_t ldc;
+  float* tile(int i, int j, ptrdiff_t& ld) const {
+    ld = ldc;
+    return C + i * ldc + j;
+  }
+};
+// C [K, N] is the transpose of a panel matrix [N, K] (panels.h): column j is its output row j,
+// in panel j / 64, whose lines (C's rows) are the panel's width apart.
+struct PanelsTransposedC {
+  float* P;
+  int N, K;
+  float* tile(int i, int j, ptrdiff_t& ld) const {
+    const int p = j / kPanelWidth;
+    ld = panel_width(N, p);
+    return P + panel_offset(K, p) + i * ld + (j - p * kPanelWidth);
+  }
+};
+
 // The packed path: B in NC-column, kc-row blocks packed into NR-column panels by
-// `pack_panel(n0, nc, k0, kc, panel)` (as Kernels::pack_b lays them out), A in MC-row blocks.
+// `pack_panel(n0, nc, k0, kc, panel)` (as Kernels::pack_b lays them out), A in MC-row blocks,
+// C written through `c_out` (RowMajorC or PanelsTransposedC).
 // `a_steps`, when given, are A's rows' activation-grid steps (quant.h): the packed A is
 // rounded to that grid, as int8 products take their activations.
-template <typename PackPanel>
-void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, float* C, ptrdiff_t ldc,
-                 bool accumulate, Precision precision, const float* a_steps = nullptr) {
+template <typename PackPanel, typename COut>
+void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, const COut& c_out, bool accumulate,
+                 Precision precision, const float* a_steps = nullptr) {
   const bool bf16 = precision == Precision::BF16;
   const Kernels& kern = kernels();
   const int MR = kern.mr, NR = kern.nr, KC = kern.kc, MC = kern.mc;
@@ -604,7 +629,8 @@ void gemm_packed(int M, int N, int K, MatView A, const PackPanel& pack_panel, fl
             const float* bp = packed + static_cast<size_t>(p) * KC * NR;
             for (int ip = 0; ip < mc; ip += MR) {
               const int rows = std::min(MR, mc - ip);
-              float* ct = C + (m0 + ip) * ldc + n0 + j0;
+              ptrdiff_t ldc;
+              float* ct = c_out.tile(m0 + ip, n0 + j0, ldc);
               if (rows == MR && cols == NR) {
                 micro(ksteps, apack + ip * kc, bp, ct, ldc, acc);
               } else {
@@ -629,7 +655,7 @@ bool gemm_has_bf16_dot() { return kernels().micro_bf16 != nullptr; }
 void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) {
   if (M <= 0) return;
   constexpr int kBlock = 64;
-  static_assert(kBlock == kPanelWidth, "an F32Panels block is one panel");
+  static_assert(kBlock == kPanelWidth, "a block of a weight in panels is one panel");
   // Blocks of output rows across the whole group, numbered product after product, so one
   // region covers every product. Counted, not listed: a decode step allocates nothing.
   auto blocks_of = [&](int i) { return (static_cast<size_t>(outs[i].N) + kBlock - 1) / kBlock; };
@@ -663,8 +689,8 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
       const int n0 = static_cast<int>(first) * kBlock, n1 = std::min(o.N, n0 + kBlock);
       if (o.compact && o.compact->format == WeightFormat::Int8) {
         int8_dots(*o.compact, M, n0, n1, Q, Q_steps, o.Y, o.N);
-      } else if (o.compact && o.compact->format == WeightFormat::F32Panels) {
-        panel_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
+      } else if (o.panels) {
+        panel_dots(o.W, o.N, K, M, n0, n1, X, o.Y, o.N);
       } else if (o.compact) {
         bf16_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
       } else {
@@ -690,7 +716,7 @@ void gemm(int M, int N, int K, MatView A, MatView B, float* C, ptrdiff_t ldc, bo
   if (!bf16 && A.cs == 1 && B.rs == 1 && gemm_small_rows(M, N, K, A, B, C, ldc, accumulate)) return;
   const Kernels& kern = kernels();
   gemm_packed(M, N, K, A, [&](int n0, int nc, int k0, int kc, float* panel) { kern.pack_b(B, n0, nc, k0, kc, panel); },
-              C, ldc, accumulate, precision);
+              RowMajorC{C, ldc}, accumulate, precision);
 }
 
 void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
@@ -704,20 +730,6 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
     return;
   }
   const Kernels& kern = kernels();
-  if (W.format == WeightFormat::F32Panels) {
-    // A panel is B^T's columns [64p, 64p + width) as rows of k: each NR-column block packs by
-    // copying its lines (NC and NR divide the panel width, so a block never spans two panels).
-    gemm_packed(
-        M, W.N, W.K, row_major(X, W.K),
-        [&](int n0, int nc, int k0, int kc, float* panel) {
-          const int p = n0 / kPanelWidth;
-          const int width = std::min(kPanelWidth, W.N - p * kPanelWidth);
-          const float* first = W.panels.data() + static_cast<size_t>(p) * kPanelWidth * W.K + (n0 - p * kPanelWidth);
-          kern.pack_b(row_major(first, width), 0, std::min(kern.nr, nc), k0, kc, panel);
-        },
-        Y, W.N, false, Precision::F32);
-    return;
-  }
   // Where decode's bf16 products round the activations to bf16 (on the CPU's bf16 dot
   // product), these do too, on the bf16 micro-kernel: every form of a bf16 model computes
   // what its decode steps compute.
@@ -739,7 +751,52 @@ void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
         widen_rows(W, n0, rows, k0, kc, wide.data(), kc, kern.nr);
         kern.pack_b(transposed(wide.data(), kc), 0, rows, 0, kc, panel);
       },
-      Y, W.N, false, bf16_x ? Precision::BF16 : Precision::F32, steps.empty() ? nullptr : steps.data());
+      RowMajorC{Y, W.N}, false, bf16_x ? Precision::BF16 : Precision::F32, steps.empty() ? nullptr : steps.data());
+}
+
+void linear_panels(int M, int N, int K, const float* X, const float* P, float* Y, bool accumulate,
+                   Precision precision) {
+  if (M <= 0 || N <= 0) return;
+  // Up to a few hundred rows, the decode products (batch-invariant, no packing).
+  if (precision == Precision::F32 && !accumulate && M <= kCompactDotsMaxRows) {
+    LinearOut out{P, N, Y};
+    out.panels = true;
+    linear_rowwise(M, K, X, &out, 1);
+    return;
+  }
+  // A panel is B's columns [64p, 64p + width) as rows of k: each NR-column block packs by
+  // copying its lines (NC and NR divide the panel width, so a block never spans two panels).
+  const Kernels& kern = kernels();
+  gemm_packed(
+      M, N, K, row_major(X, K),
+      [&](int n0, int nc, int k0, int kc, float* panel) {
+        const int p = n0 / kPanelWidth;
+        const float* first = P + panel_offset(K, p) + (n0 - p * kPanelWidth);
+        kern.pack_b(row_major(first, panel_width(N, p)), 0, std::min(kern.nr, nc), k0, kc, panel);
+      },
+      RowMajorC{Y, N}, accumulate, precision);
+}
+
+void linear_panels_backward(int M, int N, int K, const float* X, const float* P, const float* dY, float* dX, float* dP,
+                            bool accumulate_dx, Precision precision) {
+  if (M <= 0 || N <= 0) return;
+  const Kernels& kern = kernels();
+  // dX[M, K] (=|+=) dY[M, N] W[N, K]: B is W itself, rows n, columns k, each NR-column block
+  // gathered from the panels' lines (a block of W's rows transposed).
+  gemm_packed(
+      M, K, N, row_major(dY, N),
+      [&](int n0, int nc, int k0, int kc, float* panel) {
+        const int cols = std::min(kern.nr, nc);
+        from_panels(P, N, K, k0, kc, n0, cols, panel, kern.nr);
+        for (int r = 0; r < kc; r++) std::fill(panel + r * kern.nr + cols, panel + (r + 1) * kern.nr, 0.f);
+      },
+      RowMajorC{dX, K}, accumulate_dx, precision);
+  // dW[N, K] += dY^T X, as dW^T[K, N] += X^T dY written into the panels: gemm splits by output
+  // tile, so the sum over rows runs in a fixed order.
+  gemm_packed(
+      K, N, M, transposed(X, K),
+      [&](int n0, int nc, int k0, int kc, float* panel) { kern.pack_b(row_major(dY, N), n0, nc, k0, kc, panel); },
+      PanelsTransposedC{dP, N, K}, true, precision);
 }
 
 }  // namespace retnet

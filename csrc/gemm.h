@@ -38,13 +38,14 @@ inline void linear(int M, int N, int K, const float* X, const float* W, float* Y
 
 struct QuantizedMatrix;
 
-// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T, or with
-// `compact` set, that bf16/int8 matrix instead of W.
+// One product of a group sharing the input X: Y[M, N] = X[M, K] * W[N, K]^T, W in rows or,
+// with `panels`, in panels (panels.h); or with `compact` set, that bf16/int8 matrix instead of W.
 struct LinearOut {
   const float* W;
   int N;
   float* Y;
   const QuantizedMatrix* compact = nullptr;
+  bool panels = false;
 };
 
 // Every product of the group, in one parallel pass that streams each W once. Each output
@@ -57,6 +58,15 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
 // on the weight widened to fp32 a panel at a time while it is packed.
 constexpr int kCompactDotsMaxRows = 256;
 void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y);
+
+// linear and its backward for a weight W [N, K] stored in panels (P, panels.h). Up to
+// kCompactDotsMaxRows fp32 rows, the forward runs linear_rowwise's batch-invariant products;
+// more, or bf16 inputs, gemm's packed products, the panels' lines packed as they are.
+// The backward: dX (=|+=) dY W, and dW += dY^T X written into dP, laid out as P.
+void linear_panels(int M, int N, int K, const float* X, const float* P, float* Y, bool accumulate,
+                   Precision precision);
+void linear_panels_backward(int M, int N, int K, const float* X, const float* P, const float* dY, float* dX, float* dP,
+                            bool accumulate_dx, Precision precision);
 
 // Name of the kernel set chosen at run time ("avx512", "avx2-fma" or "generic").
 const char* gemm_isa();

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "panels.h"
 #include "threadpool.h"
 
 namespace retnet {
@@ -154,6 +155,8 @@ Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::mo
   if (c.pre_norm) add("layer_norm.weight", {c.D});
   add("retnet_rel_pos.angle", {c.dk()});
   add("retnet_rel_pos.decay", {c.H});
+  panels_ = ops_->weights_in_panels();
+  for (ParamInfo& p : params_) p.panels = panels_ && p.shape.size() == 2 && p.name != "embed_tokens.weight";
   arena_ = Buffer(ops_.get(), params_.back().offset + params_.back().size);
 
   auto at = [&](const std::string& name) -> const float* { return arena_.data() + find_param(name)->offset; };
@@ -194,19 +197,13 @@ void Model::set_param(const std::string& name, const float* data, size_t n) {
   if (compact != compact_.end()) {
     QuantizedMatrix& q = compact->second;
     try {
-      // In place where the format allows: a new matrix beside the old one would add the
-      // largest weight (medium's 131 MB head) to a load's peak memory.
-      if (q.format == WeightFormat::F32Panels) {
-        fill_panels(q, data);
-        return;
-      }
       q = quantize(data, q.N, q.K, q.format);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument("parameter " + name + ": " + e.what());
     }
     if (W != embed_) return;  // its fp32 pages stay unused
   }
-  ops_->upload(arena_.data() + p->offset, data, n);
+  write_arena_slice(*p, arena_.data(), data);
   if (name == "retnet_rel_pos.angle") angle_host_.assign(data, data + n);
   if (name == "retnet_rel_pos.decay") decay_host_.assign(data, data + n);
 }
@@ -220,7 +217,43 @@ void Model::get_param(const std::string& name, float* data, size_t n) const {
   if (compact) {
     widen_rows(*compact, 0, compact->N, 0, compact->K, data, compact->K);
   } else {
-    ops_->download(data, W, n);
+    read_arena_slice(*p, arena_.data(), data);
+  }
+}
+
+// Panels exist on host memory only (the CPU backend), so they convert in place.
+void Model::read_arena_slice(const ParamInfo& p, const float* arena_like, float* host) const {
+  const float* src = arena_like + p.offset;
+  if (p.panels) {
+    from_panels(src, p.shape[0], p.shape[1], 0, p.shape[0], 0, p.shape[1], host, p.shape[1]);
+  } else {
+    ops_->download(host, src, p.size);
+  }
+}
+
+void Model::write_arena_slice(const ParamInfo& p, float* arena_like, const float* host) const {
+  float* dst = arena_like + p.offset;
+  if (p.panels) {
+    to_panels(host, p.shape[0], p.shape[1], dst);
+  } else {
+    ops_->upload(dst, host, p.size);
+  }
+}
+
+void Model::linear(int M, int N, int K, const float* X, const float* W, float* Y, Precision precision) const {
+  if (in_panels(W)) {
+    ops_->linear_panels(M, N, K, X, W, Y, false, precision);
+  } else {
+    ops_->linear(M, N, K, X, W, Y, false, precision);
+  }
+}
+
+void Model::linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX, float* dW,
+                            bool accumulate_dx, Precision precision) const {
+  if (in_panels(W)) {
+    ops_->linear_panels_backward(M, N, K, X, W, dY, dX, dW, accumulate_dx, precision);
+  } else {
+    ops_->linear_backward(M, N, K, X, W, dY, dX, dW, accumulate_dx, precision);
   }
 }
 
@@ -236,15 +269,19 @@ void Model::set_weight_format(WeightFormat format) {
     throw std::invalid_argument("this model's weights are already compact; load the checkpoint again for another format");
   // Only the CPU has kernels for compact weights.
   if (std::strcmp(ops_->name(), "cpu") != 0)
-    throw std::invalid_argument(std::string("weights 'bf16', 'int8' and 'f32-panels' run on the CPU only; this model is on ") +
+    throw std::invalid_argument(std::string("weights 'bf16' and 'int8' run on the CPU only; this model is on ") +
                                 ops_->name() + " (load it with weights 'f32')");
   const ModelConfig& c = c_;
   // The arena is host memory here (the CPU backend): converted in place, no copy.
   auto convert = [&](const float* W, int N, int K) {
-    // A tied head's fp32 rows stay for the embedding lookup, and in fp32 they are already the
-    // exact weights: panels would be a second copy.
-    if (format == WeightFormat::F32Panels && W == embed_) return;
-    compact_.emplace(W, quantize(W, N, K, format));
+    if (in_panels(W)) {
+      compact_.emplace(W, quantize(N, K, format, [&](int j, float* row) {
+                         from_panels(W, N, K, j, 1, 0, K, row, K);
+                         return static_cast<const float*>(row);
+                       }));
+    } else {
+      compact_.emplace(W, quantize(W, N, K, format));
+    }
     if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
   };
   for (const Layer& w : layers_) {
@@ -287,6 +324,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
       int n = 0;
       for (LinearOut o : outs) {
         o.compact = compact_of(o.W);
+        o.panels = !o.compact && in_panels(o.W);
         group[n++] = o;
       }
       ops.linear_rowwise(M, K, X, group, n);
@@ -295,7 +333,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
         if (const QuantizedMatrix* compact = compact_of(o.W)) {
           ops.linear_compact(M, X, *compact, o.Y);
         } else {
-          ops.linear(M, o.N, K, X, o.W, o.Y, false, Precision::F32);
+          linear(M, o.N, K, X, o.W, o.Y, Precision::F32);
         }
       }
     }
@@ -371,12 +409,12 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   float* out = host ? logits_host : ws.logits.data();
   const QuantizedMatrix* compact = compact_of(output_);
   if (rowwise) {
-    const LinearOut projection{output_, c_.V, out, compact};
+    const LinearOut projection{output_, c_.V, out, compact, !compact && in_panels(output_)};
     ops.linear_rowwise(rows, c_.D, in, &projection, 1);
   } else if (compact) {
     ops.linear_compact(rows, in, *compact, out);
   } else {
-    ops.linear(rows, c_.V, c_.D, in, output_, out, false, Precision::F32);
+    linear(rows, c_.V, c_.D, in, output_, out, Precision::F32);
   }
   if (!host) ops.download(logits_host, out, n);
 }
@@ -512,13 +550,13 @@ void Model::prefill_batch(const std::vector<DecodeState*>& states, const int32_t
   const int segment = mode == Mode::Parallel ? std::numeric_limits<int>::max() : std::max(C, kPrefillSegment / C * C);
   // Alone, prefill() cuts a prompt longer than a segment: those states, and every state in the
   // recurrent form, run alone. The others share two passes, so that each state's numbers never
-  // depend on the others: prompts of a few tokens (kGemmDotsMaxRows), whose products alone are
-  // decode dot products, in a pass of dot products over all their rows; the rest in a GEMM pass.
+  // depend on the others: prompts whose products alone are decode dot products (up to
+  // dot_product_rows()), in a pass of dot products over all their rows; the rest in a GEMM pass.
   std::vector<size_t> few, many, few_offsets, many_offsets;
   for (size_t i = 0, offset = 0; i < states.size(); offset += lengths[i], i++) {
     if (mode == Mode::Recurrent || !ops_->has_chunked_recurrent() || lengths[i] > segment) {
       prefill(*states[i], tokens + offset, lengths[i], mode, C, logits + i * c_.V);
-    } else if (lengths[i] <= kGemmDotsMaxRows) {
+    } else if (lengths[i] <= dot_product_rows()) {
       few.push_back(i);
       few_offsets.push_back(offset);
     } else {

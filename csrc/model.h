@@ -31,12 +31,14 @@ struct ModelConfig {
 
 enum class Mode { Parallel, Chunkwise, Recurrent };
 
-// One entry of the state_dict: where it lives in the parameter arena.
+// One entry of the state_dict: where it lives in the parameter arena, and whether it lies
+// there in panels (panels.h; the backend's projection weights) rather than in rows.
 struct ParamInfo {
   std::string name;
   std::vector<int> shape;
   size_t offset;
   size_t size;
+  bool panels = false;
 };
 
 class Model;
@@ -114,11 +116,15 @@ class Model {
   Ops* ops() const { return ops_.get(); }
   const std::vector<ParamInfo>& params() const { return params_; }
   const ParamInfo* find_param(const std::string& name) const;
-  // Copies host data into / out of a named parameter (sizes are checked). A compact model
-  // stores a projection in its format (set before the weights: its fp32 pages are never
-  // touched) and gives it back widened.
+  // Copies host data into / out of a named parameter (sizes are checked), always in rows (the
+  // state_dict's layout). A compact model stores a projection in its format (set before the
+  // weights: its fp32 pages are never touched) and gives it back widened.
   void set_param(const std::string& name, const float* data, size_t n);
   void get_param(const std::string& name, float* data, size_t n) const;
+  // Parameter p's slice of an arena-shaped buffer (the weights, their gradients or moments)
+  // to host rows, and back.
+  void read_arena_slice(const ParamInfo& p, const float* arena_like, float* host) const;
+  void write_arena_slice(const ParamInfo& p, float* arena_like, const float* host) const;
   size_t parameter_floats() const { return arena_.size(); }
 
   // logits [B, T, V] (host) for tokens [B, T] in the given form; C is the chunk size.
@@ -142,7 +148,7 @@ class Model {
   // rows in order, tokens and logits [sum of batches, V]. Weights are streamed once.
   void step_batch(const std::vector<DecodeState*>& states, const int32_t* tokens, float* logits) const;
 
-  // Converts every projection weight to a compact format (bf16, int8, F32Panels) and hands their fp32
+  // Converts every projection weight to a compact format (bf16, int8) and hands their fp32
   // memory back: from then on every product, prefill and forward as well as decode, reads the
   // compact matrices, set_param converts, get_param widens, and the model can't be trained.
   // Once compact, its format can't change again.
@@ -199,6 +205,19 @@ class Model {
   // handed back, except a tied output projection's: it is the embedding too).
   std::unordered_map<const float*, QuantizedMatrix> compact_;
   const QuantizedMatrix* compact_of(const float* W) const;
+  // Whether the backend keeps the projections in panels: every one but a tied head (the
+  // embedding, whose rows a token lookup reads).
+  bool panels_ = false;
+  bool in_panels(const float* W) const { return panels_ && W != embed_; }
+  // The most rows whose products run as decode dot products when alone: fp32 rows hand more
+  // than a few to the GEMM, panels and compact weights more than a few hundred.
+  int dot_product_rows() const {
+    return panels_ || weight_format_ != WeightFormat::F32 ? kCompactDotsMaxRows : kGemmDotsMaxRows;
+  }
+  // Y = X W^T and its backward for an fp32 weight of the arena, in whichever layout it lies.
+  void linear(int M, int N, int K, const float* X, const float* W, float* Y, Precision precision) const;
+  void linear_backward(int M, int N, int K, const float* X, const float* W, const float* dY, float* dX, float* dW,
+                       bool accumulate_dx, Precision precision) const;
   std::shared_ptr<StatePool> state_pool_ = std::make_shared<StatePool>();
   // Workspace of step_batch, grown to the largest batch seen.
   mutable std::mutex batch_mu_;

@@ -73,6 +73,19 @@ class Ops {
   // weights), with every row's result independent of M (batch-invariant), for decode steps:
   // a sequence decodes to the same tokens alone or in a batch.
   virtual void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) = 0;
+  // Whether this backend keeps the projection weights of its parameter arena in panels
+  // (panels.h; the CPU does): then linear_panels and linear_panels_backward take them, and the
+  // arena's copies to and from rows go through to_panels / from_panels on host memory.
+  virtual bool weights_in_panels() const { return false; }
+  // linear and linear_backward (below) for a weight P stored in panels.
+  virtual void linear_panels(int M, int N, int K, const float* X, const float* P, float* Y, bool accumulate,
+                             Precision precision) {
+    throw std::logic_error(std::string(name()) + " has no weights in panels");
+  }
+  virtual void linear_panels_backward(int M, int N, int K, const float* X, const float* P, const float* dY, float* dX,
+                                      float* dP, bool accumulate_dx, Precision precision) {
+    throw std::logic_error(std::string(name()) + " has no weights in panels");
+  }
   // Y[M, N] = X[M, K] Wq[N, K]^T for a compact weight (see quant.h); only the CPU has them.
   virtual void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) {
     throw std::logic_error(std::string(name()) + " has no compact weights");

@@ -473,6 +473,15 @@ class CpuOps final : public Ops {
   void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int count) override {
     retnet::linear_rowwise(M, K, X, outs, count);
   }
+  bool weights_in_panels() const override { return true; }
+  void linear_panels(int M, int N, int K, const float* X, const float* P, float* Y, bool accumulate,
+                     Precision precision) override {
+    retnet::linear_panels(M, N, K, X, P, Y, accumulate, precision);
+  }
+  void linear_panels_backward(int M, int N, int K, const float* X, const float* P, const float* dY, float* dX,
+                              float* dP, bool accumulate_dx, Precision precision) override {
+    retnet::linear_panels_backward(M, N, K, X, P, dY, dX, dP, accumulate_dx, precision);
+  }
   void linear_compact(int M, const float* X, const QuantizedMatrix& W, float* Y) override {
     retnet::linear_compact(M, X, W, Y);
   }

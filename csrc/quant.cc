@@ -9,10 +9,6 @@
 
 #include "simd.h"
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 namespace retnet {
 namespace {
 
@@ -527,132 +523,6 @@ __attribute__((target("avx2,fma"))) void int8_dots_avx2(const QuantizedMatrix& q
 }
 #endif
 
-// F32Panels products (panel_dots). Each kernel reads one panel's columns [c, c + width) (P
-// points at column c; `stride` is the panel's width), rows of X against them, and keeps every
-// output in one lane from 0 to the end: acc = fma(x[k], w[k], acc), k in order.
-void panel_dots_generic(const float* P, int stride, int width, int K, const float* X, int M, float* Y, ptrdiff_t ldy) {
-  for (int i = 0; i < M; i++) {
-    const float* x = X + static_cast<size_t>(i) * K;
-    for (int c = 0; c < width; c++) {
-      float acc = 0;
-      for (int k = 0; k < K; k++) acc = std::fma(x[k], P[static_cast<size_t>(k) * stride + c], acc);
-      Y[i * ldy + c] = acc;
-    }
-  }
-}
-
-#ifdef RETNET_X86
-// XR activation rows by NV vectors of 16 columns (the last masked to `last` unless FULL: a
-// whole panel, whose unmasked loads at a constant stride ran 1.6x faster at batch 16).
-template <int XR, int NV, bool FULL>
-__attribute__((target("avx512f"))) inline void panel_block_avx512(const float* P, int stride, int K, const float* X,
-                                                                   float* Y, ptrdiff_t ldy, __mmask16 last) {
-  if constexpr (FULL) stride = kPanelWidth;
-  __m512 acc[XR][NV];
-  for (int x = 0; x < XR; x++)
-    for (int v = 0; v < NV; v++) acc[x][v] = _mm512_setzero_ps();
-  for (int k = 0; k < K; k++) {
-    const float* p = P + static_cast<size_t>(k) * stride;
-    __m512 w[NV];
-    for (int v = 0; v + 1 < NV; v++) w[v] = _mm512_loadu_ps(p + 16 * v);
-    w[NV - 1] = FULL ? _mm512_loadu_ps(p + 16 * (NV - 1)) : _mm512_maskz_loadu_ps(last, p + 16 * (NV - 1));
-    for (int x = 0; x < XR; x++) {
-      const __m512 xv = _mm512_set1_ps(X[static_cast<size_t>(x) * K + k]);
-      for (int v = 0; v < NV; v++) acc[x][v] = _mm512_fmadd_ps(xv, w[v], acc[x][v]);
-    }
-  }
-  for (int x = 0; x < XR; x++) {
-    for (int v = 0; v + 1 < NV; v++) _mm512_storeu_ps(Y + x * ldy + 16 * v, acc[x][v]);
-    if (FULL) {
-      _mm512_storeu_ps(Y + x * ldy + 16 * (NV - 1), acc[x][NV - 1]);
-    } else {
-      _mm512_mask_storeu_ps(Y + x * ldy + 16 * (NV - 1), last, acc[x][NV - 1]);
-    }
-  }
-}
-
-template <int XR>
-__attribute__((target("avx512f"))) inline void panel_rows_avx512(int rows, int nv, const float* P, int stride, int K,
-                                                                  const float* X, float* Y, ptrdiff_t ldy,
-                                                                  __mmask16 last) {
-  if (rows < XR) {
-    if constexpr (XR > 1) panel_rows_avx512<XR - 1>(rows, nv, P, stride, K, X, Y, ldy, last);
-    return;
-  }
-  if (stride == kPanelWidth && nv == 4 && last == 0xFFFF) return panel_block_avx512<XR, 4, true>(P, stride, K, X, Y, ldy, last);
-  switch (nv) {
-    case 4: panel_block_avx512<XR, 4, false>(P, stride, K, X, Y, ldy, last); break;
-    case 3: panel_block_avx512<XR, 3, false>(P, stride, K, X, Y, ldy, last); break;
-    case 2: panel_block_avx512<XR, 2, false>(P, stride, K, X, Y, ldy, last); break;
-    default: panel_block_avx512<XR, 1, false>(P, stride, K, X, Y, ldy, last); break;
-  }
-}
-
-// Blocks of 6 activation rows by up to 64 columns: 24 accumulators, each weight vector used 6
-// times per load.
-__attribute__((target("avx512f"))) void panel_dots_avx512(const float* P, int stride, int width, int K, const float* X,
-                                                           int M, float* Y, ptrdiff_t ldy) {
-  const int nv = (width + 15) / 16;
-  const __mmask16 last = static_cast<__mmask16>((1u << (width - 16 * (nv - 1))) - 1u);
-  constexpr int kXR = 6;
-  for (int i = 0; i < M; i += kXR)
-    panel_rows_avx512<kXR>(std::min(kXR, M - i), nv, P, stride, K, X + static_cast<size_t>(i) * K, Y + i * ldy, ldy, last);
-}
-
-// AVX2: blocks of 2 activation rows by up to 32 columns (four 8-lane vectors, the last masked).
-template <int XR>
-__attribute__((target("avx2,fma"))) inline void panel_block_avx2(const float* P, int stride, int nv, int K,
-                                                                  const float* X, float* Y, ptrdiff_t ldy, __m256i last) {
-  __m256 acc[XR][4];
-  for (int x = 0; x < XR; x++)
-    for (int v = 0; v < 4; v++) acc[x][v] = _mm256_setzero_ps();
-  for (int k = 0; k < K; k++) {
-    const float* p = P + static_cast<size_t>(k) * stride;
-    __m256 w[4];
-    for (int v = 0; v < 4; v++)
-      w[v] = v + 1 < nv ? _mm256_loadu_ps(p + 8 * v) : v + 1 == nv ? _mm256_maskload_ps(p + 8 * v, last) : _mm256_setzero_ps();
-    for (int x = 0; x < XR; x++) {
-      const __m256 xv = _mm256_set1_ps(X[static_cast<size_t>(x) * K + k]);
-      for (int v = 0; v < 4; v++) acc[x][v] = _mm256_fmadd_ps(xv, w[v], acc[x][v]);
-    }
-  }
-  for (int x = 0; x < XR; x++) {
-    for (int v = 0; v + 1 < nv; v++) _mm256_storeu_ps(Y + x * ldy + 8 * v, acc[x][v]);
-    _mm256_maskstore_ps(Y + x * ldy + 8 * (nv - 1), last, acc[x][nv - 1]);
-  }
-}
-
-__attribute__((target("avx2,fma"))) void panel_dots_avx2(const float* P, int stride, int width, int K, const float* X,
-                                                          int M, float* Y, ptrdiff_t ldy) {
-  for (int c = 0; c < width; c += 32) {
-    const int cw = std::min(32, width - c);
-    const int nv = (cw + 7) / 8;
-    const int tail = cw - 8 * (nv - 1);
-    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    int i = 0;
-    for (; i + 2 <= M; i += 2) panel_block_avx2<2>(P + c, stride, nv, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy, last);
-    if (i < M) panel_block_avx2<1>(P + c, stride, nv, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy, last);
-  }
-}
-#endif
-
-// The fp32 values of rows [n0, n0 + rows), columns [k0, k0 + kc) of a panel matrix, a panel's
-// rows at a time so that its lines are read in order.
-void widen_panels(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
-  const size_t K = q.K;
-  for (int r = 0; r < rows;) {
-    const int n = n0 + r, p = n / kPanelWidth;
-    const int width = std::min(kPanelWidth, q.N - p * kPanelWidth);
-    const int count = std::min(rows - r, (p + 1) * kPanelWidth - n);
-    const float* P = q.panels.data() + static_cast<size_t>(p) * kPanelWidth * K + (n - p * kPanelWidth);
-    for (int k = 0; k < kc; k++) {
-      const float* line = P + static_cast<size_t>(k0 + k) * width;
-      for (int j = 0; j < count; j++) out[(r + j) * ldo + k] = line[j];
-    }
-    r += count;
-  }
-}
-
 // widen_rows per instruction set: 16 weights per step (one AVX-512 vector, two AVX2 ones), the
 // columns past the last multiple of 16 one by one.
 void widen_rows_generic(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
@@ -718,71 +588,53 @@ void widen_rows_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
 
 }  // namespace
 
-void fill_panels(QuantizedMatrix& q, const float* W) {
-  const int N = q.N, K = q.K;
-  for (int p = 0; p * kPanelWidth < N; p++) {
-    const int width = std::min(kPanelWidth, N - p * kPanelWidth);
-    float* panel = q.panels.data() + static_cast<size_t>(p) * kPanelWidth * K;
-    for (int c = 0; c < width; c++) {
-      const float* row = W + static_cast<size_t>(p * kPanelWidth + c) * K;
-      for (int k = 0; k < K; k++) panel[static_cast<size_t>(k) * width + c] = row[k];
-    }
-  }
-}
-
-void* allocate_huge_pages(size_t bytes) {
-  constexpr size_t kHuge = size_t{2} << 20;
-  void* p = nullptr;
-  if (posix_memalign(&p, bytes < kHuge ? 64 : kHuge, std::max<size_t>(bytes, 1)) != 0) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  // Whole huge pages only: the tail stays on small pages, so no memory is taken past the end.
-  if (bytes >= kHuge) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
-#endif
-  return p;
-}
-
-QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
+QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& read_row) {
   QuantizedMatrix q;
   q.format = format;
   q.N = N;
   q.K = K;
   const size_t n = static_cast<size_t>(N) * K;
-  if (format == WeightFormat::BF16) {
-    q.bf16.resize(n);
-    for (size_t i = 0; i < n; i++) {
-      q.bf16[i] = to_bf16(W[i]);
-      // Past bf16's largest finite value (about 3.3895e38) a finite weight would round to
-      // infinity, and every output it touches to NaN: refuse it instead.
-      if ((q.bf16[i] & 0x7FFFu) == 0x7F80u && std::isfinite(W[i])) {
-        char value[32];
-        std::snprintf(value, sizeof value, "%.9g", W[i]);
-        throw std::invalid_argument(std::string("value ") + value + " at index " + std::to_string(i) +
-                                    " is beyond bf16's range (largest finite 3.3895e38)");
-      }
-    }
-  } else if (format == WeightFormat::F32Panels) {
-    q.panels.resize(n);
-    fill_panels(q, W);
-  } else if (format == WeightFormat::Int8) {
+  std::vector<float> scratch(K);
+  if (format == WeightFormat::BF16) q.bf16.resize(n);
+  if (format == WeightFormat::Int8) {
     q.int8.resize(n);
     q.scales.resize(N);
-    for (int j = 0; j < N; j++) {
-      const float* row = W + static_cast<size_t>(j) * K;
+  }
+  for (int j = 0; j < N; j++) {
+    const float* row = read_row(j, scratch.data());
+    const size_t at = static_cast<size_t>(j) * K;
+    if (format == WeightFormat::BF16) {
+      for (int k = 0; k < K; k++) {
+        const uint16_t b = to_bf16(row[k]);
+        // Past bf16's largest finite value (about 3.3895e38) a finite weight would round to
+        // infinity, and every output it touches to NaN: refuse it instead.
+        if ((b & 0x7FFFu) == 0x7F80u && std::isfinite(row[k])) {
+          char value[32];
+          std::snprintf(value, sizeof value, "%.9g", row[k]);
+          throw std::invalid_argument(std::string("value ") + value + " at index " + std::to_string(at + k) +
+                                      " is beyond bf16's range (largest finite 3.3895e38)");
+        }
+        q.bf16[at + k] = b;
+      }
+    } else if (format == WeightFormat::Int8) {
       float max_abs = 0;
       for (int k = 0; k < K; k++) max_abs = std::max(max_abs, std::fabs(row[k]));
       const float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
       q.scales[j] = scale;
       for (int k = 0; k < K; k++) {
         const float v = std::nearbyint(row[k] / scale);
-        q.int8[static_cast<size_t>(j) * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+        q.int8[at + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
       }
     }
   }
   return q;
 }
 
+QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
+  return quantize(N, K, format, [&](int j, float*) { return W + static_cast<size_t>(j) * K; });
+}
+
 void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo, int ahead) {
-  if (q.format == WeightFormat::F32Panels) return widen_panels(q, n0, rows, k0, kc, out, ldo);
 #ifdef RETNET_X86
   if (cpu_isa() >= CpuIsa::Avx512) return widen_rows_avx512(q, n0, rows, k0, kc, out, ldo, ahead);
   if (cpu_has_avx2_fma()) return widen_rows_avx2(q, n0, rows, k0, kc, out, ldo);
@@ -797,18 +649,6 @@ void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, 
   if (cpu_has_avx2_fma()) return dots_avx2<LoadBf16>(q, M, n0, n1, X, Y, ldy);
 #endif
   dots_generic(q, M, n0, n1, X, Y, ldy);
-}
-
-void panel_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy) {
-  const int p = n0 / kPanelWidth;
-  const int stride = std::min(kPanelWidth, q.N - p * kPanelWidth);
-  const float* P = q.panels.data() + static_cast<size_t>(p) * kPanelWidth * q.K + (n0 - p * kPanelWidth);
-  float* out = Y + n0;
-#ifdef RETNET_X86
-  if (cpu_isa() >= CpuIsa::Avx512) return panel_dots_avx512(P, stride, n1 - n0, q.K, X, M, out, ldy);
-  if (cpu_has_avx2_fma()) return panel_dots_avx2(P, stride, n1 - n0, q.K, X, M, out, ldy);
-#endif
-  panel_dots_generic(P, stride, n1 - n0, q.K, X, M, out, ldy);
 }
 
 float activation_step(const float* x, int K) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace retnet {
@@ -29,40 +30,7 @@ inline float from_bf16(uint16_t b) {
   return f;
 }
 
-// F32Panels: the fp32 weights exactly, laid out for batched decoding (see below).
-enum class WeightFormat { F32, BF16, Int8, F32Panels };
-
-// An F32Panels matrix holds output rows [64p, 64p + w) in panel p, w = min(64, N - 64p), as
-// [K][w] at panels + 64pK: w[n, k] at 64pK + k w + (n - 64p). A product then multiplies one
-// activation by 64 outputs' weights per step (in a harness, batch 16 read 1.3-2.2x the row dot
-// products' GFLOP/s; a medium batch-16 step ran 1.27-1.38x faster; MEASUREMENTS.md), and each output is one FMA chain over
-// k in order, whatever the batch and the instruction set: the same bits on AVX-512, AVX2 and
-// the generic kernels.
-constexpr int kPanelWidth = 64;
-
-// Allocates arrays of 2 MiB or more on 2 MiB boundaries, their whole 2 MiB pages advised onto
-// transparent huge pages before the first touch (the kernel's "madvise" mode gives them none
-// otherwise), as CpuOps::alloc does for the arena: fewer TLB misses when a step streams them.
-template <typename T>
-struct HugePageAllocator {
-  using value_type = T;
-  HugePageAllocator() = default;
-  template <typename U>
-  HugePageAllocator(const HugePageAllocator<U>&) {}
-  T* allocate(size_t n);
-  void deallocate(T* p, size_t) { std::free(p); }
-  template <typename U>
-  bool operator==(const HugePageAllocator<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const HugePageAllocator<U>&) const { return false; }
-};
-void* allocate_huge_pages(size_t bytes);
-template <typename T>
-T* HugePageAllocator<T>::allocate(size_t n) {
-  return static_cast<T*>(allocate_huge_pages(n * sizeof(T)));
-}
-template <typename T>
-using HugePageVector = std::vector<T, HugePageAllocator<T>>;
+enum class WeightFormat { F32, BF16, Int8 };
 
 struct QuantizedMatrix {
   WeightFormat format = WeightFormat::F32;
@@ -70,14 +38,14 @@ struct QuantizedMatrix {
   std::vector<uint16_t> bf16;    // [N, K], round to nearest even
   std::vector<int8_t> int8;      // [N, K], w ≈ int8 * scales[row]
   std::vector<float> scales;     // [N]
-  HugePageVector<float> panels;  // F32Panels: on huge pages, as the fp32 arena it replaces
 };
 
 // W is [N, K] row-major fp32. Throws std::invalid_argument for a finite value bf16 cannot hold.
 QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
-
-// Rewrites an F32Panels matrix's panels from W ([q.N, q.K] row-major) in place.
-void fill_panels(QuantizedMatrix& q, const float* W);
+// The same for a weight read a row at a time: read_row(j, scratch) gives row j's K values,
+// written into scratch (K floats) when they are not contiguous in memory.
+using RowReader = std::function<const float*(int j, float* scratch)>;
+QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& read_row);
 
 // The fp32 values of rows [n0, n0 + rows) and columns [k0, k0 + kc) of q (int8 times the row
 // scale) into out, row r at out + r * ldo. With AVX-512, `ahead` > 0 fetches the same columns
@@ -87,10 +55,6 @@ void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, floa
 // Y[i, j] = Σ_k X[i, k] Wq[j, k] for i < M and output rows j in [n0, n1) of a bf16 weight
 // (X is [M, K], Y has leading dim ldy). Each row is summed in an order that does not depend on M.
 void bf16_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy);
-
-// Y[i, j] = Σ_k X[i, k] W[j, k] for i < M and output rows j in [n0, n1) of an F32Panels weight,
-// [n0, n1) within one panel; each output an FMA chain from 0 over k = 0 .. K-1 in order.
-void panel_dots(const QuantizedMatrix& q, int M, int n0, int n1, const float* X, float* Y, ptrdiff_t ldy);
 
 // int8 products take their activations on a 16-bit grid: each row as integers (|q| <= 32767)
 // times a power-of-two step, 2^-14 to 2^-15 of the row's largest magnitude (at least 2^-126).

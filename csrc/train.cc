@@ -97,9 +97,7 @@ Trainer::~Trainer() = default;
 // next backward writes them, while that backward frees the activations it is done with.
 void Trainer::zero_gradients() { model_->ops()->discard(grads_.data(), grads_.size()); }
 
-void Trainer::get_gradient(const ParamInfo& p, float* out) const {
-  model_->ops()->download(out, grads_.data() + p.offset, p.size);
-}
+void Trainer::get_gradient(const ParamInfo& p, float* out) const { model_->read_arena_slice(p, grads_.data(), out); }
 
 void Trainer::check_batch(const TrainBatch& batch) const {
   if (batch.B < 1 || batch.T < 1) throw std::invalid_argument("batch and length must be >= 1");
@@ -223,17 +221,17 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
   // What the backward reads of the two branches, made from their inputs: the rotated q and
   // k, v, g and the retention output o; the GLU inputs a and b.
   auto retention_values = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
-    ops.linear(R, c.D, c.D, in, w.q, a.q.data(), false, products);
-    ops.linear(R, c.D, c.D, in, w.k, a.k.data(), false, products);
-    ops.linear(R, c.Dv, c.D, in, w.v, a.v.data(), false, products);
-    ops.linear(R, c.Dv, c.D, in, w.g, a.g.data(), false, products);
+    m.linear(R, c.D, c.D, in, w.q, a.q.data(), products);
+    m.linear(R, c.D, c.D, in, w.k, a.k.data(), products);
+    m.linear(R, c.Dv, c.D, in, w.v, a.v.data(), products);
+    m.linear(R, c.Dv, c.D, in, w.g, a.g.data(), products);
     ops.rotate_qk(a.q.data(), a.k.data(), d, start.data(), m.angle_, k_scale);
     ops.retention_chunked(a.q.data(), a.k.data(), a.v.data(), a.o.data(), d, m.decay_, form.C, form.clamp_max,
                           nullptr);
   };
   auto glu_inputs = [&](const Model::Layer& w, Activations::Layer& a, const float* in) {
-    ops.linear(R, c.F, c.D, in, w.fc1, a.a.data(), false, products);
-    ops.linear(R, c.F, c.D, in, w.gate, a.b.data(), false, products);
+    m.linear(R, c.F, c.D, in, w.fc1, a.a.data(), products);
+    m.linear(R, c.F, c.D, in, w.gate, a.b.data(), products);
   };
   // Layer l's forward from stream[2l] to stream[2l + 2].
   auto layer_forward = [&](int l) {
@@ -244,13 +242,13 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
                   [&](const float* in, float* y) {
                     retention_values(w, a, in);
                     gate_retention(a);
-                    ops.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, false, products);
+                    m.linear(R, c.D, c.Dv, acts.z.data(), w.out, y, products);
                   });
     block_forward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, acts.stream[2 * l + 2].data(), l, site(l, 3),
                   [&](const float* in, float* y) {
                     glu_inputs(w, a, in);
                     glu(a, l);
-                    ops.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, false, products);
+                    m.linear(R, c.D, c.F, acts.u.data(), w.fc2, y, products);
                   });
   };
   // Checkpointing: layer l's values again, just before its backward: the same inputs and ops
@@ -299,9 +297,9 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     const int rows = std::min(head_rows, R - r0);
     const float* x = head_in + static_cast<size_t>(r0) * c.D;
     float* logits = acts.logits.data();
-    ops.linear(rows, c.V, c.D, x, m.output_, logits, false, Precision::F32);
+    m.linear(rows, c.V, c.D, x, m.output_, logits, Precision::F32);
     ops.softmax_cross_entropy(logits, targets.data() + r0, weights.data() + r0, rows, c.V, row_loss.data() + r0);
-    ops.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
+    m.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
                         grad_of(m.output_), false, Precision::F32);
   }
   // Activations done with go back to the system only as fast as gradients take new pages
@@ -346,24 +344,24 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     block_backward(a.ffn, acts.stream[2 * l + 1].data(), w.ffn_ln, l, site(l, 3),
                    [&](const float* in, const float* dy, float* d_in) {
       glu(a, l);
-      ops.linear_backward(R, c.D, c.F, acts.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false, products);
+      m.linear_backward(R, c.D, c.F, acts.u.data(), w.fc2, dy, du.data(), grad_of(w.fc2), false, products);
       if (c.activation_dropout > 0) ops.dropout(du.data(), RF, c.activation_dropout, stream(site(l, 2)));
       ops.glu_backward(a.a.data(), a.b.data(), du.data(), da.data(), db.data(), RF, c.activation);
-      ops.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false, products);
-      ops.linear_backward(R, c.F, c.D, in, w.gate, db.data(), d_in, grad_of(w.gate), true, products);
+      m.linear_backward(R, c.F, c.D, in, w.fc1, da.data(), d_in, grad_of(w.fc1), false, products);
+      m.linear_backward(R, c.F, c.D, in, w.gate, db.data(), d_in, grad_of(w.gate), true, products);
     });
     block_backward(a.ret, acts.stream[2 * l].data(), w.ret_ln, l, site(l, 0),
                    [&](const float* in, const float* dy, float* d_in) {
       gate_retention(a);
-      ops.linear_backward(R, c.D, c.Dv, acts.z.data(), w.out, dy, dz.data(), grad_of(w.out), false, products);
+      m.linear_backward(R, c.D, c.Dv, acts.z.data(), w.out, dy, dz.data(), grad_of(w.out), false, products);
       ops.groupnorm_gate_backward(a.o.data(), a.g.data(), dz.data(), d_o.data(), dg.data(), R, c.H, c.dv(), c.eps);
       ops.retention_chunked_backward(a.q.data(), a.k.data(), a.v.data(), d_o.data(), dq.data(), dk.data(), dv.data(),
                                      d, m.decay_, form.C, form.clamp_max);
       ops.rotate_qk_backward(dq.data(), dk.data(), d, start.data(), m.angle_, k_scale);
-      ops.linear_backward(R, c.D, c.D, in, w.q, dq.data(), d_in, grad_of(w.q), false, products);
-      ops.linear_backward(R, c.D, c.D, in, w.k, dk.data(), d_in, grad_of(w.k), true, products);
-      ops.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true, products);
-      ops.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true, products);
+      m.linear_backward(R, c.D, c.D, in, w.q, dq.data(), d_in, grad_of(w.q), false, products);
+      m.linear_backward(R, c.D, c.D, in, w.k, dk.data(), d_in, grad_of(w.k), true, products);
+      m.linear_backward(R, c.Dv, c.D, in, w.v, dv.data(), d_in, grad_of(w.v), true, products);
+      m.linear_backward(R, c.Dv, c.D, in, w.g, dg.data(), d_in, grad_of(w.g), true, products);
     });
     // Layer l's values are done with (except the one set checkpointing reuses).
     owed += span.floats;
@@ -448,9 +446,12 @@ StepResult Trainer::step(const std::vector<TrainBatch>& micro, const PassOptions
   return result;
 }
 
+// The moments go out and come in laid out as the state_dict (rows), whatever the arena's layout.
 void Trainer::get_optimizer_state(float* m, float* v) const {
-  model_->ops()->download(m, m_.data(), m_.size());
-  model_->ops()->download(v, v_.data(), v_.size());
+  for (const ParamInfo& p : model_->params()) {
+    model_->read_arena_slice(p, m_.data(), m + p.offset);
+    model_->read_arena_slice(p, v_.data(), v + p.offset);
+  }
 }
 
 void Trainer::set_optimizer_state(int64_t step, const float* m, const float* v) {
@@ -460,8 +461,10 @@ void Trainer::set_optimizer_state(int64_t step, const float* m, const float* v) 
       throw std::invalid_argument("optimizer state holds a non-finite value or a negative second moment at index " +
                                   std::to_string(i));
   }
-  model_->ops()->upload(m_.data(), m, m_.size());
-  model_->ops()->upload(v_.data(), v, v_.size());
+  for (const ParamInfo& p : model_->params()) {
+    model_->write_arena_slice(p, m_.data(), m + p.offset);
+    model_->write_arena_slice(p, v_.data(), v + p.offset);
+  }
   step_ = step;
 }
 

@@ -59,11 +59,7 @@ export interface ModelOptions {
    * move 2x / 4x fewer bytes, the model takes about that much less memory, and every form
    * (forward, prefill, decode) reads the same compact weights. Embedding and norms stay fp32.
    * Such a model cannot be trained or saved; stateDict() gives its compact values as fp32.
-   * 'f32-panels' keeps the exact fp32 weights, laid out for batched decoding (panels of 64
-   * output rows): batched decode steps run faster, batch 1 about the same, with numbers that
-   * differ from 'f32' by rounding only (each output summed in k order). Like the compact formats
-   * it cannot be trained; unlike them it can be saved (the weights are exact). A tied output
-   * head stays in the fp32 embedding's rows. CPU only: a model on 'cuda' rejects them.
+   * CPU only: a model on 'cuda' rejects them.
    */
   weights?: WeightFormat;
 }
@@ -465,7 +461,7 @@ export class RetNet implements SessionOwner {
    */
   async save(location: string): Promise<void> {
     const nativeModel = this.native();
-    if (this.weights !== 'f32' && this.weights !== 'f32-panels') {
+    if (this.weights !== 'f32') {
       // Its fp32 weights are gone: a save would write rounded ones, perhaps over the originals.
       throw new Error(`RetNet.save: this model holds ${this.weights} weights, not the fp32 ones it was loaded from; load it with weights 'f32' to save`);
     }

@@ -3,7 +3,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 export type NativeMode = 'parallel' | 'chunkwise' | 'recurrent';
-export const WEIGHT_FORMATS = ['f32', 'f32-panels', 'bf16', 'int8'] as const;
+export const WEIGHT_FORMATS = ['f32', 'bf16', 'int8'] as const;
 export type WeightFormat = (typeof WEIGHT_FORMATS)[number];
 
 /**
@@ -169,7 +169,7 @@ export interface NativeModel {
    * micro-batch losses; tokens is Σ batch*length. Fails at once while another call uses the model.
    */
   trainStep(micro: NativeMicroBatch[], opts: NativeTrainOptions): Promise<{ loss: number; gradNorm: number; tokens: number }>;
-  /** AdamW moments in the parameter arena layout (paramNames() order, buffers included) and the step count, copied off the JS thread. */
+  /** AdamW moments, each parameter's in rows as getParam gives it, one after another in paramNames() order (buffers included), and the step count, copied off the JS thread. */
   readOptimizerState(): Promise<{ step: number; m: Float32Array; v: Float32Array }>;
   /** Sizes checked at once (throws); values checked and copied in off the JS thread (rejects). */
   setOptimizerState(step: number, m: Float32Array, v: Float32Array): Promise<void>;
@@ -213,10 +213,24 @@ export interface NativeAddon {
     options: { M: number; N: number; K: number },
   ): Promise<void>;
   /**
-   * The 'f32-panels' product alone (tests): y[M, N] = x[M, K] times weights [N, K] (row-major,
-   * laid out in panels first), as a model's f32-panels projections compute it.
+   * The CPU model's fp32 product alone (tests): y[M, N] = x[M, K] times weights [N, K]
+   * (row-major, laid out in panels of 64 output rows first, as the CPU keeps projection weights).
    */
-  panelLinear(weights: Float32Array, x: Float32Array, y: Float32Array, options: { M: number; N: number; K: number }): Promise<void>;
+  panelLinear(
+    weights: Float32Array,
+    x: Float32Array,
+    y: Float32Array,
+    options: { M: number; N: number; K: number; precision?: 'fp32' | 'bf16' },
+  ): Promise<void>;
+  /** Its backward (tests): dx (=, or += with accumulateDx) dy W and dw += dy^T x, dw [N, K] row-major. */
+  panelLinearBackward(
+    weights: Float32Array,
+    x: Float32Array,
+    dy: Float32Array,
+    dx: Float32Array,
+    dw: Float32Array,
+    options: { M: number; N: number; K: number; accumulateDx?: boolean; precision?: 'fp32' | 'bf16' },
+  ): Promise<void>;
   benchKernel(name: 'fma_peak', params: { reps: number }): Promise<number>;
   benchKernel(name: 'bandwidth', params: { megabytes: number; reps: number }): Promise<number>;
   benchKernel(name: 'linear', params: { M: number; N: number; K: number; reps: number }): Promise<number>;

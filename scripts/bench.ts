@@ -138,7 +138,7 @@ interface Options {
   help?: boolean;
 }
 
-const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,f32-panels,bf16,int8] [--batch 1,4,16,64]
+const USAGE = `usage: retnet bench [decode|train|kernels|all] [--preset base,medium] [--weights f32,bf16,int8] [--batch 1,4,16,64]
   [--context 512,2048,8192,16384] [--train-shapes 4x512,1x2048,1x8192] [--train-modes parallel,chunkwise]
   [--checkpointing off,on] [--precision fp32,bf16] [--steps 64] [--chunk-size 128]
   [--json FILE] [--plot FILE.svg]`;
@@ -257,7 +257,7 @@ function seconds(start: bigint): number {
 export function decodeStepBytes(config: RetNetConfig, batch: number, weights: WeightFormat = 'f32'): number {
   const d = dims(config);
   const stateFloats = d.L * d.H * d.dv * d.dk;
-  const bytesPerWeight = weights === 'f32' || weights === 'f32-panels' ? 4 : weights === 'bf16' ? 2 : 1;
+  const bytesPerWeight = weights === 'f32' ? 4 : weights === 'bf16' ? 2 : 1;
   return bytesPerWeight * stepWeightCount(config) + 4 * (batch * d.D + 2 * batch * stateFloats);
 }
 

@@ -13,8 +13,8 @@ const USAGE = `usage: retnet serve --model DIR [options]
   --host HOST             address to bind (default 127.0.0.1)
   --port N                port (default 8000; 0 picks a free one)
   --model-id NAME         id reported by the API (default: the model path)
-  --weights FORMAT        f32 (default), f32-panels (faster batched decode, exact weights),
-                          bf16 or int8 (compact: fewer bytes per step; see the README)
+  --weights FORMAT        f32 (default), or bf16 / int8 (compact: fewer bytes per step; see
+                          the README)
   --max-tokens-limit N    largest max_tokens a request may ask for (default 4096)
   --max-concurrent N      sequences decoded together (default 64)
   --max-queue N           requests waiting for a slot before 503s (default 256)

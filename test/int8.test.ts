@@ -155,6 +155,6 @@ describe('int8 products', () => {
     expect(() => addon().int8Linear(new Float32Array(6) as unknown as Int8Array, s, new Float32Array(3), new Float32Array(2), { M: 1, N: 2, K: 3 })).toThrow(
       /weights must be an Int8Array/,
     );
-    expect(() => addon().int8Linear(w, s, new Float32Array(4), new Float32Array(2), { M: 1, N: 2, K: 3 })).toThrow(/x and y must hold M\*K and M\*N values/);
+    expect(() => addon().int8Linear(w, s, new Float32Array(4), new Float32Array(2), { M: 1, N: 2, K: 3 })).toThrow('int8Linear: x must hold 3 values');
   });
 });

@@ -1,7 +1,8 @@
-// The f32-panels product (a model's 'f32-panels' projections) against its definition: each
-// output one chain of fused multiply-adds from 0 over k in order, acc = fl(x[k] w[k] + acc)
-// rounded once. The dot-product path (up to 256 rows) must match it bit for bit with every
-// kernel set and any batch; the packed path (more rows) sums to rounding.
+// The CPU's fp32 products with the weights in panels of 64 output rows (how the CPU model keeps
+// its projections) against their definition: each output one chain of fused multiply-adds from
+// 0 over k in order, acc = fl(x[k] w[k] + acc) rounded once. The dot-product path (up to 256
+// rows) must match it bit for bit with every kernel set and any batch; the packed path (more
+// rows, or bf16 inputs) and the backward are the row-major GEMM's products bit for bit.
 import { addon } from '../lib/native';
 import { Rng } from '../lib/random';
 import { runWithIsa } from './helpers/kernel_child';
@@ -76,7 +77,7 @@ const DOT_SHAPES: Shape[] = [
   { M: 16, N: 200, K: 96 },
 ];
 
-describe('f32-panels product', () => {
+describe('fp32 products on weights in panels', () => {
   test('the fused multiply-add reference rounds once', () => {
     // (1 + 2^-18) * 2^-24 (1 - 2^-18) + (1 + 2^-23) is 1 + 2^-23 + 2^-24 - 2^-60: just under the
     // tie, so 1 + 2^-23. The double sum rounds to the tie itself, which fround sends to even.
@@ -102,15 +103,44 @@ describe('f32-panels product', () => {
   });
 
   // The packed path copies each panel's lines as B's packed blocks: a partial last panel, and
-  // K past one k block.
+  // K past one k block. It is the GEMM on the row-major weights, bit for bit.
   test.each([
-    { M: 300, N: 70, K: 90 },
-    { M: 260, N: 100, K: 600 },
-  ])('past 256 rows the packed path agrees to rounding: %o', async (o) => {
+    { M: 300, N: 70, K: 90, precision: 'fp32' },
+    { M: 260, N: 100, K: 600, precision: 'fp32' },
+    { M: 20, N: 130, K: 70, precision: 'bf16' },
+  ] as const)('past 256 rows (or bf16) the packed path is the row-major GEMM: %o', async ({ precision, ...o }) => {
     const c = makeCase(o);
-    const got = await run(c);
-    const want = reference(c);
-    for (let n = 0; n < got.length; n++) expect(Math.abs(got[n] - want[n])).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(want[n])));
+    const y = new Float32Array(o.M * o.N).fill(NaN);
+    await addon().panelLinear(c.weights, c.x, y, { ...o, precision });
+    const want = new Float32Array(o.M * o.N);
+    await addon().gemm(c.x, c.weights, want, { ...o, bTransposed: true, precision });
+    expect(bitsOf(y)).toEqual(bitsOf(want));
+    if (precision === 'fp32') {
+      const fma = reference(c);
+      for (let n = 0; n < y.length; n++) expect(Math.abs(y[n] - fma[n])).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(fma[n])));
+    }
+  });
+
+  // The backward reads the panels as W's rows (dx = dy W) and writes dW's panels through the
+  // GEMM's output tiles: both must be what the row-major GEMM gives (the training path on rows).
+  test.each([
+    { M: 7, N: 65, K: 33, accumulateDx: false, precision: 'fp32' },
+    { M: 300, N: 130, K: 200, accumulateDx: true, precision: 'fp32' },
+    { M: 40, N: 100, K: 450, accumulateDx: false, precision: 'bf16' },
+  ] as const)('backward: dx and dw are what the row-major GEMM gives, dw accumulated: %o', async (o) => {
+    const { M, N, K } = o;
+    const rng = new Rng(M + N + K);
+    const uniform = (n: number) => Float32Array.from({ length: n }, () => rng.nextFloat() - 0.5);
+    const [w, x, dy, dx0, dw0] = [uniform(N * K), uniform(M * K), uniform(M * N), uniform(M * K), uniform(N * K)];
+    const dx = dx0.slice();
+    const dw = dw0.slice();
+    await addon().panelLinearBackward(w, x, dy, dx, dw, o);
+    const wantDx = o.accumulateDx ? dx0.slice() : new Float32Array(M * K);
+    await addon().gemm(dy, w, wantDx, { M, N: K, K: N, accumulate: o.accumulateDx, precision: o.precision });
+    const wantDw = dw0.slice();
+    await addon().gemm(dy, x, wantDw, { M: N, N: K, K: M, aTransposed: true, accumulate: true, precision: o.precision });
+    expect(bitsOf(dx)).toEqual(bitsOf(wantDx));
+    expect(bitsOf(dw)).toEqual(bitsOf(wantDw));
   });
 
   // The sets below the one this CPU picks (on an AVX-512 machine: AVX2 and generic).
@@ -122,10 +152,14 @@ describe('f32-panels product', () => {
 
   test('bad arguments are errors', () => {
     expect(() => addon().panelLinear(new Float32Array(5), new Float32Array(3), new Float32Array(2), { M: 1, N: 2, K: 3 })).toThrow(
-      /weights must hold N\*K values/,
+      'panelLinear: weights must hold 6 values',
     );
     expect(() => addon().panelLinear(new Float32Array(6), new Float32Array(4), new Float32Array(2), { M: 1, N: 2, K: 3 })).toThrow(
-      /x and y must hold M\*K and M\*N values/,
+      'panelLinear: x must hold 3 values',
+    );
+    const f = (n: number) => new Float32Array(n);
+    expect(() => addon().panelLinearBackward(f(6), f(3), f(2), f(3), f(5), { M: 1, N: 2, K: 3 })).toThrow(
+      'panelLinearBackward: dw must hold 6 values',
     );
   });
 });

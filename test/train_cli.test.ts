@@ -92,7 +92,7 @@ test('retnet serve checks its flags before it loads the model', () => {
     ['--max-concurrent=0', '--max-concurrent must be an integer >= 1, got 0'],
     ['--max-queue=-1', '--max-queue must be an integer >= 0, got -1'],
     ['--port=99999', '--port must be an integer from 0 to 65535, got 99999'],
-    ['--weights=fp8', '--weights must be one of f32, f32-panels, bf16, int8, got fp8'],
+    ['--weights=fp8', '--weights must be one of f32, bf16, int8, got fp8'],
   ]) {
     const run = spawnSync(process.execPath, [CLI, 'serve', '--model', path.join(dir, 'missing'), flag], { encoding: 'utf8', timeout: 60_000 });
     expect([run.status, run.stderr]).toEqual([1, `error: ${message}\n`]);
