@@ -300,7 +300,7 @@ double Trainer::accumulate_gradients(const TrainBatch& batch, const PassOptions&
     m.linear(rows, c.V, c.D, x, m.output_, logits, Precision::F32);
     ops.softmax_cross_entropy(logits, targets.data() + r0, weights.data() + r0, rows, c.V, row_loss.data() + r0);
     m.linear_backward(rows, c.V, c.D, x, m.output_, logits, dx.data() + static_cast<size_t>(r0) * c.D,
-                        grad_of(m.output_), false, Precision::F32);
+                      grad_of(m.output_), false, Precision::F32);
   }
   // Activations done with go back to the system only as fast as gradients take new pages
   // (`owed`: gradient floats written in this backward, not yet matched): that keeps the
