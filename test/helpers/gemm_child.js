@@ -1,7 +1,7 @@
 // Runs CPU products on the cases read from stdin (JSON) and prints their outputs, so a test
 // can run them under another RETNET_CPU_ISA: the addon picks its kernel set once per process.
 // A case is a GEMM ({ a, b, c, o }), an int8 product ({ int8: { weights, scales, x, o } }) or an
-// f32-panels product ({ panels: { weights, x, o } }).
+// fp32 product on weights in panels ({ panels: { weights, x, o } }).
 const path = require('path');
 
 const addon = require(path.join(__dirname, '..', '..', 'build', 'Release', 'retnet.node'));
