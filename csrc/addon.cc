@@ -1607,8 +1607,7 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return worker->promise();
 }
 
-// The { M, N, K } of a product test call (each >= 1), with the arrays' sizes checked:
-// `sizes` lists each array with its [rows, cols].
+// The { M, N, K } of a product test call, each >= 1.
 struct ProductShape {
   int M, N, K;
 };
@@ -1672,8 +1671,6 @@ Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
 Napi::Value PanelLinear(const Napi::CallbackInfo& info, bool backward) {
   Napi::Env env = info.Env();
   const char* call = backward ? "panelLinearBackward" : "panelLinear";
-  auto panels = std::make_shared<std::vector<float>>();
-  auto dw_panels = std::make_shared<std::vector<float>>();
   std::vector<Napi::Float32Array> arrays;
   ProductShape s;
   bool accumulate_dx = false;
@@ -1692,15 +1689,10 @@ Napi::Value PanelLinear(const Napi::CallbackInfo& info, bool backward) {
       arrays.push_back(float32_arg(info[i], expected[i].first));
       check_size(arrays.back(), expected[i].second, call, expected[i].first);
     }
-    panels->resize(NK);
-    to_panels(arrays[0].Data(), s.N, s.K, panels->data());
-    if (backward) {
-      dw_panels->resize(NK);
-      to_panels(arrays[4].Data(), s.N, s.K, dw_panels->data());
-    }
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
   }
+  const float* W = arrays[0].Data();
   const float* X = arrays[1].Data();
   float* out = arrays[2].Data();  // y, or dy
   float* dX = backward ? arrays[3].Data() : nullptr;
@@ -1708,9 +1700,14 @@ Napi::Value PanelLinear(const Napi::CallbackInfo& info, bool backward) {
   auto* worker = new PromiseWorker(
       env,
       [=] {
-        if (!backward) return linear_panels(s.M, s.N, s.K, X, panels->data(), out, false, precision);
-        linear_panels_backward(s.M, s.N, s.K, X, panels->data(), out, dX, dw_panels->data(), accumulate_dx, precision);
-        from_panels(dw_panels->data(), s.N, s.K, 0, s.N, 0, s.K, dW, s.K);
+        const size_t NK = static_cast<size_t>(s.N) * s.K;
+        std::vector<float> panels(NK);
+        to_panels(W, s.N, s.K, panels.data());
+        if (!backward) return linear_panels(s.M, s.N, s.K, X, panels.data(), out, false, precision);
+        std::vector<float> dw_panels(NK);
+        to_panels(dW, s.N, s.K, dw_panels.data());
+        linear_panels_backward(s.M, s.N, s.K, X, panels.data(), out, dX, dw_panels.data(), accumulate_dx, precision);
+        from_panels(dw_panels.data(), s.N, s.K, 0, s.N, 0, s.K, dW, s.K);
       },
       [](Napi::Env env) -> Napi::Value { return env.Undefined(); });
   for (const Napi::Float32Array& a : arrays) worker->keep(a);
