@@ -275,4 +275,16 @@ describe('fp32 weights in panels', () => {
     }
     model.dispose();
   });
+
+  test('converting a model that holds weights to bf16 reads the panels as rows', async () => {
+    const w = randomWeights(oddConfig, 6);
+    const model = await RetNet.fromStateDict(oddConfig, w);
+    await model.native().setWeightFormat('bf16');
+    const toBf16 = (a: Float32Array) =>
+      new Float32Array(new Uint32Array(Float32Array.from(a).buffer).map((b) => (b + 0x7fff + ((b >>> 16) & 1)) & 0xffff0000).buffer);
+    for (const name of ['layers.0.ffn.fc1.weight', 'layers.1.retention.out_proj.weight', 'output_projection.weight']) {
+      expect(Array.from(model.native().getParam(name))).toEqual(Array.from(toBf16(w.get(name)!)));
+    }
+    model.dispose();
+  });
 });
