@@ -121,46 +121,69 @@ __attribute__((target("avx2,fma"))) void panel_dots_avx2(const float* P, int str
     if (i < M) panel_block_avx2<1>(P + c, stride, nv, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy, last);
   }
 }
+
+// dst[j ldd + i] = src[i lds + j] for an 8 x 8 tile, in registers.
+__attribute__((target("avx2"))) inline void transpose8x8_avx2(const float* src, ptrdiff_t lds, float* dst,
+                                                              ptrdiff_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
 #endif
 
-}  // namespace
-
-// 16 columns of the panel's rows at a time, so the rows' lines read and the panel lines written
-// stay in L1 (row by row, each write touched another of K lines: medium's fromStateDict took
-// 416-428 ms against 217-239 from rows; tiled, the head converts in 21-25 ms in a harness).
-void to_panels(const float* W, int N, int K, float* P) {
-  constexpr int kTile = 16;
-  for (int p = 0; p * kPanelWidth < N; p++) {
-    const int width = panel_width(N, p);
-    float* panel = P + panel_offset(K, p);
-    const float* rows = W + panel_offset(K, p);
-    for (int k0 = 0; k0 < K; k0 += kTile) {
-      const int k1 = std::min(K, k0 + kTile);
-      for (int c = 0; c < width; c++) {
-        const float* row = rows + static_cast<size_t>(c) * K;
-        for (int k = k0; k < k1; k++) panel[static_cast<size_t>(k) * width + c] = row[k];
+// dst[j ldd + i] = src[i lds + j] for i < rows, j < cols, 16 source rows at a time: each
+// destination row then takes a whole 64-byte line per visit (half lines cost twice the misses
+// where rows are 4 KiB apart). 8 x 8 tiles in registers where AVX2 is, single floats at the edges.
+void transpose(const float* src, ptrdiff_t lds, int rows, int cols, float* dst, ptrdiff_t ldd) {
+  constexpr int kRows = 16;
+  for (int i0 = 0; i0 < rows; i0 += kRows) {
+    const int i1 = std::min(rows, i0 + kRows);
+    int j = 0;
+#ifdef RETNET_X86
+    if (cpu_has_avx2_fma() && i1 - i0 == kRows) {
+      for (; j + 8 <= cols; j += 8) {
+        transpose8x8_avx2(src + i0 * lds + j, lds, dst + j * ldd + i0, ldd);
+        transpose8x8_avx2(src + (i0 + 8) * lds + j, lds, dst + j * ldd + i0 + 8, ldd);
       }
     }
+#endif
+    for (; j < cols; j++)
+      for (int i = i0; i < i1; i++) dst[j * ldd + i] = src[i * lds + j];
   }
 }
 
-// A panel's rows at a time, 16 columns per pass: with a leading dimension of 4 KiB (K 1024),
-// writing the 64 rows a column at a time hit one L1 set and ran 11x slower (medium's head:
-// 239 against 21 ms in a harness).
+}  // namespace
+
+// Both conversions are transposes of a panel's rows, a band of columns at a time: row by row
+// or column by column, every write went to another line (rows 4 KiB apart hit one L1 set), and
+// medium's head took 239 ms to widen against 21 in bands of 16 (harness).
+void to_panels(const float* W, int N, int K, float* P) {
+  for (int p = 0; p * kPanelWidth < N; p++) {
+    const int width = panel_width(N, p);
+    transpose(W + panel_offset(K, p), K, width, K, P + panel_offset(K, p), width);
+  }
+}
+
 void from_panels(const float* P, int N, int K, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo) {
-  constexpr int kTile = 16;
   for (int r = 0; r < rows;) {
     const int n = n0 + r, p = n / kPanelWidth;
     const int width = panel_width(N, p);
     const int count = std::min(rows - r, (p + 1) * kPanelWidth - n);
     const float* first = P + panel_offset(K, p) + (n - p * kPanelWidth);
-    for (int t0 = 0; t0 < kc; t0 += kTile) {
-      const int t1 = std::min(kc, t0 + kTile);
-      for (int j = 0; j < count; j++) {
-        float* dst = out + (r + j) * ldo;
-        for (int k = t0; k < t1; k++) dst[k] = first[static_cast<size_t>(k0 + k) * width + j];
-      }
-    }
+    transpose(first + static_cast<size_t>(k0) * width, width, kc, count, out + r * ldo, ldo);
     r += count;
   }
 }
