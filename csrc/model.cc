@@ -155,13 +155,14 @@ Model::Model(std::unique_ptr<Ops> ops, const ModelConfig& config) : ops_(std::mo
   if (c.pre_norm) add("layer_norm.weight", {c.D});
   add("retnet_rel_pos.angle", {c.dk()});
   add("retnet_rel_pos.decay", {c.H});
-  panels_ = ops_->weights_in_panels();
-  for (ParamInfo& p : params_) p.panels = panels_ && p.shape.size() == 2 && p.name != "embed_tokens.weight";
   arena_ = Buffer(ops_.get(), params_.back().offset + params_.back().size);
 
   auto at = [&](const std::string& name) -> const float* { return arena_.data() + find_param(name)->offset; };
   embed_ = at("embed_tokens.weight");
   output_ = c.tied ? embed_ : at("output_projection.weight");
+  // One rule for which weights lie in panels: in_panels, by address.
+  panels_ = ops_->weights_in_panels();
+  for (ParamInfo& p : params_) p.panels = p.shape.size() == 2 && in_panels(arena_.data() + p.offset);
   if (c.layernorm_embedding) emb_ln_ = at("layernorm_embedding.weight");
   if (c.pre_norm) final_ln_ = at("layer_norm.weight");
   for (int l = 0; l < c.L; l++) {
