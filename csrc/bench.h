@@ -5,7 +5,8 @@
 
 namespace retnet {
 
-// Best-of-`reps` DRAM read bandwidth in GB/s of a streaming sum over `bytes`, all threads.
+// Best-of-`reps` DRAM read bandwidth in GB/s of a streaming sum over `bytes`, all threads, each
+// reading one stream or two (the better).
 double measure_read_bandwidth(size_t bytes, int reps);
 
 // Peak fp32 multiply-add rate in GFLOP/s of register-only FMA chains on all threads:
