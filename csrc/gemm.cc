@@ -676,27 +676,58 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
   const int16_t* const Q = grid.data();
   const float* const Q_steps = steps.data();
   const Kernels& kern = kernels();
-  parallel_for(total, 1, [&](size_t b0, size_t b1) {
-    int i = 0;
-    size_t first = b0;  // b0's index within product i
-    while (first >= blocks_of(i)) first -= blocks_of(i++);
-    for (size_t b = b0; b < b1; b++, first++) {
-      while (first == blocks_of(i)) {  // the next product with rows
-        i++;
-        first = 0;
-      }
-      const LinearOut& o = outs[i];
-      const int n0 = static_cast<int>(first) * kBlock, n1 = std::min(o.N, n0 + kBlock);
-      if (o.compact && o.compact->format == WeightFormat::Int8) {
-        int8_dots(*o.compact, M, n0, n1, Q, Q_steps, o.Y, o.N);
-      } else if (o.panels) {
-        panel_dots(o.W, o.N, K, M, n0, n1, X, o.Y, o.N);
-      } else if (o.compact) {
-        bf16_dots(*o.compact, M, n0, n1, X, o.Y, o.N);
-      } else {
-        kern.dots(M, n0, n1, o.N, K, X, K, o.W, K, o.Y, o.N, false);
-      }
+  // Block `first` of product i; advance() steps to the next block of the group.
+  struct Cursor {
+    int i;
+    size_t first;
+  };
+  auto locate = [&](size_t b) {
+    Cursor c{0, b};
+    while (c.first >= blocks_of(c.i)) c.first -= blocks_of(c.i++);
+    return c;
+  };
+  auto advance = [&](Cursor& c) {
+    c.first++;
+    while (c.i < count && c.first == blocks_of(c.i)) {  // on to the next product with rows
+      c.i++;
+      c.first = 0;
     }
+  };
+  auto slice = [&](const Cursor& c) {
+    const LinearOut& o = outs[c.i];
+    const int n0 = static_cast<int>(c.first) * kBlock;
+    return PanelSlice{o.W, o.N, n0, std::min(o.N, n0 + kBlock), o.Y};
+  };
+  auto run = [&](const Cursor& c) {
+    const LinearOut& o = outs[c.i];
+    const PanelSlice s = slice(c);
+    if (o.compact && o.compact->format == WeightFormat::Int8) {
+      int8_dots(*o.compact, M, s.n0, s.n1, Q, Q_steps, o.Y, o.N);
+    } else if (o.panels) {
+      panel_dots(o.W, o.N, K, M, s.n0, s.n1, X, o.Y, o.N);
+    } else if (o.compact) {
+      bf16_dots(*o.compact, M, s.n0, s.n1, X, o.Y, o.N);
+    } else {
+      kern.dots(M, s.n0, s.n1, o.N, K, X, K, o.W, K, o.Y, o.N, false);
+    }
+  };
+  // One activation row of fp32 panels: blocks run two at a time, as two streams.
+  const bool pairs = M == 1;
+  parallel_for(total, pairs ? 2 : 1, [&](size_t b0, size_t b1) {
+    Cursor c = locate(b0);
+    size_t b = b0;
+    for (; pairs && b + 2 <= b1; b += 2) {
+      const Cursor first = c;
+      advance(c);
+      if (outs[first.i].panels && outs[c.i].panels) {
+        panel_dots_pair(slice(first), slice(c), K, X);
+      } else {
+        run(first);
+        run(c);
+      }
+      advance(c);
+    }
+    for (; b < b1; b++, advance(c)) run(c);
   });
 }
 

@@ -86,6 +86,26 @@ __attribute__((target("avx512f"))) void panel_dots_avx512(const float* P, int st
     panel_rows_avx512<kXR>(std::min(kXR, M - i), nv, P, stride, K, X + static_cast<size_t>(i) * K, Y + i * ldy, ldy, last);
 }
 
+// One activation row against two whole panels, each output's chain as panel_block_avx512<1, 4, true>.
+__attribute__((target("avx512f"))) void panel_pair_avx512(const float* a, const float* b, int K, const float* x,
+                                                           float* ya, float* yb) {
+  __m512 acc_a[4], acc_b[4];
+  for (int v = 0; v < 4; v++) acc_a[v] = acc_b[v] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k++) {
+    const __m512 xv = _mm512_set1_ps(x[k]);
+    const float* pa = a + static_cast<size_t>(k) * kPanelWidth;
+    const float* pb = b + static_cast<size_t>(k) * kPanelWidth;
+    for (int v = 0; v < 4; v++) {
+      acc_a[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pa + 16 * v), acc_a[v]);
+      acc_b[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pb + 16 * v), acc_b[v]);
+    }
+  }
+  for (int v = 0; v < 4; v++) {
+    _mm512_storeu_ps(ya + 16 * v, acc_a[v]);
+    _mm512_storeu_ps(yb + 16 * v, acc_b[v]);
+  }
+}
+
 // AVX2: blocks of 2 activation rows by up to 32 columns (four 8-lane vectors, the last masked).
 template <int XR>
 __attribute__((target("avx2,fma"))) inline void panel_block_avx2(const float* P, int stride, int nv, int K,
@@ -198,6 +218,18 @@ void panel_dots(const float* P, int N, int K, int M, int n0, int n1, const float
   if (cpu_has_avx2_fma()) return panel_dots_avx2(first, stride, n1 - n0, K, X, M, out, ldy);
 #endif
   panel_dots_generic(first, stride, n1 - n0, K, X, M, out, ldy);
+}
+
+void panel_dots_pair(const PanelSlice& a, const PanelSlice& b, int K, const float* x) {
+#ifdef RETNET_X86
+  auto whole = [](const PanelSlice& s) { return s.n0 % kPanelWidth == 0 && s.n1 - s.n0 == kPanelWidth; };
+  if (cpu_isa() >= CpuIsa::Avx512 && whole(a) && whole(b)) {
+    return panel_pair_avx512(a.P + panel_offset(K, a.n0 / kPanelWidth), b.P + panel_offset(K, b.n0 / kPanelWidth), K, x,
+                             a.Y + a.n0, b.Y + b.n0);
+  }
+#endif
+  panel_dots(a.P, a.N, K, 1, a.n0, a.n1, x, a.Y, a.N);
+  panel_dots(b.P, b.N, K, 1, b.n0, b.n1, x, b.Y, b.N);
 }
 
 }  // namespace retnet

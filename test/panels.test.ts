@@ -66,10 +66,12 @@ async function run(c: Case): Promise<Float32Array> {
 const bitsOf = (a: Float32Array) => Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length));
 
 // Full panels and partial ones (widths 1 to 63 past the last multiple of 64, some not a
-// multiple of 16), row counts around the 6-row and 2-row blocks, odd K.
+// multiple of 16), row counts around the 6-row and 2-row blocks, odd K; one row against enough
+// panels that the threads' pieces run theirs in pairs, a partial panel among them.
 const DOT_SHAPES: Shape[] = [
   { M: 1, N: 64, K: 64 },
   { M: 1, N: 300, K: 129 },
+  { M: 1, N: 64 * 40 + 21, K: 35 },
   { M: 5, N: 65, K: 3 },
   { M: 6, N: 128, K: 40 },
   { M: 7, N: 100, K: 37 },
