@@ -711,9 +711,12 @@ void linear_rowwise(int M, int K, const float* X, const LinearOut* outs, int cou
       kern.dots(M, s.n0, s.n1, o.N, K, X, K, o.W, K, o.Y, o.N, false);
     }
   };
-  // One activation row of fp32 panels: blocks run two at a time, as two streams.
+  // One activation row of fp32 panels: blocks run two at a time, as two streams, so the
+  // threads share out pairs of blocks.
   const bool pairs = M == 1;
-  parallel_for(total, pairs ? 2 : 1, [&](size_t b0, size_t b1) {
+  const size_t unit = pairs ? 2 : 1;
+  parallel_for((total + unit - 1) / unit, 1, [&](size_t u0, size_t u1) {
+    const size_t b0 = u0 * unit, b1 = std::min(total, u1 * unit);
     Cursor c = locate(b0);
     size_t b = b0;
     for (; pairs && b + 2 <= b1; b += 2) {
