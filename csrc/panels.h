@@ -39,9 +39,9 @@ struct PanelSlice {
 };
 
 // panel_dots for one activation row x [K] against two slices at once: with AVX-512 and two
-// whole panels, one loop reads both, as two streams. Each thread then pulls the weights from DRAM
-// faster than from one stream: batch-1 decode steps ran 1.08-1.2x faster (MEASUREMENTS.md).
-// The same bits as two calls.
+// whole panels, one loop reads both, as two streams, which this VM's memory serves faster than
+// one: batch-1 decode steps ran 1.1-1.2x faster at its slower moments and even at its faster
+// ones (MEASUREMENTS.md). The same bits as two calls.
 void panel_dots_pair(const PanelSlice& a, const PanelSlice& b, int K, const float* x);
 
 }  // namespace retnet
