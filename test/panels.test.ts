@@ -67,7 +67,8 @@ const bitsOf = (a: Float32Array) => Array.from(new Uint32Array(a.buffer, a.byteO
 
 // Full panels and partial ones (widths 1 to 63 past the last multiple of 64, some not a
 // multiple of 16), row counts around the 6-row and 2-row blocks, odd K; one row against enough
-// panels that the threads' pieces run theirs in pairs, a partial panel among them.
+// panels that the threads' pieces run them in pairs (the partial last one alone; pairs holding
+// partial panels are in test/weights.test.ts's odd widths, a decode batch against each row alone).
 const DOT_SHAPES: Shape[] = [
   { M: 1, N: 64, K: 64 },
   { M: 1, N: 300, K: 129 },
