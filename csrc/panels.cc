@@ -143,24 +143,12 @@ __attribute__((target("avx2,fma"))) void panel_dots_avx2(const float* P, int str
 }
 
 // dst[j ldd + i] = src[i lds + j] for an 8 x 8 tile, in registers.
-__attribute__((target("avx2"))) inline void transpose8x8_avx2(const float* src, ptrdiff_t lds, float* dst,
-                                                              ptrdiff_t ldd) {
-  __m256 r[8], t[8];
+__attribute__((target("avx2,fma"))) inline void transpose8x8_avx2(const float* src, ptrdiff_t lds, float* dst,
+                                                                  ptrdiff_t ldd) {
+  __m256 r[8];
   for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; i++) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
+  transpose8(r);
+  for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + i * ldd, r[i]);
 }
 #endif
 
