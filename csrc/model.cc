@@ -323,11 +323,7 @@ void Model::run_layers(Workspace& ws, const RetentionDims& d, const int64_t* sta
     if (mode == Mode::Recurrent || rowwise_products || M <= kGemmDotsMaxRows) {
       LinearOut group[4];
       int n = 0;
-      for (LinearOut o : outs) {
-        o.compact = compact_of(o.W);
-        o.panels = !o.compact && in_panels(o.W);
-        group[n++] = o;
-      }
+      for (const LinearOut& o : outs) group[n++] = rowwise_out(o.W, o.N, o.Y);
       ops.linear_rowwise(M, K, X, group, n);
     } else {
       for (const LinearOut& o : outs) {
@@ -410,7 +406,7 @@ void Model::logits_of_rows(Workspace& ws, const float* x_rows, int rows, bool ro
   float* out = host ? logits_host : ws.logits.data();
   const QuantizedMatrix* compact = compact_of(output_);
   if (rowwise) {
-    const LinearOut projection{output_, c_.V, out, compact, !compact && in_panels(output_)};
+    const LinearOut projection = rowwise_out(output_, c_.V, out);
     ops.linear_rowwise(rows, c_.D, in, &projection, 1);
   } else if (compact) {
     ops.linear_compact(rows, in, *compact, out);

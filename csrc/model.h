@@ -209,6 +209,11 @@ class Model {
   // embedding, whose rows a token lookup reads).
   bool panels_ = false;
   bool in_panels(const float* W) const { return panels_ && W != embed_; }
+  // W's product as linear_rowwise takes it: through its compact matrix, or from its panels.
+  LinearOut rowwise_out(const float* W, int N, float* Y) const {
+    const QuantizedMatrix* compact = compact_of(W);
+    return {W, N, Y, compact, !compact && in_panels(W)};
+  }
   // The most rows whose products run as decode dot products when alone: fp32 rows hand more
   // than a few to the GEMM, panels and compact weights more than a few hundred.
   int dot_product_rows() const {
