@@ -129,8 +129,65 @@ __attribute__((target("avx2,fma"))) inline void panel_block_avx2(const float* P,
   }
 }
 
+// XR activation rows by NV 8-lane vectors of a whole panel's columns, unmasked (P points at the
+// first column; lines are kPanelWidth apart).
+template <int XR, int NV>
+__attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const float* P, int K, const float* X, float* Y,
+                                                                        ptrdiff_t ldy) {
+  __m256 acc[XR][NV];
+  for (int x = 0; x < XR; x++)
+    for (int v = 0; v < NV; v++) acc[x][v] = _mm256_setzero_ps();
+  for (int k = 0; k < K; k++) {
+    const float* p = P + static_cast<size_t>(k) * kPanelWidth;
+    for (int x = 0; x < XR; x++) {
+      const __m256 xv = _mm256_set1_ps(X[static_cast<size_t>(x) * K + k]);
+      for (int v = 0; v < NV; v++) acc[x][v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(p + 8 * v), acc[x][v]);
+    }
+  }
+  for (int x = 0; x < XR; x++)
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(Y + x * ldy + 8 * v, acc[x][v]);
+}
+
+// A whole panel on AVX2. The first row reads every line whole, one stream from DRAM (a pass
+// over half of each line, as the masked kernel below makes, read half as fast); the other rows
+// then find the panel in L2 and run three by 32 columns (12 accumulators). In a harness on a
+// Zen 3-class VM: batch 16 at 71 GFLOP/s against 38 for the masked kernel, one row 1.7x faster.
+__attribute__((target("avx2,fma"))) void panel_whole_avx2(const float* P, int K, const float* X, int M, float* Y,
+                                                           ptrdiff_t ldy) {
+  panel_whole_block_avx2<1, 8>(P, K, X, Y, ldy);
+  int i = 1;
+  for (; i + 3 <= M; i += 3)
+    for (int c = 0; c < kPanelWidth; c += 32)
+      panel_whole_block_avx2<3, 4>(P + c, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy);
+  for (; i < M; i++) panel_whole_block_avx2<1, 8>(P, K, X + static_cast<size_t>(i) * K, Y + i * ldy, ldy);
+}
+
+// One activation row against two whole panels, as two streams; each output's chain as
+// panel_whole_block_avx2<1, 8>. (16 accumulators and the broadcast: the compiler keeps one or
+// two accumulators on the stack, which a memory-bound loop does not notice.)
+__attribute__((target("avx2,fma"))) void panel_pair_avx2(const float* a, const float* b, int K, const float* x, float* ya,
+                                                          float* yb) {
+  __m256 acc_a[8], acc_b[8];
+  for (int v = 0; v < 8; v++) acc_a[v] = acc_b[v] = _mm256_setzero_ps();
+  for (int k = 0; k < K; k++) {
+    const __m256 xv = _mm256_set1_ps(x[k]);
+    const float* pa = a + static_cast<size_t>(k) * kPanelWidth;
+    const float* pb = b + static_cast<size_t>(k) * kPanelWidth;
+    for (int v = 0; v < 8; v++) {
+      acc_a[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pa + 8 * v), acc_a[v]);
+      acc_b[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pb + 8 * v), acc_b[v]);
+    }
+  }
+  for (int v = 0; v < 8; v++) {
+    _mm256_storeu_ps(ya + 8 * v, acc_a[v]);
+    _mm256_storeu_ps(yb + 8 * v, acc_b[v]);
+  }
+}
+
+// Part of a panel on AVX2 (a product's last, narrower panel, or a slice of one).
 __attribute__((target("avx2,fma"))) void panel_dots_avx2(const float* P, int stride, int width, int K, const float* X,
                                                           int M, float* Y, ptrdiff_t ldy) {
+  if (stride == kPanelWidth && width == kPanelWidth) return panel_whole_avx2(P, K, X, M, Y, ldy);
   for (int c = 0; c < width; c += 32) {
     const int cw = std::min(32, width - c);
     const int nv = (cw + 7) / 8;
@@ -211,9 +268,11 @@ void panel_dots(const float* P, int N, int K, int M, int n0, int n1, const float
 void panel_dots_pair(const PanelSlice& a, const PanelSlice& b, int K, const float* x) {
 #ifdef RETNET_X86
   auto whole = [](const PanelSlice& s) { return s.n0 % kPanelWidth == 0 && s.n1 - s.n0 == kPanelWidth; };
-  if (cpu_isa() >= CpuIsa::Avx512 && whole(a) && whole(b)) {
-    return panel_pair_avx512(a.P + panel_offset(K, a.n0 / kPanelWidth), b.P + panel_offset(K, b.n0 / kPanelWidth), K, x,
-                             a.Y + a.n0, b.Y + b.n0);
+  if (whole(a) && whole(b)) {
+    const float* pa = a.P + panel_offset(K, a.n0 / kPanelWidth);
+    const float* pb = b.P + panel_offset(K, b.n0 / kPanelWidth);
+    if (cpu_isa() >= CpuIsa::Avx512) return panel_pair_avx512(pa, pb, K, x, a.Y + a.n0, b.Y + b.n0);
+    if (cpu_has_avx2_fma()) return panel_pair_avx2(pa, pb, K, x, a.Y + a.n0, b.Y + b.n0);
   }
 #endif
   panel_dots(a.P, a.N, K, 1, a.n0, a.n1, x, a.Y, a.N);

@@ -38,10 +38,11 @@ struct PanelSlice {
   float* Y;
 };
 
-// panel_dots for one activation row x [K] against two slices at once: with AVX-512 and two
-// whole panels, one loop reads both, as two streams, which this VM's memory serves faster than
-// one: batch-1 decode steps ran 1.1-1.2x faster at its slower moments and even at its faster
-// ones (MEASUREMENTS.md). The same bits as two calls.
+// panel_dots for one activation row x [K] against two slices at once: with AVX-512 or AVX2 and
+// two whole panels, one loop reads both, as two streams, which the VMs' memory serves faster
+// than one: batch-1 decode steps ran 1.1-1.2x faster on a Zen 5 (AVX-512) at its slower moments
+// and even at its faster ones; on a Zen 3-class AVX2 VM a harness read 1.1-1.3x faster
+// (MEASUREMENTS.md). The same bits as two calls.
 void panel_dots_pair(const PanelSlice& a, const PanelSlice& b, int K, const float* x);
 
 }  // namespace retnet
