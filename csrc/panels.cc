@@ -148,10 +148,10 @@ __attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const flo
     for (int v = 0; v < NV; v++) _mm256_storeu_ps(Y + x * ldy + 8 * v, acc[x][v]);
 }
 
-// A whole panel on AVX2. The first row reads every line whole, one stream from DRAM (a pass
-// over half of each line, as the masked kernel below makes, read half as fast); the other rows
-// then find the panel in L2 and run three by 32 columns (12 accumulators). In a harness on a
-// Zen 3-class VM: batch 16 at 71 GFLOP/s against 38 for the masked kernel, one row 1.7x faster.
+// A whole panel on AVX2. The first row reads every line whole, one stream from DRAM (passes
+// over half of each line, as the masked kernel below makes, read slower); the other rows then
+// find the panel in L2 and run three by 32 columns (12 accumulators). In a harness on a Zen 3
+// VM: batch 16 at 71 GFLOP/s against 38 for the masked kernel, one row 1.7x faster.
 __attribute__((target("avx2,fma"))) void panel_whole_avx2(const float* P, int K, const float* X, int M, float* Y,
                                                            ptrdiff_t ldy) {
   panel_whole_block_avx2<1, 8>(P, K, X, Y, ldy);
