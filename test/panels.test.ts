@@ -66,7 +66,8 @@ async function run(c: Case): Promise<Float32Array> {
 const bitsOf = (a: Float32Array) => Array.from(new Uint32Array(a.buffer, a.byteOffset, a.length));
 
 // Full panels and partial ones (widths 1 to 63 past the last multiple of 64, some not a
-// multiple of 16), row counts around the 6-row and 2-row blocks, odd K; one row against enough
+// multiple of 16), row counts around the blocks (AVX-512: 6 rows; AVX2: one row, then 3-row
+// blocks on whole panels and 2-row ones on partial panels), odd K; one row against enough
 // panels that the threads' pieces run them in pairs (the partial last one alone; pairs holding
 // partial panels are in test/weights.test.ts's odd widths, a decode batch against each row alone).
 const DOT_SHAPES: Shape[] = [
