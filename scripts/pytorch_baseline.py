@@ -640,6 +640,22 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def blas_gflops():
+    """The BLAS's rate on one 1024^3 product: Debian's libblas3 alternative is the reference
+    BLAS (about 2.4 GFLOP/s on the Zen 3 VM against 96-100 for OpenBLAS), which makes training
+    ~20x slower, and batch-1 decode about 2x faster (no threads to wake per small product):
+    the figures say which one ran."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    rate = 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9
+    if rate < 20:
+        print(f'pytorch_baseline: the BLAS runs {rate:.1f} GFLOP/s: torch is calling the reference BLAS '
+              '(apt-get install libopenblas0-pthread for OpenBLAS)', file=sys.stderr)
+    return rate
+
+
 def preset_model(args, training):
     """The preset's model with seeded random weights, in train or eval mode, on args.threads threads."""
     torch.set_num_threads(args.threads)
@@ -676,7 +692,7 @@ def cmd_train(args):
         'impl': 'pytorch', 'torch': torch.__version__, 'preset': args.preset, 'mode': args.mode, 'batch': B,
         'seqLen': T, 'chunkSize': args.chunk_size if args.mode == 'chunkwise' else None, 'optimizer': bool(args.optimizer),
         'threads': args.threads, 'steps': args.steps, 'tokensPerSecond': B * T / per_step,
-        'peakRssBytes': peak_rss_bytes(),
+        'peakRssBytes': peak_rss_bytes(), 'blasGflops': blas_gflops(),
     }))
     return 0
 
@@ -713,7 +729,7 @@ def cmd_decode(args):
         'impl': 'pytorch', 'torch': torch.__version__, 'preset': args.preset, 'batch': B, 'context': Ctx,
         'steps': args.steps, 'threads': args.threads, 'prefill': args.prefill,
         'prefillTokensPerSecond': B * Ctx / prefill_s, 'tokensPerSecond': B / per_step, 'msPerToken': per_step * 1000,
-        'peakRssBytes': peak_rss_bytes(),
+        'peakRssBytes': peak_rss_bytes(), 'blasGflops': blas_gflops(),
     }))
     return 0
 
