@@ -1628,7 +1628,7 @@ void check_size(const Napi::TypedArray& a, size_t n, const char* call, const cha
 // computes it (dot products up to kCompactDotsMaxRows rows, the packed path past), for the tests.
 Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto matrix = std::make_shared<QuantizedMatrix>();
+  std::shared_ptr<QuantizedMatrix> matrix;
   Napi::Float32Array x, y;
   int M;
   try {
@@ -1644,11 +1644,9 @@ Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
     check_size(scales, s.N, "int8Linear", "scales");
     check_size(x, static_cast<size_t>(s.M) * s.K, "int8Linear", "x");
     check_size(y, static_cast<size_t>(s.M) * s.N, "int8Linear", "y");
-    matrix->format = WeightFormat::Int8;
-    matrix->N = s.N;
-    matrix->K = s.K;
-    matrix->int8.assign(weights.Data(), weights.Data() + weights.ElementLength());
-    matrix->scales.assign(scales.Data(), scales.Data() + s.N);
+    matrix = std::make_shared<QuantizedMatrix>(compact_matrix(s.N, s.K, WeightFormat::Int8));
+    std::memcpy(matrix->int8, weights.Data(), weights.ElementLength());
+    std::memcpy(matrix->scales, scales.Data(), s.N * sizeof(float));
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
   }

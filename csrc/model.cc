@@ -198,7 +198,9 @@ void Model::set_param(const std::string& name, const float* data, size_t n) {
   if (compact != compact_.end()) {
     QuantizedMatrix& q = compact->second;
     try {
-      q = quantize(data, q.N, q.K, q.format);
+      // Checked whole before any row is written: a value bf16 cannot hold leaves the matrix as it was.
+      if (q.format == WeightFormat::BF16) check_bf16_range(data, n);
+      quantize_into(q, [&](int j, float*) { return data + static_cast<size_t>(j) * q.K; });
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument("parameter " + name + ": " + e.what());
     }
@@ -273,29 +275,40 @@ void Model::set_weight_format(WeightFormat format) {
     throw std::invalid_argument(std::string("weights 'bf16' and 'int8' run on the CPU only; this model is on ") +
                                 ops_->name() + " (load it with weights 'f32')");
   const ModelConfig& c = c_;
-  // The arena is host memory here (the CPU backend): converted in place, no copy.
-  auto convert = [&](const float* W, int N, int K) {
-    if (in_panels(W)) {
-      compact_.emplace(W, quantize(N, K, format, [&](int j, float* row) {
-                         from_panels(W, N, K, j, 1, 0, K, row, K);
-                         return static_cast<const float*>(row);
-                       }));
-    } else {
-      compact_.emplace(W, quantize(W, N, K, format));
-    }
-    if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
+  struct Weight {
+    const float* W;
+    int N, K;
   };
+  std::vector<Weight> weights;
   for (const Layer& w : layers_) {
-    convert(w.q, c.D, c.D);
-    convert(w.k, c.D, c.D);
-    convert(w.v, c.Dv, c.D);
-    convert(w.g, c.Dv, c.D);
-    convert(w.out, c.D, c.Dv);
-    convert(w.fc1, c.F, c.D);
-    convert(w.gate, c.F, c.D);
-    convert(w.fc2, c.D, c.F);
+    weights.insert(weights.end(), {{w.q, c.D, c.D}, {w.k, c.D, c.D}, {w.v, c.Dv, c.D}, {w.g, c.Dv, c.D},
+                                   {w.out, c.D, c.Dv}, {w.fc1, c.F, c.D}, {w.gate, c.F, c.D}, {w.fc2, c.D, c.F}});
   }
-  convert(output_, c.V, c.D);
+  weights.push_back({output_, c.V, c.D});
+  // One buffer for every compact matrix, on 2 MiB pages where the kernel allows (one per
+  // matrix would round each up to whole 2 MiB pages, or leave them on 4 KiB pages).
+  size_t total = 0;
+  for (const Weight& w : weights) total += compact_bytes(w.N, w.K, format);
+  const std::shared_ptr<void> storage = compact_storage(total);
+  size_t offset = 0;
+  // The arena is host memory here (the CPU backend): converted in place, no copy.
+  for (const auto& [W, N, K] : weights) {
+    if (in_panels(W)) {
+      compact_.emplace(W, quantize(
+                              N, K, format,
+                              [&, W = W, N = N, K = K](int j, float* row) {
+                                from_panels(W, N, K, j, 1, 0, K, row, K);
+                                return static_cast<const float*>(row);
+                              },
+                              storage, offset));
+    } else {
+      compact_.emplace(W, quantize(
+                              N, K, format, [W = W, K = K](int j, float*) { return W + static_cast<size_t>(j) * K; },
+                              storage, offset));
+    }
+    offset += compact_bytes(N, K, format);
+    if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
+  }
   weight_format_ = format;
 }
 

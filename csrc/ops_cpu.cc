@@ -18,6 +18,7 @@
 
 #include "counter_rng.h"
 #include "gemm.h"
+#include "huge_pages.h"
 #include "ops.h"
 #include "simd.h"
 #include "threadpool.h"
@@ -407,9 +408,8 @@ class CpuOps final : public Ops {
   const char* name() const override { return "cpu"; }
 
   float* alloc(size_t n) override {
-    constexpr size_t kHuge = size_t{2} << 20;
     const size_t bytes = n * sizeof(float);
-    if (bytes < 2 * kHuge) {
+    if (bytes < 2 * kHugePage) {
       void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
       if (!p) throw std::bad_alloc();
       std::memset(p, 0, bytes);
@@ -418,21 +418,12 @@ class CpuOps final : public Ops {
     // Big buffers (weights, states, activations) are mapped from the kernel on 2 MiB
     // boundaries: they come zero-filled without a memset, so pages nobody writes (the fp32
     // projections of a model loaded with compact weights) never take memory; and they go on
-    // 2 MiB pages where the kernel allows (transparent huge pages in madvise mode), so
-    // streaming them costs far fewer TLB misses.
-    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    char* const raw = static_cast<char*>(
-        mmap(nullptr, rounded + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-    if (raw == MAP_FAILED) throw std::bad_alloc();
-    char* const p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) / kHuge * kHuge);
-    if (p > raw) munmap(raw, p - raw);
-    if (raw + kHuge > p) munmap(p + rounded, raw + kHuge - p);
-#ifdef MADV_HUGEPAGE
-    madvise(p, rounded, MADV_HUGEPAGE);
-#endif
+    // 2 MiB pages where the kernel allows, so streaming them costs far fewer TLB misses.
+    void* const p = map_huge(bytes);
+    if (!p) throw std::bad_alloc();
     std::lock_guard<std::mutex> lock(mapped_mutex_);
-    mapped_[p] = rounded;
-    return reinterpret_cast<float*>(p);
+    mapped_[p] = huge_mapping_size(bytes);
+    return static_cast<float*>(p);
   }
   void release(float* p) override {
     {

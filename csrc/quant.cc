@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "huge_pages.h"
 #include "simd.h"
 
 namespace retnet {
@@ -34,7 +35,7 @@ void dots_generic(const QuantizedMatrix& q, int M, int n0, int n1, const float* 
 // 16 consecutive weights of a row as two fp32 vectors.
 struct LoadBf16 {
   const uint16_t* w;
-  static LoadBf16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16.data() + offset}; }
+  static LoadBf16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16 + offset}; }
   __attribute__((target("avx2,fma"))) void operator()(int k, __m256& w0, __m256& w1) const {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
@@ -47,7 +48,7 @@ struct LoadBf16 {
 // activations come split the same way (bf16_dots_avx2).
 struct LoadBf16Pairs {
   const uint16_t* w;
-  static LoadBf16Pairs row(const QuantizedMatrix& q, size_t offset) { return {q.bf16.data() + offset}; }
+  static LoadBf16Pairs row(const QuantizedMatrix& q, size_t offset) { return {q.bf16 + offset}; }
   __attribute__((target("avx2,fma"))) void operator()(int k, __m256& w0, __m256& w1) const {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -57,7 +58,7 @@ struct LoadBf16Pairs {
 
 struct LoadInt8 {
   const int8_t* w;
-  static LoadInt8 row(const QuantizedMatrix& q, size_t offset) { return {q.int8.data() + offset}; }
+  static LoadInt8 row(const QuantizedMatrix& q, size_t offset) { return {q.int8 + offset}; }
   __attribute__((target("avx2,fma"))) void operator()(int k, __m256& w0, __m256& w1) const {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
     w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
@@ -157,7 +158,7 @@ __attribute__((target("avx2,fma"))) void bf16_dots_avx2(const QuantizedMatrix& q
 // activation row, eight rows per pass over the weight row.
 struct LoadBf16x16 {
   const uint16_t* w;
-  static LoadBf16x16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16.data() + offset}; }
+  static LoadBf16x16 row(const QuantizedMatrix& q, size_t offset) { return {q.bf16 + offset}; }
   __attribute__((target("avx512f"))) __m512 operator()(int k) const {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, v), 16));
@@ -166,7 +167,7 @@ struct LoadBf16x16 {
 
 struct LoadInt8x16 {
   const int8_t* w;
-  static LoadInt8x16 row(const QuantizedMatrix& q, size_t offset) { return {q.int8.data() + offset}; }
+  static LoadInt8x16 row(const QuantizedMatrix& q, size_t offset) { return {q.int8 + offset}; }
   __attribute__((target("avx512f"))) __m512 operator()(int k) const {
     // (maskz forms with every lane kept: GCC 12 warns that the plain ones read undefined lanes)
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
@@ -339,7 +340,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void dots_bf16dp(const Qu
     // kernel read that way ran 1.05-1.11x slower.)
     const int half = (n1 - n0) / 2;
     for (; j < n0 + half; j++)
-      block_dots_bf16dp<2, 1>(q.bf16.data() + static_cast<size_t>(j) * K, K, Xb, K, Y + j, ldy,
+      block_dots_bf16dp<2, 1>(q.bf16 + static_cast<size_t>(j) * K, K, Xb, K, Y + j, ldy,
                               static_cast<size_t>(half) * K, half);
     j = n0 + 2 * half;
   }
@@ -348,12 +349,12 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void dots_bf16dp(const Qu
   if (M >= kMinRows) {
     for (; j + kWR <= n1; j += kWR)
       for (int i = 0; i < M; i += kXR)
-        rows_block_bf16dp<kWR, kXR>(std::min(kXR, M - i), q.bf16.data() + static_cast<size_t>(j) * K, K,
+        rows_block_bf16dp<kWR, kXR>(std::min(kXR, M - i), q.bf16 + static_cast<size_t>(j) * K, K,
                                     Xb + static_cast<size_t>(i) * K, K, Y + i * ldy + j, ldy);
   }
   for (; j < n1; j++)
     for (int i = 0; i < M; i += kXR)
-      rows_block_bf16dp<1, kXR>(std::min(kXR, M - i), q.bf16.data() + static_cast<size_t>(j) * K, K,
+      rows_block_bf16dp<1, kXR>(std::min(kXR, M - i), q.bf16 + static_cast<size_t>(j) * K, K,
                                 Xb + static_cast<size_t>(i) * K, K, Y + i * ldy + j, ldy);
 }
 #endif
@@ -429,7 +430,7 @@ void int8_dots_generic(const QuantizedMatrix& q, int M, int n0, int n1, const in
                        ptrdiff_t ldy) {
   const int K = q.K;
   for (int j = n0; j < n1; j++) {
-    const int8_t* w = q.int8.data() + static_cast<size_t>(j) * K;
+    const int8_t* w = q.int8 + static_cast<size_t>(j) * K;
     for (int i = 0; i < M; i++) Y[i * ldy + j] = int8_output(int8_tail(w, Q + static_cast<size_t>(i) * K, 0, K), q.scales[j], steps[i]);
   }
 }
@@ -460,7 +461,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void int8_block_vn
                                                                                     const int16_t* Q, const float* steps,
                                                                                     float* out, ptrdiff_t ldy) {
   const int K = q.K;
-  const int8_t* W = q.int8.data() + static_cast<size_t>(j) * K;
+  const int8_t* W = q.int8 + static_cast<size_t>(j) * K;
   int64_t total[WR][XR] = {};
   int k = 0;
   while (k + 32 * CH <= K) {
@@ -545,7 +546,7 @@ __attribute__((target("avx2,fma"))) inline void int8_row_avx2(const QuantizedMat
                                                               int apart = 0) {
   const int K = q.K;
   const int8_t* W[WR];
-  for (int w = 0; w < WR; w++) W[w] = q.int8.data() + static_cast<size_t>(j + w * apart) * K;
+  for (int w = 0; w < WR; w++) W[w] = q.int8 + static_cast<size_t>(j + w * apart) * K;
   int64_t total[WR][XR] = {};
   int k = 0;
   while (k + 16 * CH <= K) {
@@ -686,35 +687,65 @@ void widen_rows_avx2(const QuantizedMatrix& q, int n0, int rows, int k0, int kc,
 
 }  // namespace
 
-QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& read_row) {
+size_t compact_bytes(int N, int K, WeightFormat format) {
+  const size_t n = static_cast<size_t>(N) * K;
+  auto line = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
+  if (format == WeightFormat::BF16) return line(n * sizeof(uint16_t));
+  if (format == WeightFormat::Int8) return line(N * sizeof(float)) + line(n);
+  return 0;
+}
+
+std::shared_ptr<void> compact_storage(size_t bytes) {
+  if (bytes >= 2 * kHugePage) {
+    if (void* p = map_huge(bytes)) return std::shared_ptr<void>(p, [bytes](void* q) { munmap(q, huge_mapping_size(bytes)); });
+  }
+  void* p = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
+  if (!p) throw std::bad_alloc();
+  return std::shared_ptr<void>(p, std::free);
+}
+
+QuantizedMatrix compact_matrix(int N, int K, WeightFormat format, std::shared_ptr<void> storage, size_t offset) {
   QuantizedMatrix q;
   q.format = format;
   q.N = N;
   q.K = K;
-  const size_t n = static_cast<size_t>(N) * K;
-  std::vector<float> scratch(K);
-  if (format == WeightFormat::BF16) q.bf16.resize(n);
-  if (format == WeightFormat::Int8) {
-    q.int8.resize(n);
-    q.scales.resize(N);
+  if (!storage) {
+    storage = compact_storage(compact_bytes(N, K, format));
+    offset = 0;
   }
+  char* const at = static_cast<char*>(storage.get()) + offset;
+  if (format == WeightFormat::BF16) q.bf16 = reinterpret_cast<uint16_t*>(at);
+  if (format == WeightFormat::Int8) {
+    q.scales = reinterpret_cast<float*>(at);
+    q.int8 = reinterpret_cast<int8_t*>(at + (N * sizeof(float) + 63) / 64 * 64);
+  }
+  q.storage = std::move(storage);
+  return q;
+}
+
+void check_bf16_range(const float* x, size_t n, size_t first) {
+  for (size_t i = 0; i < n; i++) {
+    const uint16_t b = to_bf16(x[i]);
+    if ((b & 0x7FFFu) == 0x7F80u && std::isfinite(x[i])) {
+      char value[32];
+      std::snprintf(value, sizeof value, "%.9g", x[i]);
+      throw std::invalid_argument(std::string("value ") + value + " at index " + std::to_string(first + i) +
+                                  " is beyond bf16's range (largest finite 3.3895e38)");
+    }
+  }
+}
+
+void quantize_into(QuantizedMatrix& q, const RowReader& read_row) {
+  const int N = q.N, K = q.K;
+  std::vector<float> scratch(K);
   for (int j = 0; j < N; j++) {
     const float* row = read_row(j, scratch.data());
     const size_t at = static_cast<size_t>(j) * K;
-    if (format == WeightFormat::BF16) {
-      for (int k = 0; k < K; k++) {
-        const uint16_t b = to_bf16(row[k]);
-        // Past bf16's largest finite value (about 3.3895e38) a finite weight would round to
-        // infinity, and every output it touches to NaN: refuse it instead.
-        if ((b & 0x7FFFu) == 0x7F80u && std::isfinite(row[k])) {
-          char value[32];
-          std::snprintf(value, sizeof value, "%.9g", row[k]);
-          throw std::invalid_argument(std::string("value ") + value + " at index " + std::to_string(at + k) +
-                                      " is beyond bf16's range (largest finite 3.3895e38)");
-        }
-        q.bf16[at + k] = b;
-      }
-    } else if (format == WeightFormat::Int8) {
+    if (q.format == WeightFormat::BF16) {
+      // A finite weight rounded to infinity would turn every output it touches to NaN: refuse it.
+      check_bf16_range(row, K, at);
+      for (int k = 0; k < K; k++) q.bf16[at + k] = to_bf16(row[k]);
+    } else if (q.format == WeightFormat::Int8) {
       float max_abs = 0;
       for (int k = 0; k < K; k++) max_abs = std::max(max_abs, std::fabs(row[k]));
       const float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
@@ -725,6 +756,12 @@ QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& rea
       }
     }
   }
+}
+
+QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& read_row, std::shared_ptr<void> storage,
+                         size_t offset) {
+  QuantizedMatrix q = compact_matrix(N, K, format, std::move(storage), offset);
+  quantize_into(q, read_row);
   return q;
 }
 

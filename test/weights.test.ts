@@ -183,8 +183,27 @@ test('a model with compact weights cannot be trained or saved, stores what is se
     /parameter layers\.0\.ffn\.fc2\.weight: value 3\.40282347e\+38 at index 5 is beyond bf16's range/,
   );
   expect(() => model.native().setParam('layers.0.ffn.fc2.weight', fc2)).toThrow(/beyond bf16's range/);
+  // Refused in its last value, new values leave the weight held as it was.
+  const held2 = model.native().getParam('layers.0.ffn.fc2.weight');
+  const fresh = Float32Array.from(fc2, () => rand() - 0.5);
+  fresh[fresh.length - 1] = 3.4028234663852886e38;
+  expect(() => model.native().setParam('layers.0.ffn.fc2.weight', fresh)).toThrow(/beyond bf16's range/);
+  expect(Array.from(model.native().getParam('layers.0.ffn.fc2.weight'))).toEqual(Array.from(held2));
   fc2[5] = 3.38e38; // still a finite bf16
   await RetNet.fromStateDict(config, huge, { weights: 'bf16' }).then((m) => m.dispose());
+  model.dispose();
+});
+
+test('int8: a projection set later is stored in int8 with its new row scales', async () => {
+  const model = await RetNet.fromStateDict(config, weights, { weights: 'int8' });
+  const q = Float32Array.from({ length: 64 * 64 }, () => rand() - 0.5);
+  model.native().setParam('layers.0.retention.q_proj.weight', q);
+  const held = model.native().getParam('layers.0.retention.q_proj.weight');
+  for (let row = 0; row < 64; row++) {
+    const values = q.subarray(row * 64, (row + 1) * 64);
+    const scale = maxAbs(values) / 127;
+    for (let k = 0; k < 64; k++) expect(held[row * 64 + k]).toBeCloseTo(Math.round(values[k] / scale) * scale, 6);
+  }
   model.dispose();
 });
 
