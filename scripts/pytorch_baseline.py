@@ -7,7 +7,8 @@ sequence (materialised decay masks, theta_shift with rotate_every_two, detached
 normalisers, per-chunk python loop over the cross-chunk state, one python-level decoder
 call per recurrent token), so its speed stands for torchscale's on this machine.
 
-Needs Debian's PyTorch: apt-get install python3-torch (run with /usr/bin/python3).
+Needs Debian's PyTorch and OpenBLAS: apt-get install python3-torch libopenblas0-pthread (run with
+/usr/bin/python3); without OpenBLAS, torch calls the reference BLAS (see blas_gflops).
 
   pytorch_baseline.py parity DIR...     compare the three forms with torchscale fixtures
   pytorch_baseline.py train  --preset base|medium --mode parallel|chunkwise --batch B --seq T
