@@ -285,6 +285,30 @@ void Model::set_weight_format(WeightFormat format) {
                                    {w.out, c.D, c.Dv}, {w.fc1, c.F, c.D}, {w.gate, c.F, c.D}, {w.fc2, c.D, c.F}});
   }
   weights.push_back({output_, c.V, c.D});
+  auto rows_of = [this](const Weight& w) -> RowReader {
+    if (in_panels(w.W)) {
+      return [w](int j, float* row) {
+        from_panels(w.W, w.N, w.K, j, 1, 0, w.K, row, w.K);
+        return static_cast<const float*>(row);
+      };
+    }
+    return [w](int j, float*) { return w.W + static_cast<size_t>(j) * w.K; };
+  };
+  // A value bf16 cannot hold is refused before anything is converted: a model half converted,
+  // its fp32 pages dropped, would go on computing with zeros.
+  if (format == WeightFormat::BF16) {
+    std::vector<float> scratch(std::max({c.D, c.Dv, c.F}));
+    for (const Weight& w : weights) {
+      const RowReader read = rows_of(w);
+      try {
+        for (int j = 0; j < w.N; j++) check_bf16_range(read(j, scratch.data()), w.K, static_cast<size_t>(j) * w.K);
+      } catch (const std::invalid_argument& e) {
+        for (const ParamInfo& p : params_)
+          if (arena_.data() + p.offset == w.W) throw std::invalid_argument("parameter " + p.name + ": " + e.what());
+        throw;
+      }
+    }
+  }
   // One buffer for every compact matrix, on 2 MiB pages where the kernel allows (one per
   // matrix would round each up to whole 2 MiB pages, or leave them on 4 KiB pages).
   size_t total = 0;
@@ -292,22 +316,10 @@ void Model::set_weight_format(WeightFormat format) {
   const std::shared_ptr<void> storage = compact_storage(total);
   size_t offset = 0;
   // The arena is host memory here (the CPU backend): converted in place, no copy.
-  for (const auto& [W, N, K] : weights) {
-    if (in_panels(W)) {
-      compact_.emplace(W, quantize(
-                              N, K, format,
-                              [&, W = W, N = N, K = K](int j, float* row) {
-                                from_panels(W, N, K, j, 1, 0, K, row, K);
-                                return static_cast<const float*>(row);
-                              },
-                              storage, offset));
-    } else {
-      compact_.emplace(W, quantize(
-                              N, K, format, [W = W, K = K](int j, float*) { return W + static_cast<size_t>(j) * K; },
-                              storage, offset));
-    }
-    offset += compact_bytes(N, K, format);
-    if (W != embed_) ops_->drop(const_cast<float*>(W), static_cast<size_t>(N) * K);
+  for (const Weight& w : weights) {
+    compact_.emplace(w.W, quantize(w.N, w.K, format, rows_of(w), storage, offset));
+    offset += compact_bytes(w.N, w.K, format);
+    if (w.W != embed_) ops_->drop(const_cast<float*>(w.W), static_cast<size_t>(w.N) * w.K);
   }
   weight_format_ = format;
 }

@@ -765,10 +765,6 @@ QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& rea
   return q;
 }
 
-QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format) {
-  return quantize(N, K, format, [&](int j, float*) { return W + static_cast<size_t>(j) * K; });
-}
-
 void widen_rows(const QuantizedMatrix& q, int n0, int rows, int k0, int kc, float* out, ptrdiff_t ldo, int ahead) {
 #ifdef RETNET_X86
   if (cpu_isa() >= CpuIsa::Avx512) return widen_rows_avx512(q, n0, rows, k0, kc, out, ldo, ahead);

@@ -10,7 +10,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <vector>
 
 namespace retnet {
 
@@ -55,16 +54,16 @@ std::shared_ptr<void> compact_storage(size_t bytes);
 QuantizedMatrix compact_matrix(int N, int K, WeightFormat format, std::shared_ptr<void> storage = nullptr,
                                size_t offset = 0);
 
-// W is [N, K] row-major fp32. Throws std::invalid_argument for a finite value bf16 cannot hold.
-QuantizedMatrix quantize(const float* W, int N, int K, WeightFormat format);
-// The same for a weight read a row at a time: read_row(j, scratch) gives row j's K values,
-// written into scratch (K floats) when they are not contiguous in memory. The arrays go where
-// compact_matrix(N, K, format, storage, offset) puts them.
+// An [N, K] weight in `format`, read a row at a time: read_row(j, scratch) gives row j's K
+// values, written into scratch (K floats) when they are not contiguous in memory. The arrays go
+// where compact_matrix(N, K, format, storage, offset) puts them. Throws std::invalid_argument
+// for a finite value bf16 cannot hold.
 using RowReader = std::function<const float*(int j, float* scratch)>;
 QuantizedMatrix quantize(int N, int K, WeightFormat format, const RowReader& read_row,
                          std::shared_ptr<void> storage = nullptr, size_t offset = 0);
 // Converts rows into q's own arrays (its format and shape), row by row: a bf16 range error
-// leaves the rows before it converted (check_bf16_range first to change nothing on error).
+// leaves the rows before it converted (callers that must change nothing on error run
+// check_bf16_range over the whole weight first; the check here stays as the last guard).
 void quantize_into(QuantizedMatrix& q, const RowReader& read_row);
 // Throws std::invalid_argument naming the first finite value of x[0, n) bf16 cannot hold
 // (past its largest finite value, 3.3895e38, it would round to infinity); `first` is x[0]'s index

@@ -295,6 +295,24 @@ describe('fp32 weights in panels', () => {
     model.dispose();
   });
 
+  test('converting a model whose weight bf16 cannot hold changes nothing', async () => {
+    const w = randomWeights(config, 7);
+    const fc2 = Float32Array.from(w.get('layers.1.ffn.fc2.weight')!);
+    fc2[fc2.length - 1] = 3.4028234663852886e38;
+    w.set('layers.1.ffn.fc2.weight', fc2);
+    const model = await RetNet.fromStateDict(config, w);
+    const before = await model.forward([prompt], { mode: 'parallel' });
+    await expect(model.native().setWeightFormat('bf16')).rejects.toThrow(
+      /parameter layers\.1\.ffn\.fc2\.weight: value 3\.40282347e\+38 at index \d+ is beyond bf16's range/,
+    );
+    // Still the fp32 model, every weight as it was, and still convertible to int8.
+    const after = await model.forward([prompt], { mode: 'parallel' });
+    expect(Array.from(after.logits)).toEqual(Array.from(before.logits));
+    expect(Array.from(model.native().getParam('layers.0.retention.q_proj.weight'))).toEqual(Array.from(w.get('layers.0.retention.q_proj.weight')!));
+    await model.native().setWeightFormat('int8');
+    model.dispose();
+  });
+
   test('converting a model that holds weights to bf16 reads the panels as rows', async () => {
     const w = randomWeights(oddConfig, 6);
     const model = await RetNet.fromStateDict(oddConfig, w);
