@@ -1,6 +1,7 @@
 #include "panels.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "simd.h"
@@ -129,16 +130,30 @@ __attribute__((target("avx2,fma"))) inline void panel_block_avx2(const float* P,
   }
 }
 
-// XR activation rows by NV 8-lane vectors of a whole panel's columns, unmasked (P points at the
-// first column; lines are kPanelWidth apart).
+// Software prefetches a block issues as it goes: at lines next, next + every, ..., the same
+// columns `ahead` lines on (none by default: next never comes).
+struct LinePrefetch {
+  int next = INT_MAX, every = 1, ahead = 0;
+};
+
+// XR activation rows by NV 8-lane vectors of a whole panel's columns over lines [k0, k1),
+// unmasked (P points at the first column; lines are kPanelWidth apart). Each output's chain
+// starts from 0 at line 0 and otherwise goes on from its value in Y.
 template <int XR, int NV>
-__attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const float* P, int K, const float* X, float* Y,
-                                                                        ptrdiff_t ldy) {
+__attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const float* P, int k0, int k1, int K,
+                                                                        const float* X, float* Y, ptrdiff_t ldy,
+                                                                        LinePrefetch prefetch = {}) {
   __m256 acc[XR][NV];
   for (int x = 0; x < XR; x++)
-    for (int v = 0; v < NV; v++) acc[x][v] = _mm256_setzero_ps();
-  for (int k = 0; k < K; k++) {
+    for (int v = 0; v < NV; v++) acc[x][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(Y + x * ldy + 8 * v);
+  for (int k = k0; k < k1; k++) {
     const float* p = P + static_cast<size_t>(k) * kPanelWidth;
+    if (k == prefetch.next) {
+      for (int v = 0; v < NV; v += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(p + static_cast<ptrdiff_t>(prefetch.ahead) * kPanelWidth + 8 * v),
+                     _MM_HINT_T0);
+      prefetch.next += prefetch.every;
+    }
     for (int x = 0; x < XR; x++) {
       const __m256 xv = _mm256_set1_ps(X[static_cast<size_t>(x) * K + k]);
       for (int v = 0; v < NV; v++) acc[x][v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(p + 8 * v), acc[x][v]);
@@ -150,16 +165,33 @@ __attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const flo
 
 // A whole panel on AVX2. The first row reads every line whole, one stream from DRAM (passes
 // over half of each line, as the masked kernel below makes, read slower); the other rows then
-// find the panel in L2 and run three by 32 columns (12 accumulators). In a harness on a Zen 3
+// find the lines in cache and run three by 32 columns (12 accumulators). In a harness on a Zen 3
 // VM: batch 16 at 71 GFLOP/s against 38 for the masked kernel, one row 1.7x faster.
+// From kChunkedMinRows to kChunkedMaxRows rows, where reading the panel from DRAM takes about
+// as long as the products, the rows pass over kChunkLines lines at a time, and the three-row
+// blocks fetch the next chunk while they compute (each block a share of its lines): the DRAM
+// stream overlaps the arithmetic instead of preceding it. The chains are the same, so are the
+// bits. Medium's decode products at batch 16 and 32 ran about 1.1-1.3x faster (Zen 3 VM,
+// MEASUREMENTS.md); with fewer rows the stream is the bound either way, and with more the
+// products are (at 256 rows of K 512, chunks were slower).
+constexpr int kChunkLines = 64;  // 16 KiB of a panel: it and the next one fit in L1
+constexpr int kChunkedMinRows = 16, kChunkedMaxRows = 64;
 __attribute__((target("avx2,fma"))) void panel_whole_avx2(const float* P, int K, const float* X, int M, float* Y,
                                                            ptrdiff_t ldy) {
-  panel_whole_block_avx2<1, 8>(P, K, X, Y, ldy);
-  int i = 1;
-  for (; i + 3 <= M; i += 3)
-    for (int c = 0; c < kPanelWidth; c += 32)
-      panel_whole_block_avx2<3, 4>(P + c, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy);
-  for (; i < M; i++) panel_whole_block_avx2<1, 8>(P, K, X + static_cast<size_t>(i) * K, Y + i * ldy, ldy);
+  const int chunk = M >= kChunkedMinRows && M <= kChunkedMaxRows ? kChunkLines : K;
+  const int groups = (M - 1) / 3;
+  for (int k0 = 0; k0 < K; k0 += chunk) {
+    const int k1 = std::min(K, k0 + chunk);
+    panel_whole_block_avx2<1, 8>(P, k0, k1, K, X, Y, ldy);
+    int i = 1;
+    for (int g = 0; g < groups; g++, i += 3) {
+      LinePrefetch prefetch;
+      if (k1 < K) prefetch = {k0 + g, groups, chunk};
+      for (int c = 0; c < kPanelWidth; c += 32)
+        panel_whole_block_avx2<3, 4>(P + c, k0, k1, K, X + static_cast<size_t>(i) * K, Y + i * ldy + c, ldy, prefetch);
+    }
+    for (; i < M; i++) panel_whole_block_avx2<1, 8>(P, k0, k1, K, X + static_cast<size_t>(i) * K, Y + i * ldy, ldy);
+  }
 }
 
 // One activation row against two whole panels, as two streams; each output's chain as

@@ -67,7 +67,8 @@ const bitsOf = (a: Float32Array) => Array.from(new Uint32Array(a.buffer, a.byteO
 
 // Full panels and partial ones (widths 1 to 63 past the last multiple of 64, some not a
 // multiple of 16), row counts around the blocks (AVX-512: 6 rows; AVX2: one row, then 3-row
-// blocks on whole panels and 2-row ones on partial panels), odd K; one row against enough
+// blocks on whole panels and 2-row ones on partial panels; from 16 to 64 rows, whole panels in
+// chunks of 64 lines, the last one partial), odd K; one row against enough
 // panels that the threads' pieces run them in pairs (the partial last one alone; pairs holding
 // partial panels are in test/weights.test.ts's odd widths, a decode batch against each row alone).
 const DOT_SHAPES: Shape[] = [
@@ -79,6 +80,9 @@ const DOT_SHAPES: Shape[] = [
   { M: 7, N: 100, K: 37 },
   { M: 13, N: 1, K: 17 },
   { M: 16, N: 200, K: 96 },
+  { M: 17, N: 128, K: 200 },
+  { M: 64, N: 70, K: 131 },
+  { M: 65, N: 64, K: 70 },
 ];
 
 describe('fp32 products on weights in panels', () => {
