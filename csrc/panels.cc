@@ -174,7 +174,10 @@ __attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const flo
 // bits. Medium's decode products at batch 16 and 32 ran about 1.1-1.3x faster (Zen 3 VM,
 // MEASUREMENTS.md); with fewer rows the stream is the bound either way, and with more the
 // products are (at 256 rows of K 512, chunks were slower).
-constexpr int kChunkLines = 64;  // 16 KiB of a panel: it and the next one fit in L1
+// 16 KiB of a panel: it and the one being fetched fill a Zen 3's 32 KiB L1 (chunks of 32 and 128
+// lines ran no differently). Before a partial last chunk, the fetches run a few lines past the
+// panel, into the next one's (a prefetch never faults).
+constexpr int kChunkLines = 64;
 constexpr int kChunkedMinRows = 16, kChunkedMaxRows = 64;
 __attribute__((target("avx2,fma"))) void panel_whole_avx2(const float* P, int K, const float* X, int M, float* Y,
                                                            ptrdiff_t ldy) {
