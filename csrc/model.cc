@@ -295,7 +295,8 @@ void Model::set_weight_format(WeightFormat format) {
     return [w](int j, float*) { return w.W + static_cast<size_t>(j) * w.K; };
   };
   // A value bf16 cannot hold is refused before anything is converted: a model half converted,
-  // its fp32 pages dropped, would go on computing with zeros.
+  // its fp32 pages dropped, would go on computing with zeros. (A separate pass rather than
+  // converting everything before dropping any fp32 page: that would hold both copies at once.)
   if (format == WeightFormat::BF16) {
     std::vector<float> scratch(std::max({c.D, c.Dv, c.F}));
     for (const Weight& w : weights) {
