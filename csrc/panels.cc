@@ -172,8 +172,8 @@ __attribute__((target("avx2,fma"))) inline void panel_whole_block_avx2(const flo
 // blocks fetch the next chunk while they compute (each block a share of its lines): the DRAM
 // stream overlaps the arithmetic instead of preceding it. The chains are the same, so are the
 // bits. Medium's decode products at batch 16 and 32 ran faster in 11 of 12 alternating pairs,
-// median 1.2x (Zen 3 VM, MEASUREMENTS.md); with fewer rows the stream is the bound either way, and with more the
-// products are (at 256 rows of K 512, chunks were slower).
+// median 1.2x (Zen 3 VM, MEASUREMENTS.md); with fewer rows the stream is the bound either way,
+// and with more the products are (at 256 rows of K 512, chunks were slower).
 // 16 KiB of a panel: it and the one being fetched fill a Zen 3's 32 KiB L1 (chunks of 32 and 128
 // lines ran no differently). Before a partial last chunk, the fetches run a few lines past the
 // panel, into the next one's (a prefetch never faults).
