@@ -5,6 +5,7 @@
 #include <napi.h>
 #include <v8.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -634,6 +635,142 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   ExternalMemory external_;
 };
 
+// A draw made on a worker for one batch-1 state, with that state's sampler.
+struct Draw {
+  NativeSampler* wrap = nullptr;  // JS thread only
+  NativeSampler::Claim sampler;   // claimed (busy) until the work ends
+  std::vector<int32_t> history;   // copied: JS may change its array while the worker reads
+  size_t vocab = 0, row = 0;      // row: in the logits
+  int32_t token = -1;
+};
+
+// What a call on several states holds until its work ends: the states and samplers it
+// claimed (busy) and a read claim on the model. release() frees them, on the worker.
+struct StatesClaim {
+  std::shared_ptr<Model> model;
+  std::vector<StateHandle> handles;
+  std::vector<Draw> draws;  // one per state with `sampling`, else none
+  std::shared_ptr<AccessGuard> guard;
+
+  std::vector<DecodeState*> states() const {
+    std::vector<DecodeState*> s;
+    for (const StateHandle& h : handles) s.push_back(h.state.get());
+    return s;
+  }
+  // Each state's next token from its logits rows (`V` floats each), on both threads: the
+  // draws of a batch take about as long as a small model's step.
+  void draw(const float* logits, size_t V) {
+    parallel_for(draws.size(), 1, [&](size_t d0, size_t d1) {
+      for (size_t i = d0; i < d1; i++) {
+        Draw& d = draws[i];
+        if (d.sampler.sampler)
+          d.token = d.sampler.sampler->sample(logits + d.row * V, d.vocab, d.history.data(), d.history.size());
+      }
+    });
+  }
+  void release() {
+    for (const StateHandle& h : handles) *h.busy = false;
+    handles.clear();
+    for (Draw& d : draws)
+      if (d.sampler.busy) *d.sampler.busy = false;
+    draws.clear();
+    if (guard) guard->release_read();
+    guard.reset();
+  }
+  ~StatesClaim() { release(); }
+};
+
+// What decodeRun's caller changes while the run goes on.
+struct DecodeRunControl {
+  std::atomic<int64_t> granted{0};  // steps the run may take in all
+  std::atomic<bool> stopped{false};
+};
+
+// decodeRun's worker: decode steps on one libuv thread, each state's drawn token fed back as
+// its next one, each step's tokens sent to JS in order. AsyncProgressQueueWorker delivers
+// every Send before OnOK, so `done` settles after the last onStep.
+class DecodeRunWorker : public Napi::AsyncProgressQueueWorker<int32_t> {
+ public:
+  DecodeRunWorker(Napi::Env env, std::shared_ptr<StatesClaim> claim, std::vector<int32_t> tokens,
+                  std::vector<int64_t> max_steps, std::vector<std::vector<int32_t>> stop_tokens,
+                  std::shared_ptr<DecodeRunControl> control, Napi::Function on_step)
+      : Napi::AsyncProgressQueueWorker<int32_t>(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        claim_(std::move(claim)),
+        tokens_(std::move(tokens)),
+        max_steps_(std::move(max_steps)),
+        stop_tokens_(std::move(stop_tokens)),
+        control_(std::move(control)),
+        on_step_(Napi::Persistent(on_step)) {}
+
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+  void Execute(const ExecutionProgress& progress) override {
+    struct Release {
+      StatesClaim& c;
+      ~Release() { c.release(); }
+    } release{*claim_};
+    try {
+      const size_t V = static_cast<size_t>(claim_->model->config().V);
+      const std::vector<DecodeState*> states = claim_->states();
+      auto logits = reused_buffer(states.size() * V);
+      for (int64_t step = 1;; step++) {
+        claim_->model->step_batch(states, tokens_.data(), logits->data());
+        claim_->draw(logits->data(), V);
+        bool ends = control_->stopped || step >= control_->granted;
+        for (size_t i = 0; i < states.size(); i++) {
+          Draw& d = claim_->draws[i];
+          tokens_[i] = d.token;
+          if (d.sampler.sampler->penalizes()) d.history.push_back(d.token);
+          const std::vector<int32_t>& stops = stop_tokens_[i];
+          ends = ends || step >= max_steps_[i] || std::find(stops.begin(), stops.end(), d.token) != stops.end();
+        }
+        progress.Send(tokens_.data(), tokens_.size());
+        steps_ = step;
+        if (ends) break;
+      }
+    } catch (const std::bad_alloc&) {
+      SetError("out of memory");
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+
+  void OnProgress(const int32_t* tokens, size_t count) override {
+    Napi::Env env = Env();
+    Napi::HandleScope scope(env);
+    if (!callback_error_.IsEmpty()) return;
+    Napi::Int32Array drawn = Napi::Int32Array::New(env, count);
+    std::copy(tokens, tokens + count, drawn.Data());
+    try {
+      on_step_.Call({drawn});
+    } catch (const Napi::Error& e) {
+      // The run stops at its next step and `done` rejects with what onStep threw.
+      callback_error_ = Napi::Persistent(e.Value());
+      control_->stopped = true;
+    }
+  }
+  void OnOK() override {
+    if (!callback_error_.IsEmpty()) {
+      deferred_.Reject(callback_error_.Value());
+    } else {
+      deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(steps_)));
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<StatesClaim> claim_;
+  std::vector<int32_t> tokens_;
+  std::vector<int64_t> max_steps_;
+  std::vector<std::vector<int32_t>> stop_tokens_;
+  std::shared_ptr<DecodeRunControl> control_;
+  Napi::FunctionReference on_step_;
+  Napi::ObjectReference callback_error_;
+  int64_t steps_ = 0;
+};
+
 class NativeModel : public Napi::ObjectWrap<NativeModel> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -644,6 +781,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("prefill", &NativeModel::Prefill),
                         InstanceMethod("step", &NativeModel::Step),
                         InstanceMethod("stepBatch", &NativeModel::StepBatch),
+                        InstanceMethod("decodeRun", &NativeModel::DecodeRun),
                         InstanceMethod("prefillBatch", &NativeModel::PrefillBatch),
                         InstanceMethod("getParam", &NativeModel::GetParam),
                         InstanceMethod("readParam", &NativeModel::ReadParam),
@@ -859,12 +997,105 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     });
   }
 
+  // The states of a call on several states (`call` in its errors): this model's, with current
+  // weights, each once. `rows` gets the sum of rows_of.
+  std::vector<StateHandle> parse_states(Napi::Env env, const char* call, const Napi::Value& states_arg,
+                                        const std::function<int(const DecodeState&)>& rows_of, size_t& rows) {
+    auto m = model(env);
+    if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
+    Napi::Array arr = states_arg.As<Napi::Array>();
+    if (arr.Length() == 0) throw std::invalid_argument(std::string(call) + " needs at least one state");
+    std::vector<StateHandle> handles;
+    rows = 0;
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Value v = arr.Get(i);
+      if (!v.IsObject()) throw std::invalid_argument("states[" + std::to_string(i) + "] is not a NativeState");
+      StateHandle h = Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>())->handle(env);
+      if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
+      for (const StateHandle& other : handles)
+        if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
+      require_current_weights(*h.state, "states[" + std::to_string(i) + "]: ");
+      rows += rows_of(*h.state);
+      handles.push_back(h);
+    }
+    return handles;
+  }
+
+  // `sampling`'s samplers, histories and vocab sizes (one entry per state, batch-1 states; a
+  // null sampler draws nothing) as draws from logits rows of V floats.
+  std::vector<Draw> parse_draws(Napi::Env env, const Napi::Value& sampling_arg, const std::vector<StateHandle>& handles,
+                                size_t V) {
+    if (!sampling_arg.IsObject()) throw std::invalid_argument("sampling must be an object");
+    Napi::Object o = sampling_arg.As<Napi::Object>();
+    const size_t n = handles.size();
+    const Napi::Value samplers = o.Get("samplers"), histories = o.Get("histories");
+    if (!samplers.IsArray() || samplers.As<Napi::Array>().Length() != n || !histories.IsArray() ||
+        histories.As<Napi::Array>().Length() != n)
+      throw std::invalid_argument("sampling.samplers and sampling.histories need one entry per state");
+    const Napi::Int32Array vocab = int32_arg(o.Get("vocab"), "sampling.vocab");
+    if (vocab.ElementLength() != n) throw std::invalid_argument("sampling.vocab needs one entry per state");
+    std::vector<Draw> draws(n);
+    for (uint32_t i = 0, row = 0; i < n; row += handles[i].state->batch(), i++) {
+      const Napi::Value sv = samplers.As<Napi::Array>().Get(i);
+      if (sv.IsNull() || sv.IsUndefined()) continue;
+      const std::string name = "sampling.samplers[" + std::to_string(i) + "]";
+      if (!sv.IsObject() || !sv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->sampler.Value()))
+        throw std::invalid_argument(name + " is not a NativeSampler");
+      if (vocab[i] < 1 || static_cast<size_t>(vocab[i]) > V)
+        throw std::invalid_argument("sampling.vocab[" + std::to_string(i) + "] must be in [1, " + std::to_string(V) + "]");
+      const std::string hname = "sampling.histories[" + std::to_string(i) + "]";
+      const Napi::Int32Array history = int32_arg(histories.As<Napi::Array>().Get(i), hname.c_str());
+      Draw& d = draws[i];
+      d.wrap = Napi::ObjectWrap<NativeSampler>::Unwrap(sv.As<Napi::Object>());
+      for (const Draw& other : draws)
+        if (&other != &d && other.wrap == d.wrap) throw std::invalid_argument(name + " appears twice");
+      d.history.assign(history.Data(), history.Data() + history.ElementLength());
+      d.vocab = static_cast<size_t>(vocab[i]);
+      d.row = row;
+    }
+    return draws;
+  }
+
+  // Claims every state and sampler of `claim` (or none) and the model for reading.
+  void claim_states(Napi::Env env, StatesClaim& claim) {
+    std::vector<StateHandle> handles = std::move(claim.handles);
+    std::vector<Draw> draws = std::move(claim.draws);
+    claim.handles.clear();
+    claim.draws.clear();
+    for (size_t i = 0; i < handles.size(); i++) {
+      bool expected = false;
+      if (!handles[i].busy->compare_exchange_strong(expected, true)) {
+        claim.release();
+        throw Napi::Error::New(env, "decode state " + std::to_string(i) + " is busy with another call");
+      }
+      claim.handles.push_back(handles[i]);
+    }
+    for (size_t i = 0; i < draws.size(); i++) {
+      Draw& d = draws[i];
+      if (d.wrap) {
+        d.sampler = d.wrap->claim();
+        if (!d.sampler.sampler) {
+          claim.release();
+          throw Napi::Error::New(env, "sampling.samplers[" + std::to_string(i) + "] is busy with another call");
+        }
+      }
+      claim.draws.push_back(std::move(d));
+    }
+    try {
+      claim.guard = claim_read(env);
+    } catch (...) {
+      claim.release();
+      throw;
+    }
+    for (const StateHandle& h : claim.handles) h.state->weights_version = access_->weight_version();
+  }
+
   // A call (named `call` in its errors) on several states at once, each owning
   // `rows_of(state)` logits rows: claims every state (or none) and the model for reading, runs
   // `work` on a worker and resolves the logits [sum of rows, V], or with `outputs` (one
   // Float32Array per state, its rows * V floats) fills those on the JS thread and resolves
   // `outputs`. `check(total rows)` validates the rest of the call before anything is claimed.
-  // With `sampling` (needs `outputs`; see stepBatch) the worker also draws the next token of
+  // With `sampling` (needs `outputs`; see prefillBatch) the worker also draws the next token of
   // each batch-1 state given a sampler, and that state's output is left as it was.
   using StatesWork = std::function<void(const Model&, const std::vector<DecodeState*>&, float*)>;
   Napi::Value RunOnStates(const char* call, const Napi::CallbackInfo& info, const Napi::Value& states_arg,
@@ -872,81 +1103,32 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                           const std::function<int(const DecodeState&)>& rows_of,
                           const std::function<void(size_t)>& check, StatesWork work) {
     Napi::Env env = info.Env();
-    auto m = model(env);
-    std::vector<StateHandle> handles;
-    Napi::Array outputs;
-    const size_t V = static_cast<size_t>(m->config().V);
+    auto claim = std::make_shared<StatesClaim>();
+    claim->model = model(env);
+    const size_t V = static_cast<size_t>(claim->model->config().V);
     size_t rows = 0;
-    // With `sampling`, one per state; a state given no sampler is not drawn.
-    struct Draw {
-      NativeSampler* wrap = nullptr;  // JS thread only
-      NativeSampler::Claim sampler;   // claimed (busy) until the worker ends
-      std::vector<int32_t> history;   // copied: JS may change its array while the worker reads
-      size_t vocab = 0, row = 0;      // row: in the logits
-      int32_t token = -1;
-    };
-    auto draws = std::make_shared<std::vector<Draw>>();
+    Napi::Array outputs;
     Napi::Int32Array sampled;
     std::shared_ptr<std::vector<float>> out;
     try {
-      if (!states_arg.IsArray()) throw std::invalid_argument(std::string(call) + ": states must be an array of NativeState");
-      Napi::Array arr = states_arg.As<Napi::Array>();
-      if (arr.Length() == 0) throw std::invalid_argument(std::string(call) + " needs at least one state");
+      claim->handles = parse_states(env, call, states_arg, rows_of, rows);
+      const size_t n = claim->handles.size();
       if (!outputs_arg.IsUndefined()) {
-        if (!outputs_arg.IsArray() || outputs_arg.As<Napi::Array>().Length() != arr.Length())
+        if (!outputs_arg.IsArray() || outputs_arg.As<Napi::Array>().Length() != n)
           throw std::invalid_argument("outputs must be an array with one Float32Array per state");
         outputs = outputs_arg.As<Napi::Array>();
-      }
-      for (uint32_t i = 0; i < arr.Length(); i++) {
-        Napi::Value v = arr.Get(i);
-        if (!v.IsObject()) throw std::invalid_argument("states[" + std::to_string(i) + "] is not a NativeState");
-        StateHandle h = Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>())->handle(env);
-        if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
-        for (const StateHandle& other : handles)
-          if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
-        require_current_weights(*h.state, "states[" + std::to_string(i) + "]: ");
-        const size_t own = rows_of(*h.state);
-        if (!outputs.IsEmpty()) {
+        for (uint32_t i = 0; i < n; i++) {
           const std::string name = "outputs[" + std::to_string(i) + "]";
-          const Napi::Float32Array o = float32_arg(outputs.Get(i), name.c_str());
-          if (o.ElementLength() != own * V)
-            throw std::invalid_argument(name + " must hold that state's rows * vocab = " + std::to_string(own * V) + " floats");
+          const size_t own = rows_of(*claim->handles[i].state) * V;
+          if (float32_arg(outputs.Get(i), name.c_str()).ElementLength() != own)
+            throw std::invalid_argument(name + " must hold that state's rows * vocab = " + std::to_string(own) + " floats");
         }
-        rows += own;
-        handles.push_back(h);
       }
       if (!sampling_arg.IsUndefined()) {
         if (outputs.IsEmpty()) throw std::invalid_argument("sampling needs outputs");
-        if (!sampling_arg.IsObject()) throw std::invalid_argument("sampling must be an object");
-        Napi::Object o = sampling_arg.As<Napi::Object>();
-        const Napi::Value samplers = o.Get("samplers"), histories = o.Get("histories");
-        if (!samplers.IsArray() || samplers.As<Napi::Array>().Length() != arr.Length() || !histories.IsArray() ||
-            histories.As<Napi::Array>().Length() != arr.Length())
-          throw std::invalid_argument("sampling.samplers and sampling.histories need one entry per state");
-        const Napi::Int32Array vocab = int32_arg(o.Get("vocab"), "sampling.vocab");
-        sampled = int32_arg(o.Get("sampled"), "sampling.sampled");
-        if (vocab.ElementLength() != arr.Length() || sampled.ElementLength() != arr.Length())
-          throw std::invalid_argument("sampling.vocab and sampling.sampled need one entry per state");
-        draws->resize(arr.Length());
-        for (uint32_t i = 0, row = 0; i < arr.Length(); row += rows_of(*handles[i].state), i++) {
-          const Napi::Value sv = samplers.As<Napi::Array>().Get(i);
-          if (sv.IsNull() || sv.IsUndefined()) continue;
-          const std::string name = "sampling.samplers[" + std::to_string(i) + "]";
-          if (!sv.IsObject() || !sv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->sampler.Value()))
-            throw std::invalid_argument(name + " is not a NativeSampler");
-          if (handles[i].state->batch() != 1) throw std::invalid_argument(name + ": only batch-1 states are sampled");
-          if (vocab[i] < 1 || static_cast<size_t>(vocab[i]) > V)
-            throw std::invalid_argument("sampling.vocab[" + std::to_string(i) + "] must be in [1, " + std::to_string(V) + "]");
-          const std::string hname = "sampling.histories[" + std::to_string(i) + "]";
-          const Napi::Int32Array history = int32_arg(histories.As<Napi::Array>().Get(i), hname.c_str());
-          Draw& d = (*draws)[i];
-          d.wrap = Napi::ObjectWrap<NativeSampler>::Unwrap(sv.As<Napi::Object>());
-          for (const Draw& other : *draws)
-            if (&other != &d && other.wrap == d.wrap) throw std::invalid_argument(name + " appears twice");
-          d.history.assign(history.Data(), history.Data() + history.ElementLength());
-          d.vocab = static_cast<size_t>(vocab[i]);
-          d.row = row;
-        }
+        claim->draws = parse_draws(env, sampling_arg, claim->handles, V);
+        sampled = int32_arg(sampling_arg.As<Napi::Object>().Get("sampled"), "sampling.sampled");
+        if (sampled.ElementLength() != n) throw std::invalid_argument("sampling.sampled needs one entry per state");
       }
       check(rows);
       // A fresh [rows, V] buffer per call would fault in its pages every time: 2 MB at 16 rows.
@@ -958,74 +1140,36 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    for (size_t i = 0; i < handles.size(); i++) {
-      bool expected = false;
-      if (!handles[i].busy->compare_exchange_strong(expected, true)) {
-        for (size_t j = 0; j < i; j++) *handles[j].busy = false;
-        throw Napi::Error::New(env, "decode state " + std::to_string(i) + " is busy with another call");
-      }
-    }
-    auto release_samplers = [draws] {
-      for (Draw& d : *draws)
-        if (d.sampler.busy) *d.sampler.busy = false;
-    };
-    for (size_t i = 0; i < draws->size(); i++) {
-      Draw& d = (*draws)[i];
-      if (!d.wrap) continue;
-      d.sampler = d.wrap->claim();
-      if (!d.sampler.sampler) {
-        release_samplers();
-        for (const StateHandle& h : handles) *h.busy = false;
-        throw Napi::Error::New(env, "sampling.samplers[" + std::to_string(i) + "] is busy with another call");
-      }
-    }
-    std::shared_ptr<AccessGuard> guard;
-    try {
-      guard = claim_read(env);
-    } catch (...) {
-      release_samplers();
-      for (const StateHandle& h : handles) *h.busy = false;
-      throw;
-    }
-    for (const StateHandle& h : handles) h.state->weights_version = access_->weight_version();
+    claim_states(env, *claim);
+    // Taken before the worker releases the claim.
+    auto tokens = std::make_shared<std::vector<int32_t>>(claim->draws.size(), -1);
     std::vector<size_t> row_counts;
-    for (const StateHandle& h : handles) row_counts.push_back(rows_of(*h.state));
+    for (const StateHandle& h : claim->handles) row_counts.push_back(rows_of(*h.state));
+    std::vector<bool> drawn;
+    for (const Draw& d : claim->draws) drawn.push_back(d.sampler.sampler != nullptr);
     std::shared_ptr<Napi::Reference<Napi::Array>> targets;
     if (!outputs.IsEmpty()) targets = std::make_shared<Napi::Reference<Napi::Array>>(Napi::Persistent(outputs));
     std::shared_ptr<Napi::Reference<Napi::Int32Array>> sampled_ref;
     if (!sampled.IsEmpty()) sampled_ref = std::make_shared<Napi::Reference<Napi::Int32Array>>(Napi::Persistent(sampled));
     auto* worker = new PromiseWorker(
         env,
-        [m, handles, out, guard, work, draws, release_samplers, V] {
-          ReadClaim claim{guard};
+        [claim, out, work, tokens, V] {
           struct Release {
-            const std::vector<StateHandle>& hs;
-            const decltype(release_samplers)& samplers;
-            ~Release() {
-              for (const StateHandle& h : hs) *h.busy = false;
-              samplers();
-            }
-          } release{handles, release_samplers};
-          std::vector<DecodeState*> states;
-          for (const StateHandle& h : handles) states.push_back(h.state.get());
-          work(*m, states, out->data());
-          // The draws of a batch take about as long as a small model's step: both threads.
-          parallel_for(draws->size(), 1, [&](size_t d0, size_t d1) {
-            for (size_t i = d0; i < d1; i++) {
-              Draw& d = (*draws)[i];
-              if (d.sampler.sampler)
-                d.token = d.sampler.sampler->sample(out->data() + d.row * V, d.vocab, d.history.data(), d.history.size());
-            }
-          });
+            StatesClaim& c;
+            ~Release() { c.release(); }
+          } release{*claim};
+          work(*claim->model, claim->states(), out->data());
+          claim->draw(out->data(), V);
+          for (size_t i = 0; i < claim->draws.size(); i++) (*tokens)[i] = claim->draws[i].token;
         },
-        [out, targets, row_counts, V, draws, sampled_ref](Napi::Env env) -> Napi::Value {
+        [out, targets, row_counts, V, drawn, tokens, sampled_ref](Napi::Env env) -> Napi::Value {
           if (!targets) return to_js(env, std::move(*out));
           // Filled here on the JS thread, as step's `logits`.
           Napi::Array dsts = targets->Value();
           const float* src = out->data();
           for (uint32_t i = 0; i < row_counts.size(); i++) {
             const size_t count = row_counts[i] * V;
-            if (draws->empty() || !(*draws)[i].sampler.sampler) {
+            if (drawn.empty() || !drawn[i]) {
               Napi::Value d = dsts.Get(i);
               if (!d.IsTypedArray() || d.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
                   d.As<Napi::Float32Array>().ElementLength() != count)
@@ -1038,7 +1182,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
             Napi::Int32Array dst = sampled_ref->Value();
             if (dst.ElementLength() != row_counts.size())
               throw std::invalid_argument("sampling.sampled was detached during the call");
-            for (size_t i = 0; i < row_counts.size(); i++) dst[i] = (*draws)[i].token;
+            for (size_t i = 0; i < row_counts.size(); i++) dst[i] = (*tokens)[i];
           }
           return dsts;
         });
@@ -1047,14 +1191,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return worker->promise();
   }
 
-  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[],
-  //   sampling?: { samplers: (NativeSampler | null)[], histories: Int32Array[], vocab: Int32Array,
-  //   sampled: Int32Array }) -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state,
-  //   its batch * V floats) -> Promise<outputs>, each filled with its state's rows:
-  // one decode step for several sessions at once (continuous batching). With `sampling` (one
-  // entry per state), a batch-1 state given a sampler gets its next token drawn on the worker
-  // from its logits' first vocab[i] ids with histories[i] (as NativeSampler.sample would), into
-  // sampled[i] (-1 for the others), instead of its logits in outputs[i].
+  // stepBatch(states: NativeState[], tokens: Int32Array [sum of batches], outputs?: Float32Array[])
+  //   -> Promise<Float32Array [rows, V]>, or with `outputs` (one per state, its batch * V floats)
+  //   -> Promise<outputs>, each filled with its state's rows: one decode step for several
+  // sessions at once (continuous batching; decodeRun takes several steps and draws tokens).
   Napi::Value StepBatch(const Napi::CallbackInfo& info) {
     Ids ids;
     try {
@@ -1064,7 +1204,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     }
     auto m = model(info.Env());
     return RunOnStates(
-        "stepBatch", info, info[0], info[2], info[3], [](const DecodeState& s) { return s.batch(); },
+        "stepBatch", info, info[0], info[2], Napi::Value(), [](const DecodeState& s) { return s.batch(); },
         [&](size_t rows) {
           if (ids->size() != rows) throw std::invalid_argument("stepBatch takes one token per row of every state");
           m->check_tokens(ids->data(), rows);
@@ -1072,6 +1212,82 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         [ids](const Model& model, const std::vector<DecodeState*>& states, float* logits) {
           model.step_batch(states, ids->data(), logits);
         });
+  }
+
+  // decodeRun(states: NativeState[] (batch 1), tokens: Int32Array (one per state), sampling:
+  //   { samplers, histories, vocab } (a sampler per state), maxSteps: Int32Array, stopTokens:
+  //   Int32Array[], granted, onStep: (tokens: Int32Array) => void) -> { done, grant, stop }:
+  // decode steps on one worker, each state's drawn token fed back as its next token with no
+  // trip through JS between steps. onStep gets each step's drawn tokens, in order; `done`
+  // resolves the number of steps after the last onStep. The run ends after a step where stop()
+  // was called, a state drew one of its stopTokens or took maxSteps[i] steps, or the steps
+  // taken reach `granted` (grant(n) raises it to n).
+  Napi::Value DecodeRun(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto claim = std::make_shared<StatesClaim>();
+    claim->model = model(env);
+    std::vector<int32_t> tokens;
+    std::vector<int64_t> max_steps;
+    std::vector<std::vector<int32_t>> stop_tokens;
+    auto control = std::make_shared<DecodeRunControl>();
+    try {
+      size_t rows = 0;
+      claim->handles = parse_states(
+          env, "decodeRun", info[0],
+          [](const DecodeState& s) {
+            if (s.batch() != 1) throw std::invalid_argument("decodeRun takes batch-1 states");
+            return 1;
+          },
+          rows);
+      const size_t n = claim->handles.size();
+      const Napi::Int32Array token_arg = int32_arg(info[1], "tokens");
+      if (token_arg.ElementLength() != n) throw std::invalid_argument("decodeRun takes one token per state");
+      tokens.assign(token_arg.Data(), token_arg.Data() + n);
+      claim->model->check_tokens(tokens.data(), n);
+      claim->draws = parse_draws(env, info[2], claim->handles, static_cast<size_t>(claim->model->config().V));
+      for (size_t i = 0; i < n; i++)
+        if (!claim->draws[i].wrap) throw std::invalid_argument("decodeRun: sampling.samplers[" + std::to_string(i) + "] must be a NativeSampler");
+      const Napi::Int32Array max_arg = int32_arg(info[3], "maxSteps");
+      if (max_arg.ElementLength() != n) throw std::invalid_argument("maxSteps needs one entry per state");
+      for (size_t i = 0; i < n; i++) {
+        if (max_arg[i] < 1) throw std::invalid_argument("maxSteps must be >= 1");
+        max_steps.push_back(max_arg[i]);
+      }
+      if (!info[4].IsArray() || info[4].As<Napi::Array>().Length() != n)
+        throw std::invalid_argument("stopTokens must be an array with one Int32Array per state");
+      for (uint32_t i = 0; i < n; i++) {
+        const std::string name = "stopTokens[" + std::to_string(i) + "]";
+        const Napi::Int32Array stops = int32_arg(info[4].As<Napi::Array>().Get(i), name.c_str());
+        stop_tokens.emplace_back(stops.Data(), stops.Data() + stops.ElementLength());
+      }
+      const int granted = to_int(info[5], "granted");
+      if (granted < 1) throw std::invalid_argument("granted must be >= 1");
+      control->granted = granted;
+      if (!info[6].IsFunction()) throw std::invalid_argument("onStep must be a function");
+    } catch (const Napi::Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    claim_states(env, *claim);
+    auto* worker = new DecodeRunWorker(env, claim, std::move(tokens), std::move(max_steps), std::move(stop_tokens), control,
+                                       info[6].As<Napi::Function>());
+    Napi::Object run = Napi::Object::New(env);
+    run.Set("done", worker->promise());
+    run.Set("grant", Napi::Function::New(env, [control](const Napi::CallbackInfo& call) {
+              int64_t steps;
+              try {
+                steps = to_position(call[0]);
+              } catch (const std::exception& e) {
+                throw Napi::Error::New(call.Env(), std::string("grant: ") + e.what());
+              }
+              int64_t now = control->granted;
+              while (steps > now && !control->granted.compare_exchange_weak(now, steps)) {
+              }
+            }));
+    run.Set("stop", Napi::Function::New(env, [control](const Napi::CallbackInfo&) { control->stopped = true; }));
+    worker->Queue();
+    return run;
   }
 
   // prefillBatch(states: NativeState[] (batch 1), tokens: Int32Array, lengths: Int32Array, mode, chunk,

@@ -38,6 +38,8 @@ class Sampler {
   // penalty, which applies once per distinct id. Throws std::invalid_argument on empty or NaN
   // logits and on history ids outside [0, vocab).
   int32_t sample(const float* logits, size_t vocab, const int32_t* history, size_t history_len);
+  // Whether sample() reads `history` (the repetition penalty is on).
+  bool penalizes() const { return options_.repetition_penalty != 1; }
 
  private:
   void penalize(const int32_t* history, size_t history_len, size_t vocab);

@@ -12,6 +12,8 @@ export interface StepSampling {
   history: number[];
   /** Draw among the ids below this (the tokenizer's vocabulary). */
   vocabSize: number;
+  /** Ids after whose draw the caller steps no further (its stopTokens). */
+  stopTokens: Int32Array;
 }
 
 export interface DecodeStepOptions extends StepOptions {
@@ -21,6 +23,13 @@ export interface DecodeStepOptions extends StepOptions {
    * `logits` unwritten.
    */
   sample?: StepSampling;
+  /**
+   * With `sample`: the caller feeds each drawn token back as the next step's token, for at most
+   * this many steps in all (this one included) and none after a draw in `sample.stopTokens`.
+   * A session may take those steps before it is asked for them (the scheduler's decode runs),
+   * and answers the calls that ask with the tokens they drew. Default 1.
+   */
+  feedSteps?: number;
 }
 
 /** A stateful decoder over a model (the native-backed session implements this). */
@@ -191,7 +200,7 @@ export async function* generateFromSession(
   const stopFilter = new StopSequenceFilter(stops);
   const endOfText = (): string => stopFilter.push(decoder.flush()) + stopFilter.finish();
   const history = promptTokens.slice();
-  const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize };
+  const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize, stopTokens: Int32Array.from(stopTokens) };
   // drawn: the token the last session call drew itself, where it could.
   let { logits, token: drawn } = await session.prefill([promptTokens], { sample: draw });
   // The sampler reads each step's logits before the next step, so one buffer serves them all.
@@ -216,7 +225,7 @@ export async function* generateFromSession(
     }
     yield { token, text };
     throwIfAborted(signal);
-    ({ logits, token: drawn } = await session.step([token], { logits: stepLogits, sample: draw }));
+    ({ logits, token: drawn } = await session.step([token], { logits: stepLogits, sample: draw, feedSteps: maxTokens - produced }));
   }
 }
 

@@ -56,16 +56,33 @@ export interface NativeSamplerOptions {
 }
 
 /**
- * Draws stepBatch makes on its worker, one entry per state: a batch-1 state with a sampler gets
+ * Draws prefillBatch makes on its worker, one entry per state: a batch-1 state with a sampler gets
  * its next token drawn from its logits' first vocab[i] ids with histories[i] penalised (as
- * sampler.sample would), written to sampled[i] when the step completes (-1 for states without
- * a sampler); its outputs[i] is then left as it was. A sampler is busy until the step ends.
+ * sampler.sample would), written to sampled[i] when the call completes (-1 for states without
+ * a sampler); its outputs[i] is then left as it was. A sampler is busy until the call ends.
  */
 export interface NativeStepSampling {
   samplers: (NativeSampler | null)[];
   histories: Int32Array[];
   vocab: Int32Array;
   sampled: Int32Array;
+}
+
+/** A decodeRun's draws: a sampler for every state, as NativeStepSampling's (busy until the run ends). */
+export interface NativeRunSampling {
+  samplers: NativeSampler[];
+  histories: Int32Array[];
+  vocab: Int32Array;
+}
+
+/** A decodeRun in progress. */
+export interface NativeDecodeRun {
+  /** Resolves the steps taken, after the last onStep; rejects with a step's error or what onStep threw. */
+  done: Promise<number>;
+  /** Lets the run take up to `steps` steps in all (a lower figure changes nothing). */
+  grant(steps: number): void;
+  /** Ends the run after the step in progress. */
+  stop(): void;
 }
 
 /** A sampler and its PRNG stream (csrc/sampler.cc); sample() runs on the calling thread. */
@@ -121,13 +138,30 @@ export interface NativeModel {
    * The same, with each state's logits (its batch * V floats) written into `outputs[i]` on the JS
    * thread when the step completes: no fresh buffer (and page faults) per step. Resolves `outputs`.
    */
-  stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[], sampling?: NativeStepSampling): Promise<Float32Array[]>;
+  stepBatch(states: NativeState[], tokens: Int32Array, outputs: Float32Array[]): Promise<Float32Array[]>;
+  /**
+   * Decode steps for batch-1 states on one worker, with no trip through JS between them: each
+   * step draws every state's next token with its sampler (histories[i] growing by each draw
+   * where the sampler penalises) and feeds it back as that state's next token. onStep gets each
+   * step's drawn tokens, in order, on the JS thread. The run ends after the step where stop()
+   * was called, a state drew one of its stopTokens[i] or took maxSteps[i] steps, or the steps
+   * taken reach `granted` (raised by grant()).
+   */
+  decodeRun(
+    states: NativeState[],
+    tokens: Int32Array,
+    sampling: NativeRunSampling,
+    maxSteps: Int32Array,
+    stopTokens: Int32Array[],
+    granted: number,
+    onStep: (tokens: Int32Array) => void,
+  ): NativeDecodeRun;
   /**
    * Prefills batch-1 states at once: state i consumes the next lengths[i] of `tokens`, and
    * outputs[i] (V floats) gets its next-token logits, written on the JS thread at completion.
    * The products run over every state's rows together, retention per state: on the CPU each
    * state ends bit for bit as prefill() alone would leave it. Resolves `outputs`. `sampling`
-   * draws a state's next token on the worker instead, as stepBatch's does.
+   * draws a state's next token on the worker instead (see NativeStepSampling).
    */
   prefillBatch(
     states: NativeState[],

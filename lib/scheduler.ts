@@ -4,9 +4,11 @@
 // prompt delays the running sequences by at most one piece per step. Each request keeps its own
 // sampler, seed, stop sequences and AbortSignal in generateFromSession; only the model calls go
 // through the scheduler, and each decode step also draws every sequence's next token with that
-// sequence's sampler, on the step's worker.
+// sequence's sampler, on the step's worker. Decode steps run in native runs (model.decodeRun):
+// each step's drawn tokens are fed straight back, with no trip through JS between steps, while
+// the consumers take them up to RUN_LEAD steps behind.
 import { DecodeSession, DecodeStepOptions, GenerateChunk, GenerateOptions, StepSampling, generateFromSession } from './generate';
-import type { NativeSampler, NativeState, NativeStepSampling } from './native';
+import type { NativeDecodeRun, NativeSampler, NativeState, NativeStepSampling } from './native';
 import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
 import { PrefillMode, PrefillOptions, Session, SessionOwner, checkPrefillOptions } from './session';
 import type { Tokenizer } from './tokenizer';
@@ -71,10 +73,24 @@ const DEFAULTS = {
   autoPrefixTokens: 64,
 };
 const NO_IDS = new Int32Array(0);
+/**
+ * How many steps a decode run may go ahead of the slowest consumer's last request. Two keeps the
+ * worker busy while a consumer takes a token, and bounds the steps done for nothing when one
+ * stops at a stop sequence.
+ */
+const RUN_LEAD = 2;
 /** Prefix keys remembered for automatic caching (a key is ~60 bytes). */
 const SEEN_PREFIX_LIMIT = 4096;
 
 type Phase = 'idle' | 'queued' | 'prefill' | 'ready' | 'running';
+
+/** Decode steps one native call takes for some sequences (model.decodeRun). */
+interface DecodeRun {
+  readonly sequences: Sequence[];
+  control?: NativeDecodeRun;
+  /** Settles once the run's worker let go of the model and its tokens were handed out. */
+  readonly ended: Promise<void>;
+}
 
 function abortError(signal: AbortSignal): Error {
   const error = new Error('generation aborted', { cause: signal.reason });
@@ -112,6 +128,18 @@ class Sequence implements DecodeSession {
   logits: Float32Array | undefined;
   /** The draw the next decode step makes for this sequence (its generator's sampler), if any. */
   draw: StepSampling | undefined;
+  /** Steps the consumer may feed back from the next one on (its step call's feedSteps). */
+  feedSteps = 1;
+  /** The decode run stepping this sequence, until it ends. */
+  run: DecodeRun | undefined;
+  /** Tokens a run drew for steps the consumer has not asked for yet, oldest first. */
+  readonly ahead: number[] = [];
+  /** The last token handed to the consumer: the one a run feeds next. */
+  handedOut = -1;
+  /** Step calls the consumer made during the current run (the first one started it). */
+  runCalls = 0;
+  /** The error of the run this sequence was in, for its next step call. */
+  runError: Error | undefined;
   private resolveWait: ((result: { logits: Float32Array; token?: number }) => void) | undefined;
   private rejectWait: ((error: Error) => void) | undefined;
 
@@ -132,8 +160,14 @@ class Sequence implements DecodeSession {
   step(tokenIds: number[], options?: DecodeStepOptions): Promise<{ logits: Float32Array; token?: number }> {
     const result = this.wait();
     this.draw = options?.sample;
+    this.feedSteps = options?.feedSteps ?? 1;
     this.scheduler.enqueueStep(this, tokenIds[0]);
     return result;
+  }
+
+  /** Whether the consumer waits for a token. */
+  get waiting(): boolean {
+    return this.resolveWait !== undefined;
   }
 
   dispose(): void {
@@ -144,6 +178,7 @@ class Sequence implements DecodeSession {
     const resolve = this.resolveWait;
     this.resolveWait = this.rejectWait = undefined;
     this.phase = 'idle';
+    if (token !== undefined) this.handedOut = token;
     resolve?.(token === undefined ? { logits } : { logits, token });
   }
 
@@ -163,7 +198,7 @@ class Sequence implements DecodeSession {
 }
 
 /**
- * The `sampling` of a stepBatch / prefillBatch call over `sequences`: each one with a pending
+ * The `sampling` of a prefillBatch call over `sequences`: each one with a pending
  * draw that `draws` picks has its next token drawn on the call's worker (both threads, instead
  * of one by one on this thread) and its draw taken. Undefined when none draws.
  */
@@ -211,10 +246,9 @@ export class Scheduler {
   private active = 0;
   private readonly queue: Sequence[] = [];
   private readonly prefilling: Sequence[] = [];
-  // Sequences waiting for the next decode step; swapped with `stepping` while a step runs.
+  // Sequences waiting for the next decode run.
   private ready: Sequence[] = [];
-  private stepping: Sequence[] = [];
-  private stepTokens = new Int32Array(0);
+  private running: DecodeRun | undefined;
   private looping = false;
   private isDisposed = false;
   // A stream suspended at a token its consumer never asks past holds a slot that only its
@@ -307,6 +341,8 @@ export class Scheduler {
       signal?.removeEventListener('abort', onAbort);
       this.release(sequence);
       this.abandoned.unregister(ticket);
+      // A run still stepping this sequence stops after its step: the model is free when this returns.
+      await sequence.run?.ended;
     }
   }
 
@@ -320,6 +356,7 @@ export class Scheduler {
     this.isDisposed = true;
     const error = new Error('the scheduler was disposed');
     for (const sequence of [...this.queue, ...this.prefilling, ...this.ready]) this.cancelWaiting(sequence, error);
+    this.running?.control?.stop();
     this.prefixCache.clear();
   }
 
@@ -347,16 +384,46 @@ export class Scheduler {
 
   /** @internal */
   enqueueStep(sequence: Sequence, token: number): void {
+    if (sequence.run || sequence.ahead.length > 0 || sequence.runError) {
+      this.continueRun(sequence, token);
+      return;
+    }
     sequence.nextToken = token;
     sequence.phase = 'ready';
     this.ready.push(sequence);
     this.wake();
   }
 
+  /** A step call of a sequence that a run stepped ahead of its consumer, or is stepping. */
+  private continueRun(sequence: Sequence, token: number): void {
+    const { run, runError } = sequence;
+    if (runError) {
+      sequence.runError = undefined;
+      sequence.fail(runError);
+      return;
+    }
+    // The run feeds back the token it drew; generateFromSession asks for exactly that one.
+    if (token !== sequence.handedOut) {
+      sequence.fail(new Error(`scheduler: step(${token}) after the run drew ${sequence.handedOut}`));
+      return;
+    }
+    if (sequence.ahead.length > 0) {
+      sequence.settle(sequence.logits!, sequence.ahead.shift());
+    } else {
+      sequence.phase = 'running';
+    }
+    if (!run) return;
+    sequence.runCalls++;
+    let slowest = Infinity;
+    for (const s of run.sequences) if (!s.released) slowest = Math.min(slowest, s.runCalls);
+    run.control?.grant(slowest + RUN_LEAD);
+  }
+
   /** @internal Frees the sequence's state and slot, whatever it was doing. */
   release(sequence: Sequence): void {
     if (sequence.released) return;
     sequence.released = true;
+    sequence.run?.control?.stop();
     this.removeFromLists(sequence);
     sequence.session?.dispose();
     sequence.session = sequence.state = undefined;
@@ -386,6 +453,8 @@ export class Scheduler {
   }
 
   private wake(): void {
+    // New work ends a run after its step: the next one takes every sequence that is ready.
+    this.running?.control?.stop();
     if (this.looping) return;
     this.looping = true;
     setImmediate(() => void this.loop());
@@ -397,7 +466,7 @@ export class Scheduler {
   private async loop(): Promise<void> {
     try {
       while (this.ready.length > 0 || this.prefilling.length > 0) {
-        if (this.ready.length > 0) await this.decodeStep();
+        if (this.ready.length > 0) await this.decodeRun();
         let budget = this.prefillChunkTokens;
         while (budget > 0 && this.prefilling.length > 0) budget -= await this.prefillPieces(budget);
         await new Promise<void>((resolve) => setImmediate(resolve));
@@ -407,36 +476,69 @@ export class Scheduler {
     }
   }
 
-  private async decodeStep(): Promise<void> {
+  // Decode steps for every ready sequence in one native run, one step only while prompts wait
+  // to prefill (they interleave step by step). The run hands each step's tokens to the waiting
+  // consumers and keeps the others' for their next step calls.
+  private async decodeRun(): Promise<void> {
     const batch = this.ready;
-    this.ready = this.stepping;
-    this.stepping = batch;
-    const count = batch.length;
-    if (this.stepTokens.length < count) this.stepTokens = new Int32Array(count);
-    const states = new Array<NativeState>(count);
-    const outputs = new Array<Float32Array>(count);
+    this.ready = [];
+    let endRun!: () => void;
+    const run: DecodeRun = { sequences: batch, ended: new Promise<void>((resolve) => (endRun = resolve)) };
+    let error: Error | undefined;
     try {
-      for (let i = 0; i < count; i++) {
-        const sequence = batch[i];
+      const count = batch.length;
+      const tokens = new Int32Array(count);
+      const sampling = { samplers: new Array<NativeSampler>(count), histories: new Array<Int32Array>(count), vocab: new Int32Array(count) };
+      const maxSteps = new Int32Array(count);
+      const stopTokens = new Array<Int32Array>(count);
+      batch.forEach((sequence, i) => {
         sequence.phase = 'running';
-        states[i] = sequence.state!;
-        sequence.logits ??= new Float32Array(this.owner.vocabSize);
-        outputs[i] = sequence.logits;
-        this.stepTokens[i] = sequence.nextToken;
-      }
-      const sampling = drawsOnWorker(batch, () => true);
-      await this.owner.native().stepBatch(states, this.stepTokens.subarray(0, count), outputs, sampling);
-      this.decodeSteps++;
-      this.decodedTokens += count;
-      for (let i = 0; i < count; i++) {
-        batch[i].position++;
-        batch[i].settle(outputs[i], drawnToken(sampling, i));
-      }
+        sequence.run = run;
+        sequence.runCalls = 1;
+        const draw = sequence.draw;
+        if (!draw) throw new Error("scheduler: a decode step needs the sequence's sampler");
+        sequence.draw = undefined;
+        ({ sampler: sampling.samplers[i], history: sampling.histories[i] } = draw.sampler.drawArgs(draw.history, draw.vocabSize));
+        sampling.vocab[i] = draw.vocabSize;
+        tokens[i] = sequence.nextToken;
+        maxSteps[i] = Math.min(sequence.feedSteps, 2 ** 31 - 1);
+        stopTokens[i] = draw.stopTokens;
+      });
+      const granted = this.prefilling.length > 0 ? 1 : 1 + RUN_LEAD;
+      const states = batch.map((sequence) => sequence.state!);
+      run.control = this.owner.native().decodeRun(states, tokens, sampling, maxSteps, stopTokens, granted, (drawn) => this.handOut(run, drawn));
+      this.running = run;
+      await run.control.done;
     } catch (e) {
-      for (const sequence of batch) sequence.fail(e as Error);
+      error = e as Error;
     } finally {
-      batch.length = 0;
+      this.running = undefined;
+      for (const sequence of batch) {
+        sequence.run = undefined;
+        if (sequence.released) continue;
+        if (error) {
+          sequence.ahead.length = 0;
+          if (sequence.waiting) sequence.fail(error);
+          else sequence.runError = error;
+        } else if (sequence.waiting) {
+          // Its consumer asked for a step the run did not take.
+          this.enqueueStep(sequence, sequence.handedOut);
+        }
+      }
+      endRun();
     }
+  }
+
+  /** One step of `run`: its drawn tokens to the consumers waiting for them, or kept for their next call. */
+  private handOut(run: DecodeRun, drawn: Int32Array): void {
+    this.decodeSteps++;
+    this.decodedTokens += drawn.length;
+    run.sequences.forEach((sequence, i) => {
+      sequence.position++;
+      if (sequence.released) return;
+      if (sequence.waiting) sequence.settle(sequence.logits!, drawn[i]);
+      else sequence.ahead.push(drawn[i]);
+    });
   }
 
   /**

@@ -166,3 +166,64 @@ test('a stream dropped after its first token gives its slot back once collected'
   const out = execFileSync(process.execPath, ['--expose-gc', '-e', script], { encoding: 'utf8', timeout: 60_000 });
   expect(out.split('\n')).toEqual(['active 2', 'active 0', 'tokens 4', '']);
 });
+
+test('a consumer slower than the decode steps gets the tokens it gets alone, and the fast one too', async () => {
+  const options = { temperature: 0.9, topK: 40, repetitionPenalty: 1.1, maxTokens: 24 };
+  const prompts = [randomPrompt(11, 6), randomPrompt(12, 9)];
+  const alone = await Promise.all(prompts.map((p, i) => tokensOf(model, p, { ...options, seed: i, batching: false })));
+  const slow = (async () => {
+    const tokens: number[] = [];
+    // Pauses of several steps: the run goes ahead of this consumer until it may go no further.
+    for await (const chunk of model.generate(prompts[0], { ...options, seed: 0 })) {
+      tokens.push(chunk.token);
+      if (tokens.length % 3 === 0) await settle();
+    }
+    return tokens;
+  })();
+  const fast = tokensOf(model, prompts[1], { ...options, seed: 1 });
+  expect(await Promise.all([slow, fast])).toEqual(alone);
+});
+
+// Steps of about a millisecond here, far longer than a consumer takes to ask for the next one:
+// decode runs go on until a limit ends them, not because the consumers fall behind.
+const SLOWER = { ...CONFIG, decoder_embed_dim: 384, decoder_value_embed_dim: 384, decoder_ffn_embed_dim: 768, decoder_layers: 4 };
+
+test('decode runs take no step past maxTokens or a stop token, and few past a consumer that stops asking', async () => {
+  const slower = await RetNet.create(SLOWER, { seed: 4 });
+  const prompt = randomPrompt(13, 5);
+  const full = await tokensOf(slower, prompt, { temperature: 0, maxTokens: 40, batching: false });
+  const stopToken = full[20];
+  const stopAt = full.indexOf(stopToken);
+  const steps = (): number => slower.scheduler().stats().decodeSteps;
+  let before = steps();
+  expect(await tokensOf(slower, prompt, { temperature: 0, maxTokens: 40, stopTokens: [stopToken] })).toEqual(full.slice(0, stopAt + 1));
+  expect(steps() - before).toBe(stopAt);
+  before = steps();
+  expect(await tokensOf(slower, prompt, { temperature: 0, maxTokens: 9 })).toEqual(full.slice(0, 9));
+  expect(steps() - before).toBe(8);
+  // Asked for 4 tokens (3 steps), the run goes at most 2 steps further while the consumer waits.
+  before = steps();
+  const stream = slower.generate(prompt, { temperature: 0, maxTokens: 40 });
+  for (let i = 0; i < 4; i++) expect((await stream.next()).value.token).toBe(full[i]);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  expect(steps() - before).toBeGreaterThanOrEqual(3);
+  expect(steps() - before).toBeLessThanOrEqual(5);
+  await stream.return(undefined);
+  slower.dispose();
+});
+
+test('when generate() returns, no decode run holds the model: it can change weights at once', async () => {
+  const slower = await RetNet.create(SLOWER, { seed: 4 });
+  const native = slower.native();
+  const name = native.paramNames()[0];
+  const weights = native.getParam(name);
+  for (const options of [{ stop: 'e' }, {}]) {
+    let tokens = 0;
+    // A run goes ahead of the consumer; breaking out (or a stop sequence) must wait for its step.
+    for await (const _chunk of slower.generate(randomPrompt(14, 5), { temperature: 1, seed: 3, maxTokens: 500, ...options })) {
+      if (++tokens === 30) break;
+    }
+    expect(() => native.setParam(name, weights)).not.toThrow();
+  }
+  slower.dispose();
+});

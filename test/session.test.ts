@@ -524,65 +524,146 @@ test('one batched step over several sessions equals stepping each alone', async 
   for (const s of [...alone, ...together]) s.dispose();
 });
 
-test("stepBatch's draws on its worker equal NativeSampler.sample's; malformed sampling is refused", async () => {
+test("decodeRun's steps and draws equal step and NativeSampler.sample's, fed back token by token", async () => {
   const native = model.native();
   const V = model.config.vocab_size;
   const options = { temperature: 0.9, topK: 50, topP: 0.95, repetitionPenalty: 1.2 };
   // Ids below 200, the vocabulary the draws take (a penalised history id must lie in it).
-  const prompts = [randomTokens(30, 1, 6), randomTokens(31, 1, 11), randomTokens(32, 1, 4)].map((p) => [p[0].map((t) => t % 200)]);
+  const prompts = [randomTokens(30, 1, 6), randomTokens(31, 1, 11), randomTokens(32, 1, 4)].map((p) => p[0].map((t) => t % 200));
   const prefilled = async (): Promise<NativeState[]> =>
     Promise.all(
       prompts.map(async (p) => {
         const state = native.createState(1);
-        await native.prefill(state, Int32Array.from(p[0]), p[0].length, 'chunkwise', 4);
+        await native.prefill(state, Int32Array.from(p), p.length, 'chunkwise', 4);
         return state;
       }),
     );
   const [alone, together] = [await prefilled(), await prefilled()];
-  // States 0 and 2 draw on the worker (seeds 5 and 6, among the first 200 ids); state 1 does not.
-  const jsSamplers = [new (addon().NativeSampler)(options, 5), new (addon().NativeSampler)(options, 6)];
-  const workerSamplers = [new (addon().NativeSampler)(options, 5), null, new (addon().NativeSampler)(options, 6)];
-  const histories = prompts.map((p) => p[0].slice());
-  const outputs = prompts.map(() => new Float32Array(V).fill(NaN));
-  let ids = [17, 18, 19];
-  for (let step = 0; step < 5; step++) {
-    const separate = await Promise.all(alone.map((s, i) => native.step(s, Int32Array.from([ids[i]]))));
+  // State 1 draws greedily from the whole vocabulary: its history is not read.
+  const samplers = () => [new (addon().NativeSampler)(options, 5), new (addon().NativeSampler)({ ...options, temperature: 0, repetitionPenalty: 1 }, 6), new (addon().NativeSampler)(options, 7)];
+  const vocab = [200, V, 200];
+  const first = [17, 18, 19];
+  // The reference: one step per state and call, each draw on the JS thread, fed back.
+  const jsSamplers = samplers();
+  const histories = prompts.map((p, i) => [...p, first[i]]);
+  const expected: number[][] = [];
+  let ids = first;
+  for (let step = 0; step < 6; step++) {
+    const logits = await Promise.all(alone.map((s, i) => native.step(s, Int32Array.of(ids[i]))));
+    ids = logits.map((l, i) => jsSamplers[i].sample(l.subarray(0, vocab[i]), i === 1 ? new Int32Array(0) : Int32Array.from(histories[i])));
     histories.forEach((h, i) => h.push(ids[i]));
-    const expected = [0, 2].map((i, j) => jsSamplers[j].sample(separate[i].subarray(0, 200), Int32Array.from(histories[i])));
-    const sampling = {
-      samplers: workerSamplers,
-      histories: histories.map((h) => Int32Array.from(h)),
-      vocab: Int32Array.from([200, V, 200]),
-      sampled: new Int32Array(3),
-    };
-    await native.stepBatch(together, Int32Array.from(ids), outputs, sampling);
-    expect(Array.from(sampling.sampled)).toEqual([expected[0], -1, expected[1]]);
-    expect(Array.from(outputs[1])).toEqual(Array.from(separate[1]));
-    expect(outputs[0].every(Number.isNaN)).toBe(true); // a drawn state's logits are not copied back
-    ids = [expected[0], (ids[1] * 7) % V, expected[1]];
+    expected.push(ids);
   }
-  const tokens = Int32Array.from([1, 2, 3]);
-  const ok = { samplers: workerSamplers, histories: prompts.map(() => new Int32Array(0)), vocab: Int32Array.from([V, V, V]), sampled: new Int32Array(3) };
-  const refused: Array<[object, RegExp]> = [
-    [{ ...ok, samplers: workerSamplers.slice(1) }, /one entry per state/],
-    [{ ...ok, vocab: Int32Array.from([V, V, V + 1]) }, /sampling.vocab\[2\] must be in \[1, 256\]/],
-    [{ ...ok, samplers: [workerSamplers[0], null, {}] }, /sampling.samplers\[2\] is not a NativeSampler/],
-    [{ ...ok, samplers: [workerSamplers[0], null, workerSamplers[0]] }, /sampling.samplers\[2\] appears twice/],
-    [{ ...ok, histories: [new Int32Array(0), new Int32Array(0), [1, 2]] }, /sampling.histories\[2\] must be an Int32Array/],
-    [{ ...ok, sampled: undefined }, /sampling.sampled must be an Int32Array/],
-  ];
-  for (const [sampling, message] of refused) {
-    expect(() => native.stepBatch(together, tokens, outputs, sampling as NativeStepSampling)).toThrow(message);
-  }
-  expect(() => native.stepBatch(together, tokens, undefined as unknown as Float32Array[], ok)).toThrow(/sampling needs outputs/);
-  const wide = native.createState(2);
-  expect(() => native.stepBatch([wide], Int32Array.from([1, 2]), [new Float32Array(2 * V)], { ...ok, samplers: [workerSamplers[0]], histories: [new Int32Array(0)], vocab: Int32Array.from([V]), sampled: new Int32Array(1) })).toThrow(
-    /only batch-1 states are sampled/,
+  const runSamplers = samplers();
+  const drawn: number[][] = [];
+  const run = native.decodeRun(
+    together,
+    Int32Array.from(first),
+    { samplers: runSamplers, histories: prompts.map((p, i) => (i === 1 ? new Int32Array(0) : Int32Array.from([...p, first[i]]))), vocab: Int32Array.from(vocab) },
+    Int32Array.from([6, 100, 100]),
+    [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
+    100,
+    (tokens) => drawn.push(Array.from(tokens)),
   );
+  expect(await run.done).toBe(6); // maxSteps[0]
+  expect(drawn).toEqual(expected);
+  // The states consumed the same tokens: the next step gives the same logits, bit for bit.
+  const next = Int32Array.from(expected[5]);
+  const stepped = await native.stepBatch(together, next);
+  for (let i = 0; i < 3; i++) expect(Array.from(stepped.subarray(i * V, (i + 1) * V))).toEqual(Array.from(await native.step(alone[i], next.subarray(i, i + 1))));
+
+  // A stop token ends the run after the step that draws it; so does `granted`.
+  const runFor = async (maxSteps: number[], stops: number[][], granted: number): Promise<number> => {
+    const states = await prefilled();
+    const steps = await native.decodeRun(
+      states,
+      Int32Array.from(first),
+      { samplers: samplers(), histories: prompts.map((p, i) => (i === 1 ? new Int32Array(0) : Int32Array.from([...p, first[i]]))), vocab: Int32Array.from(vocab) },
+      Int32Array.from(maxSteps),
+      stops.map((s) => Int32Array.from(s)),
+      granted,
+      () => undefined,
+    ).done;
+    expect(states.map((s) => s.positions()[0])).toEqual(prompts.map((p) => p.length + steps));
+    for (const s of states) s.dispose();
+    return steps;
+  };
+  const stopAt = expected.findIndex((row) => row[2] === expected[3][2]) + 1;
+  expect(await runFor([100, 100, 100], [[], [], [expected[3][2]]], 100)).toBe(stopAt);
+  expect(await runFor([100, 2, 100], [[], [], []], 100)).toBe(2);
+  expect(await runFor([100, 100, 100], [[], [], []], 3)).toBe(3);
+
+  // stop() ends it; an onStep that throws stops it too, and `done` rejects with that error.
+  const stoppingSamplers = samplers();
+  const stopped = native.decodeRun(
+    together,
+    Int32Array.from(first),
+    { samplers: stoppingSamplers, histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
+    Int32Array.from([1000, 1000, 1000]),
+    [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
+    1000,
+    () => stopped.stop(),
+  );
+  // Claimed until the run ends (1000 steps would take far longer than these calls).
+  expect(() => native.step(together[0], Int32Array.of(1))).toThrow(/busy/);
+  expect(() => stoppingSamplers[0].sample(new Float32Array(V), new Int32Array(0))).toThrow(/busy/);
+  expect(await stopped.done).toBeLessThan(1000);
+  const throwing = native.decodeRun(
+    together,
+    Int32Array.from(first),
+    { samplers: samplers(), histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
+    Int32Array.from([1000, 1000, 1000]),
+    [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
+    1000,
+    () => {
+      throw new Error('consumer failed');
+    },
+  );
+  await expect(throwing.done).rejects.toThrow('consumer failed');
+  await native.stepBatch(together, next); // free again
+  for (const s of [...alone, ...together]) s.dispose();
+});
+
+test('decodeRun refuses malformed calls before claiming anything', async () => {
+  const native = model.native();
+  const V = model.config.vocab_size;
+  const states = [native.createState(1), native.createState(1), native.createState(1)];
+  const samplers = [0, 1, 2].map((seed) => new (addon().NativeSampler)({ temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1 }, seed));
+  const ok = { samplers, histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from([V, V, V]) };
+  const none = [new Int32Array(0), new Int32Array(0), new Int32Array(0)];
+  type Args = Parameters<typeof native.decodeRun>;
+  const base: Args = [states, Int32Array.from([1, 2, 3]), ok, Int32Array.from([2, 2, 2]), none, 2, () => undefined];
+  const refused: Array<[(args: Args) => void, RegExp]> = [
+    [(a) => (a[0] = []), /decodeRun needs at least one state/],
+    [(a) => (a[0] = [states[0], native.createState(2), states[2]]), /decodeRun takes batch-1 states/],
+    [(a) => (a[0] = [states[0], states[0], states[2]]), /states\[1\] appears twice/],
+    [(a) => (a[1] = Int32Array.from([1, 2])), /one token per state/],
+    [(a) => (a[1] = Int32Array.from([1, 2, V])), new RegExp(`${V}`)],
+    [(a) => (a[2] = { ...ok, samplers: samplers.slice(1) }), /one entry per state/],
+    [(a) => (a[2] = { ...ok, vocab: Int32Array.from([V, V, V + 1]) }), /sampling.vocab\[2\] must be in \[1, 256\]/],
+    [(a) => (a[2] = { ...ok, samplers: [samplers[0], samplers[1], {} as never] }), /sampling.samplers\[2\] is not a NativeSampler/],
+    [(a) => (a[2] = { ...ok, samplers: [samplers[0], null as never, samplers[2]] }), /sampling.samplers\[1\] must be a NativeSampler/],
+    [(a) => (a[2] = { ...ok, samplers: [samplers[0], samplers[1], samplers[0]] }), /sampling.samplers\[2\] appears twice/],
+    [(a) => (a[2] = { ...ok, histories: [new Int32Array(0), new Int32Array(0), [1, 2] as never] }), /sampling.histories\[2\] must be an Int32Array/],
+    [(a) => (a[3] = Int32Array.from([2, 0, 2])), /maxSteps must be >= 1/],
+    [(a) => (a[3] = Int32Array.from([2, 2])), /maxSteps needs one entry per state/],
+    [(a) => (a[4] = none.slice(1)), /stopTokens must be an array with one Int32Array per state/],
+    [(a) => (a[4] = [none[0], none[1], [1] as never]), /stopTokens\[2\] must be an Int32Array/],
+    [(a) => (a[5] = 0), /granted must be >= 1/],
+    [(a) => (a[6] = undefined as never), /onStep must be a function/],
+  ];
+  for (const [change, message] of refused) {
+    const args = [...base] as Args;
+    change(args);
+    expect(() => native.decodeRun(...args)).toThrow(message);
+  }
   // Refused calls leave the states and samplers free.
-  await native.stepBatch(together, tokens, outputs, ok);
-  expect(ok.sampled.every((t, i) => (i === 1 ? t === -1 : t >= 0 && t < V))).toBe(true);
-  for (const s of [...alone, ...together, wide]) s.dispose();
+  const drawn: number[][] = [];
+  const run = native.decodeRun(states, Int32Array.from([1, 2, 3]), ok, Int32Array.from([2, 2, 2]), none, 5, (t) => drawn.push(Array.from(t)));
+  expect(() => run.grant(-1)).toThrow(/grant: position must be a non-negative integer/);
+  expect(await run.done).toBe(2);
+  expect(drawn.flat().every((t) => t >= 0 && t < V)).toBe(true);
+  for (const s of states) s.dispose();
 });
 
 test.each(['chunkwise', 'parallel', 'recurrent'] as const)('prefillBatch (%s) leaves every state bit for bit as prefill alone', async (mode) => {
@@ -619,6 +700,34 @@ test.each(['chunkwise', 'parallel', 'recurrent'] as const)('prefillBatch (%s) le
   }
   for (const s of [...alone, ...together]) s.dispose();
   wide.dispose();
+});
+
+test("prefillBatch's draws on its worker equal NativeSampler.sample's; malformed sampling is refused", async () => {
+  const native = model.native();
+  const V = model.config.vocab_size;
+  const options = { temperature: 0.9, topK: 50, topP: 0.95, repetitionPenalty: 1.2 };
+  const prompts = [randomTokens(33, 1, 6)[0], randomTokens(34, 1, 9)[0]].map((p) => p.map((t) => t % 200));
+  const tokens = Int32Array.from(prompts.flat());
+  const lengths = Int32Array.from(prompts, (p) => p.length);
+  const alone = prompts.map(() => native.createState(1));
+  const together = prompts.map(() => native.createState(1));
+  const logits = [];
+  for (let i = 0; i < 2; i++) logits.push(await native.prefill(alone[i], Int32Array.from(prompts[i]), prompts[i].length, 'chunkwise', 4));
+  const expected = new (addon().NativeSampler)(options, 5).sample(logits[0].subarray(0, 200), Int32Array.from(prompts[0]));
+  // State 0 draws on the worker; state 1 gets its logits.
+  const outputs = prompts.map(() => new Float32Array(V).fill(NaN));
+  const ok = { samplers: [new (addon().NativeSampler)(options, 5), null], histories: [Int32Array.from(prompts[0]), new Int32Array(0)], vocab: Int32Array.from([200, V]), sampled: new Int32Array(2) };
+  const call = (sampling: object, out?: Float32Array[]) => () =>
+    native.prefillBatch(together, tokens, lengths, 'chunkwise', 4, out as Float32Array[], sampling as NativeStepSampling);
+  expect(call(ok)).toThrow(/sampling needs outputs/);
+  expect(call({ ...ok, sampled: undefined }, outputs)).toThrow(/sampling.sampled must be an Int32Array/);
+  expect(call({ ...ok, sampled: new Int32Array(1) }, outputs)).toThrow(/sampling.sampled needs one entry per state/);
+  expect(call({ ...ok, vocab: Int32Array.from([200]) }, outputs)).toThrow(/sampling.vocab needs one entry per state/);
+  await call(ok, outputs)();
+  expect(Array.from(ok.sampled)).toEqual([expected, -1]);
+  expect(outputs[0].every(Number.isNaN)).toBe(true); // a drawn state's logits are not copied back
+  expect(Array.from(outputs[1])).toEqual(Array.from(logits[1]));
+  for (const s of [...alone, ...together]) s.dispose();
 });
 
 test('prefillBatch rejects bad calls before claiming any state', async () => {
