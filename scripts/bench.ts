@@ -56,6 +56,31 @@ export interface ContextFigure {
 }
 
 /**
+ * Decode steps called one at a time (session.step, as `decode` times them) against the same
+ * steps in native decode runs (model.decodeRun, as generate() takes them: each row's token
+ * drawn greedily on the worker and fed back, no trip through JS between steps), after the
+ * shortest context, in alternating blocks in one process and against the same probes.
+ */
+export interface RunFigure {
+  preset: string;
+  weights: WeightFormat;
+  batch: number;
+  context: number;
+  rounds: number;
+  stepsPerRound: number;
+  /** Medians over the rounds. */
+  callMsPerStep: number;
+  runMsPerStep: number;
+  /** Run tokens/s over called steps' tokens/s: the median of the rounds' ratios. */
+  runOverCall: number;
+  stepBytes: number;
+  /** The better of probes just before the figure's child and in it after its steps. */
+  bandwidthGBps: number;
+  callRooflineFraction: number;
+  runRooflineFraction: number;
+}
+
+/**
  * End to end: `concurrency` model.generate() calls at once through the scheduler (batched
  * steps, native sampling with generate's defaults, text decoding), each `maxTokens` tokens
  * after a short prompt. Against the step-only figure it shows what serving adds to a step.
@@ -348,6 +373,66 @@ async function runDecode(
   };
 }
 
+/** See RunFigure: the same prompt in a batch-`batch` session and in `batch` batch-1 states. */
+async function runRuns(preset: string, weights: WeightFormat, batch: number, context: number, steps: number, chunkSize: number): Promise<RunFigure> {
+  const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
+  const native = model.native();
+  const V = model.config.vocab_size;
+  const prompt = Array.from({ length: batch }, (_, b) => Array.from({ length: context }, (_, t) => (t * 7 + b * 31) % V));
+  const session = model.createSession({ batch });
+  await session.prefill(prompt, { mode: 'chunkwise', chunkSize });
+  const states = prompt.map(() => native.createState(1));
+  await native.prefillBatch(states, Int32Array.from(prompt.flat()), new Int32Array(batch).fill(context), 'chunkwise', chunkSize, states.map(() => new Float32Array(V)));
+  const ids = Array.from({ length: batch }, (_, b) => (b * 13 + 1) % V);
+  const logits = new Float32Array(batch * V);
+  const greedy = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
+  const samplers = ids.map((_, b) => new (addon().NativeSampler)(greedy, b));
+  const sampling = { samplers, histories: ids.map(() => new Int32Array(0)), vocab: new Int32Array(batch).fill(V) };
+  const noStops = ids.map(() => new Int32Array(0));
+  const rounds = 8;
+  const stepsPerRound = Math.max(16, Math.ceil(steps / 2));
+  const blocks = {
+    call: async (): Promise<void> => {
+      for (let i = 0; i < stepsPerRound; i++) await session.step(ids, { logits });
+    },
+    run: async (): Promise<void> => {
+      const maxSteps = new Int32Array(batch).fill(stepsPerRound);
+      await native.decodeRun(states, Int32Array.from(ids), sampling, maxSteps, noStops, stepsPerRound, () => undefined).done;
+    },
+  };
+  const ms = { call: [] as number[], run: [] as number[] };
+  await blocks.call();
+  await blocks.run();
+  for (let r = 0; r < rounds; r++) {
+    for (const which of r % 2 ? (['run', 'call'] as const) : (['call', 'run'] as const)) {
+      const start = process.hrtime.bigint();
+      await blocks[which]();
+      ms[which].push((seconds(start) * 1000) / stepsPerRound);
+    }
+  }
+  const bandwidthGBps = await addon().benchKernel('bandwidth', { megabytes: 256, reps: 5 });
+  session.dispose();
+  for (const state of states) state.dispose();
+  model.dispose();
+  const stepBytes = decodeStepBytes(model.config, batch, weights);
+  const [callMsPerStep, runMsPerStep] = [median(ms.call), median(ms.run)];
+  return {
+    preset,
+    weights,
+    batch,
+    context,
+    rounds,
+    stepsPerRound,
+    callMsPerStep,
+    runMsPerStep,
+    runOverCall: median(ms.call.map((call, r) => call / ms.run[r])),
+    stepBytes,
+    bandwidthGBps,
+    callRooflineFraction: rooflineFraction(stepBytes, bandwidthGBps, callMsPerStep / 1000),
+    runRooflineFraction: rooflineFraction(stepBytes, bandwidthGBps, runMsPerStep / 1000),
+  };
+}
+
 /** See ContextFigure: one model, a session per context, blocks of steps taken in turn. */
 async function runContexts(preset: string, weights: WeightFormat, shortContext: number, longContext: number, steps: number, chunkSize: number): Promise<ContextFigure> {
   const model = await RetNet.create(PRESETS[preset], { seed: 1, weights });
@@ -615,6 +700,8 @@ export async function main(argv: string[]): Promise<void> {
           ? await runContexts(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
           : kind === 'generate'
             ? await runGenerate(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
+            : kind === 'runs'
+              ? await runRuns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
             : kind === 'turns'
               ? await runTurns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
               : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
@@ -636,6 +723,7 @@ export async function main(argv: string[]): Promise<void> {
   const decode: DecodeFigure[] = [];
   const contexts: ContextFigure[] = [];
   const generate: GenerateFigure[] = [];
+  const runs: RunFigure[] = [];
   const turns: TurnFigure[] = [];
   let sampling: SamplingFigure[] = [];
   const train: TrainFigure[] = [];
@@ -676,6 +764,23 @@ export async function main(argv: string[]): Promise<void> {
             `${preset.padEnd(7)} ${weights.padEnd(4)} turns on a session at ${shortContext} tokens: next-token logits after ` +
               `${figures.map((f) => f.promptTokens).join(' / ')} prompt tokens: ${figures.map((f) => f.msToLogits.toFixed(2)).join(' / ')} ms` +
               ` (medians of ${figures[0].rounds}; a step ${figures[0].stepMs.toFixed(2)} ms)`,
+          );
+        }
+        for (const batch of o.batches) {
+          const probeBefore = await native.benchKernel('bandwidth', { megabytes: 256, reps: 5 });
+          const child = inChild<RunFigure>(['runs', preset, weights, String(batch), String(shortContext), String(o.steps), String(o.chunkSize)]);
+          const bandwidthGBps = Math.max(child.bandwidthGBps, probeBefore);
+          const f: RunFigure = {
+            ...child,
+            bandwidthGBps,
+            callRooflineFraction: rooflineFraction(child.stepBytes, bandwidthGBps, child.callMsPerStep / 1000),
+            runRooflineFraction: rooflineFraction(child.stepBytes, bandwidthGBps, child.runMsPerStep / 1000),
+          };
+          runs.push(f);
+          console.log(
+            `${preset.padEnd(7)} ${weights.padEnd(4)} b=${String(batch).padStart(2)} ctx=${shortContext} steps in a native run against called one by one, ${f.rounds} alternating rounds of ${f.stepsPerRound}:` +
+              ` ${f.runMsPerStep.toFixed(2)} against ${f.callMsPerStep.toFixed(2)} ms/step (medians), tokens/s ${f.runOverCall.toFixed(3)}x;` +
+              ` roofline ${(100 * f.runRooflineFraction).toFixed(0)}% against ${(100 * f.callRooflineFraction).toFixed(0)}% at ${f.bandwidthGBps.toFixed(1)} GB/s`,
           );
         }
         for (const batch of o.batches) {
@@ -720,7 +825,7 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
   if (o.json) {
-    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, turns, generate, sampling, train, kernels: kernelFigures };
+    const report = { build: info, memoryBandwidthGBps: bandwidth, fmaPeakGflops: peak, decode, contexts, turns, runs, generate, sampling, train, kernels: kernelFigures };
     fs.writeFileSync(o.json, JSON.stringify(report, null, 2) + '\n');
     console.log(`\nwrote ${o.json}`);
   }

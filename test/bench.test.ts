@@ -27,6 +27,13 @@ test('bench decode+train on the tiny preset writes the JSON report', () => {
     [16, 64],
   ]);
   for (const f of report.turns) expect(f.msToLogits).toBeGreaterThan(0);
+  expect(report.runs.map((f: { batch: number; context: number }) => [f.batch, f.context])).toEqual([
+    [1, 16],
+    [2, 16],
+  ]);
+  for (const f of report.runs) {
+    for (const key of ['callMsPerStep', 'runMsPerStep', 'runOverCall', 'bandwidthGBps', 'callRooflineFraction', 'runRooflineFraction']) expect(f[key]).toBeGreaterThan(0);
+  }
   expect(report.generate.map((f: { concurrency: number; maxTokens: number }) => [f.concurrency, f.maxTokens])).toEqual([
     [1, 2],
     [2, 2],
