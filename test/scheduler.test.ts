@@ -5,6 +5,7 @@ import * as path from 'path';
 
 import { RetNet, SchedulerFullError } from '../lib';
 import { BYTE_MODEL_CONFIG as CONFIG, randomPrompt, tokensOf } from './helpers/byte_model';
+import { mulberry32 } from './reference/retnet_ref';
 
 /** Resolves after the event loop has run pending immediates (the scheduler's turns). */
 function settle(): Promise<void> {
@@ -226,4 +227,52 @@ test('when generate() returns, no decode run holds the model: it can change weig
     expect(() => native.setParam(name, weights)).not.toThrow();
   }
   slower.dispose();
+});
+
+test('mixed requests (late joins, pauses, breaks, aborts, stop tokens) each get their tokens alone, or a prefix', async () => {
+  const rand = mulberry32(77);
+  const pick = (n: number): number => Math.floor(rand() * n);
+  for (let wave = 0; wave < 8; wave++) {
+    const requests = Array.from({ length: 1 + pick(10) }, (_, i) => ({
+      prompt: randomPrompt(wave * 100 + i, 1 + pick(40)),
+      options: {
+        temperature: rand() < 0.3 ? 0 : 0.9,
+        topK: rand() < 0.5 ? 0 : 40,
+        repetitionPenalty: rand() < 0.5 ? 1 : 1.1,
+        maxTokens: 1 + pick(50),
+        seed: wave * 100 + i,
+        ...(rand() < 0.3 ? { stopTokens: [pick(256)] } : {}),
+      },
+      breakAt: rand() < 0.3 ? 1 + pick(30) : -1,
+      abortAt: rand() < 0.2 ? 1 + pick(30) : -1,
+      pauses: rand() < 0.3,
+      delay: rand() < 0.5 ? pick(20) : 0,
+    }));
+    const alone = [];
+    for (const r of requests) alone.push(await tokensOf(model, r.prompt, { ...r.options, batching: false }));
+    const batched = await Promise.all(
+      requests.map(async (r) => {
+        await new Promise((resolve) => setTimeout(resolve, r.delay));
+        const controller = new AbortController();
+        const tokens: number[] = [];
+        try {
+          for await (const chunk of model.generate(r.prompt, { ...r.options, signal: controller.signal })) {
+            tokens.push(chunk.token);
+            if (tokens.length === r.breakAt) break;
+            if (tokens.length === r.abortAt) controller.abort();
+            if (r.pauses && tokens.length % 4 === 0) await new Promise((resolve) => setTimeout(resolve, 3));
+          }
+        } catch (e) {
+          if ((e as Error).name !== 'AbortError') throw e;
+        }
+        return tokens;
+      }),
+    );
+    requests.forEach((r, i) => {
+      const ends = r.breakAt < 0 && r.abortAt < 0;
+      expect([wave, i, batched[i]]).toEqual([wave, i, ends ? alone[i] : alone[i].slice(0, batched[i].length)]);
+      if (!ends) expect(batched[i].length).toBeLessThanOrEqual(Math.min(...[r.breakAt, r.abortAt].filter((n) => n > 0)));
+    });
+  }
+  expect(model.scheduler().stats().active).toBe(0);
 });
