@@ -1,6 +1,6 @@
 // CUDA-vs-CPU parity of the whole model on every fixture in test/data/fixtures: logits of the
 // three forms (and against torchscale's files), prefill in each mode (two segments: logits and
-// state), decode steps and stepBatch, loss and gradients (also with dropout and drop path), and
+// state), decode steps, stepBatch and decodeRun, loss and gradients (also with dropout and drop path), and
 // two AdamW steps.
 // Used by test/cuda/parity.test.ts (jest) and, without jest, on the GPU machine:
 //   node dist/scripts/cuda-parity.js        (prints a table; exit code 1 on any failure)
@@ -11,7 +11,7 @@ import * as path from 'path';
 
 import { buildInfo } from '../lib/info';
 import { RetNet } from '../lib/model';
-import { NativeModel, NativeState } from '../lib/native';
+import { NativeModel, NativeState, addon } from '../lib/native';
 
 export interface ParityRow {
   fixture: string;
@@ -29,6 +29,47 @@ const SCALE_REL = 1e-6;
 const LOSS_ABS = 1e-5;
 const GRAD_REL = 1e-4;  // max-abs difference / max |g|
 const DECODE_STEPS = 8;
+
+/**
+ * Prefills a batch-1 state per prompt twice; steps one set in a decode run with greedy draws (ids
+ * below `vocab`) and
+ * the other one step call at a time with the same draws made here. Returns how many of the
+ * drawn tokens differ (0: the run's steps are those of step alone, as stepBatch's are).
+ */
+export async function decodeRunMismatches(model: NativeModel, vocab: number, prompts: Int32Array[], steps: number, mode: 'chunkwise', chunkSize: number): Promise<number> {
+  const greedy = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
+  const none = new Int32Array(0);
+  const prefilled = (): Promise<NativeState[]> =>
+    Promise.all(
+      prompts.map(async (p) => {
+        const state = model.createState(1);
+        await model.prefill(state, p, p.length, mode, chunkSize);
+        return state;
+      }),
+    );
+  const [running, alone] = [await prefilled(), await prefilled()];
+  const first = Int32Array.from(prompts, (_, i) => i + 1);
+  const drawn: Int32Array[] = [];
+  await model.decodeRun(
+    running,
+    first,
+    { samplers: prompts.map((_, i) => new (addon().NativeSampler)(greedy, i)), histories: prompts.map(() => none), vocab: Int32Array.from(prompts, () => vocab) },
+    Int32Array.from(prompts, () => steps),
+    prompts.map(() => none),
+    steps,
+    (tokens) => drawn.push(tokens),
+  ).done;
+  const sampler = new (addon().NativeSampler)(greedy, 0);
+  let ids = Array.from(first);
+  let mismatches = Math.abs(drawn.length - steps) * prompts.length;
+  for (let k = 0; k < Math.min(steps, drawn.length); k++) {
+    const logits = await Promise.all(alone.map((state, i) => model.step(state, Int32Array.of(ids[i]))));
+    ids = logits.map((l) => sampler.sample(l, none));
+    mismatches += ids.filter((t, i) => t !== drawn[k][i]).length;
+  }
+  for (const state of [...running, ...alone]) state.dispose();
+  return mismatches;
+}
 
 /** test/data/fixtures, found above this file (scripts/ under ts-jest, dist/scripts/ when compiled). */
 export function fixturesDir(): string {
@@ -184,6 +225,7 @@ export async function checkFixture(name: string): Promise<ParityRow[]> {
         both.map((m) => m.prefillBatch([m.createState(1), m.createState(1)], joined, lengths, mode, C, [new Float32Array(V), new Float32Array(V)])),
       );
       add('prefillBatch logits', Math.max(...batchedPrefill[1].map((l, i) => maxAbsDiff(l, batchedPrefill[0][i]))), LOGITS_ABS);
+      add('decodeRun greedy tokens = step alone (CUDA, mismatches)', await decodeRunMismatches(gpu, V, [tokens.subarray(0, half), tokens.subarray(0, T - 1)], steps, mode, C), 0);
     }
 
     // Loss and gradients in both training forms.
