@@ -276,3 +276,28 @@ test('mixed requests (late joins, pauses, breaks, aborts, stop tokens) each get 
   }
   expect(model.scheduler().stats().active).toBe(0);
 });
+
+test('file work queued behind a long generation on the only libuv thread finishes before the generation does', () => {
+  // Decode runs hold a libuv thread while they last; the stat waits for a run's end. Runs end at
+  // least every RUN_SLICE_MS (and here, with steps of about a millisecond, also whenever the
+  // consumer falls two steps behind), so it never waits for the whole generation.
+  const lib = JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'));
+  const script = `
+    const { RetNet } = require(${lib});
+    const fs = require('fs');
+    (async () => {
+      const model = await RetNet.create(${JSON.stringify(SLOWER)}, { seed: 4 });
+      const events = [];
+      let read, tokens = 0;
+      for await (const _ of model.generate([1, 2, 3], { maxTokens: 600, temperature: 0 })) {
+        // Queued while a run is going.
+        if (++tokens === 50) read = fs.promises.stat(${lib}).then(() => events.push('stat'));
+      }
+      events.push('generated');
+      await read;
+      console.log(events.join(' '));
+      model.dispose();
+    })();`;
+  const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, UV_THREADPOOL_SIZE: '1' } });
+  expect(out.trim()).toBe('stat generated');
+});
