@@ -702,9 +702,9 @@ export async function main(argv: string[]): Promise<void> {
             ? await runGenerate(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
             : kind === 'runs'
               ? await runRuns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]), Number(rest[4]), Number(rest[5]))
-            : kind === 'turns'
-              ? await runTurns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
-              : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
+              : kind === 'turns'
+                ? await runTurns(rest[0], rest[1] as WeightFormat, Number(rest[2]), Number(rest[3]))
+                : await runTrain(rest[0], rest[1] as TrainMode, rest[2] as Precision, Number(rest[3]), Number(rest[4]), Number(rest[5]), rest[6] === 'on');
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
