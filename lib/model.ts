@@ -4,10 +4,10 @@ import { promises as fsp } from 'fs';
 import * as path from 'path';
 
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
-import { GenerateChunk, GenerateOptions, collectText, generateFromSession, validateGenerateOptions } from './generate';
+import { GenerateChunk, GenerateOptions, collectText, validateGenerateOptions } from './generate';
 import { NativeDevice, NativeModel, Precision, WEIGHT_FORMATS, WeightFormat, addon } from './native';
 import { TensorEntry, openSafetensors, safetensorsWriter, writeFilesAtomic, writeSafetensorsFile } from './safetensors';
-import { PrefillMode, Session, SessionOwner, StepOptions, checkPrefillOptions, restoreSessionState } from './session';
+import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
 import { ByteTokenizer, Tokenizer, checkTokenizer } from './tokenizer';
@@ -407,23 +407,15 @@ export class RetNet implements SessionOwner {
       yield* this.scheduler().generate(promptTokens, tokenizer, options);
       return;
     }
-    // ---- end serving ----
-    const prefillMode = options.prefillMode ?? 'chunkwise';
-    const session = this.createSession();
-    const prefilled = {
-      batch: 1,
-      get position() {
-        return session.position;
-      },
-      prefill: (tokens: number[][]) => session.prefill(tokens, { mode: prefillMode }),
-      step: (ids: number[], stepOptions?: StepOptions) => session.step(ids, stepOptions),
-      dispose: () => session.dispose(),
-    };
+    // Alone: a scheduler of its own, so it still steps in decode runs. One piece of prefill
+    // (bit for bit a session's prefill), no prefix cache, none of the model's limits.
+    const alone = new Scheduler(this, { maxConcurrent: 1, maxQueue: 0, prefillChunkTokens: 2 ** 31 - 1, prefixCacheEntries: 0, autoPrefixTokens: 0 });
     try {
-      yield* generateFromSession(prefilled, promptTokens, tokenizer, options);
+      yield* alone.generate(promptTokens, tokenizer, options);
     } finally {
-      session.dispose();
+      alone.dispose();
     }
+    // ---- end serving ----
   }
 
   // ---- serving (lib/scheduler.ts) ----

@@ -30,7 +30,10 @@ export interface SchedulerOptions {
 }
 
 export interface BatchingOptions {
-  /** false runs the request on its own session outside the scheduler. Default true. */
+  /**
+   * false runs the request alone: its own decode steps, batched with no other request, outside
+   * the model's scheduler (its limits, queue and prefix cache). Default true.
+   */
   batching?: boolean;
   /**
    * Keep the state after the first N prompt tokens (e.g. a system prompt) in the prefix cache;

@@ -301,3 +301,32 @@ test('file work queued behind a long generation on the only libuv thread finishe
   const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, UV_THREADPOOL_SIZE: '1' } });
   expect(out.trim()).toBe('stat generated');
 });
+
+test('generate(), alone and batched, in every prefill mode, draws what a session stepped by hand draws', async () => {
+  const prompt = randomPrompt(21, 37);
+  const argmax = (logits: Float32Array): number => logits.reduce((best, x, i) => (x > logits[best] ? i : best), 0);
+  for (const mode of ['chunkwise', 'parallel', 'recurrent'] as const) {
+    const session = model.createSession();
+    let { logits } = await session.prefill([prompt], { mode });
+    const byHand: number[] = [];
+    for (let k = 0; k < 12; k++) {
+      byHand.push(argmax(logits));
+      if (k < 11) ({ logits } = await session.step([byHand[k]]));
+    }
+    session.dispose();
+    const options = { temperature: 0, maxTokens: 12, prefillMode: mode };
+    expect([mode, await tokensOf(model, prompt, { ...options, batching: false })]).toEqual([mode, byHand]);
+    expect([mode, await tokensOf(model, prompt, options)]).toEqual([mode, byHand]);
+  }
+});
+
+test("batching: false runs outside the model's scheduler: none of its limits, none of its steps", async () => {
+  model.scheduler({ maxConcurrent: 1, maxQueue: 0 });
+  const running = model.generate(randomPrompt(1, 4), { maxTokens: 50 });
+  await running.next();
+  await expect(model.generateText(randomPrompt(2, 4), { maxTokens: 5 })).rejects.toThrow(SchedulerFullError);
+  const steps = model.scheduler().stats().decodeSteps;
+  expect(await tokensOf(model, randomPrompt(2, 4), { maxTokens: 5, seed: 2, batching: false })).toHaveLength(5);
+  expect(model.scheduler().stats()).toMatchObject({ active: 1, decodeSteps: steps });
+  await running.return(undefined);
+});
