@@ -203,8 +203,9 @@ export async function* generateFromSession(
   const draw: StepSampling = { sampler, history, vocabSize: tokenizer.vocabSize, stopTokens: Int32Array.from(stopTokens) };
   // drawn: the token the last session call drew itself, where it could.
   let { logits, token: drawn } = await session.prefill([promptTokens], { sample: draw });
-  // The sampler reads each step's logits before the next step, so one buffer serves them all.
-  const stepLogits = new Float32Array(logits.length);
+  // A session that does not draw gets one buffer for every step's logits: the sampler reads
+  // each before the next step. One that draws (the scheduler's) needs none.
+  const stepLogits = drawn === undefined ? new Float32Array(logits.length) : undefined;
   for (let produced = 1; ; produced++) {
     throwIfAborted(signal);
     const vocabLogits = logits.length > tokenizer.vocabSize ? logits.subarray(0, tokenizer.vocabSize) : logits;
