@@ -3,7 +3,8 @@
 import { execFileSync } from 'child_process';
 import * as path from 'path';
 
-import { RetNet, SchedulerFullError } from '../lib';
+import { ByteTokenizer, RetNet, Scheduler, SchedulerFullError } from '../lib';
+import type { NativeModel, NativeStepSampling } from '../lib/native';
 import { BYTE_MODEL_CONFIG as CONFIG, randomPrompt, tokensOf } from './helpers/byte_model';
 import { mulberry32 } from './reference/retnet_ref';
 
@@ -277,29 +278,53 @@ test('mixed requests (late joins, pauses, breaks, aborts, stop tokens) each get 
   expect(model.scheduler().stats().active).toBe(0);
 });
 
-test('file work queued behind a long generation on the only libuv thread finishes before the generation does', () => {
-  // Decode runs hold a libuv thread while they last; the stat waits for a run's end. Runs end at
-  // least every RUN_SLICE_MS (and here, with steps of about a millisecond, also whenever the
-  // consumer falls two steps behind), so it never waits for the whole generation.
-  const lib = JSON.stringify(path.join(__dirname, '..', 'dist', 'lib'));
-  const script = `
-    const { RetNet } = require(${lib});
-    const fs = require('fs');
-    (async () => {
-      const model = await RetNet.create(${JSON.stringify(SLOWER)}, { seed: 4 });
-      const events = [];
-      let read, tokens = 0;
-      for await (const _ of model.generate([1, 2, 3], { maxTokens: 600, temperature: 0 })) {
-        // Queued while a run is going.
-        if (++tokens === 50) read = fs.promises.stat(${lib}).then(() => events.push('stat'));
-      }
-      events.push('generated');
-      await read;
-      console.log(events.join(' '));
-      model.dispose();
-    })();`;
-  const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, UV_THREADPOOL_SIZE: '1' } });
-  expect(out.trim()).toBe('stat generated');
+test('a decode run is stopped after RUN_SLICE_MS (100 ms), and is granted steps as its consumer asks', async () => {
+  // A fake native model: the test plays the run's worker, so the timing is the test's.
+  let onStep: ((tokens: Int32Array) => void) | undefined;
+  let finish: ((steps: number) => void) | undefined;
+  const calls = { stops: 0, grants: [] as number[], granted: 0 };
+  const native = {
+    weightVersion: () => 0,
+    createState: () => ({ dispose: () => undefined }),
+    prefillBatch: async (_s: unknown, _t: unknown, _l: unknown, _m: unknown, _c: unknown, outputs: Float32Array[], sampling: NativeStepSampling) => {
+      sampling.sampled.fill(65);
+      return outputs;
+    },
+    decodeRun: (_s: unknown, _t: unknown, _d: unknown, _m: unknown, _x: unknown, granted: number, step: (tokens: Int32Array) => void) => {
+      onStep = step;
+      calls.granted = granted;
+      return {
+        done: new Promise<number>((resolve) => (finish = resolve)),
+        grant: (steps: number) => calls.grants.push(steps),
+        stop: () => calls.stops++,
+      };
+    },
+  };
+  const owner = { vocabSize: 256, defaultChunkSize: 8, native: () => native as unknown as NativeModel, stateLayout: () => ({ layers: 1, heads: 1, keyDim: 2, valueDim: 2 }) };
+  const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+  jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick', 'queueMicrotask'] });
+  try {
+    const stream = new Scheduler(owner).generate([1, 2, 3], new ByteTokenizer(), { maxTokens: 100 });
+    expect((await stream.next()).value.token).toBe(65); // drawn by the prefill
+    const second = stream.next(); // its step starts a run
+    while (!onStep) await turn();
+    expect(calls.granted).toBe(3); // the step asked for and two ahead
+    onStep(Int32Array.of(66));
+    expect((await second).value.token).toBe(66);
+    const third = stream.next(); // asks for the run's next step: two more are granted
+    await turn();
+    expect(calls.grants).toEqual([4]);
+    jest.advanceTimersByTime(99);
+    expect(calls.stops).toBe(0);
+    jest.advanceTimersByTime(1);
+    expect(calls.stops).toBe(1);
+    onStep(Int32Array.of(67));
+    expect((await third).value.token).toBe(67);
+    finish!(2);
+    await stream.return(undefined);
+  } finally {
+    jest.useRealTimers();
+  }
 });
 
 test('generate(), alone and batched, in every prefill mode, draws what a session stepped by hand draws', async () => {
