@@ -740,7 +740,9 @@ class DecodeRunWorker : public Napi::AsyncProgressQueueWorker<int32_t> {
     Napi::Env env = Env();
     Napi::HandleScope scope(env);
     if (!callback_error_.IsEmpty()) return;
-    Napi::Int32Array drawn = Napi::Int32Array::New(env, count);
+    // One array for the whole run, refilled each step: onStep reads it during its call.
+    if (drawn_.IsEmpty()) drawn_ = Napi::Persistent(Napi::Int32Array::New(env, count));
+    Napi::Int32Array drawn = drawn_.Value();
     std::copy(tokens, tokens + count, drawn.Data());
     try {
       on_step_.Call({drawn});
@@ -767,6 +769,7 @@ class DecodeRunWorker : public Napi::AsyncProgressQueueWorker<int32_t> {
   std::vector<std::vector<int32_t>> stop_tokens_;
   std::shared_ptr<DecodeRunControl> control_;
   Napi::FunctionReference on_step_;
+  Napi::Reference<Napi::Int32Array> drawn_;
   Napi::ObjectReference callback_error_;
   int64_t steps_ = 0;
 };
@@ -1218,7 +1221,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   //   { samplers, histories, vocab } (a sampler per state), maxSteps: Int32Array, stopTokens:
   //   Int32Array[], granted, onStep: (tokens: Int32Array) => void) -> { done, grant, stop }:
   // decode steps on one worker, each state's drawn token fed back as its next token with no
-  // trip through JS between steps. onStep gets each step's drawn tokens, in order; `done`
+  // trip through JS between steps. onStep gets each step's drawn tokens, in order, in one
+  // array the run refills (read it during the call); `done`
   // resolves the number of steps after the last onStep. The run ends after a step where stop()
   // was called, a state drew one of its stopTokens or took maxSteps[i] steps, or the steps
   // taken reach `granted` (grant(n) raises it to n).

@@ -143,7 +143,8 @@ export interface NativeModel {
    * Decode steps for batch-1 states on one worker, with no trip through JS between them: each
    * step draws every state's next token with its sampler (histories[i] growing by each draw
    * where the sampler penalises) and feeds it back as that state's next token. onStep gets each
-   * step's drawn tokens, in order, on the JS thread. The run ends after the step where stop()
+   * step's drawn tokens, in order, on the JS thread, in one array the run refills each step: it
+   * must read them during the call. The run ends after the step where stop()
    * was called, a state drew one of its stopTokens[i] or took maxSteps[i] steps, or the steps
    * taken reach `granted` (raised by grant()).
    */

@@ -57,7 +57,7 @@ export async function decodeRunMismatches(model: NativeModel, vocab: number, pro
     Int32Array.from(prompts, () => steps),
     prompts.map(() => none),
     steps,
-    (tokens) => drawn.push(tokens),
+    (tokens) => drawn.push(tokens.slice()),
   ).done;
   const sampler = new (addon().NativeSampler)(greedy, 0);
   let ids = Array.from(first);
