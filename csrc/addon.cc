@@ -169,11 +169,13 @@ void require_finite(const std::string& name, const float* p, size_t n) {
   throw std::invalid_argument("tensor \"" + name + "\" has a non-finite value (" + value + ") at flat index " + std::to_string(i));
 }
 
-// A decode position: any integer a double holds exactly (a long session passes 2^31 tokens).
-int64_t to_position(const Napi::Value& v) {
-  if (!v.IsNumber()) throw std::invalid_argument("position must be a number");
+// A decode position or a count of steps: any integer a double holds exactly (a long session
+// passes 2^31 tokens).
+int64_t to_position(const Napi::Value& v, const char* what = "position") {
+  if (!v.IsNumber()) throw std::invalid_argument(std::string(what) + " must be a number");
   const double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d == std::floor(d)) || d < 0 || d > 9007199254740991.0) throw std::invalid_argument("position must be a non-negative integer");
+  if (!(d == std::floor(d)) || d < 0 || d > 9007199254740991.0)
+    throw std::invalid_argument(std::string(what) + " must be a non-negative integer");
   return static_cast<int64_t>(d);
 }
 
@@ -635,6 +637,14 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   ExternalMemory external_;
 };
 
+// The NativeState `v` holds, or an Error naming `what`. Unwrap alone takes any object this addon
+// wraps (a sampler, a model) as a state, and reads it as one.
+NativeState* unwrap_state(Napi::Env env, const Napi::Value& v, const std::string& what) {
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->state.Value()))
+    throw Napi::Error::New(env, what + " is not a NativeState");
+  return Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>());
+}
+
 // A draw made on a worker for one batch-1 state, with that state's sampler.
 struct Draw {
   NativeSampler* wrap = nullptr;  // JS thread only
@@ -747,14 +757,17 @@ class DecodeRunWorker : public Napi::AsyncProgressQueueWorker<int32_t> {
     try {
       on_step_.Call({drawn});
     } catch (const Napi::Error& e) {
-      // The run stops at its next step and `done` rejects with what onStep threw.
-      callback_error_ = Napi::Persistent(e.Value());
+      // The run stops at its next step and `done` rejects with what onStep threw. That may be
+      // any value, and only an object can be held by reference: it is kept in one.
+      Napi::Object holder = Napi::Object::New(env);
+      holder.Set("thrown", e.Value());
+      callback_error_ = Napi::Persistent(holder);
       control_->stopped = true;
     }
   }
   void OnOK() override {
     if (!callback_error_.IsEmpty()) {
-      deferred_.Reject(callback_error_.Value());
+      deferred_.Reject(callback_error_.Value().Get("thrown"));
     } else {
       deferred_.Resolve(Napi::Number::New(Env(), static_cast<double>(steps_)));
     }
@@ -929,9 +942,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                          std::function<void(const Model&, DecodeState&, float*)> work,
                          Napi::Float32Array into = Napi::Float32Array()) {
     auto m = model(env);
-    if (!state_arg.IsObject()) throw Napi::Error::New(env, "state must be a NativeState");
-    NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(state_arg.As<Napi::Object>());
-    StateHandle h = ns->handle(env);
+    StateHandle h = unwrap_state(env, state_arg, "state")->handle(env);
     if (h.model != m) throw Napi::Error::New(env, "state belongs to another model");
     try {
       require_current_weights(*h.state, "");
@@ -987,8 +998,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       mode = parse_mode(info[3]);
       C = to_int(info[4], "chunkSize");
       if (T < 1 || C < 1) throw std::invalid_argument("length and chunkSize must be >= 1");
-      NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
-      const int B = ns->handle(env).state->batch();
+      const int B = unwrap_state(env, info[0], "state")->handle(env).state->batch();
       if (tokens.ElementLength() != static_cast<size_t>(B) * T) throw std::invalid_argument("tokens length is not batch * length");
       ids = copy_ids(tokens);
       model(env)->check_tokens(ids->data(), ids->size());
@@ -1012,8 +1022,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     rows = 0;
     for (uint32_t i = 0; i < arr.Length(); i++) {
       Napi::Value v = arr.Get(i);
-      if (!v.IsObject()) throw std::invalid_argument("states[" + std::to_string(i) + "] is not a NativeState");
-      StateHandle h = Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>())->handle(env);
+      StateHandle h = unwrap_state(env, v, "states[" + std::to_string(i) + "]")->handle(env);
       if (h.model != m) throw std::invalid_argument("states[" + std::to_string(i) + "] belongs to another model");
       for (const StateHandle& other : handles)
         if (other.state == h.state) throw std::invalid_argument("states[" + std::to_string(i) + "] appears twice");
@@ -1281,9 +1290,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     run.Set("grant", Napi::Function::New(env, [control](const Napi::CallbackInfo& call) {
               int64_t steps;
               try {
-                steps = to_position(call[0]);
+                steps = to_position(call[0], "grant: steps");
               } catch (const std::exception& e) {
-                throw Napi::Error::New(call.Env(), std::string("grant: ") + e.what());
+                throw Napi::Error::New(call.Env(), e.what());
               }
               int64_t now = control->granted;
               while (steps > now && !control->granted.compare_exchange_weak(now, steps)) {
@@ -1342,13 +1351,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     Napi::Float32Array into;
     try {
       ids = copy_ids(int32_arg(info[1], "tokens"));
-      NativeState* ns = Napi::ObjectWrap<NativeState>::Unwrap(info[0].As<Napi::Object>());
-      if (ids->size() != static_cast<size_t>(ns->handle(env).state->batch()))
-        throw std::invalid_argument("step takes one token per batch row");
+      const int batch = unwrap_state(env, info[0], "state")->handle(env).state->batch();
+      if (ids->size() != static_cast<size_t>(batch)) throw std::invalid_argument("step takes one token per batch row");
       model(env)->check_tokens(ids->data(), ids->size());
       if (info.Length() > 2 && !info[2].IsUndefined()) {
         into = float32_arg(info[2], "logits");
-        const size_t n = static_cast<size_t>(ns->handle(env).state->batch()) * model(env)->config().V;
+        const size_t n = static_cast<size_t>(batch) * model(env)->config().V;
         if (into.ElementLength() != n)
           throw std::invalid_argument("logits buffer has " + std::to_string(into.ElementLength()) + " floats; the step writes batch * vocab = " + std::to_string(n));
       }

@@ -620,6 +620,24 @@ test("decodeRun's steps and draws equal step and NativeSampler.sample's, fed bac
     },
   );
   await expect(throwing.done).rejects.toThrow('consumer failed');
+  // Whatever onStep throws, an object or not, stops the run and is what `done` rejects with.
+  for (const thrown of ['a string', 42, undefined, null]) {
+    let calls = 0;
+    const run = native.decodeRun(
+      together,
+      Int32Array.from(first),
+      { samplers: samplers(), histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
+      Int32Array.from([1000, 1000, 1000]),
+      [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
+      20,
+      () => {
+        calls++;
+        throw thrown;
+      },
+    );
+    await expect(run.done.then(() => 'resolved', (e: unknown) => e)).resolves.toBe(thrown);
+    expect(calls).toBe(1);
+  }
   await native.stepBatch(together, next); // free again
   for (const s of [...alone, ...together]) s.dispose();
 });
@@ -660,7 +678,7 @@ test('decodeRun refuses malformed calls before claiming anything', async () => {
   // Refused calls leave the states and samplers free.
   const drawn: number[][] = [];
   const run = native.decodeRun(states, Int32Array.from([1, 2, 3]), ok, Int32Array.from([2, 2, 2]), none, 5, (t) => drawn.push(Array.from(t)));
-  expect(() => run.grant(-1)).toThrow(/grant: position must be a non-negative integer/);
+  expect(() => run.grant(-1)).toThrow(/grant: steps must be a non-negative integer/);
   expect(await run.done).toBe(2);
   expect(drawn.flat().every((t) => t >= 0 && t < V)).toBe(true);
   for (const s of states) s.dispose();
@@ -728,6 +746,25 @@ test("prefillBatch's draws on its worker equal NativeSampler.sample's; malformed
   expect(outputs[0].every(Number.isNaN)).toBe(true); // a drawn state's logits are not copied back
   expect(Array.from(outputs[1])).toEqual(Array.from(logits[1]));
   for (const s of [...alone, ...together]) s.dispose();
+});
+
+test("a sampler, a model or a plain object given as a state is refused, by every call that takes states", async () => {
+  const native = model.native();
+  const sampler = new (addon().NativeSampler)({ temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1 }, 1);
+  const V = model.config.vocab_size;
+  const sampling = { samplers: [sampler], histories: [new Int32Array(0)], vocab: Int32Array.of(V) };
+  // Before the check, another of the addon's wrapped objects was read as a state (a segfault).
+  for (const notState of [sampler, native, {}, new Int32Array(1)] as never[]) {
+    expect(() => native.step(notState, Int32Array.of(1))).toThrow(/state is not a NativeState/);
+    expect(() => native.prefill(notState, Int32Array.of(1), 1, 'chunkwise', 8)).toThrow(/state is not a NativeState/);
+    expect(() => native.stepBatch([notState], Int32Array.of(1))).toThrow(/states\[0\] is not a NativeState/);
+    expect(() => native.prefillBatch([notState], Int32Array.of(1), Int32Array.of(1), 'chunkwise', 8)).toThrow(/states\[0\] is not a NativeState/);
+    expect(() => native.decodeRun([notState], Int32Array.of(1), sampling, Int32Array.of(1), [new Int32Array(0)], 1, () => undefined)).toThrow(
+      /states\[0\] is not a NativeState/,
+    );
+  }
+  // The sampler is still free.
+  expect(sampler.sample(new Float32Array(V), new Int32Array(0))).toBeGreaterThanOrEqual(0);
 });
 
 test('prefillBatch rejects bad calls before claiming any state', async () => {
