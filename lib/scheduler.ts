@@ -332,7 +332,7 @@ export class Scheduler {
     ticket: AbandonTicket,
   ): AsyncGenerator<GenerateChunk> {
     if (this.isDisposed) throw new Error('the scheduler was disposed');
-    checkPrefillOptions({ mode: options.prefillMode }, this.owner.defaultChunkSize);
+    checkPrefillOptions({ mode: options.prefillMode }, this.owner.defaultChunkSize, 'invalid generate option: prefillMode');
     const { cachePrefixTokens } = options;
     if (cachePrefixTokens !== undefined && !(Number.isSafeInteger(cachePrefixTokens) && cachePrefixTokens >= 1 && cachePrefixTokens <= promptTokens.length)) {
       throw new Error(

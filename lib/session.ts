@@ -33,10 +33,11 @@ export interface SessionOwner {
 
 const STATE_MAGIC = 'RNSTATE1';
 
-export function checkPrefillOptions(options: PrefillOptions, defaultChunk: number): { mode: PrefillMode; chunkSize: number } {
+/** `modeOption` names the mode in its error (generate() calls it prefillMode). */
+export function checkPrefillOptions(options: PrefillOptions, defaultChunk: number, modeOption = 'mode'): { mode: PrefillMode; chunkSize: number } {
   const mode = options.mode ?? 'chunkwise';
   if (mode !== 'parallel' && mode !== 'chunkwise' && mode !== 'recurrent') {
-    throw new Error(`mode must be 'parallel', 'chunkwise' or 'recurrent', got ${JSON.stringify(mode)}`);
+    throw new Error(`${modeOption} must be 'parallel', 'chunkwise' or 'recurrent', got ${JSON.stringify(mode)}`);
   }
   const chunkSize = options.chunkSize ?? defaultChunk;
   if (!Number.isInteger(chunkSize) || chunkSize < 1) {

@@ -124,6 +124,11 @@ test('invalid scheduler options and cachePrefixTokens are errors naming the fiel
   await expect(model.generateText([1, 2, 3], { batching: 'no' as unknown as boolean })).rejects.toThrow(
     'invalid generate option: batching must be true or false, got "no"',
   );
+  for (const batching of [true, false]) {
+    await expect(model.generateText([1, 2, 3], { batching, prefillMode: 'fast' as never })).rejects.toThrow(
+      `invalid generate option: prefillMode must be 'parallel', 'chunkwise' or 'recurrent', got "fast"`,
+    );
+  }
 });
 
 test('a disposed scheduler is replaced by the next model.scheduler() call, so the model keeps serving', async () => {
