@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cfloat>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <functional>
@@ -45,6 +47,22 @@ std::shared_ptr<v8::BackingStore> backing_store_of(Napi::Value value) {
   if (local->IsArrayBufferView()) return local.As<v8::ArrayBufferView>()->Buffer()->GetBackingStore();
   if (local->IsArrayBuffer()) return local.As<v8::ArrayBuffer>()->GetBackingStore();
   return nullptr;
+}
+
+// A typed array a worker will read or write in place, checked once the call has read all its
+// arguments (their getters may run JS meanwhile). An array detached by then left its pointer
+// dangling (a getter transferring it crashed the worker); one on a resizable ArrayBuffer could
+// shrink under the worker, which frees the pages it reads. A growable SharedArrayBuffer only
+// grows, into memory reserved up front.
+void require_stable_array(const Napi::Value& value, const std::string& what) {
+  napi_value raw = value;
+  v8::Local<v8::Value> local;
+  std::memcpy(static_cast<void*>(&local), &raw, sizeof(raw));
+  if (!local->IsArrayBufferView()) return;
+  const v8::Local<v8::ArrayBuffer> buffer = local.As<v8::ArrayBufferView>()->Buffer();
+  if (buffer->WasDetached()) throw std::invalid_argument(what + " was detached while the call read its arguments");
+  if (buffer->GetBackingStore()->IsResizableByUserJavaScript())
+    throw std::invalid_argument(what + " is on a resizable ArrayBuffer, which could shrink during the call: pass a fixed-length one");
 }
 
 // A Promise-returning async worker: `work` runs on a libuv thread, `done` turns the
@@ -145,6 +163,7 @@ std::shared_ptr<std::vector<float>> reused_buffer(size_t n) {
 }
 
 Mode parse_mode(const Napi::Value& v) {
+  if (!v.IsString()) throw std::invalid_argument("mode must be 'parallel', 'chunkwise' or 'recurrent'");
   const std::string m = v.As<Napi::String>().Utf8Value();
   if (m == "parallel") return Mode::Parallel;
   if (m == "chunkwise") return Mode::Chunkwise;
@@ -199,22 +218,44 @@ Napi::Float32Array float32_arg(const Napi::Value& v, const char* what) {
   return v.As<Napi::Float32Array>();
 }
 
-ModelConfig parse_config(const Napi::Object& o) {
-  auto num = [&](const char* k) { return o.Get(k).As<Napi::Number>().DoubleValue(); };
-  auto flag = [&](const char* k) { return o.Get(k).As<Napi::Boolean>().Value(); };
+// The config lib/config.ts resolved; checked again here, each error naming its key.
+ModelConfig parse_config(const Napi::Value& config) {
+  if (!config.IsObject()) throw std::invalid_argument("config must be an object");
+  const Napi::Object o = config.As<Napi::Object>();
+  auto num = [&](const char* k) {
+    const Napi::Value v = o.Get(k);
+    if (!v.IsNumber()) throw std::invalid_argument(std::string("config.") + k + " must be a number");
+    return v.As<Napi::Number>().DoubleValue();
+  };
+  auto dim = [&](const char* k) {
+    const double d = num(k);
+    if (!(d >= 1 && d <= INT32_MAX && d == std::floor(d)))
+      throw std::invalid_argument(std::string("config.") + k + " must be an integer >= 1");
+    return static_cast<int>(d);
+  };
+  auto flag = [&](const char* k) {
+    const Napi::Value v = o.Get(k);
+    if (!v.IsBoolean()) throw std::invalid_argument(std::string("config.") + k + " must be a boolean");
+    return v.As<Napi::Boolean>().Value();
+  };
   ModelConfig c{};
-  c.V = static_cast<int>(num("vocab_size"));
-  c.D = static_cast<int>(num("decoder_embed_dim"));
-  c.Dv = static_cast<int>(num("decoder_value_embed_dim"));
-  c.H = static_cast<int>(num("decoder_retention_heads"));
-  c.F = static_cast<int>(num("decoder_ffn_embed_dim"));
-  c.L = static_cast<int>(num("decoder_layers"));
+  c.V = dim("vocab_size");
+  c.D = dim("decoder_embed_dim");
+  c.Dv = dim("decoder_value_embed_dim");
+  c.H = dim("decoder_retention_heads");
+  c.F = dim("decoder_ffn_embed_dim");
+  c.L = dim("decoder_layers");
   c.pre_norm = flag("decoder_normalize_before");
   c.layernorm_embedding = flag("layernorm_embedding");
   c.tied = flag("share_decoder_input_output_embed");
-  const std::string act = o.Get("activation_fn").As<Napi::String>().Utf8Value();
+  const Napi::Value act_arg = o.Get("activation_fn");
+  const std::string act = act_arg.IsString() ? act_arg.As<Napi::String>().Utf8Value() : "";
+  if (act != "gelu" && act != "swish" && act != "relu")
+    throw std::invalid_argument("config.activation_fn must be 'gelu', 'swish' or 'relu'");
   c.activation = act == "gelu" ? Activation::Gelu : act == "swish" ? Activation::Swish : Activation::Relu;
-  c.eps = static_cast<float>(num("layernorm_eps"));
+  const double eps = num("layernorm_eps");
+  if (!(eps >= 0 && eps <= FLT_MAX)) throw std::invalid_argument("config.layernorm_eps must be a number >= 0 that float32 holds");
+  c.eps = static_cast<float>(eps);
   c.embed_scale = flag("no_scale_embedding") ? 1.0f : static_cast<float>(std::sqrt(static_cast<double>(c.D)));
   c.alpha = flag("deepnorm") ? static_cast<float>(std::pow(2.0 * c.L, 0.25)) : 1.0f;
   auto probability = [&](const char* k) {
@@ -225,8 +266,8 @@ ModelConfig parse_config(const Napi::Object& o) {
   c.dropout = probability("dropout");
   c.activation_dropout = probability("activation_dropout");
   c.drop_path_rate = probability("drop_path_rate");
-  if (c.V < 1 || c.D < 1 || c.H < 1 || c.Dv < 1 || c.F < 1 || c.L < 1 || c.D % c.H || c.Dv % c.H || c.dk() % 2)
-    throw std::invalid_argument("invalid model dimensions");
+  if (c.D % c.H || c.Dv % c.H || c.dk() % 2)
+    throw std::invalid_argument("invalid model dimensions: heads must divide decoder_embed_dim and decoder_value_embed_dim into even key dims");
   return c;
 }
 
@@ -289,6 +330,7 @@ std::vector<ParamSource> param_sources(const Napi::Value& v, std::vector<Napi::V
     sources.push_back({name, arr.Data(), arr.ElementLength()});
     keep.push_back(arr);
   }
+  for (size_t i = 0; i < sources.size(); i++) require_stable_array(keep[i], "tensor \"" + sources[i].name + "\"");
   return sources;
 }
 
@@ -378,6 +420,29 @@ struct Constructors {
   Napi::FunctionReference model, state, sampler;
 };
 
+// Each wrapped class tags the objects it makes, and a wrapped argument is taken only with its
+// class's tag: InstanceOf reads the prototype chain, which JS can change (Object.setPrototypeOf,
+// Reflect.construct), and Unwrap then reads one class's object as another's (a segfault).
+constexpr napi_type_tag kStateTag{0x72657421e3a1d05bULL, 0x8c61f0a3b2d94e01ULL};
+constexpr napi_type_tag kSamplerTag{0x72657421e3a1d05bULL, 0x8c61f0a3b2d94e02ULL};
+// The Externals a model and a state are constructed from (only this addon makes them).
+constexpr napi_type_tag kModelSourceTag{0x72657421e3a1d05bULL, 0x8c61f0a3b2d94e03ULL};
+constexpr napi_type_tag kStateSourceTag{0x72657421e3a1d05bULL, 0x8c61f0a3b2d94e04ULL};
+
+// What a wrapped class's constructor was given by this addon, or an Error: JS may call it too.
+template <typename T>
+T* constructor_source(const Napi::CallbackInfo& info, const napi_type_tag& tag, const char* made_by) {
+  if (info.Length() != 1 || !info[0].IsExternal() || !info[0].As<Napi::External<T>>().CheckTypeTag(&tag))
+    throw Napi::TypeError::New(info.Env(), std::string("this class is not constructed directly: use ") + made_by);
+  return info[0].As<Napi::External<T>>().Data();
+}
+
+template <typename T>
+T* unwrap_tagged(Napi::Env env, const Napi::Value& v, const napi_type_tag& tag, const std::string& what, const char* type) {
+  if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&tag)) throw Napi::Error::New(env, what + " is not a " + type);
+  return Napi::ObjectWrap<T>::Unwrap(v.As<Napi::Object>());
+}
+
 // new NativeSampler({ temperature, topK, topP, repetitionPenalty }, seed): one sampler and its
 // PRNG stream. sample(logits, history) runs on the calling thread: at vocabulary 32000 it takes
 // tens of microseconds, about what queueing a worker would cost. stepBatch may also draw with
@@ -390,6 +455,7 @@ class NativeSampler : public Napi::ObjectWrap<NativeSampler> {
 
   explicit NativeSampler(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeSampler>(info) {
     Napi::Env env = info.Env();
+    info.This().As<Napi::Object>().TypeTag(&kSamplerTag);
     try {
       if (!info[0].IsObject()) throw std::invalid_argument("sampler options must be an object");
       Napi::Object o = info[0].As<Napi::Object>();
@@ -492,14 +558,17 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
                         InstanceMethod("dispose", &NativeState::Dispose)});
   }
   explicit NativeState(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeState>(info) {
-    handle_ = *info[0].As<Napi::External<StateHandle>>().Data();
+    handle_ = *constructor_source<StateHandle>(info, kStateSourceTag, "NativeModel.createState()");
+    info.This().As<Napi::Object>().TypeTag(&kStateTag);
     external_.hold(info.Env(), static_cast<int64_t>((handle_.state->kv_size() + handle_.state->scale_size()) * sizeof(float)));
   }
   ~NativeState() override { external_.release(Env()); }
 
   static Napi::Object Wrap(Napi::Env env, const StateHandle& h) {
     StateHandle copy = h;
-    return env.GetInstanceData<Constructors>()->state.New({Napi::External<StateHandle>::New(env, &copy)});
+    Napi::External<StateHandle> source = Napi::External<StateHandle>::New(env, &copy);
+    source.TypeTag(&kStateSourceTag);
+    return env.GetInstanceData<Constructors>()->state.New({source});
   }
 
   StateHandle& handle(Napi::Env env) {
@@ -605,6 +674,7 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
       for (float x : *scale)
         if (!(x >= 0) || !std::isfinite(x)) throw std::invalid_argument("state scale must be finite and >= 0");
       for (uint32_t i = 0; i < pos.Length(); i++) positions.push_back(to_position(pos.Get(i)));
+      require_stable_array(kv, "kv");
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
@@ -637,12 +707,9 @@ class NativeState : public Napi::ObjectWrap<NativeState> {
   ExternalMemory external_;
 };
 
-// The NativeState `v` holds, or an Error naming `what`. Unwrap alone takes any object this addon
-// wraps (a sampler, a model) as a state, and reads it as one.
+// The NativeState `v` holds, or an Error naming `what`.
 NativeState* unwrap_state(Napi::Env env, const Napi::Value& v, const std::string& what) {
-  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->state.Value()))
-    throw Napi::Error::New(env, what + " is not a NativeState");
-  return Napi::ObjectWrap<NativeState>::Unwrap(v.As<Napi::Object>());
+  return unwrap_tagged<NativeState>(env, v, kStateTag, what, "NativeState");
 }
 
 // A draw made on a worker for one batch-1 state, with that state's sampler.
@@ -814,7 +881,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
                         InstanceMethod("dispose", &NativeModel::Dispose)});
   }
   explicit NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
-    model_ = *info[0].As<Napi::External<std::shared_ptr<Model>>>().Data();
+    model_ = *constructor_source<std::shared_ptr<Model>>(info, kModelSourceTag, "createModel()");
     external_.hold(info.Env(), static_cast<int64_t>(model_->parameter_floats() * sizeof(float)));
   }
   ~NativeModel() override { external_.release(Env()); }
@@ -828,7 +895,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     std::vector<Napi::Value> keep;
     std::string device = "cpu";
     try {
-      config = parse_config(info[0].As<Napi::Object>());
+      config = parse_config(info[0]);
       if (info.Length() > 2 && !info[2].IsUndefined()) {
         if (!info[2].IsString()) throw std::invalid_argument("device must be a string");
         device = info[2].As<Napi::String>().Utf8Value();
@@ -846,8 +913,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
           *result = model;
         },
         [result](Napi::Env env) -> Napi::Value {
-          return env.GetInstanceData<Constructors>()->model.New(
-              {Napi::External<std::shared_ptr<Model>>::New(env, result.get())});
+          Napi::External<std::shared_ptr<Model>> source = Napi::External<std::shared_ptr<Model>>::New(env, result.get());
+          source.TypeTag(&kModelSourceTag);
+          return env.GetInstanceData<Constructors>()->model.New({source});
         });
     for (const Napi::Value& v : keep) worker->keep(v);
     worker->Queue();
@@ -1051,14 +1119,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       const Napi::Value sv = samplers.As<Napi::Array>().Get(i);
       if (sv.IsNull() || sv.IsUndefined()) continue;
       const std::string name = "sampling.samplers[" + std::to_string(i) + "]";
-      if (!sv.IsObject() || !sv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Constructors>()->sampler.Value()))
-        throw std::invalid_argument(name + " is not a NativeSampler");
+      Draw& d = draws[i];
+      d.wrap = unwrap_tagged<NativeSampler>(env, sv, kSamplerTag, name, "NativeSampler");
       if (vocab[i] < 1 || static_cast<size_t>(vocab[i]) > V)
         throw std::invalid_argument("sampling.vocab[" + std::to_string(i) + "] must be in [1, " + std::to_string(V) + "]");
       const std::string hname = "sampling.histories[" + std::to_string(i) + "]";
       const Napi::Int32Array history = int32_arg(histories.As<Napi::Array>().Get(i), hname.c_str());
-      Draw& d = draws[i];
-      d.wrap = Napi::ObjectWrap<NativeSampler>::Unwrap(sv.As<Napi::Object>());
       for (const Draw& other : draws)
         if (&other != &d && other.wrap == d.wrap) throw std::invalid_argument(name + " appears twice");
       d.history.assign(history.Data(), history.Data() + history.ElementLength());
@@ -1435,7 +1501,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    auto guard = claim_write(env);
+    // A conversion changes what every step computes: sessions that consumed tokens before it
+    // are refused after it, as after a training step.
+    auto guard = claim_write(env, format != m->weight_format());
     auto* worker = new PromiseWorker(
         env,
         [m, guard, format] {
@@ -1518,12 +1586,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       pass = parse_pass(info[3], info[4], info[8], info[9]);
       seed = parse_seed(info[7]);
       require_fp32_weights(*m, "lossAndGradients");
-      trainer()->check_batch(batch->view);
+      trainer(env)->check_batch(batch->view);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
     auto guard = claim_write(env);
-    auto trainer_ptr = trainer();
+    auto trainer_ptr = trainer(env);
     struct Result {
       double loss = 0;
       std::vector<std::pair<std::string, std::vector<float>>> grads;
@@ -1603,13 +1671,13 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
         throw std::invalid_argument("noDecay must be an array of parameter names");
       }
       opt.seed = parse_seed(o.Get("seed"));
-      for (const TrainBatch& b : micro) trainer()->check_batch(b);
+      for (const TrainBatch& b : micro) trainer(env)->check_batch(b);
       require_fp32_weights(*m, "trainStep");
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
     auto guard = claim_write(env, true);
-    auto trainer_ptr = trainer();
+    auto trainer_ptr = trainer(env);
     auto result = std::make_shared<StepResult>();
     auto* worker = new PromiseWorker(
         env,
@@ -1633,7 +1701,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value ReadOptimizerState(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto m = model(env);
-    std::shared_ptr<Trainer> t = trainer();
+    std::shared_ptr<Trainer> t = trainer(env);
     auto guard = claim_write(env);
     struct Moments {
       std::vector<float> m, v;
@@ -1674,10 +1742,12 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
       if (mv.ElementLength() != m->parameter_floats() || vv.ElementLength() != m->parameter_floats())
         throw std::invalid_argument("optimizer state must hold " + std::to_string(m->parameter_floats()) +
                                     " values per moment");
+      require_stable_array(mv, "m");
+      require_stable_array(vv, "v");
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
-    std::shared_ptr<Trainer> t = trainer();
+    std::shared_ptr<Trainer> t = trainer(env);
     auto guard = claim_write(env);
     auto* worker = new PromiseWorker(
         env,
@@ -1727,8 +1797,10 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
     return Napi::Number::New(info.Env(), static_cast<double>(access_->weight_version()));
   }
   // Gradient and optimizer arenas, made on first use.
-  std::shared_ptr<Trainer> trainer() {
-    if (!trainer_) trainer_ = std::make_shared<Trainer>(model_);
+  // After the call's arguments are read: their getters may have disposed the model.
+  std::shared_ptr<Trainer> trainer(Napi::Env env) {
+    auto m = model(env);
+    if (!trainer_) trainer_ = std::make_shared<Trainer>(m);
     return trainer_;
   }
 
@@ -1759,10 +1831,16 @@ Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::function<double()> run;
   try {
+    if (!info[0].IsString()) throw std::invalid_argument("benchKernel: the kernel name must be a string");
     const std::string name = info[0].As<Napi::String>().Utf8Value();
+    if (!info[1].IsObject()) throw std::invalid_argument("benchKernel: params must be an object");
     Napi::Object p = info[1].As<Napi::Object>();
-    auto get = [&](const char* key) { return to_int(p.Get(key), key); };
-    const int reps = std::max(1, get("reps"));
+    auto get = [&](const char* key) {
+      const int v = to_int(p.Get(key), key);
+      if (v < 1) throw std::invalid_argument(std::string(key) + " must be >= 1");
+      return v;
+    };
+    const int reps = get("reps");
     if (name == "fma_peak") {
       run = [reps] { return measure_fma_peak(reps); };
     } else if (name == "bandwidth") {
@@ -1773,7 +1851,6 @@ Napi::Value BenchKernel(const Napi::CallbackInfo& info) {
       run = [M, N, K, reps] { return time_linear(M, N, K, reps); };
     } else if (name == "decode_product") {
       const int M = get("M"), N = get("N"), K = get("K");
-      if (M < 1 || N < 1 || K < 1) throw std::invalid_argument("decode_product needs M, N and K >= 1");
       run = [M, N, K, reps] { return time_decode_product(M, N, K, reps); };
     } else if (name == "retention") {
       const int B = get("B"), T = get("T"), H = get("H"), dk = get("dk"), dv = get("dv"), chunk = get("chunk");
@@ -1820,6 +1897,9 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
     if (a.ElementLength() != static_cast<size_t>(M) * K || b.ElementLength() != static_cast<size_t>(K) * N ||
         c.ElementLength() != static_cast<size_t>(M) * N)
       throw std::invalid_argument("gemm: a, b, c must hold M*K, K*N and M*N values");
+    require_stable_array(a, "a");
+    require_stable_array(b, "b");
+    require_stable_array(c, "c");
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());
   }
@@ -1872,6 +1952,8 @@ Napi::Value Int8Linear(const Napi::CallbackInfo& info) {
     check_size(scales, s.N, "int8Linear", "scales");
     check_size(x, static_cast<size_t>(s.M) * s.K, "int8Linear", "x");
     check_size(y, static_cast<size_t>(s.M) * s.N, "int8Linear", "y");
+    require_stable_array(x, "x");
+    require_stable_array(y, "y");
     matrix = std::make_shared<QuantizedMatrix>(compact_matrix(s.N, s.K, WeightFormat::Int8));
     std::memcpy(matrix->int8, weights.Data(), weights.ElementLength());
     std::memcpy(matrix->scales, scales.Data(), s.N * sizeof(float));
@@ -1914,6 +1996,7 @@ Napi::Value PanelLinear(const Napi::CallbackInfo& info, bool backward) {
     for (size_t i = 0; i < expected.size(); i++) {
       arrays.push_back(float32_arg(info[i], expected[i].first));
       check_size(arrays.back(), expected[i].second, call, expected[i].first);
+      require_stable_array(arrays.back(), expected[i].first);
     }
   } catch (const std::exception& e) {
     throw Napi::Error::New(env, e.what());

@@ -130,7 +130,11 @@ export interface NativeModel {
   prefill(state: NativeState, tokens: Int32Array, length: number, mode: NativeMode, chunkSize: number): Promise<Float32Array>;
   /** With `logits` (batch * V floats), fills and resolves that buffer instead of a new one. */
   step(state: NativeState, tokens: Int32Array, logits?: Float32Array): Promise<Float32Array>;
-  /** Converts the projection weights to bf16 / int8 for good (every product then reads them); 'f32': no change. */
+  /**
+   * Converts the projection weights to bf16 / int8 for good (every product then reads them), and
+   * changes weightVersion(). The format they already have: no change; compact weights take no
+   * other format (their fp32 values are gone).
+   */
   setWeightFormat(format: WeightFormat): Promise<void>;
   /** One decode step for several states (rows in order); logits [sum of batches, V]. */
   stepBatch(states: NativeState[], tokens: Int32Array): Promise<Float32Array>;

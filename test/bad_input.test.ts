@@ -6,6 +6,7 @@ import * as path from 'path';
 
 import { RetNet, Trainer, buildInfo } from '../lib';
 import { parseSafetensors, serializeSafetensors } from '../lib/safetensors';
+import { addon } from '../lib/native';
 import { FIXTURES_DIR } from './helpers/fixtures';
 
 const CONFIG = {
@@ -319,6 +320,93 @@ describe('files', () => {
     expect(loaded.stateDict().get('layer_norm.weight')![0]).toBe(2);
     loaded.dispose();
     m.dispose();
+  });
+});
+
+// The addon's own calls (lib/native.ts), which the model code reaches: a fuzzing pass crashed
+// each case below before it was checked.
+describe('native calls', () => {
+  const resizable = (n: number) => new Float32Array(new (ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer)(4 * n, { maxByteLength: 8 * n }));
+
+  test('an array detached by a getter while the call reads its arguments is refused', async () => {
+    const native = model.native();
+    const [M, N, K] = [2, 3, 4];
+    let c = new Float32Array(M * N);
+    const options = { M, N, K, aTransposed: false, bTransposed: false };
+    Object.defineProperty(options, 'accumulate', { get: () => ((c = structuredClone(c, { transfer: [c.buffer] })), false) });
+    const a = new Float32Array(M * K);
+    const cAtCall = c;
+    expect(() => addon().gemm(a, new Float32Array(K * N), cAtCall, options as never)).toThrow('c was detached while the call read its arguments');
+
+    const state = native.createState(1);
+    const exported = state.exportState();
+    const [kv, scale] = [new Float32Array(exported.kv), exported.scale];
+    const positions: number[] = [];
+    Object.defineProperty(positions, 0, { get: () => (structuredClone(kv, { transfer: [kv.buffer] }), 0), enumerable: true });
+    expect(() => state.importState(kv, scale, positions)).toThrow('kv was detached while the call read its arguments');
+    state.dispose();
+
+    // setParams reads its tensors by name: a later name's getter detaches an earlier tensor.
+    const [first, second] = native.paramNames();
+    const tensors: Record<string, Float32Array> = { [first]: new Float32Array(await native.getParam(first)) };
+    Object.defineProperty(tensors, second, {
+      get: () => (structuredClone(tensors[first], { transfer: [tensors[first].buffer] }), native.getParam(second)),
+      enumerable: true,
+    });
+    await expect(async () => native.setParams(tensors)).rejects.toThrow(`tensor "${first}" was detached while the call read its arguments`);
+  });
+
+  test('arrays on a resizable ArrayBuffer, which could shrink under a worker, are refused', async () => {
+    const native = model.native();
+    const state = native.createState(1);
+    const { kv, scale } = state.exportState();
+    const onResizable = resizable(kv.length);
+    onResizable.set(kv);
+    expect(() => state.importState(onResizable, scale, [0])).toThrow('kv is on a resizable ArrayBuffer');
+    expect(() => addon().gemm(resizable(1), new Float32Array(1), new Float32Array(1), { M: 1, N: 1, K: 1 } as never)).toThrow(
+      'a is on a resizable ArrayBuffer',
+    );
+    const name = native.paramNames()[0];
+    const weights = resizable((await native.getParam(name)).length);
+    expect(() => native.setParams({ [name]: weights })).toThrow(`tensor "${name}" is on a resizable ArrayBuffer`);
+    const dict = model.stateDict();
+    weights.set(dict.get(name)!);
+    dict.set(name, weights);
+    await expect(RetNet.fromStateDict(CONFIG, dict)).rejects.toThrow(`tensor "${name}" is on a resizable ArrayBuffer`);
+    state.dispose();
+  });
+
+  test('a trainStep whose options dispose the model is refused', async () => {
+    const m = await RetNet.create(CONFIG, { seed: 1 });
+    const native = m.native();
+    const options = { mode: 'parallel', chunkSize: 8, lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, clipNorm: 0, noDecay: [] };
+    Object.defineProperty(options, 'seed', { get: () => (native.dispose(), 1) });
+    const micro = [{ tokens: new Int32Array(8).fill(3), batch: 1, length: 8, targets: null, mask: null }];
+    expect(() => native.trainStep(micro as never, options as never)).toThrow('model was disposed');
+  });
+
+  test('configs, modes and constructors are refused by name', async () => {
+    const native = model.native();
+    const good = {
+      vocab_size: 50, decoder_embed_dim: 16, decoder_value_embed_dim: 16, decoder_retention_heads: 2, decoder_ffn_embed_dim: 24,
+      decoder_layers: 1, decoder_normalize_before: true, layernorm_embedding: false, share_decoder_input_output_embed: false,
+      activation_fn: 'gelu', layernorm_eps: 1e-6, no_scale_embedding: true, deepnorm: false,
+    };
+    await addon().createModel(good, {}).then((m) => m.dispose());
+    for (const [change, message] of [
+      [{ vocab_size: 1.7 }, 'config.vocab_size must be an integer >= 1'],
+      [{ decoder_layers: '2' }, 'config.decoder_layers must be a number'],
+      [{ activation_fn: 'tanh' }, "config.activation_fn must be 'gelu', 'swish' or 'relu'"],
+      [{ layernorm_eps: NaN }, 'config.layernorm_eps must be a number >= 0'],
+      [{ deepnorm: 1 }, 'config.deepnorm must be a boolean'],
+    ] as Array<[object, string]>) {
+      expect(() => addon().createModel({ ...good, ...change }, {})).toThrow(message);
+    }
+    expect(() => addon().createModel(null as never, {})).toThrow('config must be an object');
+    expect(() => native.forward(Int32Array.of(1), 1, 1, 3 as never, 8)).toThrow("mode must be 'parallel', 'chunkwise' or 'recurrent'");
+    const ctors = addon() as unknown as Record<string, new (...args: unknown[]) => unknown>;
+    expect(() => new ctors.NativeState({})).toThrow('this class is not constructed directly: use NativeModel.createState()');
+    expect(() => new ctors.NativeModel()).toThrow('this class is not constructed directly: use createModel()');
   });
 });
 

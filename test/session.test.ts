@@ -763,6 +763,23 @@ test("a sampler, a model or a plain object given as a state is refused, by every
       /states\[0\] is not a NativeState/,
     );
   }
+  // Nor does a prototype make one: the class is checked, not the prototype chain.
+  const NativeState = addon().NativeState as unknown as new (...args: unknown[]) => object;
+  const NativeSampler = addon().NativeSampler as unknown as new (...args: unknown[]) => object;
+  const disguised = [
+    Object.setPrototypeOf(new NativeSampler({ temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1 }, 2), NativeState.prototype),
+    Reflect.construct(NativeSampler, [{ temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1 }, 3], NativeState),
+  ];
+  for (const fake of disguised as never[]) {
+    expect(() => native.step(fake, Int32Array.of(1))).toThrow(/state is not a NativeState/);
+    expect(() => native.stepBatch([fake], Int32Array.of(1))).toThrow(/states\[0\] is not a NativeState/);
+  }
+  const state = native.createState(1);
+  const stateAsSampler = Object.setPrototypeOf(native.createState(1), NativeSampler.prototype);
+  expect(() =>
+    native.decodeRun([state], Int32Array.of(1), { ...sampling, samplers: [stateAsSampler] }, Int32Array.of(1), [new Int32Array(0)], 1, () => undefined),
+  ).toThrow(/sampling.samplers\[0\] is not a NativeSampler/);
+  state.dispose();
   // The sampler is still free.
   expect(sampler.sample(new Float32Array(V), new Int32Array(0))).toBeGreaterThanOrEqual(0);
 });
