@@ -90,8 +90,11 @@ export function validateGenerateOptions(o: GenerateOptions): void {
     const bad = stops.find((s) => typeof s !== 'string' || s.length === 0);
     if (bad !== undefined) throw optionError('stop', 'a non-empty string or an array of them', bad);
   }
-  const signalLike = signal as { aborted?: unknown; addEventListener?: unknown } | null | undefined;
-  if (signal !== undefined && (typeof signalLike?.aborted !== 'boolean' || typeof signalLike.addEventListener !== 'function')) {
+  const signalLike = signal as { aborted?: unknown; addEventListener?: unknown; removeEventListener?: unknown } | null | undefined;
+  if (
+    signal !== undefined &&
+    (typeof signalLike?.aborted !== 'boolean' || typeof signalLike.addEventListener !== 'function' || typeof signalLike.removeEventListener !== 'function')
+  ) {
     throw optionError('signal', 'an AbortSignal', signal);
   }
   if (stopTokens !== undefined) {

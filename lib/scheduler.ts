@@ -11,6 +11,7 @@ import { DecodeSession, DecodeStepOptions, GenerateChunk, GenerateOptions, StepS
 import type { NativeDecodeRun, NativeSampler, NativeState, NativeStepSampling } from './native';
 import { PrefixCache, PrefixCacheStats, prefixKeys } from './prefix_cache';
 import { PrefillMode, PrefillOptions, Session, SessionOwner, checkPrefillOptions } from './session';
+import { optionsObject } from './typed';
 import type { Tokenizer } from './tokenizer';
 
 export interface SchedulerOptions {
@@ -320,7 +321,7 @@ export class Scheduler {
    */
   generate(promptTokens: number[], tokenizer: Tokenizer, options: ScheduledGenerateOptions = {}): AsyncGenerator<GenerateChunk> {
     const ticket: AbandonTicket = {};
-    const stream = this.stream(promptTokens, tokenizer, options, ticket);
+    const stream = this.stream(promptTokens, tokenizer, optionsObject(options, 'generate'), ticket);
     this.abandoned.register(stream, ticket, ticket);
     return stream;
   }
@@ -347,11 +348,15 @@ export class Scheduler {
     try {
       yield* generateFromSession(sequence, promptTokens, tokenizer, options);
     } finally {
-      signal?.removeEventListener('abort', onAbort);
-      this.release(sequence);
-      this.abandoned.unregister(ticket);
-      // A run still stepping this sequence stops after its step: the model is free when this returns.
-      await sequence.run?.ended;
+      try {
+        signal?.removeEventListener('abort', onAbort);
+      } finally {
+        // Even when a signal-like object's removeEventListener throws: the slot comes back.
+        this.release(sequence);
+        this.abandoned.unregister(ticket);
+        // A run still stepping this sequence stops after its step: the model is free when this returns.
+        await sequence.run?.ended;
+      }
     }
   }
 
@@ -466,7 +471,15 @@ export class Scheduler {
     this.running?.control?.stop();
     if (this.looping) return;
     this.looping = true;
-    setImmediate(() => void this.loop());
+    setImmediate(() => this.loop().catch((error: unknown) => this.failInFlight(error)));
+  }
+
+  // The loop's own failure (a bug, since the model calls' errors go to their sequences): the
+  // requests it was serving get the error, later ones are served, and nothing is left to fail
+  // the process as an unhandled rejection.
+  private failInFlight(error: unknown): void {
+    const failure = error instanceof Error ? error : new Error(`scheduler: ${String(error)}`);
+    for (const sequence of [...this.prefilling, ...this.ready]) this.cancelWaiting(sequence, failure);
   }
 
   // One decode step for every sequence waiting for one, then up to prefillChunkTokens of prompt,

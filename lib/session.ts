@@ -173,7 +173,12 @@ export class Session implements DecodeSession {
  * thread, before the session's first call runs (which rejects if they are not finite).
  */
 export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Session {
-  const buf = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+  let buf: Buffer;
+  try {
+    buf = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+  } catch {
+    throw new Error('restoreSession: the buffer was detached (transferred)');
+  }
   if (buf.length < 16 || buf.toString('latin1', 0, 8) !== STATE_MAGIC) {
     throw new Error('restoreSession: not a saved retnet session (bad magic)');
   }
@@ -207,10 +212,11 @@ export function restoreSessionState(owner: SessionOwner, buffer: Uint8Array): Se
   if (buf.length !== dataStart + 4 * (kvCount + scaleCount)) {
     throw new Error(`restoreSession: expected ${dataStart + 4 * (kvCount + scaleCount)} bytes, got ${buf.length}`);
   }
-  // A view where the floats are aligned (as save() writes them), else a copy.
+  // A view where the floats are aligned (as save() writes them), else a copy; a copy too of a
+  // resizable buffer, which could shrink under the load (the addon refuses one).
   const offset = buf.byteOffset + dataStart;
   let floats: Float32Array;
-  if (offset % 4 === 0) {
+  if (offset % 4 === 0 && !(buf.buffer as { resizable?: boolean }).resizable) {
     floats = new Float32Array(buf.buffer, offset, kvCount + scaleCount);
   } else {
     floats = new Float32Array(kvCount + scaleCount);

@@ -190,10 +190,11 @@ export function defaultNoDecay(model: RetNet): string[] {
 /** Fills defaults and throws an Error naming the first invalid option. */
 export function resolveTrainerOptions(model: RetNet, options: TrainerOptions): ResolvedTrainerOptions {
   if (options === null || typeof options !== 'object') throw new Error('Trainer: options must be an object');
-  for (const key of Object.keys(options)) {
+  // Each field read once: what is checked is what is used (a getter could answer differently).
+  const o: TrainerOptions = { ...options };
+  for (const key of Object.keys(o)) {
     if (!(OPTION_NAMES as readonly string[]).includes(key)) throw new Error(`invalid trainer option: unknown option ${key}`);
   }
-  const o = options;
   // lr, the betas and eps reach the native step as float32, chunkSize as int32.
   if (!isFiniteNumber(o.lr) || !(Math.fround(o.lr) > 0) || !Number.isFinite(Math.fround(o.lr))) {
     throw optionError('lr', 'a number > 0 that float32 holds (1.4e-45 to 3.4e38)', o.lr);

@@ -14,13 +14,16 @@ export function isTypedArray(value: unknown, kind: TypedArrayKind): boolean {
 /**
  * A public method's options argument: absent and null both mean "no options"; anything else
  * but an object is an Error naming the call (not a TypeError from reading a field of it).
+ * Returns a copy of its own fields, each read once: what is checked is what is used, even if
+ * a getter or a Proxy would answer differently the next time (a request read its prefix
+ * length twice, and failed outside any call that could report it).
  */
 export function optionsObject<T extends object>(options: T | null | undefined, call: string): T {
   if (options === undefined || options === null) return {} as T;
   if (typeof options !== 'object' || Array.isArray(options)) {
     throw new Error(`${call}: options must be an object, got ${Array.isArray(options) ? 'an array' : typeof options}`);
   }
-  return options;
+  return { ...options };
 }
 
 /** Renders a user-supplied value for an error message. */

@@ -131,6 +131,39 @@ test('invalid scheduler options and cachePrefixTokens are errors naming the fiel
   }
 });
 
+test('options are read once: getters that answer differently later change nothing, and fail nothing else', async () => {
+  const prompt = randomPrompt(31, 20);
+  const plain = await tokensOf(model, prompt, { temperature: 0, maxTokens: 6, cachePrefixTokens: 10 });
+  // Valid when checked, fractional or the other mode when read again: before, the first broke
+  // the scheduler's loop (an unhandled rejection) and the second left the request waiting.
+  let prefixReads = 0;
+  let modeReads = 0;
+  const flipping = { temperature: 0, maxTokens: 6 };
+  Object.defineProperty(flipping, 'cachePrefixTokens', { get: () => (prefixReads++ === 0 ? 10 : 19.5), enumerable: true });
+  Object.defineProperty(flipping, 'prefillMode', { get: () => (modeReads++ % 2 ? 'parallel' : 'chunkwise'), enumerable: true });
+  expect(await tokensOf(model, prompt, flipping)).toEqual(plain);
+  expect([prefixReads, modeReads]).toEqual([1, 1]);
+  expect(model.scheduler().stats()).toMatchObject({ active: 0, queued: 0 });
+});
+
+test('a signal is taken only with removeEventListener, and one that throws there still gives the slot back', async () => {
+  const noRemove = { aborted: false, addEventListener: () => undefined };
+  await expect(model.generateText([1, 2], { maxTokens: 2, signal: noRemove as never })).rejects.toThrow(/signal must be an AbortSignal/);
+  model.scheduler({ maxConcurrent: 1 });
+  const throwing = {
+    aborted: false,
+    addEventListener: () => undefined,
+    removeEventListener: () => {
+      throw new Error('removeEventListener failed');
+    },
+  };
+  for (let i = 0; i < 3; i++) {
+    await expect(model.generateText([1, 2], { maxTokens: 2, signal: throwing as never })).rejects.toThrow('removeEventListener failed');
+  }
+  expect(model.scheduler().stats()).toMatchObject({ active: 0, queued: 0 });
+  expect(await model.generateText([1, 2], { maxTokens: 2, temperature: 0 })).toBe(await model.generateText([1, 2], { maxTokens: 2, temperature: 0, batching: false }));
+});
+
 test('a disposed scheduler is replaced by the next model.scheduler() call, so the model keeps serving', async () => {
   const first = model.scheduler();
   first.dispose();

@@ -272,6 +272,16 @@ test('restoreSession rejects corrupt or mismatched buffers', async () => {
   const bad = Buffer.from(saved);
   bad.writeFloatLE(NaN, bad.length - 4);
   expect(() => model.restoreSession(bad)).toThrow(/scale/);
+  const detached = new Uint8Array(saved);
+  structuredClone(detached, { transfer: [detached.buffer] });
+  expect(() => model.restoreSession(detached)).toThrow('restoreSession: the buffer was detached (transferred)');
+  // A save on a resizable buffer is read from a copy (the addon refuses to read one in place).
+  const Resizable = ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer;
+  const onResizable = new Uint8Array(new Resizable(saved.length, { maxByteLength: 2 * saved.length }));
+  onResizable.set(saved);
+  const restored = model.restoreSession(onResizable);
+  expect(Array.from((await restored.step([4])).logits)).toEqual(Array.from((await session.step([4])).logits));
+  restored.dispose();
   other.dispose();
   session.dispose();
 });

@@ -142,6 +142,15 @@ describe('Trainer options', () => {
     expect(() => new Trainer(model, { lr: 1e-3, totalSteps: 10, ...bad } as TrainerOptions)).toThrow(message);
   });
 
+  test('each option is read once: a getter cannot pass the checks with one value and be used with another', () => {
+    let reads = 0;
+    const options = { totalSteps: 10 } as TrainerOptions;
+    Object.defineProperty(options, 'lr', { get: () => (reads++ === 0 ? 1e-3 : 1e300), enumerable: true });
+    const trainer = new Trainer(model, options);
+    expect(reads).toBe(1);
+    expect(trainer.options.lr).toBe(1e-3);
+  });
+
   test('rejects micro-batch layouts that do not match gradAccumulation', async () => {
     const trainer = new Trainer(model, { lr: 1e-3, totalSteps: 10, gradAccumulation: 2 });
     const batch = tinyData().nextBatch(3);
