@@ -7,10 +7,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdlib>
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <functional>
@@ -33,17 +33,23 @@
 namespace retnet {
 namespace {
 
-// The memory behind a typed array or ArrayBuffer a worker reads. A reference keeps the JS
-// object alive, but a transfer (postMessage, structuredClone) detaches it and hands its memory
-// to a new object that a GC may then free under the worker (a restored session read freed
-// memory and crashed). Holding the V8 backing store keeps the memory itself: a transfer moves
-// that same store. N-API has no call for it; a napi_value is a V8 handle (Node's N-API
-// converts them the same way).
-std::shared_ptr<v8::BackingStore> backing_store_of(Napi::Value value) {
+// The V8 value behind a napi_value, for what N-API has no call for (below): a napi_value is a
+// V8 handle (Node's N-API converts them the same way).
+v8::Local<v8::Value> v8_value(Napi::Value value) {
   napi_value raw = value;
   v8::Local<v8::Value> local;
   static_assert(sizeof(local) == sizeof(raw), "napi_value is a V8 handle");
   std::memcpy(static_cast<void*>(&local), &raw, sizeof(raw));
+  return local;
+}
+
+// The memory behind a typed array or ArrayBuffer a worker reads. A reference keeps the JS
+// object alive, but a transfer (postMessage, structuredClone) detaches it and hands its memory
+// to a new object that a GC may then free under the worker (a restored session read freed
+// memory and crashed). Holding the V8 backing store keeps the memory itself: a transfer moves
+// that same store.
+std::shared_ptr<v8::BackingStore> backing_store_of(Napi::Value value) {
+  const v8::Local<v8::Value> local = v8_value(value);
   if (local->IsArrayBufferView()) return local.As<v8::ArrayBufferView>()->Buffer()->GetBackingStore();
   if (local->IsArrayBuffer()) return local.As<v8::ArrayBuffer>()->GetBackingStore();
   return nullptr;
@@ -55,9 +61,7 @@ std::shared_ptr<v8::BackingStore> backing_store_of(Napi::Value value) {
 // shrink under the worker, which frees the pages it reads. A growable SharedArrayBuffer only
 // grows, into memory reserved up front.
 void require_stable_array(const Napi::Value& value, const std::string& what) {
-  napi_value raw = value;
-  v8::Local<v8::Value> local;
-  std::memcpy(static_cast<void*>(&local), &raw, sizeof(raw));
+  const v8::Local<v8::Value> local = v8_value(value);
   if (!local->IsArrayBufferView()) return;
   const v8::Local<v8::ArrayBuffer> buffer = local.As<v8::ArrayBufferView>()->Buffer();
   if (buffer->WasDetached()) throw std::invalid_argument(what + " was detached while the call read its arguments");
