@@ -164,6 +164,20 @@ test('a signal is taken only with removeEventListener, and one that throws there
   expect(await model.generateText([1, 2], { maxTokens: 2, temperature: 0 })).toBe(await model.generateText([1, 2], { maxTokens: 2, temperature: 0, batching: false }));
 });
 
+test("a failure of the scheduler's own loop fails the requests it was serving, not the process", async () => {
+  const scheduler = model.scheduler();
+  // A bug in the loop, outside any model call (as a prefix length read twice once was).
+  const internals = scheduler as unknown as { prefillPieces: (budget: number) => Promise<number> };
+  const prefillPieces = internals.prefillPieces;
+  internals.prefillPieces = () => Promise.reject(new Error('a bug in the loop'));
+  await expect(model.generateText([1, 2, 3], { maxTokens: 3 })).rejects.toThrow('a bug in the loop');
+  internals.prefillPieces = prefillPieces;
+  expect(scheduler.stats()).toMatchObject({ active: 0, queued: 0 });
+  expect(await model.generateText([1, 2, 3], { maxTokens: 3, temperature: 0 })).toBe(
+    await model.generateText([1, 2, 3], { maxTokens: 3, temperature: 0, batching: false }),
+  );
+});
+
 test('a disposed scheduler is replaced by the next model.scheduler() call, so the model keeps serving', async () => {
   const first = model.scheduler();
   first.dispose();
