@@ -21,7 +21,7 @@ import * as path from 'path';
 
 import type { Dataset, DatasetState } from './dataset';
 import { CHECKPOINT_TRAINER_FILE, RetNet } from './model';
-import { openSafetensors, safetensorsWriter, writeFileAtomic } from './safetensors';
+import { REPLACE_JOURNAL, openSafetensors, safetensorsWriter, writeFileAtomic } from './safetensors';
 import type { ResolvedTrainerOptions, Trainer, TrainingHistory } from './trainer';
 
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -46,9 +46,10 @@ export interface LoadedCheckpoint {
   optimizer: { step: number; m: Float32Array; v: Float32Array };
 }
 
-const CHECKPOINT_FILES = new Set(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE]);
+/** A checkpoint's files, and the journal a crash can leave of the model's save (writeFilesAtomic). */
+const CHECKPOINT_FILES = new Set(['config.json', 'model.safetensors', OPTIMIZER_FILE, TRAINER_FILE, REPLACE_JOURNAL]);
 /** What writeFileAtomic leaves of a checkpoint file when a crash interrupts it. */
-const PARTIAL_FILE = /^\.(config\.json|model\.safetensors|optimizer\.safetensors|trainer\.json)\.\d+\.[0-9a-f]+\.tmp$/;
+const PARTIAL_FILE = /^\.(config\.json|model\.safetensors|optimizer\.safetensors|trainer\.json|\.retnet-replace\.json)\.\d+\.[0-9a-f]+\.tmp$/;
 
 const LOCK_WAIT_MS = 120_000;
 /** A lock file still empty after this long was left by a process that died creating it. */
@@ -165,6 +166,66 @@ export async function checkCheckpointTarget(dir: string): Promise<void> {
         'refusing to replace it: choose an empty or new directory',
     );
   }
+}
+
+/**
+ * Claims `dir` for one training run until the returned release is called: `<dir>.retnet-run`
+ * holds this process's id, and a second run (fresh or resumed) on the same directory is
+ * refused while that process lives. The save lock only makes single saves take turns; two runs
+ * sharing a directory replaced each other's checkpoints.
+ */
+export async function claimTrainingRun(dir: string): Promise<() => Promise<void>> {
+  const claim = `${path.resolve(dir)}.retnet-run`;
+  const unwritable = (e: unknown) => new Error(`checkpoint: cannot write ${path.resolve(dir)}: ${(e as Error).message}`);
+  await fsp.mkdir(path.dirname(claim), { recursive: true }).catch((e) => {
+    throw unwritable(e);
+  });
+  for (;;) {
+    try {
+      const handle = await fsp.open(claim, 'wx');
+      try {
+        await handle.writeFile(String(process.pid));
+      } finally {
+        await handle.close();
+      }
+      return () => fsp.rm(claim, { force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unwritable(e);
+    }
+    const holder = await lockHolder(claim);
+    if (holder === 'stale') {
+      await fsp.rm(claim, { force: true });
+    } else if (holder !== 'free') {
+      throw new Error(
+        `train: ${dir} is in use by another training run (${holder > 0 ? `process ${holder}` : 'a process starting'}, ${claim}); ` +
+          'wait for it to end, or choose another --out',
+      );
+    }
+  }
+}
+
+/**
+ * Moves the checkpoint in `dir` (after recovering an interrupted save, whose files would
+ * otherwise be put back and then replaced by the next save) to `<dir>.replaced-<time>`, for a
+ * fresh run that will write there. A directory of checkpoint files counts as a checkpoint
+ * whether or not its trainer.json still reads. Returns where it went and its step, if it had
+ * one.
+ */
+export async function moveCheckpointAside(dir: string): Promise<{ aside: string; step: number | undefined } | undefined> {
+  return withCheckpointLock(
+    dir,
+    'moveCheckpointAside',
+    async () => {
+      await recover(dir);
+      const names = await checkpointFiles(path.resolve(dir));
+      if (names === undefined || !names.includes(TRAINER_FILE)) return undefined;
+      const step = await checkpointStep(dir);
+      const aside = `${path.resolve(dir)}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+      await fsp.rename(path.resolve(dir), aside);
+      return { aside, step };
+    },
+    true,
+  );
 }
 
 /** The step of the checkpoint in `dir`, or undefined where there is none. */

@@ -6,7 +6,7 @@ import * as path from 'path';
 import { RetNetConfig, countParameters, dims, parameterShapes, resolveConfig } from './config';
 import { GenerateChunk, GenerateOptions, collectText, validateGenerateOptions } from './generate';
 import { NativeDevice, NativeModel, Precision, WEIGHT_FORMATS, WeightFormat, addon } from './native';
-import { TensorEntry, openSafetensors, safetensorsWriter, writeFilesAtomic, writeSafetensorsFile } from './safetensors';
+import { TensorEntry, finishInterruptedReplace, openSafetensors, safetensorsWriter, writeFilesAtomic, writeSafetensorsFile } from './safetensors';
 import { PrefillMode, Session, SessionOwner, checkPrefillOptions, restoreSessionState } from './session';
 // serving: the batcher behind generate()
 import { BatchingOptions, Scheduler, SchedulerOptions } from './scheduler';
@@ -141,6 +141,7 @@ export class RetNet implements SessionOwner {
     let weightsPath = location;
     let rawConfig: unknown;
     if (stat.isDirectory()) {
+      await finishInterruptedReplace(location);
       weightsPath = path.join(location, WEIGHTS_FILE);
       const configPath = path.join(location, CONFIG_FILE);
       let text: string;

@@ -407,19 +407,77 @@ async function writeTemp(filePath: string, data: FileData): Promise<string> {
   }
 }
 
+/** The journal of a replacement of several files in one directory (writeFilesAtomic). */
+export const REPLACE_JOURNAL = '.retnet-replace.json';
+
 /**
- * Writes files that belong together (a model's config.json and weights): every one is written
- * in full to a temp file first, and only then are they renamed over their targets, so a failure
- * while writing (a full disk, an exception from `data`) leaves every previous file as it was.
+ * Writes files that belong together (a model's config.json and weights, in one directory):
+ * every one is written in full to a temp file first, so a failure while writing (a full disk,
+ * an exception from `data`) leaves every previous file as it was. Then a journal listing the
+ * renames is written, the renames run, and the journal goes: a crash among the renames (one
+ * file new, the other old) is finished by finishInterruptedReplace, which every load and save
+ * of the directory runs first.
  */
 export async function writeFilesAtomic(files: Array<{ path: string; data: FileData }>): Promise<void> {
+  const dir = path.dirname(path.resolve(files[0].path));
+  if (files.some((f) => path.dirname(path.resolve(f.path)) !== dir)) throw new Error('writeFilesAtomic: the files must share one directory');
+  await finishInterruptedReplace(dir);
   const temps: string[] = [];
   try {
     for (const file of files) temps.push(await writeTemp(file.path, file.data));
-    for (let i = 0; i < files.length; i++) await fsp.rename(temps[i], files[i].path);
   } catch (err) {
     await Promise.all(temps.map((temp) => fsp.rm(temp, { force: true }).catch(() => undefined)));
     throw err;
+  }
+  const journal = path.join(dir, REPLACE_JOURNAL);
+  let renamed = 0;
+  try {
+    if (files.length > 1) {
+      const renames = files.map((f, i) => ({ from: path.basename(temps[i]), to: path.basename(f.path) }));
+      await fsp.rename(await writeTemp(journal, Buffer.from(JSON.stringify(renames))), journal);
+    }
+    for (; renamed < files.length; renamed++) await fsp.rename(temps[renamed], files[renamed].path);
+  } catch (err) {
+    // A rename that fails (not a crash) ends the replacement where it is.
+    await Promise.all(temps.slice(renamed).map((temp) => fsp.rm(temp, { force: true }).catch(() => undefined)));
+    if (files.length > 1) await fsp.rm(journal, { force: true }).catch(() => undefined);
+    throw err;
+  }
+  if (files.length > 1) await fsp.rm(journal, { force: true });
+}
+
+/**
+ * Completes a replacement of several files in `dir` that a crash cut short among its renames
+ * (see writeFilesAtomic): the temp files it names that are still there are renamed over their
+ * targets. Without write access that is an Error saying so, rather than a load of one new
+ * file beside an old one.
+ */
+export async function finishInterruptedReplace(dir: string): Promise<void> {
+  const journal = path.join(dir, REPLACE_JOURNAL);
+  let text: string;
+  try {
+    text = await fsp.readFile(journal, 'utf8');
+  } catch {
+    return;
+  }
+  let renames: Array<{ from: string; to: string }>;
+  try {
+    renames = JSON.parse(text);
+    if (!Array.isArray(renames) || renames.some((r) => typeof r?.from !== 'string' || typeof r?.to !== 'string' || r.from.includes('/') || r.to.includes('/'))) {
+      throw new Error('not a list of renames');
+    }
+  } catch (e) {
+    throw new Error(`${journal}: an interrupted save's journal is unreadable (${(e as Error).message}); check the directory's files by hand`);
+  }
+  try {
+    for (const { from, to } of renames) {
+      await fsp.rename(path.join(dir, from), path.join(dir, to)).catch((e: NodeJS.ErrnoException) => {
+        if (e.code !== 'ENOENT') throw e; // already renamed before the crash
+      });
+    }
+    await fsp.rm(journal, { force: true });
+  } catch (e) {
+    throw new Error(`${dir}: a save was interrupted while replacing its files, and finishing it failed: ${(e as Error).message}`);
   }
 }
 

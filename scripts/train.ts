@@ -2,12 +2,11 @@
 // reports validation loss in nats/byte, saves a checkpoint and prints a generated sample with the
 // decode speed. Ctrl-C or SIGTERM stops after the current step and still saves the checkpoint.
 
-import { promises as fsp } from 'fs';
 import * as path from 'path';
 import { performance } from 'perf_hooks';
 import { parseArgs } from 'util';
 
-import { checkpointStep } from '../lib/checkpoint';
+import { claimTrainingRun, moveCheckpointAside } from '../lib/checkpoint';
 import { Dataset, loadBrownCorpus } from '../lib/dataset';
 import { RetNet } from '../lib/model';
 import { ProgressLine, formatDuration } from '../lib/progress';
@@ -166,6 +165,16 @@ export async function train(argv: string[]): Promise<void> {
   }
   const log = (message: string) => process.stderr.write(message + '\n');
 
+  // One run per output directory, from before a resume reads it to after the last save.
+  const releaseRun = await claimTrainingRun(flags.out);
+  try {
+    await trainClaimed(flags, log);
+  } finally {
+    await releaseRun();
+  }
+}
+
+async function trainClaimed(flags: ReturnType<typeof parseFlags>, log: (message: string) => void): Promise<void> {
   // A resumed run keeps its saved schedule unless --steps asks for a different length, and its
   // data windows (the checkpoint's seqLen and seed), so the batches continue where they stopped.
   const resumed = flags.resume ? await Trainer.resume(flags.out, flags.stepsGiven ? { totalSteps: flags.steps } : {}) : undefined;
@@ -189,6 +198,8 @@ export async function train(argv: string[]): Promise<void> {
   if (resumed) {
     ({ model, trainer } = resumed);
     log(`resumed ${flags.out} at step ${trainer.stepCount}`);
+    // A checkpoint saved without a dataset (Trainer.fit's caller gave none) holds no position.
+    if (!saved) log(`${flags.out} holds no dataset position: the data order starts over from its first batch`);
     if (flags.ignoredOnResume.length > 0) {
       log(`ignoring ${flags.ignoredOnResume.map((f) => `--${f}`).join(', ')}: a resumed run keeps its checkpoint's`);
     }
@@ -231,11 +242,9 @@ export async function train(argv: string[]): Promise<void> {
 
   // Starting over where a checkpoint is keeps that one, moved aside (once the new run is set
   // up), rather than replacing it.
-  const previousStep = resumed ? undefined : await checkpointStep(flags.out);
-  if (previousStep !== undefined) {
-    const aside = `${flags.out}.replaced-${new Date().toISOString().replace(/[:.]/g, '-')}`;
-    await fsp.rename(flags.out, aside);
-    log(`moved the checkpoint already in ${flags.out} (step ${previousStep}) to ${aside}`);
+  const previous = resumed ? undefined : await moveCheckpointAside(flags.out);
+  if (previous) {
+    log(`moved the checkpoint already in ${flags.out} (${previous.step === undefined ? 'its trainer.json unreadable' : `step ${previous.step}`}) to ${previous.aside}`);
   }
 
   const controller = new AbortController();

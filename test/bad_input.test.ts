@@ -244,6 +244,30 @@ describe('files', () => {
     await expect(RetNet.load(path.join(dir, 'nope'))).rejects.toThrow(/does not exist/);
   });
 
+  test('a save cut short among its renames (new weights beside the old config) is finished by the next load', async () => {
+    const target = path.join(dir, 'interrupted');
+    await model.save(target);
+    const wider = await RetNet.create({ ...CONFIG, decoder_embed_dim: 32 }, { seed: 2 });
+    const staging = path.join(dir, 'staging');
+    await wider.save(staging);
+    // The state a kill between the two renames leaves: the journal, the weights renamed, the
+    // config still in its temp file.
+    const renames = [
+      { from: '.model.safetensors.1.aa.tmp', to: 'model.safetensors' },
+      { from: '.config.json.1.bb.tmp', to: 'config.json' },
+    ];
+    fs.writeFileSync(path.join(target, '.retnet-replace.json'), JSON.stringify(renames));
+    fs.copyFileSync(path.join(staging, 'model.safetensors'), path.join(target, 'model.safetensors'));
+    fs.copyFileSync(path.join(staging, 'config.json'), path.join(target, renames[1].from));
+    const loaded = await RetNet.load(target);
+    expect(loaded.config.decoder_embed_dim).toBe(32);
+    expect(fs.readdirSync(target).sort()).toEqual(['config.json', 'model.safetensors']);
+    const ids = [[1, 2, 3]];
+    expect(Array.from((await loaded.forward(ids)).logits)).toEqual(Array.from((await wider.forward(ids)).logits));
+    loaded.dispose();
+    wider.dispose();
+  });
+
   test('a failed save leaves the previous file intact', async () => {
     const file = path.join(dir, 'keep.safetensors');
     await model.save(file);

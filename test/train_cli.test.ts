@@ -43,6 +43,35 @@ test('starting over where a checkpoint is moves that one aside; --resume past it
   expect(JSON.parse(fs.readFileSync(path.join(out, 'trainer.json'), 'utf8')).options.totalSteps).toBe(3);
 });
 
+test('starting over also moves aside a checkpoint an interrupted save left, and one whose trainer.json no longer reads', () => {
+  const out = path.join(dir, 'run');
+  expect(train('--steps', '6', '--out', out).status).toBe(0);
+  // A crash between a save's two renames leaves only <out>.retnet-old.
+  fs.renameSync(out, `${out}.retnet-old`);
+  const fresh = train('--steps', '2', '--out', out);
+  expect(fresh.status).toBe(0);
+  expect(fresh.stderr).toContain(`moved the checkpoint already in ${out} (step 6) to ${out}.replaced-`);
+  const aside = fs.readdirSync(dir).filter((n) => n.startsWith('run.replaced-'));
+  expect([step(path.join(dir, aside[0])), step(out)]).toEqual([6, 2]);
+  fs.writeFileSync(path.join(out, 'trainer.json'), '{"format": "retnet-train');
+  const again = train('--steps', '1', '--out', out);
+  expect(again.stderr).toContain(`moved the checkpoint already in ${out} (its trainer.json unreadable) to ${out}.replaced-`);
+  expect(fs.readdirSync(dir).filter((n) => n.startsWith('run.replaced-'))).toHaveLength(2);
+});
+
+test('a second run on the same --out is refused while the first lives; a claim its holder left behind is taken over', () => {
+  const out = path.join(dir, 'run');
+  fs.writeFileSync(`${out}.retnet-run`, String(process.pid)); // this process is alive
+  const refused = train('--steps', '2', '--out', out);
+  expect(refused.status).toBe(1);
+  expect(refused.stderr).toContain(`train: ${out} is in use by another training run (process ${process.pid}`);
+  expect(fs.existsSync(out)).toBe(false);
+  // A process id no process has (Linux pids stay below 2^22).
+  fs.writeFileSync(`${out}.retnet-run`, String(2 ** 22 + 1));
+  expect(train('--steps', '2', '--out', out).status).toBe(0);
+  expect(fs.existsSync(`${out}.retnet-run`)).toBe(false);
+});
+
 test('bad input is refused before training: an empty prompt, a file that is not UTF-8, an --out that cannot be written', () => {
   const fails = (args: string[], message: string) => {
     const run = train(...args);
