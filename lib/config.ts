@@ -70,6 +70,12 @@ const PROBABILITY_FIELDS = ['dropout', 'activation_dropout', 'drop_path_rate'] a
 
 /** Upper bound on any one dimension: keeps a hostile config from asking for absurd allocations. */
 const MAX_DIM = 1 << 20;
+/**
+ * Upper bound on decoder_layers, far past the RetNet paper's models (32 layers at most): each
+ * layer is ten tensors of bookkeeping before a weight is read, and a 545-byte config.json
+ * asking for 2^20 layers took 33 s and 2.7 GB to be told its file lacked them.
+ */
+const MAX_LAYERS = 4096;
 
 function configError(message: string): Error {
   return new Error(`invalid RetNet config: ${message}`);
@@ -88,8 +94,9 @@ export function resolveConfig(input: unknown): RetNetConfig {
   if (raw.vocab_size === undefined) throw configError('vocab_size is required');
   for (const field of INTEGER_FIELDS) {
     const value = config[field];
-    if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > MAX_DIM) {
-      throw configError(`${field} must be an integer in [1, ${MAX_DIM}], got ${JSON.stringify(value)}`);
+    const max = field === 'decoder_layers' ? MAX_LAYERS : MAX_DIM;
+    if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > max) {
+      throw configError(`${field} must be an integer in [1, ${max}], got ${JSON.stringify(value)}`);
     }
   }
   for (const field of BOOLEAN_FIELDS) {

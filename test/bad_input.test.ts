@@ -152,6 +152,7 @@ describe('configs', () => {
     [{ ...CONFIG, layernorm_eps: -1 }, /layernorm_eps/],
     [{ ...CONFIG, layernorm_eps: 1e39 }, /layernorm_eps must be a number >= 0 that float32 holds \(at most 3\.4028235e38\), got 1e\+39/],
     [{ ...CONFIG, decoder_layers: 2.5 }, /decoder_layers/],
+    [{ ...CONFIG, decoder_layers: 2 ** 20 }, /decoder_layers must be an integer in \[1, 4096\], got 1048576/],
     [{ decoder_layers: 1 }, /vocab_size is required/],
     [{ ...CONFIG, multiway: 'true' }, /multiway must be false .*got "true"/],
     [{ ...CONFIG, moe_freq: 2 }, /moe_freq must be 0/],
