@@ -176,7 +176,7 @@ function positiveList(value: string, flag: string, max: number): number[] {
 }
 
 /** The bench runs for minutes to hours before it writes its files: their directories are checked first. */
-function checkOutputPath(file: string, flag: string): void {
+export function checkOutputPath(file: string, flag: string): void {
   const dir = path.dirname(path.resolve(file));
   try {
     if (!fs.statSync(dir).isDirectory()) throw new Error('not a directory');
@@ -184,6 +184,7 @@ function checkOutputPath(file: string, flag: string): void {
   } catch (e) {
     throw new Error(`${flag}: cannot write ${file} (${dir}: ${(e as Error).message})`);
   }
+  if (fs.statSync(file, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`${flag}: ${file} is a directory; give a file name`);
 }
 
 export function parseBenchArgs(argv: string[]): Options {
@@ -219,7 +220,7 @@ export function parseBenchArgs(argv: string[]): Options {
     switch (arg) {
       case '--preset':
         o.presets = value.split(',');
-        for (const p of o.presets) if (!(p in PRESETS)) throw new Error(`--preset: unknown preset ${p} (${Object.keys(PRESETS).join(', ')})`);
+        for (const p of o.presets) if (!Object.hasOwn(PRESETS, p)) throw new Error(`--preset: unknown preset ${p} (${Object.keys(PRESETS).join(', ')})`);
         break;
       case '--weights':
         o.weights = value.split(',') as WeightFormat[];

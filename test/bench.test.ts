@@ -4,7 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
-import { decodeStepBytes, parseBenchArgs } from '../scripts/bench';
+import { checkOutputPath, decodeStepBytes, parseBenchArgs } from '../scripts/bench';
 import { resolveConfig } from '../lib/config';
 import { addon } from '../lib/native';
 
@@ -74,6 +74,9 @@ test('decode step bytes count weights once and state per row', () => {
   expect(() => parseBenchArgs(['--batch', '0'])).toThrow(/takes comma-separated integers in \[1, 4096\]/);
   expect(() => parseBenchArgs(['--context', '2000000000'])).toThrow(/--context takes comma-separated integers in \[1, 1048576\]/);
   expect(() => parseBenchArgs(['--preset', 'huge'])).toThrow(/unknown preset/);
+  for (const inherited of ['toString', 'constructor', '__proto__']) expect(() => parseBenchArgs(['--preset', inherited])).toThrow(/unknown preset/);
+  // Checked before the run, not when its files are written at the end.
+  expect(() => checkOutputPath(os.tmpdir(), '--json')).toThrow(`--json: ${os.tmpdir()} is a directory; give a file name`);
   expect(() => parseBenchArgs(['--train-modes', 'recurrent'])).toThrow(/unknown mode recurrent/);
   expect(() => parseBenchArgs(['--checkpointing', 'yes'])).toThrow(/yes is not off or on/);
   expect(() => parseBenchArgs(['--precision', 'fp16'])).toThrow(/unknown precision fp16/);
