@@ -77,6 +77,23 @@ async function lockHolder(lock: string): Promise<number | 'stale' | 'free'> {
   }
 }
 
+/** Creates `file` holding this process's id; false when it already exists. */
+async function createPidFile(file: string): Promise<boolean> {
+  let handle;
+  try {
+    handle = await fsp.open(file, 'wx');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  }
+  try {
+    await handle.writeFile(String(process.pid));
+  } finally {
+    await handle.close();
+  }
+  return true;
+}
+
 /**
  * Runs `work` holding `<dir>.retnet-lock`, after waiting for a live holder to let it go. A
  * reader that cannot create the lock (a read-only or missing parent) reads without it: no
@@ -88,18 +105,10 @@ async function withCheckpointLock<T>(dir: string, what: string, work: () => Prom
   const deadline = Date.now() + LOCK_WAIT_MS;
   for (;;) {
     try {
-      const handle = await fsp.open(lock, 'wx');
-      try {
-        await handle.writeFile(String(process.pid));
-      } finally {
-        await handle.close();
-      }
-      break;
+      if (await createPidFile(lock)) break;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
-        if (!forWrite) return work();
-        throw new Error(`${what}: cannot create ${lock}: ${(e as Error).message}`);
-      }
+      if (!forWrite) return work();
+      throw new Error(`${what}: cannot create ${lock}: ${(e as Error).message}`);
     }
     const holder = await lockHolder(lock);
     if (holder === 'free') continue;
@@ -181,17 +190,10 @@ export async function claimTrainingRun(dir: string): Promise<() => Promise<void>
     throw unwritable(e);
   });
   for (;;) {
-    try {
-      const handle = await fsp.open(claim, 'wx');
-      try {
-        await handle.writeFile(String(process.pid));
-      } finally {
-        await handle.close();
-      }
-      return () => fsp.rm(claim, { force: true });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unwritable(e);
-    }
+    const created = await createPidFile(claim).catch((e) => {
+      throw unwritable(e);
+    });
+    if (created) return () => fsp.rm(claim, { force: true });
     const holder = await lockHolder(claim);
     if (holder === 'stale') {
       await fsp.rm(claim, { force: true });
