@@ -463,9 +463,11 @@ export async function finishInterruptedReplace(dir: string): Promise<void> {
   let renames: Array<{ from: string; to: string }>;
   try {
     renames = JSON.parse(text);
-    if (!Array.isArray(renames) || renames.some((r) => typeof r?.from !== 'string' || typeof r?.to !== 'string' || r.from.includes('/') || r.to.includes('/'))) {
-      throw new Error('not a list of renames');
-    }
+    // Only a temp file of writeTemp's, onto the name it was written for, inside `dir`.
+    const ours = (r: { from?: unknown; to?: unknown }) =>
+      typeof r?.to === 'string' && typeof r.from === 'string' && !r.to.includes('/') && !r.to.includes('\\') &&
+      r.to !== '.' && r.to !== '..' && r.from.startsWith(`.${r.to}.`) && /^\.\d+\.[0-9a-f]+\.tmp$/.test(r.from.slice(r.to.length + 1));
+    if (!Array.isArray(renames) || !renames.every(ours)) throw new Error('not a list of renames of its temp files');
   } catch (e) {
     throw new Error(`${journal}: an interrupted save's journal is unreadable (${(e as Error).message}); check the directory's files by hand`);
   }

@@ -267,6 +267,10 @@ describe('files', () => {
     expect(Array.from((await loaded.forward(ids)).logits)).toEqual(Array.from((await wider.forward(ids)).logits));
     loaded.dispose();
     wider.dispose();
+    // A journal naming anything but its own temp files is not acted on.
+    fs.writeFileSync(path.join(target, '.retnet-replace.json'), JSON.stringify([{ from: 'config.json', to: 'model.safetensors' }]));
+    await expect(RetNet.load(target)).rejects.toThrow("an interrupted save's journal is unreadable (not a list of renames of its temp files)");
+    expect(fs.readdirSync(target).sort()).toEqual(['.retnet-replace.json', 'config.json', 'model.safetensors']);
   });
 
   test('a failed save leaves the previous file intact', async () => {
