@@ -7,6 +7,7 @@ import { performance } from 'perf_hooks';
 import { parseArgs } from 'util';
 
 import { claimTrainingRun, moveCheckpointAside } from '../lib/checkpoint';
+import { resolveConfig } from '../lib/config';
 import { Dataset, loadBrownCorpus } from '../lib/dataset';
 import { RetNet } from '../lib/model';
 import { ProgressLine, formatDuration } from '../lib/progress';
@@ -175,6 +176,18 @@ export async function train(argv: string[]): Promise<void> {
 }
 
 async function trainClaimed(flags: ReturnType<typeof parseFlags>, log: (message: string) => void): Promise<void> {
+  const modelConfig = {
+    vocab_size: 256,
+    decoder_layers: flags.layers,
+    decoder_embed_dim: flags.dim,
+    decoder_retention_heads: flags.heads,
+    decoder_ffn_embed_dim: flags.ffn,
+    decoder_value_embed_dim: flags.valueDim,
+    recurrent_chunk_size: flags.chunkSize,
+    chunkwise_recurrent: flags.mode === 'chunkwise',
+  };
+  // A fresh run's model shape is checked before the data loads (the Brown corpus takes seconds).
+  if (!flags.resume) resolveConfig(modelConfig);
   // A resumed run keeps its saved schedule unless --steps asks for a different length, and its
   // data windows (the checkpoint's seqLen and seed), so the batches continue where they stopped.
   const resumed = flags.resume ? await Trainer.resume(flags.out, flags.stepsGiven ? { totalSteps: flags.steps } : {}) : undefined;
@@ -209,19 +222,7 @@ async function trainClaimed(flags: ReturnType<typeof parseFlags>, log: (message:
       return;
     }
   } else {
-    model = await RetNet.create(
-      {
-        vocab_size: 256,
-        decoder_layers: flags.layers,
-        decoder_embed_dim: flags.dim,
-        decoder_retention_heads: flags.heads,
-        decoder_ffn_embed_dim: flags.ffn,
-        decoder_value_embed_dim: flags.valueDim,
-        recurrent_chunk_size: flags.chunkSize,
-        chunkwise_recurrent: flags.mode === 'chunkwise',
-      },
-      { seed: flags.seed },
-    );
+    model = await RetNet.create(modelConfig, { seed: flags.seed });
     trainer = new Trainer(model, {
       lr: flags.lr,
       totalSteps: flags.steps,

@@ -81,6 +81,9 @@ test('bad input is refused before training: an empty prompt, a file that is not 
   const binary = path.join(dir, 'bin.dat');
   fs.writeFileSync(binary, Buffer.from([0xff, 0xfe, 0x00, 0x41]));
   fails(['--data', binary, '--out', path.join(dir, 'b')], `error: Dataset.fromFiles: ${binary} is not UTF-8 text`);
+  // A model shape that cannot be is refused before any data is read.
+  const badShape = train('--dim', '18', '--heads', '2', '--value-dim', '18', '--data', binary, '--out', path.join(dir, 'c'));
+  expect([badShape.status, badShape.stderr]).toEqual([1, expect.stringContaining('must be even (rotation pairs)')]);
   const file = path.join(dir, 'afile');
   fs.writeFileSync(file, 'x');
   const run = train('--steps', '3', '--out', path.join(file, 'run'));
