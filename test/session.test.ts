@@ -603,48 +603,23 @@ test("decodeRun's steps and draws equal step and NativeSampler.sample's, fed bac
   expect(await runFor([100, 2, 100], [[], [], []], 100)).toBe(2);
   expect(await runFor([100, 100, 100], [[], [], []], 3)).toBe(3);
 
-  // stop() ends it; an onStep that throws stops it too, and `done` rejects with that error.
+  // stop() ends it; an onStep that throws stops it too, and `done` rejects with what it threw.
+  const none = () => [new Int32Array(0), new Int32Array(0), new Int32Array(0)];
+  const longRun = (onStep: () => void, runSamplers = samplers(), granted = 1000) =>
+    native.decodeRun(together, Int32Array.from(first), { samplers: runSamplers, histories: none(), vocab: Int32Array.from(vocab) }, Int32Array.from([1000, 1000, 1000]), none(), granted, onStep);
   const stoppingSamplers = samplers();
-  const stopped = native.decodeRun(
-    together,
-    Int32Array.from(first),
-    { samplers: stoppingSamplers, histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
-    Int32Array.from([1000, 1000, 1000]),
-    [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
-    1000,
-    () => stopped.stop(),
-  );
+  const stopped = longRun(() => stopped.stop(), stoppingSamplers);
   // Claimed until the run ends (1000 steps would take far longer than these calls).
   expect(() => native.step(together[0], Int32Array.of(1))).toThrow(/busy/);
   expect(() => stoppingSamplers[0].sample(new Float32Array(V), new Int32Array(0))).toThrow(/busy/);
   expect(await stopped.done).toBeLessThan(1000);
-  const throwing = native.decodeRun(
-    together,
-    Int32Array.from(first),
-    { samplers: samplers(), histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
-    Int32Array.from([1000, 1000, 1000]),
-    [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
-    1000,
-    () => {
-      throw new Error('consumer failed');
-    },
-  );
-  await expect(throwing.done).rejects.toThrow('consumer failed');
-  // Whatever onStep throws, an object or not, stops the run and is what `done` rejects with.
-  for (const thrown of ['a string', 42, undefined, null]) {
+  // Whatever onStep throws, an Error or not an object at all.
+  for (const thrown of [new Error('consumer failed'), 'a string', 42, undefined, null]) {
     let calls = 0;
-    const run = native.decodeRun(
-      together,
-      Int32Array.from(first),
-      { samplers: samplers(), histories: [new Int32Array(0), new Int32Array(0), new Int32Array(0)], vocab: Int32Array.from(vocab) },
-      Int32Array.from([1000, 1000, 1000]),
-      [new Int32Array(0), new Int32Array(0), new Int32Array(0)],
-      20,
-      () => {
-        calls++;
-        throw thrown;
-      },
-    );
+    const run = longRun(() => {
+      calls++;
+      throw thrown;
+    }, samplers(), 20);
     await expect(run.done.then(() => 'resolved', (e: unknown) => e)).resolves.toBe(thrown);
     expect(calls).toBe(1);
   }
